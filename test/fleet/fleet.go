@@ -1,0 +1,220 @@
+// Package fleet simulates a fleet of model servers for a local cluster. It
+// watches pods labelled capstan.dev/model and, for each one with a pod IP,
+// serves a fake inference engine on that IP and the pod's ports: the OpenAI
+// endpoints, /health, and /metrics in the real exposition format and names
+// of the engine named by capstan.dev/engine (vLLM, SGLang, TGI or
+// Triton/TensorRT-LLM). Metric values follow the load each pod really
+// receives, and annotations (see params.go) set latency, batch size and
+// faults per pod.
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/klog/v2"
+
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+)
+
+// Options are the fleet-wide defaults; pod annotations override them.
+type Options struct {
+	// Namespace limits the fleet to one namespace; empty means all.
+	Namespace string
+	// MaxRunning is each engine's batch size. Default 8.
+	MaxRunning int
+	// TTFT is the time to first token. Default 10ms.
+	TTFT time.Duration
+	// TPOT is the time per output token after the first. Default 1ms.
+	TPOT time.Duration
+	// OutputTokens is the natural length of a response. Default 16.
+	OutputTokens int
+	// DrainTimeout bounds how long a deleted pod finishes in-flight
+	// requests. Default 30s.
+	DrainTimeout time.Duration
+	// OnRequest, if set, is called as each API request arrives at a pod
+	// (not for /metrics or /health). It must be quick and safe for
+	// concurrent use.
+	OnRequest func(Arrival)
+}
+
+// Arrival is one API request reaching a simulated pod.
+type Arrival struct {
+	Pod    types.NamespacedName
+	IP     string
+	Path   string
+	Header http.Header
+	At     time.Time
+}
+
+func (o Options) withDefaults() Options {
+	if o.MaxRunning <= 0 {
+		o.MaxRunning = 8
+	}
+	if o.TTFT == 0 {
+		o.TTFT = 10 * time.Millisecond
+	}
+	if o.TPOT == 0 {
+		o.TPOT = time.Millisecond
+	}
+	if o.OutputTokens <= 0 {
+		o.OutputTokens = 16
+	}
+	if o.DrainTimeout <= 0 {
+		o.DrainTimeout = 30 * time.Second
+	}
+	return o
+}
+
+// Fleet serves one simulated engine per model pod.
+type Fleet struct {
+	client kubernetes.Interface
+	opts   Options
+	logger klog.Logger
+
+	mu      sync.Mutex
+	servers map[types.UID]*podServer
+	served  map[types.NamespacedName]*atomic.Int64 // outlives the pods
+	drains  sync.WaitGroup
+	stopped chan struct{} // closed once every server has been told to stop
+}
+
+// New returns a fleet that watches pods through client.
+func New(client kubernetes.Interface, opts Options) *Fleet {
+	return &Fleet{client: client, opts: opts.withDefaults(), servers: map[types.UID]*podServer{},
+		served: map[types.NamespacedName]*atomic.Int64{}, stopped: make(chan struct{})}
+}
+
+// Start watches model pods until ctx ends and returns once the pods that
+// exist now are being served. Call Wait after cancelling ctx.
+func (f *Fleet) Start(ctx context.Context) error {
+	f.logger = klog.FromContext(ctx).WithValues("component", "fleet")
+	factory := informers.NewSharedInformerFactoryWithOptions(f.client, 0,
+		informers.WithNamespace(f.opts.Namespace),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = modelserver.ModelLabel }))
+	informer := factory.Core().V1().Pods().Informer()
+	_, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { f.sync(obj.(*corev1.Pod)) },
+		UpdateFunc: func(_, obj any) { f.sync(obj.(*corev1.Pod)) },
+		DeleteFunc: func(obj any) {
+			if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = tomb.Obj
+			}
+			if pod, ok := obj.(*corev1.Pod); ok {
+				f.remove(pod.UID)
+			}
+		},
+	})
+	if err != nil {
+		return err
+	}
+	factory.Start(ctx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
+		return fmt.Errorf("fleet: pod cache did not sync: %w", ctx.Err())
+	}
+	go func() {
+		<-ctx.Done()
+		factory.Shutdown()
+		f.stopAll()
+	}()
+	return nil
+}
+
+// Wait blocks until every simulated pod has stopped after Start's context
+// ended.
+func (f *Fleet) Wait() {
+	<-f.stopped
+	f.drains.Wait()
+}
+
+// Served returns how many API requests the pod has received.
+func (f *Fleet) Served(pod types.NamespacedName) int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if n, ok := f.served[pod]; ok {
+		return n.Load()
+	}
+	return 0
+}
+
+// newServerLocked creates the server for a pod, keeping its request count
+// across pod restarts under the same name.
+func (f *Fleet) newServerLocked(pod *corev1.Pod) *podServer {
+	key := types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name}
+	if f.served[key] == nil {
+		f.served[key] = new(atomic.Int64)
+	}
+	s := newPodServer(pod, f.opts, f.served[key], f.logger)
+	f.servers[pod.UID] = s
+	s.update(pod)
+	return s
+}
+
+func (f *Fleet) sync(pod *corev1.Pod) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	select {
+	case <-f.stopped:
+		return
+	default:
+	}
+	s := f.servers[pod.UID]
+	switch {
+	case pod.DeletionTimestamp != nil:
+		// SIGTERM: stop taking connections, finish what is in flight.
+		f.removeLocked(pod.UID)
+	case pod.Spec.HostNetwork || pod.Status.PodIP == "":
+		return
+	case s == nil:
+		s = f.newServerLocked(pod)
+		f.logger.V(4).Info("Serving simulated engine", "pod", klog.KObj(pod), "ip", s.ip, "ports", s.ports)
+	case s.ip != pod.Status.PodIP:
+		f.removeLocked(pod.UID)
+		f.newServerLocked(pod)
+	default:
+		s.update(pod)
+	}
+}
+
+func (f *Fleet) remove(uid types.UID) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.removeLocked(uid)
+}
+
+func (f *Fleet) removeLocked(uid types.UID) {
+	s, ok := f.servers[uid]
+	if !ok {
+		return
+	}
+	delete(f.servers, uid)
+	f.drains.Add(1)
+	go func() {
+		defer f.drains.Done()
+		s.drain(f.opts.DrainTimeout)
+	}()
+}
+
+func (f *Fleet) stopAll() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	defer close(f.stopped)
+	for uid, s := range f.servers {
+		delete(f.servers, uid)
+		f.drains.Add(1)
+		go func() {
+			defer f.drains.Done()
+			s.drain(time.Second)
+		}()
+	}
+}

@@ -1,0 +1,269 @@
+package fleet
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/klog/v2/ktesting"
+
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+)
+
+func testPod(engine modelserver.Engine, annotations map[string]string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "llama-0", Namespace: "ml", UID: "uid-1",
+			Labels:      map[string]string{modelserver.ModelLabel: "llama", modelserver.EngineLabel: string(engine)},
+			Annotations: annotations},
+		Status: corev1.PodStatus{PodIP: "198.18.0.10"},
+	}
+}
+
+func testServer(t *testing.T, pod *corev1.Pod, opts Options) (*podServer, *httptest.Server) {
+	t.Helper()
+	logger, _ := ktesting.NewTestContext(t)
+	s := newPodServer(pod, opts.withDefaults(), new(atomic.Int64), logger)
+	ts := httptest.NewServer(s.srv.Handler)
+	t.Cleanup(ts.Close)
+	return s, ts
+}
+
+func scrape(t *testing.T, url string) map[string]*dto.MetricFamily {
+	t.Helper()
+	resp, err := http.Get(url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("metrics page does not parse: %v", err)
+	}
+	return families
+}
+
+func gauge(t *testing.T, families map[string]*dto.MetricFamily, name string, labels map[string]string) float64 {
+	t.Helper()
+	f, ok := families[name]
+	if !ok {
+		t.Fatalf("metric %s missing", name)
+	}
+	for _, m := range f.GetMetric() {
+		if hasLabels(m, labels) {
+			return m.GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("metric %s has no series with labels %v", name, labels)
+	return 0
+}
+
+func hasLabels(m *dto.Metric, want map[string]string) bool {
+	for k, v := range want {
+		found := false
+		for _, l := range m.GetLabel() {
+			if l.GetName() == k && l.GetValue() == v {
+				found = true
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// Each engine's page carries its real names for running, waiting and KV-cache
+// gauges, and the waiting gauge follows requests queued beyond the batch.
+func TestMetricsFollowLoad(t *testing.T) {
+	cases := map[modelserver.Engine]struct {
+		running, waiting string
+		labels           map[string]string
+		waitingLabels    map[string]string
+		kv               string
+	}{
+		modelserver.VLLM:   {running: "vllm:num_requests_running", waiting: "vllm:num_requests_waiting", labels: map[string]string{"model_name": "llama"}, kv: "vllm:kv_cache_usage_perc"},
+		modelserver.SGLang: {running: "sglang:num_running_reqs", waiting: "sglang:num_queue_reqs", labels: map[string]string{"model_name": "llama"}, kv: "sglang:token_usage"},
+		modelserver.TGI:    {running: "tgi_batch_current_size", waiting: "tgi_queue_size"},
+		modelserver.Triton: {running: "nv_trt_llm_request_metrics", waiting: "nv_trt_llm_request_metrics",
+			labels: map[string]string{"request_type": "scheduled", "model": "llama"}, waitingLabels: map[string]string{"request_type": "waiting"}},
+	}
+	for engine, tc := range cases {
+		t.Run(string(engine), func(t *testing.T) {
+			pod := testPod(engine, map[string]string{MaxRunningAnnotation: "2", TTFTAnnotation: "10s"})
+			s, ts := testServer(t, pod, Options{})
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var wg sync.WaitGroup
+			for range 5 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					req, _ := http.NewRequestWithContext(ctx, http.MethodPost, ts.URL+"/v1/completions",
+						strings.NewReader(`{"model":"llama","prompt":"hello there"}`))
+					if resp, err := http.DefaultClient.Do(req); err == nil {
+						resp.Body.Close()
+					}
+				}()
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for s.engine.Waiting() != 3 && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
+			families := scrape(t, ts.URL)
+			if got := gauge(t, families, tc.running, tc.labels); got != 2 {
+				t.Errorf("%s = %v, want 2", tc.running, got)
+			}
+			wl := tc.waitingLabels
+			if wl == nil {
+				wl = tc.labels
+			}
+			if got := gauge(t, families, tc.waiting, wl); got != 3 {
+				t.Errorf("%s = %v, want 3", tc.waiting, got)
+			}
+			if tc.kv != "" {
+				if got := gauge(t, families, tc.kv, tc.labels); got != 1 {
+					t.Errorf("%s = %v, want 1 (full batch)", tc.kv, got)
+				}
+			}
+			cancel()
+			wg.Wait()
+		})
+	}
+}
+
+// Completed requests move the token counters and latency histograms.
+func TestCountersAndHistograms(t *testing.T) {
+	_, ts := testServer(t, testPod(modelserver.VLLM, map[string]string{OutputTokensAnnotation: "4"}), Options{})
+	for range 3 {
+		resp, err := http.Post(ts.URL+"/v1/completions", "application/json",
+			strings.NewReader(`{"model":"llama","prompt":"one two three"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+	}
+	families := scrape(t, ts.URL)
+	counter := func(name string) float64 { return families[name].GetMetric()[0].GetCounter().GetValue() }
+	if got := counter("vllm:prompt_tokens_total"); got != 9 {
+		t.Errorf("prompt tokens = %v, want 9", got)
+	}
+	if got := counter("vllm:generation_tokens_total"); got != 12 {
+		t.Errorf("generation tokens = %v, want 12", got)
+	}
+	h := families["vllm:time_to_first_token_seconds"].GetMetric()[0].GetHistogram()
+	if h.GetSampleCount() != 3 || h.GetSampleSum() < 0.03 {
+		t.Errorf("TTFT histogram count=%d sum=%v, want 3 samples of at least 10ms", h.GetSampleCount(), h.GetSampleSum())
+	}
+}
+
+func TestLegacyVLLMNames(t *testing.T) {
+	_, ts := testServer(t, testPod(modelserver.VLLM, map[string]string{EngineVersionAnnotation: "legacy"}), Options{})
+	families := scrape(t, ts.URL)
+	if _, ok := families["vllm:gpu_cache_usage_perc"]; !ok {
+		t.Error("legacy vLLM page lacks vllm:gpu_cache_usage_perc")
+	}
+	if _, ok := families["vllm:kv_cache_usage_perc"]; ok {
+		t.Error("legacy vLLM page has the new name vllm:kv_cache_usage_perc")
+	}
+}
+
+// The OpenMetrics format is served when asked for, as engines using the
+// Python or Go clients do.
+func TestOpenMetricsNegotiation(t *testing.T) {
+	_, ts := testServer(t, testPod(modelserver.SGLang, nil), Options{})
+	req, _ := http.NewRequest(http.MethodGet, ts.URL+"/metrics", nil)
+	req.Header.Set("Accept", "application/openmetrics-text;version=1.0.0")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/openmetrics-text") || !strings.HasSuffix(string(body), "# EOF\n") {
+		t.Errorf("not OpenMetrics: %s, ends %q", resp.Header.Get("Content-Type"), body[max(0, len(body)-20):])
+	}
+}
+
+// A streamed chat completion arrives chunk by chunk and ends with [DONE].
+func TestStreamingChat(t *testing.T) {
+	_, ts := testServer(t, testPod(modelserver.VLLM, map[string]string{OutputTokensAnnotation: "5", TPOTAnnotation: "20ms"}), Options{})
+	resp, err := http.Post(ts.URL+"/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"llama","stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+		t.Fatalf("Content-Type %q", ct)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	var events []string
+	var firstAt time.Time
+	start := time.Now()
+	for sc.Scan() {
+		if line := sc.Text(); strings.HasPrefix(line, "data: ") {
+			if firstAt.IsZero() {
+				firstAt = time.Now()
+			}
+			events = append(events, strings.TrimPrefix(line, "data: "))
+		}
+	}
+	total := time.Since(start)
+	if len(events) != 7 || events[len(events)-1] != "[DONE]" {
+		t.Fatalf("got %d events ending %q, want 5 tokens + finish + [DONE]", len(events), events[len(events)-1])
+	}
+	if firstAt.Sub(start) > total/2 {
+		t.Errorf("first chunk came at %s of %s: the stream was buffered", firstAt.Sub(start), total)
+	}
+}
+
+func TestFaults(t *testing.T) {
+	pod := testPod(modelserver.VLLM, map[string]string{FaultAnnotation: "http-500,garbage-metrics"})
+	_, ts := testServer(t, pod, Options{})
+	resp, err := http.Post(ts.URL+"/v1/completions", "application/json", strings.NewReader(`{"model":"llama","prompt":"x"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusInternalServerError {
+		t.Errorf("http-500 fault: status %d", resp.StatusCode)
+	}
+	resp, err = http.Get(ts.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	if _, err := parser.TextToMetricFamilies(resp.Body); err == nil {
+		t.Error("garbage-metrics fault served a page that parses")
+	}
+}
+
+func TestUnknownModel(t *testing.T) {
+	_, ts := testServer(t, testPod(modelserver.VLLM, nil), Options{})
+	resp, err := http.Post(ts.URL+"/v1/completions", "application/json", strings.NewReader(`{"model":"other","prompt":"x"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("status %d, want 404", resp.StatusCode)
+	}
+}

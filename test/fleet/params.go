@@ -1,0 +1,91 @@
+package fleet
+
+import (
+	"strconv"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+)
+
+// Annotations a test puts on a model pod to shape how its simulated engine
+// behaves. They are read on every request, so changing one takes effect at
+// once. (Readiness annotations are kwok's business: see test/cluster.)
+const (
+	// MaxRunningAnnotation is the batch size: requests beyond it wait.
+	MaxRunningAnnotation = "sim.capstan.dev/max-running"
+	// TTFTAnnotation is the time to first token, excluding queueing.
+	TTFTAnnotation = "sim.capstan.dev/ttft"
+	// TPOTAnnotation is the time per output token after the first.
+	TPOTAnnotation = "sim.capstan.dev/tpot"
+	// OutputTokensAnnotation is how many tokens a response has unless the
+	// request's max_tokens is smaller.
+	OutputTokensAnnotation = "sim.capstan.dev/output-tokens"
+	// FaultAnnotation injects faults, comma-separated: see the Fault values.
+	FaultAnnotation = "sim.capstan.dev/fault"
+	// FaultDelayAnnotation is the delay of the "slow" fault (default 2s).
+	FaultDelayAnnotation = "sim.capstan.dev/fault-delay"
+	// EngineVersionAnnotation "legacy" serves the metric names an engine's
+	// older releases used (vLLM: gpu_cache_usage_perc).
+	EngineVersionAnnotation = "sim.capstan.dev/engine-version"
+)
+
+// Fault is a failure a simulated pod can be told to show.
+type Fault string
+
+const (
+	// FaultRefuse closes the pod's ports: connections are refused.
+	FaultRefuse Fault = "refuse"
+	// FaultHangMetrics makes the metrics endpoint accept and never answer.
+	FaultHangMetrics Fault = "hang-metrics"
+	// FaultGarbageMetrics serves a metrics page that is not Prometheus text.
+	FaultGarbageMetrics Fault = "garbage-metrics"
+	// FaultHTTP500 answers every API request with 500.
+	FaultHTTP500 Fault = "http-500"
+	// FaultSlow delays every answer, metrics included, by the fault delay.
+	FaultSlow Fault = "slow"
+)
+
+// params is one pod's simulation settings, from its annotations over the
+// fleet's defaults.
+type params struct {
+	maxRunning   int
+	ttft, tpot   time.Duration
+	outputTokens int
+	faults       map[Fault]bool
+	faultDelay   time.Duration
+}
+
+func paramsFor(pod *corev1.Pod, d Options) params {
+	a := pod.Annotations
+	p := params{
+		maxRunning:   intOr(a[MaxRunningAnnotation], d.MaxRunning),
+		ttft:         durationOr(a[TTFTAnnotation], d.TTFT),
+		tpot:         durationOr(a[TPOTAnnotation], d.TPOT),
+		outputTokens: intOr(a[OutputTokensAnnotation], d.OutputTokens),
+		faultDelay:   durationOr(a[FaultDelayAnnotation], 2*time.Second),
+	}
+	for _, f := range strings.Split(a[FaultAnnotation], ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			if p.faults == nil {
+				p.faults = map[Fault]bool{}
+			}
+			p.faults[Fault(f)] = true
+		}
+	}
+	return p
+}
+
+func intOr(s string, def int) int {
+	if n, err := strconv.Atoi(s); err == nil && n > 0 {
+		return n
+	}
+	return def
+}
+
+func durationOr(s string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(s); err == nil && d >= 0 {
+		return d
+	}
+	return def
+}

@@ -1,0 +1,234 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/klog/v2"
+
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+)
+
+// podServer is one simulated model-server pod: an HTTP server on each of the
+// pod's ports at its pod IP, in front of one simulated engine.
+type podServer struct {
+	key     types.NamespacedName
+	name    string
+	ip      string
+	ports   []int32
+	model   string
+	created time.Time
+	opts    Options
+	logger  klog.Logger
+
+	pod     atomic.Pointer[corev1.Pod]
+	engine  *engine
+	exp     exporter
+	metrics http.Handler
+	srv     *http.Server
+	seq     atomic.Int64
+	served  *atomic.Int64
+
+	mu        sync.Mutex
+	listeners []net.Listener
+	draining  bool
+}
+
+func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger klog.Logger) *podServer {
+	engineKind, err := modelserver.EngineOf(pod)
+	if err != nil {
+		logger.Info("Simulating the default engine", "pod", klog.KObj(pod), "err", err)
+		engineKind = modelserver.DefaultEngine
+	}
+	s := &podServer{
+		key:     types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name},
+		name:    pod.Name,
+		ip:      pod.Status.PodIP,
+		ports:   podPorts(pod),
+		model:   modelserver.Model(pod.Labels),
+		created: time.Now(),
+		opts:    opts,
+		served:  served,
+		logger:  klog.LoggerWithValues(logger, "pod", klog.KObj(pod)),
+	}
+	s.pod.Store(pod)
+	p := paramsFor(pod, opts)
+	s.engine = newEngine(p.maxRunning)
+	reg := prometheus.NewRegistry()
+	s.exp = newExporter(engineKind, pod.Annotations[EngineVersionAnnotation] == "legacy", s.model, s.engine, reg)
+	s.metrics = promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true})
+	_, metricsPath, err := modelserver.MetricsEndpoint(pod)
+	if err != nil {
+		metricsPath = modelserver.DefaultMetricsPath
+	}
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /health", s.serveHealth)
+	mux.HandleFunc("GET /v2/health/ready", s.serveHealth) // Triton's readiness path
+	mux.HandleFunc("GET "+metricsPath, s.serveMetrics)
+	mux.HandleFunc("GET /v1/models", s.serveModels)
+	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, completions) })
+	mux.HandleFunc("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, chatCompletions) })
+	mux.HandleFunc("/v1/embeddings", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, embeddings) })
+	s.srv = &http.Server{
+		Handler:           s.observe(mux),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	return s
+}
+
+// podPorts lists the pod's TCP container ports and metrics port, or the
+// default port when it declares none.
+func podPorts(pod *corev1.Pod) []int32 {
+	seen := map[int32]bool{}
+	var ports []int32
+	add := func(p int32) {
+		if p > 0 && !seen[p] {
+			seen[p] = true
+			ports = append(ports, p)
+		}
+	}
+	for _, c := range pod.Spec.Containers {
+		for _, p := range c.Ports {
+			if p.Protocol == "" || p.Protocol == corev1.ProtocolTCP {
+				add(p.ContainerPort)
+			}
+		}
+	}
+	if port, _, err := modelserver.MetricsEndpoint(pod); err == nil {
+		add(port)
+	}
+	return ports
+}
+
+// observe counts requests, echoes x-request-id the way vLLM does, and reports
+// each arrival to the fleet's observer.
+func (s *podServer) observe(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if id := r.Header.Get("X-Request-Id"); id != "" {
+			w.Header().Set("X-Request-Id", id)
+		}
+		if r.URL.Path != "/metrics" && r.URL.Path != "/health" {
+			s.served.Add(1)
+			if s.opts.OnRequest != nil {
+				s.opts.OnRequest(Arrival{Pod: s.key, IP: s.ip, Path: r.URL.Path, Header: r.Header.Clone(), At: time.Now()})
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (s *podServer) params() params { return paramsFor(s.pod.Load(), s.opts) }
+
+func (s *podServer) serveHealth(w http.ResponseWriter, r *http.Request) {
+	p := s.params()
+	if p.faults[FaultHTTP500] {
+		w.WriteHeader(http.StatusInternalServerError)
+		return
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+func (s *podServer) serveMetrics(w http.ResponseWriter, r *http.Request) {
+	p := s.params()
+	if p.faults[FaultSlow] && !sleep(r.Context(), p.faultDelay) {
+		return
+	}
+	switch {
+	case p.faults[FaultHangMetrics]:
+		// Accept and never answer, until the scraper gives up or the pod goes.
+		<-r.Context().Done()
+	case p.faults[FaultGarbageMetrics]:
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		fmt.Fprint(w, "<html><body>502 Bad Gateway</body></html>\nvllm:num_requests_waiting{model_name=\"x\" 3 \x00\n# TYPE broken histogram\n{}}}\n")
+	default:
+		s.metrics.ServeHTTP(w, r)
+	}
+}
+
+// update applies a new version of the pod: batch size and the refuse fault
+// take effect at once; everything else is read per request.
+func (s *podServer) update(pod *corev1.Pod) {
+	s.pod.Store(pod)
+	p := paramsFor(pod, s.opts)
+	s.engine.setMaxRunning(p.maxRunning)
+	if p.faults[FaultRefuse] {
+		s.closeListeners()
+	} else {
+		s.openListeners()
+	}
+}
+
+// openListeners binds the pod's ports unless they are open, the pod refuses
+// connections or it is draining. A port that cannot be bound yet (its IP was
+// just released by a deleted pod that is still draining) is retried.
+func (s *podServer) openListeners() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining || len(s.listeners) > 0 {
+		return
+	}
+	for _, port := range s.ports {
+		addr := net.JoinHostPort(s.ip, strconv.Itoa(int(port)))
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			s.logger.Error(err, "Cannot listen yet; retrying", "address", addr)
+			for _, l := range s.listeners {
+				l.Close()
+			}
+			s.listeners = nil
+			time.AfterFunc(200*time.Millisecond, func() {
+				if p := s.pod.Load(); !paramsFor(p, s.opts).faults[FaultRefuse] {
+					s.openListeners()
+				}
+			})
+			return
+		}
+		s.listeners = append(s.listeners, l)
+	}
+	for _, l := range s.listeners {
+		go func() {
+			if err := s.srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+				s.logger.Error(err, "Serving stopped")
+			}
+		}()
+	}
+}
+
+func (s *podServer) closeListeners() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.listeners {
+		l.Close()
+	}
+	s.listeners = nil
+}
+
+// drain stops accepting connections and lets in-flight requests finish, as an
+// engine does on SIGTERM, then closes whatever is left after grace.
+func (s *podServer) drain(grace time.Duration) {
+	s.mu.Lock()
+	if s.draining {
+		s.mu.Unlock()
+		return
+	}
+	s.draining = true
+	s.mu.Unlock()
+	s.closeListeners()
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	if err := s.srv.Shutdown(ctx); err != nil {
+		s.srv.Close()
+	}
+}
