@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -83,9 +84,11 @@ type Cluster struct {
 	cfg       Config
 	removeDir bool
 	pki       *pki
-	etcd      *process
-	apiserver *process
-	others    []*process // stopped before the API server, in reverse order
+	etcd      *Process
+	apiserver *Process
+
+	mu     sync.Mutex
+	others []*Process // stopped before the API server, newest first
 }
 
 // Start brings up a cluster and returns once pods can be created and
@@ -196,7 +199,7 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		"--server-address=127.0.0.1:"+strconv.Itoa(kwokPort), "--node-lease-duration-seconds=40")
 	c.others = append(c.others, kwok)
 
-	health := map[*process]string{
+	health := map[*Process]string{
 		kcm:  "https://127.0.0.1:" + strconv.Itoa(kcmPort) + "/healthz",
 		kwok: "http://127.0.0.1:" + strconv.Itoa(kwokPort) + "/healthz",
 	}
@@ -279,7 +282,7 @@ func (c *Cluster) startAPIServer(ctx context.Context) error {
 // StopAPIServer stops kube-apiserver and leaves everything else running, so a
 // test can see how a component behaves while the API is gone.
 func (c *Cluster) StopAPIServer() {
-	c.apiserver.stop(10 * time.Second)
+	c.apiserver.Stop(10 * time.Second)
 }
 
 // StartAPIServer starts kube-apiserver again after StopAPIServer, with the
@@ -291,12 +294,16 @@ func (c *Cluster) StartAPIServer(ctx context.Context) error {
 // Stop stops every process the cluster started, newest first, and removes its
 // folder if Start created it. It is safe to call more than once.
 func (c *Cluster) Stop() {
-	for i := len(c.others) - 1; i >= 0; i-- {
-		c.others[i].stop(5 * time.Second)
+	c.mu.Lock()
+	others := c.others
+	c.others = nil
+	c.mu.Unlock()
+	for i := len(others) - 1; i >= 0; i-- {
+		others[i].Stop(5 * time.Second)
 	}
-	for _, p := range []*process{c.apiserver, c.etcd} {
+	for _, p := range []*Process{c.apiserver, c.etcd} {
 		if p != nil {
-			p.stop(10 * time.Second)
+			p.Stop(10 * time.Second)
 		}
 	}
 	if c.removeDir && os.Getenv("CAPSTAN_KEEP_CLUSTER") == "" {
@@ -307,9 +314,21 @@ func (c *Cluster) Stop() {
 // Logs returns the end of every process's log, for a failing test to print.
 func (c *Cluster) Logs(lines int) string {
 	var out string
-	for _, p := range append([]*process{c.etcd, c.apiserver}, c.others...) {
+	for _, p := range c.processes() {
 		if p != nil {
-			out += fmt.Sprintf("==> %s <==\n%s\n", p.name, p.logTail(lines))
+			out += fmt.Sprintf("==> %s <==\n%s\n", p.name, p.LogTail(lines))
+		}
+	}
+	return out
+}
+
+func (c *Cluster) processes() []*Process {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []*Process
+	for _, p := range append([]*Process{c.etcd, c.apiserver}, c.others...) {
+		if p != nil {
+			out = append(out, p)
 		}
 	}
 	return out
@@ -317,9 +336,9 @@ func (c *Cluster) Logs(lines int) string {
 
 // withProcessState adds to err the first control-plane process that has died.
 func (c *Cluster) withProcessState(err error) error {
-	for _, p := range append([]*process{c.etcd, c.apiserver}, c.others...) {
-		if exited, exitErr := p.exitErr(); exited {
-			return fmt.Errorf("%w; %w", err, p.failure("exited ("+exitErr.Error()+")"))
+	for _, p := range c.processes() {
+		if exited, exitErr := p.Exited(); exited {
+			return fmt.Errorf("%w; %w", err, p.Failure("exited ("+exitErr.Error()+")"))
 		}
 	}
 	return err
@@ -360,7 +379,7 @@ func (c *Cluster) CABundle() []byte { return c.pki.ca.certPEM }
 
 // waitHealthy polls url until it answers 200, failing early with the end of
 // the process's log if the process exits.
-func waitHealthy(ctx context.Context, p *process, url string, timeout time.Duration) error {
+func waitHealthy(ctx context.Context, p *Process, url string, timeout time.Duration) error {
 	client := &http.Client{
 		Timeout: 2 * time.Second,
 		// Loopback health checks of processes this harness started; the
@@ -371,8 +390,8 @@ func waitHealthy(ctx context.Context, p *process, url string, timeout time.Durat
 	deadline := time.Now().Add(timeout)
 	var last string
 	for {
-		if exited, err := p.exitErr(); exited {
-			return p.failure("exited during start-up (" + err.Error() + ")")
+		if exited, err := p.Exited(); exited {
+			return p.Failure("exited during start-up (" + err.Error() + ")")
 		}
 		resp, err := client.Get(url)
 		if err == nil {
@@ -385,11 +404,11 @@ func waitHealthy(ctx context.Context, p *process, url string, timeout time.Durat
 			last = err.Error()
 		}
 		if time.Now().After(deadline) {
-			return p.failure(fmt.Sprintf("was not healthy after %s (%s: %s)", timeout, url, last))
+			return p.Failure(fmt.Sprintf("was not healthy after %s (%s: %s)", timeout, url, last))
 		}
 		select {
 		case <-ctx.Done():
-			return p.failure("did not start before the context ended: " + ctx.Err().Error())
+			return p.Failure("did not start before the context ended: " + ctx.Err().Error())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}

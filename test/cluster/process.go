@@ -13,13 +13,16 @@ import (
 	"time"
 )
 
-// process is one control-plane binary started by the harness. Its output goes
-// to a log file in the cluster's folder so a failure can show the end of it.
-type process struct {
-	name    string
-	path    string
-	args    []string
-	logPath string
+// Process is one program started by the harness: a control-plane binary, or a
+// Capstan component a test runs against the cluster. Its output goes to a log
+// file in the cluster's folder so a failure can show the end of it, and it is
+// killed with the harness even when the harness dies without cleaning up.
+type Process struct {
+	name string
+	path string
+	args []string
+	// LogPath is where the process's stdout and stderr go.
+	LogPath string
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -27,19 +30,19 @@ type process struct {
 	waitErr error
 }
 
-func newProcess(name, logDir, path string, args ...string) *process {
-	return &process{name: name, path: path, args: args, logPath: filepath.Join(logDir, name+".log")}
+func newProcess(name, logDir, path string, args ...string) *Process {
+	return &Process{name: name, path: path, args: args, LogPath: filepath.Join(logDir, name+".log")}
 }
 
 // start launches the process. It is killed with the harness even when the
 // harness itself dies without cleaning up (SIGKILL on parent death).
-func (p *process) start() error {
+func (p *Process) start() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.cmd != nil && !p.exitedLocked() {
 		return fmt.Errorf("%s is already running", p.name)
 	}
-	logFile, err := os.OpenFile(p.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	logFile, err := os.OpenFile(p.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
@@ -65,8 +68,8 @@ func (p *process) start() error {
 	return nil
 }
 
-// exitErr reports, when the process has exited, how it ended.
-func (p *process) exitErr() (exited bool, err error) {
+// Exited reports whether the process has exited, and how it ended.
+func (p *Process) Exited() (exited bool, err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.cmd == nil || !p.exitedLocked() {
@@ -78,7 +81,7 @@ func (p *process) exitErr() (exited bool, err error) {
 	return true, p.waitErr
 }
 
-func (p *process) exitedLocked() bool {
+func (p *Process) exitedLocked() bool {
 	select {
 	case <-p.done:
 		return true
@@ -87,8 +90,8 @@ func (p *process) exitedLocked() bool {
 	}
 }
 
-// stop sends SIGTERM to the process group, waits up to grace, then kills it.
-func (p *process) stop(grace time.Duration) {
+// Stop sends SIGTERM to the process group, waits up to grace, then kills it.
+func (p *Process) Stop(grace time.Duration) {
 	p.mu.Lock()
 	cmd, done := p.cmd, p.done
 	p.mu.Unlock()
@@ -105,13 +108,15 @@ func (p *process) stop(grace time.Duration) {
 	}
 }
 
-// failure describes why the process is not healthy, with the end of its log.
-func (p *process) failure(reason string) error {
-	return fmt.Errorf("%s %s; last lines of %s:\n%s", p.name, reason, p.logPath, p.logTail(20))
+// Failure returns an error saying why the process is not healthy, with the end
+// of its log.
+func (p *Process) Failure(reason string) error {
+	return fmt.Errorf("%s %s; last lines of %s:\n%s", p.name, reason, p.LogPath, p.LogTail(20))
 }
 
-func (p *process) logTail(lines int) string {
-	data, err := os.ReadFile(p.logPath)
+// LogTail returns the last lines of the process's output.
+func (p *Process) LogTail(lines int) string {
+	data, err := os.ReadFile(p.LogPath)
 	if err != nil {
 		return "(no log: " + err.Error() + ")"
 	}
