@@ -5,7 +5,8 @@
 // of the engine named by capstan.dev/engine (vLLM, SGLang, TGI or
 // Triton/TensorRT-LLM). Metric values follow the load each pod really
 // receives, and annotations (see params.go) set latency, batch size and
-// faults per pod.
+// faults per pod. With Options.Echo it also plays the Gateway API
+// conformance suite's echo backends (see echo.go).
 package fleet
 
 import (
@@ -42,6 +43,10 @@ type Options struct {
 	// DrainTimeout bounds how long a deleted pod finishes in-flight
 	// requests. Default 30s.
 	DrainTimeout time.Duration
+	// Echo also serves pods that are not model servers but echo backends
+	// (see EchoAnnotation), as the Gateway API conformance suite deploys.
+	// It widens the watch from model pods to all pods.
+	Echo bool
 	// OnRequest, if set, is called as each API request arrives at a pod
 	// (not for /metrics or /health). It must be quick and safe for
 	// concurrent use.
@@ -101,7 +106,11 @@ func (f *Fleet) Start(ctx context.Context) error {
 	f.logger = klog.FromContext(ctx).WithValues("component", "fleet")
 	factory := informers.NewSharedInformerFactoryWithOptions(f.client, 0,
 		informers.WithNamespace(f.opts.Namespace),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = modelserver.ModelLabel }))
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			if !f.opts.Echo {
+				o.LabelSelector = modelserver.ModelLabel
+			}
+		}))
 	informer := factory.Core().V1().Pods().Informer()
 	_, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { f.sync(obj.(*corev1.Pod)) },
@@ -175,6 +184,8 @@ func (f *Fleet) sync(pod *corev1.Pod) {
 		f.removeLocked(pod.UID)
 	case pod.Spec.HostNetwork || pod.Status.PodIP == "":
 		return
+	case modelserver.Model(pod.Labels) == "" && !isEcho(pod):
+		return // watched only because Echo widened the watch
 	case s == nil:
 		s = f.newServerLocked(pod)
 		f.logger.V(4).Info("Serving simulated engine", "pod", klog.KObj(pod), "ip", s.ip, "ports", s.ports)

@@ -3,9 +3,11 @@ package fleet
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -265,5 +267,44 @@ func TestUnknownModel(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusNotFound {
 		t.Errorf("status %d, want 404", resp.StatusCode)
+	}
+}
+
+// An echo backend answers the way the conformance suite's echo-basic does.
+func TestEchoBackend(t *testing.T) {
+	pod := testPod(modelserver.VLLM, nil)
+	pod.Labels = nil
+	pod.Spec.Containers = []corev1.Container{{Name: "echo", Image: "registry.k8s.io/gateway-api/echo-basic:v1.5.1"}}
+	s, ts := testServer(t, pod, Options{})
+	if !slices.Equal(s.ports, echoPorts) {
+		t.Errorf("echo ports %v, want %v", s.ports, echoPorts)
+	}
+	req, _ := http.NewRequest(http.MethodGet, ts.URL+"/some//path?x=1", nil)
+	req.Host = "example.com"
+	req.Header.Set("X-Custom", "v")
+	req.Header.Set("X-Echo-Set-Header", "X-Foo: bar, X-Baz: qux")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got echoed
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Path != "/some//path?x=1" || got.Host != "example.com" || got.Method != "GET" ||
+		got.Namespace != "ml" || got.Pod != "llama-0" || got.Headers["X-Custom"][0] != "v" {
+		t.Errorf("echo = %+v", got)
+	}
+	if resp.Header.Get("X-Foo") != "bar" || resp.Header.Get("X-Baz") != "qux" {
+		t.Errorf("X-Echo-Set-Header not honoured: %v", resp.Header)
+	}
+	resp, err = http.Get(ts.URL + "/status/418")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTeapot {
+		t.Errorf("/status/418 answered %d", resp.StatusCode)
 	}
 }

@@ -73,6 +73,22 @@ func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger kl
 		metricsPath = modelserver.DefaultMetricsPath
 	}
 
+	var handler http.Handler
+	if isEcho(pod) {
+		s.ports = echoPorts
+		handler = s.echoHandler()
+	} else {
+		handler = s.engineHandler(metricsPath)
+	}
+	s.srv = &http.Server{
+		Handler:           s.observe(handler),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	return s
+}
+
+// engineHandler routes a model server's endpoints.
+func (s *podServer) engineHandler(metricsPath string) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", s.serveHealth)
 	mux.HandleFunc("GET /v2/health/ready", s.serveHealth) // Triton's readiness path
@@ -81,11 +97,7 @@ func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger kl
 	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, completions) })
 	mux.HandleFunc("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, chatCompletions) })
 	mux.HandleFunc("/v1/embeddings", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, embeddings) })
-	s.srv = &http.Server{
-		Handler:           s.observe(mux),
-		ReadHeaderTimeout: 10 * time.Second,
-	}
-	return s
+	return mux
 }
 
 // podPorts lists the pod's TCP container ports and metrics port, or the
