@@ -8,7 +8,11 @@ BIN := $(CURDIR)/bin
 UNIT_PKGS = $$($(GO) list ./... | grep -v /test/e2e/)
 E2E_TIMEOUT ?= 30m
 
-.PHONY: all build tools test test-unit test-e2e lint cluster-up cluster-down clean \
+REGISTRY ?= ghcr.io/capstan-dev
+VERSION ?= v0.1.0
+IMAGES := router/cmd/capstan-router metricsadapter/cmd/capstan-metrics-adapter plugins/cmd/capstan-scheduler
+
+.PHONY: all build tools test test-unit test-e2e lint cluster-up cluster-down clean images \
 	bench-router bench-adapter bench-scheduler
 
 all: build
@@ -47,6 +51,15 @@ cluster-down:
 
 bench-router bench-adapter bench-scheduler: build
 	hack/$@.sh
+
+## images: one image per binary from the Dockerfile (needs a Docker engine)
+images:
+	@docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine (docker info failed); the binaries themselves build with make build"; exit 1; }
+	@for cmd in $(IMAGES); do \
+		img="$(REGISTRY)/$$(basename $$cmd):$(VERSION)"; \
+		echo "building $$img"; \
+		docker build --build-arg CMD=$$cmd --build-arg VERSION=$(VERSION) -t "$$img" . || exit 1; \
+	done
 
 clean:
 	-hack/cluster-down.sh 2>/dev/null
