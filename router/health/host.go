@@ -1,0 +1,162 @@
+// Package health holds the router's live view of each upstream address: how
+// many requests it has in flight and whether it is ejected after failing.
+// A Host is keyed by address and outlives EndpointSlice updates, so a slice
+// change (a new pod elsewhere, a label edit) neither resets in-flight counts
+// nor forgives a pod that just refused connections.
+package health
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// epoch anchors the monotonic clock Hosts use; it is set once at start-up and
+// never changes.
+var epoch = time.Now()
+
+// now returns monotonic nanoseconds since epoch. It never goes backwards and
+// never returns 0, which Host uses to mean "not ejected".
+func now() int64 { return int64(time.Since(epoch)) + 1 }
+
+// Host is the live state of one upstream address. All methods are safe for
+// concurrent use and none takes a lock; the hot path (Available, InFlight,
+// Begin, End) is a few atomic operations. A Host must not be copied.
+type Host struct {
+	// The fields a balancer's scan reads come first, in one cache line.
+	inflight atomic.Int64
+	// ejectedUntil is the monotonic time (see now) until which the host
+	// gets no new requests, or 0 when it is not ejected. Keeping 0 for the
+	// common case lets Available skip reading the clock.
+	ejectedUntil atomic.Int64
+	// failures counts consecutive failed attempts; it sets the length of
+	// the next ejection and is reset by a success.
+	failures atomic.Int32
+	// lastFailure is when the most recent failure happened (see now).
+	lastFailure atomic.Int64
+
+	load atomic.Pointer[Load]
+
+	address string
+	policy  *EjectionPolicy
+}
+
+// NewHost returns the state of one address under an ejection policy. Most
+// callers get Hosts from a Registry instead, so that state is shared by
+// address; NewHost is for tests and one-off hosts.
+func NewHost(address string, policy *EjectionPolicy) *Host {
+	if policy == nil {
+		policy = &EjectionPolicy{}
+	}
+	return &Host{address: address, policy: policy}
+}
+
+// Address is the host's ip:port.
+func (h *Host) Address() string { return h.address }
+
+// InFlight is the number of requests the router has sent to the host that
+// have not finished.
+func (h *Host) InFlight() int64 { return h.inflight.Load() }
+
+// Begin counts a request as in flight.
+func (h *Host) Begin() { h.inflight.Add(1) }
+
+// TryBegin counts a request as in flight unless the host already has limit
+// requests in flight (limit <= 0 means no limit). Unlike a check followed
+// by Begin, concurrent callers can never push the count over the limit.
+func (h *Host) TryBegin(limit int64) bool {
+	if limit <= 0 {
+		h.inflight.Add(1)
+		return true
+	}
+	for {
+		n := h.inflight.Load()
+		if n >= limit {
+			return false
+		}
+		if h.inflight.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// End counts a request begun with Begin or TryBegin as finished.
+func (h *Host) End() { h.inflight.Add(-1) }
+
+// Ejected reports whether the host is ejected now. It is small enough to be
+// inlined into a balancer's scan: only an ejected host reads the clock.
+func (h *Host) Ejected() bool {
+	until := h.ejectedUntil.Load()
+	return until != 0 && h.stillEjected(until)
+}
+
+func (h *Host) stillEjected(until int64) bool {
+	if now() < until {
+		return true
+	}
+	// The ejection has run out: clear it so later checks need no clock.
+	h.ejectedUntil.CompareAndSwap(until, 0)
+	return false
+}
+
+// Fail records a failed attempt (connection refused, reset, timed out before
+// any response). The host is ejected for the policy's base duration,
+// doubled for each further consecutive failure up to its maximum, and
+// Fail returns that duration (0 when the policy disables ejection).
+// Failures older than the maximum ejection are forgotten, so a pod that
+// failed once an hour ago starts again at the base duration.
+func (h *Host) Fail() time.Duration {
+	p := h.policy
+	if p.Base <= 0 {
+		return 0
+	}
+	t := now()
+	if last := h.lastFailure.Swap(t); last != 0 && time.Duration(t-last) > p.Max {
+		h.failures.Store(0)
+	}
+	n := h.failures.Add(1)
+	d := p.Base
+	for i := int32(1); i < n && d < p.Max; i++ {
+		d *= 2
+	}
+	d = min(d, p.Max)
+	h.ejectedUntil.Store(t + int64(d))
+	return d
+}
+
+// Succeed records a successful attempt: the next failure starts the backoff
+// from the base duration again.
+func (h *Host) Succeed() {
+	if h.failures.Load() != 0 {
+		h.failures.Store(0)
+	}
+}
+
+// ConsecutiveFailures is the number of failures since the last success.
+func (h *Host) ConsecutiveFailures() int { return int(h.failures.Load()) }
+
+// EjectionPolicy says how long a failing host gets no new requests.
+type EjectionPolicy struct {
+	// Base is the first ejection's length; 0 disables ejection.
+	Base time.Duration
+	// Max caps the doubling of consecutive ejections.
+	Max time.Duration
+}
+
+// Load is what a model server reports about its own load in its metrics.
+// The load-aware balancer prefers hosts with short queues and free KV cache.
+type Load struct {
+	// Waiting is the number of requests queued in the engine.
+	Waiting float64
+	// Running is the number of requests in the engine's current batch.
+	Running float64
+	// KVCacheUsage is the fraction of the KV cache in use, 0 to 1.
+	KVCacheUsage float64
+}
+
+// SetLoad records the host's latest fresh load, or forgets it (nil) when the
+// engine's metrics are missing or stale. The value must not be changed
+// afterwards.
+func (h *Host) SetLoad(l *Load) { h.load.Store(l) }
+
+// Load returns the host's latest fresh load, or nil when none is known.
+func (h *Host) Load() *Load { return h.load.Load() }
