@@ -1,0 +1,226 @@
+// Package route decides which backends serve a request. Today a model is
+// served by every Service labelled capstan.dev/model with its name, pooled;
+// the Table maps each model name to that pool. Gateway API routes (an
+// HTTPRoute's weighted backendRefs) are a second way to fill the same kind
+// of table from the same per-Service snapshots: the discovery package knows
+// Services, this package knows models and routes, and the balance package
+// picks within one pool.
+package route
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/router/balance"
+	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/health"
+)
+
+// Model is an immutable view of one model: its routable pool and why the
+// rest of its endpoints are not routable.
+type Model struct {
+	Name string
+	// Pool holds the Ready, non-terminating endpoints of all the model's
+	// Services, one per address.
+	Pool *balance.Pool
+	// Services are the model's Services, sorted.
+	Services []types.NamespacedName
+	// Total counts every distinct endpoint address; Ready, NotReady and
+	// Terminating split it.
+	Total, Ready, NotReady, Terminating int
+	// Problems say why some Service has no endpoints at all (no port).
+	Problems []string
+}
+
+// Unavailable explains why the model has no Ready endpoint, for a 503.
+func (m *Model) Unavailable() string {
+	msg := fmt.Sprintf("model %s has 0 ready of %d endpoints", m.Name, m.Total)
+	var why []string
+	if m.NotReady > 0 {
+		why = append(why, fmt.Sprintf("%d not ready", m.NotReady))
+	}
+	if m.Terminating > 0 {
+		why = append(why, fmt.Sprintf("%d terminating", m.Terminating))
+	}
+	if m.Total == 0 {
+		why = append(why, fmt.Sprintf("no endpoints in the EndpointSlices of %s", joinKeys(m.Services)))
+	}
+	why = append(why, m.Problems...)
+	return msg + ": " + strings.Join(why, ", ")
+}
+
+func joinKeys(keys []types.NamespacedName) string {
+	s := make([]string, len(keys))
+	for i, k := range keys {
+		s[i] = "Service " + k.String()
+	}
+	return strings.Join(s, ", ")
+}
+
+// Table is an immutable snapshot of every model. Lookups take no lock.
+type Table struct {
+	models map[string]*Model
+	sorted []*Model
+}
+
+// Lookup returns a model, or nil when no Service serves it.
+func (t *Table) Lookup(name string) *Model { return t.models[name] }
+
+// Models returns every model, sorted by name.
+func (t *Table) Models() []*Model { return t.sorted }
+
+// Options configures how pools are built.
+type Options struct {
+	// MaxPerEndpoint is the per-endpoint in-flight limit (0: none).
+	MaxPerEndpoint int64
+	// BuildRing builds each pool's consistent-hash ring as the pool is made,
+	// for the affinity balancers.
+	BuildRing bool
+}
+
+// Builder keeps the routing table up to date from Service snapshots. It
+// implements discovery.Handler.
+type Builder struct {
+	hosts *health.Registry
+	opts  Options
+
+	table atomic.Pointer[Table]
+
+	mu       sync.Mutex
+	services map[types.NamespacedName]*serviceState
+	// inflight keeps each model's in-flight counter across pool generations.
+	inflight map[string]*atomic.Int64
+}
+
+type serviceState struct {
+	svc   *discovery.Service
+	model string
+	hosts []*health.Host // parallel to svc.Endpoints
+}
+
+var _ discovery.Handler = (*Builder)(nil)
+
+// NewBuilder returns a Builder with an empty table, taking host state from
+// hosts.
+func NewBuilder(hosts *health.Registry, opts Options) *Builder {
+	b := &Builder{hosts: hosts, opts: opts, services: map[types.NamespacedName]*serviceState{}, inflight: map[string]*atomic.Int64{}}
+	b.table.Store(&Table{models: map[string]*Model{}})
+	return b
+}
+
+// Table returns the current table.
+func (b *Builder) Table() *Table { return b.table.Load() }
+
+// ServiceChanged takes a Service's new snapshot and publishes a table in
+// which the models it served before and serves now are rebuilt.
+func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Service) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	affected := map[string]bool{}
+	old, hadOld := b.services[key]
+	delete(b.services, key)
+	if svc != nil {
+		if model := modelserver.Model(svc.Labels); model != "" {
+			st := &serviceState{svc: svc, model: model, hosts: make([]*health.Host, len(svc.Endpoints))}
+			for i, e := range svc.Endpoints {
+				st.hosts[i] = b.hosts.Acquire(e.Address)
+			}
+			b.services[key] = st
+			affected[model] = true
+		}
+	}
+	// Release after acquiring, so an address the Service keeps keeps its
+	// state.
+	if hadOld {
+		affected[old.model] = true
+		for _, e := range old.svc.Endpoints {
+			b.hosts.Release(e.Address)
+		}
+	}
+	current := b.table.Load()
+	next := &Table{models: make(map[string]*Model, len(current.models)+1)}
+	for name, m := range current.models {
+		if !affected[name] {
+			next.models[name] = m
+		}
+	}
+	for name := range affected {
+		if m := b.buildModel(name); m != nil {
+			next.models[name] = m
+		}
+	}
+	for _, m := range next.models {
+		next.sorted = append(next.sorted, m)
+	}
+	slices.SortFunc(next.sorted, func(a, b *Model) int { return cmp.Compare(a.Name, b.Name) })
+	b.table.Store(next)
+}
+
+// buildModel pools the endpoints of every Service of a model, or returns nil
+// when it has no Services left.
+func (b *Builder) buildModel(name string) *Model {
+	m := &Model{Name: name}
+	type seen struct {
+		ep   discovery.Endpoint
+		host *health.Host
+	}
+	byAddr := map[string]seen{}
+	for key, st := range b.services {
+		if st.model != name {
+			continue
+		}
+		m.Services = append(m.Services, key)
+		if st.svc.Problem != "" {
+			m.Problems = append(m.Problems, st.svc.Problem)
+		}
+		for i, e := range st.svc.Endpoints {
+			// Two Services selecting the same pods must not double their
+			// share; a routable copy wins, as within one Service.
+			if old, dup := byAddr[e.Address]; dup && (old.ep.Routable() || !e.Routable()) {
+				continue
+			}
+			byAddr[e.Address] = seen{e, st.hosts[i]}
+		}
+	}
+	if len(m.Services) == 0 {
+		delete(b.inflight, name)
+		return nil
+	}
+	slices.SortFunc(m.Services, func(a, b types.NamespacedName) int { return cmp.Compare(a.String(), b.String()) })
+	slices.Sort(m.Problems)
+	var eps []balance.Endpoint
+	for _, s := range byAddr {
+		m.Total++
+		switch {
+		case s.ep.Terminating:
+			m.Terminating++
+		case s.ep.Ready:
+			m.Ready++
+			pod := ""
+			if s.ep.Pod.Name != "" {
+				pod = s.ep.Pod.String()
+			}
+			eps = append(eps, balance.Endpoint{Address: s.ep.Address, Pod: pod, Host: s.host})
+		default:
+			m.NotReady++
+		}
+	}
+	slices.SortFunc(eps, func(a, b balance.Endpoint) int { return cmp.Compare(a.Address, b.Address) })
+	counter, ok := b.inflight[name]
+	if !ok {
+		counter = new(atomic.Int64)
+		b.inflight[name] = counter
+	}
+	m.Pool = balance.NewPool(eps, balance.PoolOptions{MaxPerEndpoint: b.opts.MaxPerEndpoint, InFlight: counter})
+	if b.opts.BuildRing {
+		m.Pool.Ring()
+	}
+	return m
+}
