@@ -1,0 +1,321 @@
+package catalogue
+
+import (
+	"math"
+	"slices"
+	"strings"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+)
+
+// Values is what one metrics page yields, indexed by metric ID. Make one
+// with NewValues and reuse it: Extract overwrites it without allocating once
+// its histogram slices have grown.
+type Values struct {
+	// Has says whether the page had the metric.
+	Has []bool
+	// Scalar is a gauge's value or a counter's (for Rate metrics).
+	Scalar []float64
+	// Hist is a histogram metric's cumulative buckets.
+	Hist []HistogramValue
+}
+
+// HistogramValue is a classic Prometheus histogram: cumulative counts per
+// upper bound, ascending, the last bound +Inf.
+type HistogramValue struct {
+	Bounds []float64
+	Counts []float64
+	Count  float64
+	Sum    float64
+}
+
+// NewValues returns Values sized for the catalogue.
+func (c *Catalogue) NewValues() *Values {
+	n := len(c.metrics)
+	return &Values{Has: make([]bool, n), Scalar: make([]float64, n), Hist: make([]HistogramValue, n)}
+}
+
+// step reads one metric for one engine.
+type step struct {
+	metric  int
+	kind    Kind
+	sources []source
+}
+
+type source struct {
+	sel             selector
+	agg             Aggregation
+	scale           float64
+	minus, divideBy *selector
+}
+
+// selector finds series on a page. A name ending in _sum or _count also
+// matches the sum or count of a histogram or summary family of the base
+// name, which is how the text format folds them into one family.
+type selector struct {
+	name   string
+	base   string // name without _sum/_count, or ""
+	field  valueField
+	labels []*dto.LabelPair
+}
+
+type valueField int
+
+const (
+	fieldValue valueField = iota
+	fieldSum
+	fieldCount
+)
+
+func compileSources(sources []Source, agg Aggregation) []source {
+	out := make([]source, 0, len(sources))
+	for _, s := range sources {
+		cs := source{sel: compileSelector(s.Series), agg: agg, scale: 1}
+		if s.Aggregation != "" {
+			cs.agg = s.Aggregation
+		}
+		if s.Scale != nil {
+			cs.scale = *s.Scale
+		}
+		if s.Minus != nil {
+			sel := compileSelector(*s.Minus)
+			cs.minus = &sel
+		}
+		if s.DivideBy != nil {
+			sel := compileSelector(*s.DivideBy)
+			cs.divideBy = &sel
+		}
+		out = append(out, cs)
+	}
+	return out
+}
+
+func compileSelector(s Series) selector {
+	sel := selector{name: s.Series}
+	if base, ok := strings.CutSuffix(s.Series, "_sum"); ok {
+		sel.base, sel.field = base, fieldSum
+	} else if base, ok := strings.CutSuffix(s.Series, "_count"); ok {
+		sel.base, sel.field = base, fieldCount
+	}
+	for k, v := range s.Labels {
+		sel.labels = append(sel.labels, &dto.LabelPair{Name: &k, Value: &v})
+	}
+	slices.SortFunc(sel.labels, func(a, b *dto.LabelPair) int { return strings.Compare(a.GetName(), b.GetName()) })
+	return sel
+}
+
+// Extract reads every metric the engine has sources for from a parsed page
+// (as expfmt's TextParser returns it) into v, which must come from this
+// catalogue's NewValues.
+func (c *Catalogue) Extract(engine modelserver.Engine, families map[string]*dto.MetricFamily, v *Values) {
+	clear(v.Has)
+	for _, st := range c.plans[engine] {
+		switch st.kind {
+		case Histogram:
+			v.Has[st.metric] = extractHistogram(st.sources, families, &v.Hist[st.metric])
+		default:
+			v.Scalar[st.metric], v.Has[st.metric] = extractScalar(st.sources, families)
+		}
+	}
+}
+
+func extractScalar(sources []source, families map[string]*dto.MetricFamily) (float64, bool) {
+	for _, s := range sources {
+		val, ok := s.sel.aggregate(families, s.agg)
+		if !ok {
+			continue
+		}
+		if s.minus != nil {
+			m, ok := s.minus.aggregate(families, s.agg)
+			if !ok {
+				continue
+			}
+			val -= m
+		}
+		if s.divideBy != nil {
+			d, ok := s.divideBy.aggregate(families, s.agg)
+			if !ok || d == 0 {
+				continue
+			}
+			val /= d
+		}
+		return val * s.scale, true
+	}
+	return 0, false
+}
+
+// aggregate combines the finite values of the matching series.
+func (sel *selector) aggregate(families map[string]*dto.MetricFamily, agg Aggregation) (float64, bool) {
+	fam, field := families[sel.name], fieldValue
+	if fam == nil && sel.base != "" {
+		fam, field = families[sel.base], sel.field
+	}
+	if fam == nil {
+		return 0, false
+	}
+	var acc float64
+	n := 0
+	for _, m := range fam.Metric {
+		if !matches(m, sel.labels) {
+			continue
+		}
+		x, ok := scalar(fam.GetType(), field, m)
+		if !ok {
+			continue
+		}
+		switch {
+		case n == 0:
+			acc = x
+		case agg == Max:
+			acc = max(acc, x)
+		case agg == Min:
+			acc = min(acc, x)
+		default: // sum, avg
+			acc += x
+		}
+		n++
+	}
+	if n == 0 {
+		return 0, false
+	}
+	if agg == Avg {
+		acc /= float64(n)
+	}
+	return acc, true
+}
+
+func scalar(t dto.MetricType, field valueField, m *dto.Metric) (float64, bool) {
+	var x float64
+	switch {
+	case field == fieldValue && t == dto.MetricType_COUNTER:
+		x = m.GetCounter().GetValue()
+	case field == fieldValue && t == dto.MetricType_GAUGE:
+		x = m.GetGauge().GetValue()
+	case field == fieldValue && t == dto.MetricType_UNTYPED:
+		x = m.GetUntyped().GetValue()
+	case (t == dto.MetricType_HISTOGRAM || t == dto.MetricType_GAUGE_HISTOGRAM) && field == fieldSum:
+		x = m.GetHistogram().GetSampleSum()
+	case (t == dto.MetricType_HISTOGRAM || t == dto.MetricType_GAUGE_HISTOGRAM) && field == fieldCount:
+		x = histogramCount(m.GetHistogram())
+	case t == dto.MetricType_SUMMARY && field == fieldSum:
+		x = m.GetSummary().GetSampleSum()
+	case t == dto.MetricType_SUMMARY && field == fieldCount:
+		x = float64(m.GetSummary().GetSampleCount())
+	default:
+		return 0, false
+	}
+	if math.IsNaN(x) || math.IsInf(x, 0) {
+		return 0, false
+	}
+	return x, true
+}
+
+func histogramCount(h *dto.Histogram) float64 {
+	if h.SampleCountFloat != nil {
+		return h.GetSampleCountFloat()
+	}
+	return float64(h.GetSampleCount())
+}
+
+func matches(m *dto.Metric, want []*dto.LabelPair) bool {
+	for _, w := range want {
+		found := false
+		for _, l := range m.Label {
+			if l.GetName() == w.GetName() {
+				found = l.GetValue() == w.GetValue()
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// extractHistogram sums the matching histograms that share the first one's
+// bucket bounds into out, scaled by the source's scale.
+func extractHistogram(sources []source, families map[string]*dto.MetricFamily, out *HistogramValue) bool {
+	for _, s := range sources {
+		fam := families[s.sel.name]
+		if fam == nil || (fam.GetType() != dto.MetricType_HISTOGRAM && fam.GetType() != dto.MetricType_GAUGE_HISTOGRAM) {
+			continue
+		}
+		n := 0
+		for _, m := range fam.Metric {
+			h := m.GetHistogram()
+			if h == nil || !matches(m, s.sel.labels) || len(h.Bucket) == 0 {
+				continue
+			}
+			if n == 0 {
+				readHistogram(h, s.scale, out)
+			} else if !addHistogram(h, s.scale, out) {
+				continue
+			}
+			n++
+		}
+		if n > 0 && validHistogram(out) {
+			return true
+		}
+	}
+	return false
+}
+
+func bucketCount(b *dto.Bucket) float64 {
+	if b.CumulativeCountFloat != nil {
+		return b.GetCumulativeCountFloat()
+	}
+	return float64(b.GetCumulativeCount())
+}
+
+func readHistogram(h *dto.Histogram, scale float64, out *HistogramValue) {
+	out.Bounds, out.Counts = out.Bounds[:0], out.Counts[:0]
+	for _, b := range h.Bucket {
+		out.Bounds = append(out.Bounds, b.GetUpperBound()*scale)
+		out.Counts = append(out.Counts, bucketCount(b))
+	}
+	out.Count, out.Sum = histogramCount(h), h.GetSampleSum()*scale
+	// The text format's +Inf bucket is the count; encoders may leave it out.
+	if !math.IsInf(out.Bounds[len(out.Bounds)-1], 1) {
+		out.Bounds = append(out.Bounds, math.Inf(1))
+		out.Counts = append(out.Counts, out.Count)
+	}
+}
+
+func addHistogram(h *dto.Histogram, scale float64, out *HistogramValue) bool {
+	n := len(h.Bucket)
+	withInf := math.IsInf(h.Bucket[n-1].GetUpperBound(), 1)
+	if withInf && n != len(out.Bounds) || !withInf && n+1 != len(out.Bounds) {
+		return false
+	}
+	for i, b := range h.Bucket {
+		if b.GetUpperBound()*scale != out.Bounds[i] {
+			return false
+		}
+	}
+	for i, b := range h.Bucket {
+		out.Counts[i] += bucketCount(b)
+	}
+	out.Count += histogramCount(h)
+	out.Sum += h.GetSampleSum() * scale
+	if !withInf {
+		out.Counts[n] += histogramCount(h)
+	}
+	return true
+}
+
+// validHistogram rejects what no quantile can be computed from: bounds that
+// do not ascend, counts that are not finite or that fall.
+func validHistogram(h *HistogramValue) bool {
+	for i := range h.Bounds {
+		if math.IsNaN(h.Bounds[i]) || math.IsNaN(h.Counts[i]) || math.IsInf(h.Counts[i], 0) || h.Counts[i] < 0 {
+			return false
+		}
+		if i > 0 && (h.Bounds[i] <= h.Bounds[i-1] || h.Counts[i] < h.Counts[i-1]) {
+			return false
+		}
+	}
+	return !math.IsNaN(h.Count) && !math.IsInf(h.Count, 0)
+}

@@ -1,0 +1,573 @@
+// Package scrape fetches inference engines' Prometheus metrics and keeps, for
+// each target, its latest load in engine-neutral terms. It is shared: the
+// metrics adapter drives it from a pod informer, and any other program (the
+// router's load-aware balancer) can drive it from its own view of the pods.
+//
+// Using it from another program:
+//
+//	s, err := scrape.New(scrape.Options{Interval: 500 * time.Millisecond})
+//	if err != nil { ... }
+//	go s.Run(ctx)                      // scrapes until ctx ends
+//	s.Upsert(scrape.Target{Key: podKey, URL: "http://10.0.0.7:8000/metrics", Engine: modelserver.VLLM})
+//	...
+//	if l, ok := s.Load(podKey); ok && l.HasRequestsWaiting {
+//		_ = l.RequestsWaiting          // fresh: no older than Options.MaxAge
+//	}
+//	s.Remove(podKey)                   // or s.SetTargets(all) to replace the set
+//
+// TargetForPod builds a Target from a pod the way DESIGN.md says (the
+// capstan.dev/engine label, the metrics port and path annotations). Load is
+// cheap and allocation-free, and every method is safe for concurrent use.
+//
+// What a scrape does: every target is fetched once per Interval with a
+// deadline of Timeout, by at most Concurrency fetches at once, asking for the
+// text format (OpenMetrics is read too) with gzip. The page is parsed with
+// expfmt and mapped to engine-neutral values by the metric catalogue. A
+// failing target (refused, timed out, an HTTP error, a page that does not
+// parse or holds none of its engine's metrics) is retried with exponential
+// backoff and jitter, and keeps its last good sample, which Load serves until
+// it is older than MaxAge: a target without a fresh sample has no load, never
+// a zero one. An Observer, if set, sees every good sample in full (the
+// adapter's store computes rates and quantiles from them).
+package scrape
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation/field"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/util/flowcontrol"
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/klog/v2"
+
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
+	"github.com/capstan-dev/capstan/metricsadapter/exposition"
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+)
+
+// Target is one metrics endpoint to scrape.
+type Target struct {
+	// Key identifies the target, normally the pod's namespace and name.
+	Key types.NamespacedName
+	// URL is the full metrics URL, e.g. http://10.0.0.7:8000/metrics.
+	URL string
+	// Engine picks the metric mapping.
+	Engine modelserver.Engine
+}
+
+// TargetForPod returns the target of a model-server pod: its pod IP, the
+// metrics port and path per modelserver.MetricsEndpoint, and its engine. It
+// does not check that the pod may be scraped (see modelserver.Scrapable).
+func TargetForPod(pod *corev1.Pod) (Target, error) {
+	engine, err := modelserver.EngineOf(pod)
+	if err != nil {
+		return Target{}, err
+	}
+	port, path, err := modelserver.MetricsEndpoint(pod)
+	if err != nil {
+		return Target{}, err
+	}
+	if pod.Status.PodIP == "" {
+		return Target{}, fmt.Errorf("pod %s/%s has no IP", pod.Namespace, pod.Name)
+	}
+	return Target{
+		Key:    types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name},
+		URL:    "http://" + net.JoinHostPort(pod.Status.PodIP, strconv.Itoa(int(port))) + path,
+		Engine: engine,
+	}, nil
+}
+
+// Load is a target's latest load in engine-neutral terms (the catalogue's
+// requests_waiting, requests_running and kv_cache_usage). A Has field is
+// false when the engine's page does not report that value (TGI has no
+// KV-cache usage).
+type Load struct {
+	RequestsWaiting    float64
+	RequestsRunning    float64
+	KVCacheUsage       float64 // 0-1
+	HasRequestsWaiting bool
+	HasRequestsRunning bool
+	HasKVCacheUsage    bool
+	// Time is when the sample was taken.
+	Time time.Time
+}
+
+// Observer receives every good sample, in the goroutine that scraped it.
+// Observe must be quick and must not keep v, which is reused. After Forget
+// for a key, Observe is not called for it again unless it is added anew.
+type Observer interface {
+	Observe(t Target, at time.Time, v *catalogue.Values)
+	Forget(key types.NamespacedName)
+}
+
+// Options configure a Scraper. The zero value of each field means its
+// default.
+type Options struct {
+	// Interval between scrapes of a target. Default 1s.
+	Interval time.Duration
+	// Timeout bounds one scrape, connecting included; it must be shorter
+	// than Interval. Default 3/4 of Interval.
+	Timeout time.Duration
+	// Concurrency is how many scrapes may run at once. Default 64.
+	Concurrency int
+	// MaxAge is how old a sample may be and still be served by Load.
+	// Default 5 intervals.
+	MaxAge time.Duration
+	// BackoffInitial and BackoffMax bound the delay before a failing
+	// target is scraped again: it doubles from BackoffInitial (default
+	// Interval) up to BackoffMax (default 30s), with up to 20% jitter, and
+	// resets on success.
+	BackoffInitial, BackoffMax time.Duration
+	// MaxPageBytes caps a metrics page after decompression. Default 4 MiB.
+	MaxPageBytes int64
+	// Catalogue maps engine metrics to engine-neutral ones. Default
+	// catalogue.Builtin().
+	Catalogue *catalogue.Catalogue
+	// Observer, if set, receives every good sample.
+	Observer Observer
+	// Client fetches pages. Default: a client that keeps connections to
+	// targets alive, uses no proxy and accepts gzip.
+	Client *http.Client
+	// Registerer, if set, gets the scraper's Prometheus metrics (see
+	// metrics.go).
+	Registerer prometheus.Registerer
+	// UserAgent is sent with every scrape. Default "capstan-scraper".
+	UserAgent string
+}
+
+// SetDefaults fills the unset fields of o.
+func SetDefaults(o *Options) {
+	if o.Interval == 0 {
+		o.Interval = time.Second
+	}
+	if o.Timeout == 0 {
+		o.Timeout = o.Interval * 3 / 4
+	}
+	if o.Concurrency == 0 {
+		o.Concurrency = 64
+	}
+	if o.MaxAge == 0 {
+		o.MaxAge = 5 * o.Interval
+	}
+	if o.BackoffInitial == 0 {
+		o.BackoffInitial = o.Interval
+	}
+	if o.BackoffMax == 0 {
+		o.BackoffMax = max(30*time.Second, o.BackoffInitial)
+	}
+	if o.MaxPageBytes == 0 {
+		o.MaxPageBytes = 4 << 20
+	}
+	if o.Catalogue == nil {
+		o.Catalogue = catalogue.Builtin()
+	}
+	if o.UserAgent == "" {
+		o.UserAgent = "capstan-scraper"
+	}
+	if o.Client == nil {
+		o.Client = &http.Client{Transport: &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: o.Timeout, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConnsPerHost: 1,
+			IdleConnTimeout:     max(90*time.Second, 3*o.Interval),
+			// Pod IPs are never reached through a proxy from the environment.
+			Proxy: nil,
+		}}
+	}
+}
+
+// Validate checks defaulted options.
+func Validate(path *field.Path, o *Options) error {
+	var errs field.ErrorList
+	positive := func(name string, d time.Duration) {
+		if d <= 0 {
+			errs = append(errs, field.Invalid(path.Child(name), d.String(), "must be positive"))
+		}
+	}
+	positive("interval", o.Interval)
+	positive("timeout", o.Timeout)
+	positive("maxAge", o.MaxAge)
+	positive("backoffInitial", o.BackoffInitial)
+	if o.Timeout >= o.Interval {
+		errs = append(errs, field.Invalid(path.Child("timeout"), o.Timeout.String(),
+			fmt.Sprintf("must be shorter than the interval (%s), so a hanging target cannot delay its next scrape", o.Interval)))
+	}
+	if o.MaxAge > 0 && o.MaxAge < o.Interval {
+		errs = append(errs, field.Invalid(path.Child("maxAge"), o.MaxAge.String(),
+			fmt.Sprintf("must be at least the interval (%s), or no sample would ever be fresh", o.Interval)))
+	}
+	if o.BackoffMax < o.BackoffInitial {
+		errs = append(errs, field.Invalid(path.Child("backoffMax"), o.BackoffMax.String(),
+			fmt.Sprintf("must be at least the initial backoff (%s)", o.BackoffInitial)))
+	}
+	if o.Concurrency < 1 {
+		errs = append(errs, field.Invalid(path.Child("concurrency"), o.Concurrency, "must be at least 1"))
+	}
+	if o.MaxPageBytes < 1 {
+		errs = append(errs, field.Invalid(path.Child("maxPageBytes"), o.MaxPageBytes, "must be at least 1"))
+	}
+	return errs.ToAggregate()
+}
+
+// Scraper scrapes a changing set of targets. Create it with New, start it
+// with Run; targets may be set before or while it runs.
+type Scraper struct {
+	opts    Options
+	backoff *flowcontrol.Backoff
+	ids     loadIDs
+	metrics *metrics
+	logger  klog.Logger
+
+	mu      sync.RWMutex
+	targets map[types.NamespacedName]*state
+	queue   workqueue.TypedDelayingInterface[types.NamespacedName] // nil unless running
+	started bool
+}
+
+// loadIDs are the catalogue IDs of the metrics Load reports (-1 if absent).
+type loadIDs struct{ waiting, running, kvCache int }
+
+// state is one target's scraping state. Its target never changes: a target
+// whose URL or engine changes gets a new state.
+type state struct {
+	target Target
+	load   atomic.Pointer[Load]
+	// Operations data, for metrics and logs.
+	scrapes  [numResults]atomic.Int64
+	lastNano atomic.Int64 // duration of the last scrape
+	up       atomic.Bool
+	failing  atomic.Int64 // consecutive failures
+}
+
+// New returns a scraper with opts, defaulted and validated.
+func New(opts Options) (*Scraper, error) {
+	SetDefaults(&opts)
+	if err := Validate(field.NewPath("scrape"), &opts); err != nil {
+		return nil, err
+	}
+	id := func(name string) int {
+		if id, ok := opts.Catalogue.ID(name); ok {
+			return id
+		}
+		return -1
+	}
+	s := &Scraper{
+		opts:    opts,
+		backoff: flowcontrol.NewBackOffWithJitter(opts.BackoffInitial, opts.BackoffMax, 0.2),
+		ids:     loadIDs{waiting: id(catalogue.RequestsWaiting), running: id(catalogue.RequestsRunning), kvCache: id(catalogue.KVCacheUsage)},
+		targets: map[types.NamespacedName]*state{},
+		logger:  klog.Background(),
+	}
+	if opts.Registerer != nil {
+		m, err := newMetrics(s, opts.Registerer)
+		if err != nil {
+			return nil, err
+		}
+		s.metrics = m
+	}
+	return s, nil
+}
+
+// SetTargets replaces the whole set of targets: targets not in ts are
+// removed, new ones added, changed ones (URL or engine) restarted.
+func (s *Scraper) SetTargets(ts []Target) {
+	keep := make(map[types.NamespacedName]bool, len(ts))
+	for _, t := range ts {
+		keep[t.Key] = true
+		s.Upsert(t)
+	}
+	s.mu.RLock()
+	var gone []types.NamespacedName
+	for key := range s.targets {
+		if !keep[key] {
+			gone = append(gone, key)
+		}
+	}
+	s.mu.RUnlock()
+	for _, key := range gone {
+		s.Remove(key)
+	}
+}
+
+// Upsert adds a target, or replaces the one with the same key if its URL or
+// engine changed (its samples are then dropped: they describe another
+// endpoint). An unchanged target is left alone.
+func (s *Scraper) Upsert(t Target) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if old, ok := s.targets[t.Key]; ok {
+		if old.target == t {
+			return
+		}
+		s.forgetLocked(t.Key)
+	}
+	st := &state{target: t}
+	s.targets[t.Key] = st
+	if s.queue != nil {
+		// Spread new targets over an interval rather than scraping a
+		// whole fleet in the same instant.
+		s.queue.AddAfter(t.Key, rand.N(s.opts.Interval))
+	}
+}
+
+// Remove stops scraping a target and forgets its samples at once.
+func (s *Scraper) Remove(key types.NamespacedName) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.targets[key]; ok {
+		s.forgetLocked(key)
+	}
+}
+
+func (s *Scraper) forgetLocked(key types.NamespacedName) {
+	delete(s.targets, key)
+	s.backoff.DeleteEntry(key.String())
+	if s.opts.Observer != nil {
+		s.opts.Observer.Forget(key)
+	}
+}
+
+// Load returns the target's latest load if it has a sample younger than
+// MaxAge. It does not allocate.
+func (s *Scraper) Load(key types.NamespacedName) (Load, bool) {
+	s.mu.RLock()
+	st := s.targets[key]
+	s.mu.RUnlock()
+	if st == nil {
+		return Load{}, false
+	}
+	l := st.load.Load()
+	if l == nil || time.Since(l.Time) > s.opts.MaxAge {
+		return Load{}, false
+	}
+	return *l, true
+}
+
+// Run scrapes until ctx ends, then waits for scrapes in flight to stop. It
+// may be called once.
+func (s *Scraper) Run(ctx context.Context) error {
+	s.logger = klog.FromContext(ctx).WithValues("component", "scraper")
+	queue := workqueue.NewTypedDelayingQueueWithConfig(workqueue.TypedDelayingQueueConfig[types.NamespacedName]{Logger: &s.logger})
+	s.mu.Lock()
+	if s.started {
+		s.mu.Unlock()
+		queue.ShutDown()
+		return errors.New("scrape: Run called twice")
+	}
+	s.started, s.queue = true, queue
+	for key := range s.targets {
+		queue.AddAfter(key, rand.N(s.opts.Interval))
+	}
+	s.mu.Unlock()
+
+	var wg sync.WaitGroup
+	for range s.opts.Concurrency {
+		wg.Go(func() { s.work(ctx, queue) })
+	}
+	// Forget the backoff of targets that recovered long ago.
+	wg.Go(func() { wait.UntilWithContext(ctx, func(context.Context) { s.backoff.GC() }, time.Minute) })
+	<-ctx.Done()
+	queue.ShutDown()
+	s.mu.Lock()
+	s.queue = nil
+	s.mu.Unlock()
+	wg.Wait()
+	return nil
+}
+
+// worker holds what one scraping goroutine reuses from page to page.
+type worker struct {
+	body   bytes.Buffer
+	parser exposition.Parser
+	values *catalogue.Values
+}
+
+func (s *Scraper) work(ctx context.Context, queue workqueue.TypedDelayingInterface[types.NamespacedName]) {
+	w := &worker{values: s.opts.Catalogue.NewValues()}
+	for {
+		key, shutdown := queue.Get()
+		if shutdown {
+			return
+		}
+		s.mu.RLock()
+		st := s.targets[key]
+		s.mu.RUnlock()
+		if st != nil {
+			next := s.scrape(ctx, w, st)
+			s.mu.RLock()
+			// Rescheduled only while the target is still the same one:
+			// a removed target's key may have been queued again by a
+			// new Upsert.
+			if s.targets[key] == st && s.queue != nil {
+				s.queue.AddAfter(key, next)
+			}
+			s.mu.RUnlock()
+		}
+		queue.Done(key)
+	}
+}
+
+// scrape fetches, parses and records one page, and returns when the target
+// is due next.
+func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duration {
+	start := time.Now()
+	at, result, err := s.fetch(ctx, w, st.target)
+	elapsed := time.Since(start)
+	st.lastNano.Store(int64(elapsed))
+	st.scrapes[result].Add(1)
+	if s.metrics != nil {
+		s.metrics.observe(result, elapsed)
+	}
+	logger := s.logger.WithValues("pod", st.target.Key, "url", st.target.URL)
+	id := st.target.Key.String()
+	if result != Success {
+		if ctx.Err() != nil {
+			return 0 // shutting down
+		}
+		s.backoff.Next(id, start)
+		delay := max(s.backoff.Get(id), s.opts.Interval)
+		if n := st.failing.Add(1); n == 1 {
+			logger.Info("Scrape failing; keeping the last good sample until it is too old", "reason", result, "err", err, "retryIn", delay)
+		} else {
+			logger.V(4).Info("Scrape failed", "reason", result, "err", err, "failures", n, "retryIn", delay)
+		}
+		st.up.Store(false)
+		return delay
+	}
+	if n := st.failing.Swap(0); n > 0 {
+		logger.Info("Scrape recovered", "failures", n)
+		s.backoff.Reset(id)
+	}
+	st.up.Store(true)
+	v := w.values
+	l := &Load{Time: at}
+	l.RequestsWaiting, l.HasRequestsWaiting = scalar(v, s.ids.waiting)
+	l.RequestsRunning, l.HasRequestsRunning = scalar(v, s.ids.running)
+	l.KVCacheUsage, l.HasKVCacheUsage = scalar(v, s.ids.kvCache)
+	s.mu.RLock()
+	// Recorded only while the target is current, so that nothing is
+	// observed for a key after Remove has forgotten it.
+	if s.targets[st.target.Key] == st {
+		st.load.Store(l)
+		if s.opts.Observer != nil {
+			s.opts.Observer.Observe(st.target, at, v)
+		}
+	}
+	s.mu.RUnlock()
+	return max(0, s.opts.Interval-elapsed)
+}
+
+func scalar(v *catalogue.Values, id int) (float64, bool) {
+	if id < 0 || !v.Has[id] {
+		return 0, false
+	}
+	return v.Scalar[id], true
+}
+
+// Result is the outcome of one scrape.
+type Result int
+
+const (
+	// Success: the page parsed and held some of the engine's metrics.
+	Success Result = iota
+	// Refused: the connection was refused.
+	Refused
+	// Timeout: the scrape did not finish within Options.Timeout.
+	Timeout
+	// NetworkError: any other transport failure.
+	NetworkError
+	// HTTPError: a status other than 200.
+	HTTPError
+	// TooLarge: the page exceeded Options.MaxPageBytes.
+	TooLarge
+	// ParseError: the page is not a Prometheus text or OpenMetrics page.
+	ParseError
+	// Unmapped: the page parsed but held none of the engine's metrics
+	// (a wrong capstan.dev/engine label, or an engine renamed them all).
+	Unmapped
+	numResults
+)
+
+var resultNames = [numResults]string{"success", "refused", "timeout", "network_error", "http_error", "too_large", "parse_error", "unmapped"}
+
+func (r Result) String() string { return resultNames[r] }
+
+// fetch gets and parses one page into w.values and returns when it was read.
+func (s *Scraper) fetch(ctx context.Context, w *worker, t Target) (time.Time, Result, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, t.URL, nil)
+	if err != nil {
+		return time.Time{}, NetworkError, err
+	}
+	req.Header.Set("Accept", exposition.Accept)
+	req.Header.Set("User-Agent", s.opts.UserAgent)
+	resp, err := s.opts.Client.Do(req)
+	if err != nil {
+		return time.Time{}, transportResult(ctx, err), err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return time.Time{}, HTTPError, fmt.Errorf("HTTP status %s", resp.Status)
+	}
+	format, err := exposition.FormatOf(resp.Header.Get("Content-Type"))
+	if err != nil {
+		return time.Time{}, ParseError, err
+	}
+	w.body.Reset()
+	n, err := w.body.ReadFrom(io.LimitReader(resp.Body, s.opts.MaxPageBytes+1))
+	if err != nil {
+		return time.Time{}, transportResult(ctx, err), fmt.Errorf("reading the page: %w", err)
+	}
+	if n > s.opts.MaxPageBytes {
+		return time.Time{}, TooLarge, fmt.Errorf("page larger than %d bytes", s.opts.MaxPageBytes)
+	}
+	at := time.Now()
+	if result, err := w.read(s.opts.Catalogue, t.Engine, format, w.body.Bytes()); result != Success {
+		return time.Time{}, result, err
+	}
+	return at, Success, nil
+}
+
+// read parses a page and maps it into w.values.
+func (w *worker) read(c *catalogue.Catalogue, engine modelserver.Engine, format exposition.Format, page []byte) (Result, error) {
+	families, err := w.parser.Parse(format, page)
+	if err != nil {
+		return ParseError, err
+	}
+	c.Extract(engine, families, w.values)
+	for _, has := range w.values.Has {
+		if has {
+			return Success, nil
+		}
+	}
+	return Unmapped, fmt.Errorf("the page has none of the %s metrics the catalogue maps", engine)
+}
+
+func transportResult(ctx context.Context, err error) Result {
+	switch {
+	case errors.Is(ctx.Err(), context.DeadlineExceeded), errors.Is(err, context.DeadlineExceeded):
+		return Timeout
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return Refused
+	}
+	var netErr net.Error
+	if errors.As(err, &netErr) && netErr.Timeout() {
+		return Timeout
+	}
+	return NetworkError
+}

@@ -1,0 +1,535 @@
+package scrape
+
+import (
+	"compress/gzip"
+	"context"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/klog/v2/ktesting"
+
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+)
+
+const textType = "text/plain; version=0.0.4; charset=utf-8"
+
+// engineServer serves a metrics page, or misbehaves as told.
+type engineServer struct {
+	*httptest.Server
+	mu          sync.Mutex
+	page        string
+	contentType string
+	status      int
+	gzip        bool
+	hang        bool
+	requests    atomic.Int64
+	inFlight    atomic.Int64
+	maxInFlight atomic.Int64
+	delay       time.Duration
+}
+
+func newEngineServer(t *testing.T, page string) *engineServer {
+	s := &engineServer{page: page, contentType: textType, status: http.StatusOK}
+	s.Server = httptest.NewServer(http.HandlerFunc(s.serve))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func (s *engineServer) set(f func(s *engineServer)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f(s)
+}
+
+func (s *engineServer) serve(w http.ResponseWriter, r *http.Request) {
+	s.requests.Add(1)
+	n := s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
+	for {
+		m := s.maxInFlight.Load()
+		if n <= m || s.maxInFlight.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	s.mu.Lock()
+	page, ct, status, gz, hang, delay := s.page, s.contentType, s.status, s.gzip, s.hang, s.delay
+	s.mu.Unlock()
+	if hang {
+		<-r.Context().Done()
+		return
+	}
+	if delay > 0 {
+		time.Sleep(delay)
+	}
+	w.Header().Set("Content-Type", ct)
+	if gz && strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") {
+		w.Header().Set("Content-Encoding", "gzip")
+		w.WriteHeader(status)
+		zw := gzip.NewWriter(w)
+		zw.Write([]byte(page))
+		zw.Close()
+		return
+	}
+	w.WriteHeader(status)
+	w.Write([]byte(page))
+}
+
+func (s *engineServer) target(name string, engine modelserver.Engine) Target {
+	return Target{Key: key(name), URL: s.URL + "/metrics", Engine: engine}
+}
+
+func key(name string) types.NamespacedName { return types.NamespacedName{Namespace: "ml", Name: name} }
+
+func testdata(t *testing.T, name string) string {
+	t.Helper()
+	b, err := os.ReadFile("../catalogue/testdata/" + name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// recorder is an Observer that remembers what it saw.
+type recorder struct {
+	mu       sync.Mutex
+	observed map[types.NamespacedName]int
+	forgot   map[types.NamespacedName]bool
+	late     []types.NamespacedName // observed after being forgotten
+}
+
+func newRecorder() *recorder {
+	return &recorder{observed: map[types.NamespacedName]int{}, forgot: map[types.NamespacedName]bool{}}
+}
+
+func (r *recorder) Observe(t Target, _ time.Time, v *catalogue.Values) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.forgot[t.Key] {
+		r.late = append(r.late, t.Key)
+	}
+	r.observed[t.Key]++
+}
+
+func (r *recorder) Forget(key types.NamespacedName) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.forgot[key] = true
+}
+
+// run starts s until the test ends.
+func run(t *testing.T, s *Scraper) {
+	t.Helper()
+	_, ctx := ktesting.NewTestContext(t)
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan error)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	err := wait.PollUntilContextTimeout(context.Background(), 10*time.Millisecond, timeout, true,
+		func(context.Context) (bool, error) { return cond(), nil })
+	if err != nil {
+		t.Fatalf("waiting %s for %s: %v", timeout, what, err)
+	}
+}
+
+func fastOptions() Options {
+	return Options{Interval: 100 * time.Millisecond, Timeout: 50 * time.Millisecond, MaxAge: 400 * time.Millisecond,
+		BackoffInitial: 100 * time.Millisecond, BackoffMax: 800 * time.Millisecond}
+}
+
+func TestLoadFromEachEngine(t *testing.T) {
+	cases := map[string]struct {
+		engine      modelserver.Engine
+		page        string
+		contentType string
+		gzip        bool
+		want        Load
+	}{
+		"vLLM text":           {modelserver.VLLM, "vllm-v1.prom", textType, false, Load{RequestsWaiting: 7, RequestsRunning: 7, KVCacheUsage: 0.5, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
+		"vLLM gzip":           {modelserver.VLLM, "vllm-v1.prom", textType, true, Load{RequestsWaiting: 7, RequestsRunning: 7, KVCacheUsage: 0.5, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
+		"vLLM OpenMetrics":    {modelserver.VLLM, "vllm-v1.openmetrics", "application/openmetrics-text; version=1.0.0; charset=utf-8", true, Load{RequestsWaiting: 7, RequestsRunning: 3, KVCacheUsage: 0.5, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
+		"vLLM V0":             {modelserver.VLLM, "vllm-v0.prom", "", false, Load{RequestsWaiting: 9, RequestsRunning: 6, KVCacheUsage: 0.875, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
+		"SGLang":              {modelserver.SGLang, "sglang.prom", textType, false, Load{RequestsWaiting: 2826, RequestsRunning: 12, KVCacheUsage: 0.28, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
+		"TGI has no KV":       {modelserver.TGI, "tgi.prom", textType, false, Load{RequestsWaiting: 4, RequestsRunning: 16, HasRequestsWaiting: true, HasRequestsRunning: true}},
+		"Triton TensorRT-LLM": {modelserver.Triton, "triton-trtllm.prom", textType, false, Load{RequestsWaiting: 4, RequestsRunning: 6, KVCacheUsage: 0.25, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			srv := newEngineServer(t, testdata(t, tc.page))
+			srv.set(func(s *engineServer) { s.contentType, s.gzip = tc.contentType, tc.gzip })
+			rec := newRecorder()
+			opts := fastOptions()
+			opts.Observer = rec
+			s, err := New(opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			target := srv.target("p", tc.engine)
+			s.Upsert(target)
+			before := time.Now()
+			run(t, s)
+			var got Load
+			waitFor(t, 2*time.Second, "a sample", func() bool {
+				var ok bool
+				got, ok = s.Load(target.Key)
+				return ok
+			})
+			if got.Time.Before(before) || time.Since(got.Time) > opts.MaxAge {
+				t.Errorf("sample time %s is not the time of a scrape made after %s", got.Time, before)
+			}
+			got.Time = time.Time{}
+			if diff := cmp.Diff(tc.want, got); diff != "" {
+				t.Errorf("Load (-want +got):\n%s", diff)
+			}
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			if rec.observed[target.Key] == 0 {
+				t.Error("the observer saw no sample")
+			}
+		})
+	}
+}
+
+// Every way a target can fail is counted under its reason, never yields a
+// load, and never makes a scrape last longer than the timeout.
+func TestFailingTargets(t *testing.T) {
+	refusing, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusedURL := "http://" + refusing.Addr().String() + "/metrics"
+	refusing.Close()
+
+	good := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	hanging := newEngineServer(t, "")
+	hanging.set(func(s *engineServer) { s.hang = true })
+	garbage := newEngineServer(t, "<html><body>502 Bad Gateway</body></html>\nvllm:num_requests_waiting{model_name=\"x\" 3 \x00\n")
+	html := newEngineServer(t, "<html>login</html>")
+	html.set(func(s *engineServer) { s.contentType = "text/html" })
+	errorPage := newEngineServer(t, "oops")
+	errorPage.set(func(s *engineServer) { s.status = http.StatusInternalServerError })
+	huge := newEngineServer(t, strings.Repeat("# padding\n", 2000)+testdata(t, "vllm-v1.prom"))
+	otherEngine := newEngineServer(t, testdata(t, "tgi.prom"))
+
+	targets := []Target{
+		good.target("good", modelserver.VLLM),
+		{Key: key("refusing"), URL: refusedURL, Engine: modelserver.VLLM},
+		hanging.target("hanging", modelserver.VLLM),
+		garbage.target("garbage", modelserver.VLLM),
+		html.target("html", modelserver.VLLM),
+		errorPage.target("error", modelserver.VLLM),
+		huge.target("huge", modelserver.VLLM),
+		otherEngine.target("mislabelled", modelserver.VLLM),
+	}
+	want := map[string]Result{"refusing": Refused, "hanging": Timeout, "garbage": ParseError, "html": ParseError,
+		"error": HTTPError, "huge": TooLarge, "mislabelled": Unmapped}
+
+	opts := fastOptions()
+	opts.MaxPageBytes = 16 << 10
+	reg := prometheus.NewPedanticRegistry()
+	opts.Registerer = reg
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetTargets(targets)
+	run(t, s)
+
+	waitFor(t, 3*time.Second, "every failing target to fail twice", func() bool {
+		for name, r := range want {
+			if s.state(key(name)).scrapes[r].Load() < 2 {
+				return false
+			}
+		}
+		return true
+	})
+	for name, r := range want {
+		st := s.state(key(name))
+		for other := range numResults {
+			if other != r && st.scrapes[other].Load() > 0 {
+				t.Errorf("%s: %d scrapes counted as %s, want only %s", name, st.scrapes[other].Load(), other, r)
+			}
+		}
+		if l, ok := s.Load(key(name)); ok {
+			t.Errorf("%s has a load: %+v", name, l)
+		}
+		if d := time.Duration(st.lastNano.Load()); d > opts.Timeout+50*time.Millisecond {
+			t.Errorf("%s: a scrape took %s, longer than the %s timeout", name, d, opts.Timeout)
+		}
+	}
+	if _, ok := s.Load(key("good")); !ok {
+		t.Error("the healthy target has no load beside failing ones")
+	}
+
+	// Backoff: in the same time, a failing target is tried less often
+	// than a healthy one is scraped.
+	time.Sleep(time.Second)
+	healthy := s.state(key("good")).scrapes[Success].Load()
+	failed := s.state(key("refusing")).scrapes[Refused].Load()
+	if failed*2 > healthy {
+		t.Errorf("the refusing target was tried %d times while the healthy one was scraped %d times: no backoff", failed, healthy)
+	}
+
+	// The operations metrics name each pod and reason.
+	expected := `
+# HELP capstan_scrape_target_up Whether the target's last scrape succeeded.
+# TYPE capstan_scrape_target_up gauge
+capstan_scrape_target_up{namespace="ml",pod="error"} 0
+capstan_scrape_target_up{namespace="ml",pod="garbage"} 0
+capstan_scrape_target_up{namespace="ml",pod="good"} 1
+capstan_scrape_target_up{namespace="ml",pod="hanging"} 0
+capstan_scrape_target_up{namespace="ml",pod="html"} 0
+capstan_scrape_target_up{namespace="ml",pod="huge"} 0
+capstan_scrape_target_up{namespace="ml",pod="mislabelled"} 0
+capstan_scrape_target_up{namespace="ml",pod="refusing"} 0
+# HELP capstan_scrape_targets Targets being scraped.
+# TYPE capstan_scrape_targets gauge
+capstan_scrape_targets 8
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(expected), "capstan_scrape_target_up", "capstan_scrape_targets"); err != nil {
+		t.Error(err)
+	}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sawRefused, sawAge bool
+	for _, f := range families {
+		for _, m := range f.Metric {
+			labels := map[string]string{}
+			for _, l := range m.Label {
+				labels[l.GetName()] = l.GetValue()
+			}
+			switch {
+			case f.GetName() == "capstan_scrape_target_scrapes_total" && labels["pod"] == "refusing" && labels["result"] == "refused":
+				sawRefused = m.GetCounter().GetValue() >= 2
+			case f.GetName() == "capstan_scrape_target_sample_age_seconds":
+				if labels["pod"] != "good" {
+					t.Errorf("pod %s has a sample age but never had a sample", labels["pod"])
+				}
+				sawAge = m.GetGauge().GetValue() < opts.MaxAge.Seconds()
+			}
+		}
+	}
+	if !sawRefused || !sawAge {
+		t.Errorf("metrics lack the refused count (%v) or the healthy pod's sample age (%v)", sawRefused, sawAge)
+	}
+}
+
+func (s *Scraper) state(key types.NamespacedName) *state {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.targets[key]
+}
+
+// A target that stops answering keeps its last good sample until MaxAge, and
+// then has none: never a zero.
+func TestLastGoodSampleUntilMaxAge(t *testing.T) {
+	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	opts := fastOptions()
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := srv.target("p", modelserver.VLLM)
+	s.Upsert(target)
+	run(t, s)
+	waitFor(t, 2*time.Second, "a sample", func() bool { _, ok := s.Load(target.Key); return ok })
+	srv.set(func(s *engineServer) { s.hang = true })
+	l, _ := s.Load(target.Key)
+	last := l.Time
+	// While failing, the last good sample is served unchanged.
+	waitFor(t, 2*time.Second, "a failed scrape", func() bool { return s.state(target.Key).failing.Load() > 0 })
+	if l, ok := s.Load(target.Key); ok && (l.RequestsWaiting != 7 || l.Time.Before(last)) {
+		t.Errorf("while failing, Load = %+v, want the last good sample", l)
+	}
+	waitFor(t, 2*time.Second, "the sample to age out", func() bool { _, ok := s.Load(target.Key); return !ok })
+	l, _ = s.Load(target.Key)
+	if age := time.Since(l.Time); !l.Time.IsZero() {
+		t.Errorf("an aged-out target returned a sample %s old", age)
+	}
+	srv.set(func(s *engineServer) { s.hang = false })
+	waitFor(t, 3*time.Second, "recovery after backoff", func() bool { _, ok := s.Load(target.Key); return ok })
+}
+
+func TestRemoveForgetsAtOnce(t *testing.T) {
+	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	rec := newRecorder()
+	opts := fastOptions()
+	opts.Observer = rec
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := srv.target("a", modelserver.VLLM), srv.target("b", modelserver.VLLM)
+	s.SetTargets([]Target{a, b})
+	run(t, s)
+	waitFor(t, 2*time.Second, "samples of both", func() bool {
+		_, okA := s.Load(a.Key)
+		_, okB := s.Load(b.Key)
+		return okA && okB
+	})
+	s.SetTargets([]Target{b})
+	if _, ok := s.Load(a.Key); ok {
+		t.Error("a removed target still has a load")
+	}
+	before := srv.requests.Load()
+	time.Sleep(3 * opts.Interval)
+	// Only b is scraped now: about one request per interval.
+	if n := srv.requests.Load() - before; n > 5 {
+		t.Errorf("%d scrapes in 3 intervals for one target: the removed one is still scraped", n)
+	}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if !rec.forgot[a.Key] || rec.forgot[b.Key] {
+		t.Errorf("forgotten: %v, want only a", rec.forgot)
+	}
+	if len(rec.late) > 0 {
+		t.Errorf("observed after Forget: %v", rec.late)
+	}
+}
+
+func TestUpsertWithNewURLRestartsTheTarget(t *testing.T) {
+	vllm := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	sglang := newEngineServer(t, testdata(t, "sglang.prom"))
+	s, err := New(fastOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Upsert(vllm.target("p", modelserver.VLLM))
+	run(t, s)
+	waitFor(t, 2*time.Second, "the vLLM sample", func() bool { l, ok := s.Load(key("p")); return ok && l.RequestsWaiting == 7 })
+	s.Upsert(sglang.target("p", modelserver.SGLang))
+	if l, ok := s.Load(key("p")); ok {
+		t.Errorf("after a new URL, the old endpoint's sample is served: %+v", l)
+	}
+	waitFor(t, 2*time.Second, "the SGLang sample", func() bool { l, ok := s.Load(key("p")); return ok && l.RequestsWaiting == 2826 })
+}
+
+func TestConcurrencyIsBounded(t *testing.T) {
+	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	srv.set(func(s *engineServer) { s.delay = 20 * time.Millisecond })
+	opts := fastOptions()
+	opts.Concurrency = 3
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ts []Target
+	for _, n := range []string{"a", "b", "c", "d", "e", "f", "g", "h", "i", "j"} {
+		ts = append(ts, srv.target(n, modelserver.VLLM))
+	}
+	s.SetTargets(ts)
+	run(t, s)
+	waitFor(t, 3*time.Second, "every target sampled", func() bool {
+		for _, target := range ts {
+			if _, ok := s.Load(target.Key); !ok {
+				return false
+			}
+		}
+		return true
+	})
+	if m := srv.maxInFlight.Load(); m > 3 || m < 2 {
+		t.Errorf("at most %d scrapes ran at once, want 2-3 with Concurrency 3", m)
+	}
+}
+
+func TestLoadDoesNotAllocate(t *testing.T) {
+	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	s, err := New(fastOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := srv.target("p", modelserver.VLLM)
+	s.Upsert(target)
+	run(t, s)
+	waitFor(t, 2*time.Second, "a sample", func() bool { _, ok := s.Load(target.Key); return ok })
+	if n := testing.AllocsPerRun(1000, func() { s.Load(target.Key) }); n != 0 {
+		t.Errorf("Load allocates %v times per call", n)
+	}
+}
+
+func TestInvalidOptions(t *testing.T) {
+	cases := map[string]struct {
+		opts     Options
+		errMatch string
+	}{
+		"timeout not below interval": {Options{Interval: time.Second, Timeout: time.Second}, "scrape.timeout: Invalid value: \"1s\": must be shorter than the interval"},
+		"max age below interval":     {Options{Interval: time.Second, MaxAge: 500 * time.Millisecond}, "scrape.maxAge"},
+		"negative interval":          {Options{Interval: -time.Second, Timeout: -2 * time.Second}, "scrape.interval: Invalid value: \"-1s\": must be positive"},
+		"backoff max below initial":  {Options{BackoffInitial: 10 * time.Second, BackoffMax: time.Second}, "scrape.backoffMax"},
+		"negative concurrency":       {Options{Concurrency: -1}, "scrape.concurrency"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			_, err := New(tc.opts)
+			if err == nil || !strings.Contains(err.Error(), tc.errMatch) {
+				t.Fatalf("New: %v; want an error containing %q", err, tc.errMatch)
+			}
+		})
+	}
+}
+
+func TestTargetForPod(t *testing.T) {
+	pod := func(engine string, ip string) *corev1.Pod {
+		p := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "p", Labels: map[string]string{modelserver.ModelLabel: "m"}},
+			Spec: corev1.PodSpec{Containers: []corev1.Container{{Ports: []corev1.ContainerPort{
+				{Name: "http", ContainerPort: 8000}, {Name: "metrics", ContainerPort: 8002}}}}},
+			Status: corev1.PodStatus{PodIP: ip},
+		}
+		if engine != "" {
+			p.Labels[modelserver.EngineLabel] = engine
+		}
+		return p
+	}
+	got, err := TargetForPod(pod("triton", "10.1.2.3"))
+	want := Target{Key: key("p"), URL: "http://10.1.2.3:8002/metrics", Engine: modelserver.Triton}
+	if err != nil || got != want {
+		t.Errorf("TargetForPod = %+v, %v; want %+v", got, err, want)
+	}
+	if got, _ := TargetForPod(pod("", "fd00::7")); got.URL != "http://[fd00::7]:8002/metrics" || got.Engine != modelserver.VLLM {
+		t.Errorf("IPv6 pod without engine label: %+v", got)
+	}
+	if _, err := TargetForPod(pod("llamacpp", "10.1.2.3")); err == nil || !strings.Contains(err.Error(), "unknown capstan.dev/engine") {
+		t.Errorf("unknown engine: %v", err)
+	}
+	if _, err := TargetForPod(pod("vllm", "")); err == nil {
+		t.Error("a pod without an IP has a target")
+	}
+}
+
+func TestRunTwiceIsAnError(t *testing.T) {
+	s, err := New(fastOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, s)
+	waitFor(t, time.Second, "Run to start", func() bool { s.mu.RLock(); defer s.mu.RUnlock(); return s.started })
+	if err := s.Run(context.Background()); err == nil {
+		t.Error("a second Run did not fail")
+	}
+}
