@@ -1,0 +1,446 @@
+// Package store keeps each pod's recent samples, as the scraper delivers
+// them, and answers what the metrics API serves: a gauge's last value, a
+// counter's per-second rate over a window and a histogram's quantiles over a
+// window, for one pod or pooled over several.
+//
+// Only samples younger than MaxAge are served, each with its real timestamp
+// and the real span of its window. Counters and histograms are kept
+// reset-corrected (a restarted engine's counters start again from zero, and
+// the store adds what they had before), so a rate or quantile over a window
+// that spans a restart is still right. To bound memory, the history is a
+// checkpoint every Window/6, and a rate is taken from the newest checkpoint at
+// least a window old: its span is between Window and Window + Window/6.
+package store
+
+import (
+	"math"
+	"slices"
+	"sync"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation/field"
+
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
+	"github.com/capstan-dev/capstan/metricsadapter/scrape"
+)
+
+// checkpointsPerWindow is how finely the history of a window is kept.
+const checkpointsPerWindow = 6
+
+// Options configure a Store.
+type Options struct {
+	// Window is the span rates and quantiles are computed over. Default
+	// 30s.
+	Window time.Duration
+	// MaxAge is how old a pod's last sample may be and still be served.
+	// Default 5s.
+	MaxAge time.Duration
+	// Catalogue is the one the scraper maps pages with. Default
+	// catalogue.Builtin().
+	Catalogue *catalogue.Catalogue
+}
+
+// SetDefaults fills the unset fields of o.
+func SetDefaults(o *Options) {
+	if o.Window == 0 {
+		o.Window = 30 * time.Second
+	}
+	if o.MaxAge == 0 {
+		o.MaxAge = 5 * time.Second
+	}
+	if o.Catalogue == nil {
+		o.Catalogue = catalogue.Builtin()
+	}
+}
+
+// Validate checks defaulted options.
+func Validate(path *field.Path, o *Options) error {
+	var errs field.ErrorList
+	if o.Window < time.Second {
+		errs = append(errs, field.Invalid(path.Child("window"), o.Window.String(), "must be at least 1s"))
+	}
+	if o.MaxAge <= 0 {
+		errs = append(errs, field.Invalid(path.Child("maxAge"), o.MaxAge.String(), "must be positive"))
+	}
+	return errs.ToAggregate()
+}
+
+// Store is a scrape.Observer that keeps the samples of every pod.
+type Store struct {
+	cat    *catalogue.Catalogue
+	window time.Duration
+	step   time.Duration
+	maxAge time.Duration
+
+	mu   sync.RWMutex // guards pods (the map); each pod has its own lock
+	pods map[types.NamespacedName]*pod
+}
+
+var _ scrape.Observer = &Store{}
+
+// New returns an empty store.
+func New(opts Options) (*Store, error) {
+	SetDefaults(&opts)
+	if err := Validate(field.NewPath("store"), &opts); err != nil {
+		return nil, err
+	}
+	return &Store{cat: opts.Catalogue, window: opts.Window, step: opts.Window / checkpointsPerWindow,
+		maxAge: opts.MaxAge, pods: map[types.NamespacedName]*pod{}}, nil
+}
+
+// pod is one pod's samples.
+type pod struct {
+	mu sync.Mutex
+	at time.Time // time of the latest sample
+
+	// gauges and has hold the latest sample's gauge values by metric ID.
+	gauges []float64
+	has    []bool
+
+	// Cumulative series (counters and histograms), laid out in one vector:
+	// a counter takes one slot, a histogram one per bucket then its count
+	// and sum.
+	layout map[int]slot
+	bounds map[int][]float64 // histogram bucket bounds by metric ID
+	size   int
+	raw    []float64 // latest raw values, for reset detection
+	offset []float64 // added to raw values for each reset seen
+	cur    checkpoint
+	ring   []checkpoint // oldest first, at least step apart
+}
+
+type slot struct{ off, n int }
+
+// checkpoint is the reset-corrected cumulative vector at one time; present
+// says which series the sample had.
+type checkpoint struct {
+	t       time.Time
+	v       []float64
+	present []bool // by position in v
+}
+
+// Observe implements scrape.Observer.
+func (s *Store) Observe(t scrape.Target, at time.Time, v *catalogue.Values) {
+	s.mu.RLock()
+	p := s.pods[t.Key]
+	s.mu.RUnlock()
+	if p == nil {
+		s.mu.Lock()
+		if p = s.pods[t.Key]; p == nil {
+			n := len(s.cat.Metrics())
+			p = &pod{gauges: make([]float64, n), has: make([]bool, n)}
+			s.pods[t.Key] = p
+		}
+		s.mu.Unlock()
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s.record(p, at, v)
+}
+
+// Forget implements scrape.Observer.
+func (s *Store) Forget(key types.NamespacedName) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.pods, key)
+}
+
+// Len returns how many pods the store holds.
+func (s *Store) Len() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.pods)
+}
+
+func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
+	metrics := s.cat.Metrics()
+	for id, m := range metrics {
+		p.has[id] = v.Has[id] && m.Kind == catalogue.Gauge
+		if p.has[id] {
+			p.gauges[id] = v.Scalar[id]
+		}
+	}
+	// A pod silent for longer than MaxAge starts a new history: a rate
+	// across the gap would describe a time no sample saw.
+	if !p.at.IsZero() && at.Sub(p.at) > s.maxAge || !s.sameLayout(p, v) {
+		s.relayout(p, v)
+	}
+	p.at = at
+
+	cur := &p.cur
+	cur.t = at
+	clear(cur.present)
+	for id, sl := range p.layout {
+		if !v.Has[id] {
+			continue
+		}
+		raw := p.raw[sl.off : sl.off+sl.n]
+		off := p.offset[sl.off : sl.off+sl.n]
+		next := cur.v[sl.off : sl.off+sl.n]
+		if metrics[id].Kind == catalogue.Rate {
+			x := v.Scalar[id]
+			if x < raw[0] { // counter reset
+				off[0] += raw[0]
+			}
+			raw[0] = x
+		} else {
+			h := &v.Hist[id]
+			n := len(h.Counts)
+			reset := h.Count < raw[n]
+			for i, c := range h.Counts {
+				reset = reset || c < raw[i]
+			}
+			if reset {
+				for i := range off {
+					off[i] += raw[i]
+				}
+			}
+			copy(raw, h.Counts)
+			raw[n], raw[n+1] = h.Count, h.Sum
+		}
+		for i := range next {
+			next[i] = raw[i] + off[i]
+			cur.present[sl.off+i] = true
+		}
+	}
+	if len(p.ring) == 0 || at.Sub(p.ring[len(p.ring)-1].t) >= s.step {
+		// Drop the checkpoints no query needs (all but the newest one at
+		// least a window old), recycling one for the new checkpoint.
+		var c checkpoint
+		for len(p.ring) >= 2 && at.Sub(p.ring[1].t) >= s.window {
+			c = p.ring[0]
+			p.ring = append(p.ring[:0], p.ring[1:]...)
+		}
+		if len(c.v) != p.size {
+			c = checkpoint{v: make([]float64, p.size), present: make([]bool, p.size)}
+		}
+		c.t = at
+		copy(c.v, cur.v)
+		copy(c.present, cur.present)
+		p.ring = append(p.ring, c)
+	}
+}
+
+// sameLayout reports whether v's histograms have the bounds p laid out for.
+func (s *Store) sameLayout(p *pod, v *catalogue.Values) bool {
+	if p.layout == nil {
+		return false
+	}
+	for id, b := range p.bounds {
+		if v.Has[id] && !slices.Equal(b, v.Hist[id].Bounds) {
+			return false
+		}
+	}
+	for id, m := range s.cat.Metrics() {
+		if m.Kind == catalogue.Histogram && v.Has[id] && p.bounds[id] == nil {
+			return false
+		}
+	}
+	return true
+}
+
+// relayout starts p's cumulative history afresh, for v's histogram bounds.
+func (s *Store) relayout(p *pod, v *catalogue.Values) {
+	p.layout, p.bounds, p.size = map[int]slot{}, map[int][]float64{}, 0
+	for id, m := range s.cat.Metrics() {
+		switch {
+		case m.Kind == catalogue.Rate:
+			p.layout[id] = slot{p.size, 1}
+			p.size++
+		case m.Kind == catalogue.Histogram && v.Has[id]:
+			b := slices.Clone(v.Hist[id].Bounds)
+			p.bounds[id] = b
+			p.layout[id] = slot{p.size, len(b) + 2}
+			p.size += len(b) + 2
+		}
+	}
+	p.raw, p.offset = make([]float64, p.size), make([]float64, p.size)
+	p.cur = checkpoint{v: make([]float64, p.size), present: make([]bool, p.size)}
+	p.ring = p.ring[:0]
+}
+
+// Value is a served value with its timestamp and window.
+type Value struct {
+	Value float64
+	// Time is when the (latest) sample behind the value was taken.
+	Time time.Time
+	// Window is the span of samples a rate or quantile covers; 0 for a
+	// gauge.
+	Window time.Duration
+}
+
+// PodValue returns a pod's value of a served name, if the pod has a fresh
+// sample that yields one.
+func (s *Store) PodValue(key types.NamespacedName, name catalogue.ServedName, now time.Time) (Value, bool) {
+	var buf []float64
+	return s.podValue(key, name, now, &buf)
+}
+
+// podValue is PodValue with a scratch buffer for window deltas.
+func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, now time.Time, buf *[]float64) (Value, bool) {
+	s.mu.RLock()
+	p := s.pods[key]
+	s.mu.RUnlock()
+	if p == nil {
+		return Value{}, false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if now.Sub(p.at) > s.maxAge {
+		return Value{}, false
+	}
+	m := s.cat.Metrics()[name.Metric]
+	switch m.Kind {
+	case catalogue.Gauge:
+		if !p.has[name.Metric] {
+			return Value{}, false
+		}
+		return Value{Value: p.gauges[name.Metric], Time: p.at}, true
+	case catalogue.Rate:
+		d, base, ok := s.delta(p, name.Metric, buf)
+		if !ok {
+			return Value{}, false
+		}
+		w := p.cur.t.Sub(base)
+		return Value{Value: d[0] / w.Seconds(), Time: p.at, Window: w}, true
+	default:
+		d, base, ok := s.delta(p, name.Metric, buf)
+		if !ok {
+			return Value{}, false
+		}
+		q, ok := Quantile(name.Quantile, p.bounds[name.Metric], d[:len(d)-2])
+		if !ok {
+			return Value{}, false
+		}
+		return Value{Value: q, Time: p.at, Window: p.cur.t.Sub(base)}, true
+	}
+}
+
+// delta returns the increase of a cumulative series from the newest
+// checkpoint at least a window before the latest sample (or the oldest one
+// there is) to the latest sample, and that checkpoint's time. The increase
+// is written to *buf, grown as needed.
+func (s *Store) delta(p *pod, id int, buf *[]float64) ([]float64, time.Time, bool) {
+	sl, ok := p.layout[id]
+	if !ok || !p.cur.present[sl.off] {
+		return nil, time.Time{}, false
+	}
+	var base *checkpoint
+	for i := len(p.ring) - 1; i >= 0; i-- {
+		c := &p.ring[i]
+		if !c.t.Before(p.cur.t) || !c.present[sl.off] {
+			continue
+		}
+		base = c
+		if p.cur.t.Sub(c.t) >= s.window {
+			break
+		}
+	}
+	if base == nil {
+		return nil, time.Time{}, false
+	}
+	d := slices.Grow((*buf)[:0], sl.n)[:sl.n]
+	*buf = d
+	for i := range d {
+		d[i] = p.cur.v[sl.off+i] - base.v[sl.off+i]
+	}
+	return d, base.t, true
+}
+
+// Aggregate pools a served name over pods: gauges and rates are summed over
+// the pods that have a value; a histogram's quantile is taken from the
+// pooled bucket increases of the pods whose buckets match the first one's.
+// It returns the pooled value (timestamped with the oldest sample used and
+// the shortest window), and how many pods contributed.
+func (s *Store) Aggregate(keys []types.NamespacedName, name catalogue.ServedName, now time.Time) (Value, int) {
+	m := s.cat.Metrics()[name.Metric]
+	var out Value
+	n := 0
+	add := func(v Value) {
+		if n == 0 || v.Time.Before(out.Time) {
+			out.Time = v.Time
+		}
+		if n == 0 || v.Window < out.Window {
+			out.Window = v.Window
+		}
+		n++
+	}
+	var buf []float64
+	if m.Kind != catalogue.Histogram {
+		for _, k := range keys {
+			if v, ok := s.podValue(k, name, now, &buf); ok {
+				out.Value += v.Value
+				add(v)
+			}
+		}
+		return out, n
+	}
+	var bounds, pooled []float64
+	for _, k := range keys {
+		s.mu.RLock()
+		p := s.pods[k]
+		s.mu.RUnlock()
+		if p == nil {
+			continue
+		}
+		p.mu.Lock()
+		if now.Sub(p.at) <= s.maxAge {
+			if d, base, ok := s.delta(p, name.Metric, &buf); ok {
+				b := p.bounds[name.Metric]
+				switch {
+				case bounds == nil:
+					bounds, pooled = b, slices.Clone(d[:len(d)-2])
+					add(Value{Time: p.at, Window: p.cur.t.Sub(base)})
+				case slices.Equal(bounds, b):
+					for i := range pooled {
+						pooled[i] += d[i]
+					}
+					add(Value{Time: p.at, Window: p.cur.t.Sub(base)})
+				}
+			}
+		}
+		p.mu.Unlock()
+	}
+	if n == 0 {
+		return Value{}, 0
+	}
+	q, ok := Quantile(name.Quantile, bounds, pooled)
+	if !ok {
+		return Value{}, 0
+	}
+	out.Value = q
+	return out, n
+}
+
+// Quantile estimates the q-quantile of the observations counted in a
+// classic histogram's cumulative buckets (the last bound +Inf), interpolating
+// linearly within the bucket it falls in, the way Prometheus's
+// histogram_quantile does. A quantile in the +Inf bucket is the highest
+// finite bound. It is false when there are no observations.
+func Quantile(q float64, bounds, counts []float64) (float64, bool) {
+	n := len(counts)
+	if n < 2 || len(bounds) != n || counts[n-1] <= 0 || math.IsNaN(q) {
+		return 0, false
+	}
+	total := counts[n-1]
+	rank := q * total
+	b := 0
+	for b < n-1 && counts[b] < rank {
+		b++
+	}
+	if b == n-1 {
+		return bounds[n-2], true
+	}
+	lower, below := 0.0, 0.0
+	if b > 0 {
+		lower, below = bounds[b-1], counts[b-1]
+	} else if bounds[0] <= 0 {
+		return bounds[0], true
+	}
+	inBucket := counts[b] - below
+	if inBucket <= 0 {
+		return bounds[b], true
+	}
+	return lower + (bounds[b]-lower)*((rank-below)/inBucket), true
+}
