@@ -1,4 +1,7 @@
-// Command capstan-scheduler is kube-scheduler with Capstan's plugins compiled in.
+// Command capstan-scheduler is kube-scheduler with Capstan's ModelSlots plugin
+// compiled in. Run it as a secondary scheduler whose profile enables the
+// plugin (manifests/scheduler, docs/scheduler.md); it takes every
+// kube-scheduler flag and a KubeSchedulerConfiguration via --config.
 package main
 
 import (
@@ -6,9 +9,14 @@ import (
 
 	"k8s.io/component-base/cli"
 	"k8s.io/kubernetes/cmd/kube-scheduler/app"
+
+	// Registers the plugin args types into kube-scheduler's scheme.
+	_ "github.com/capstan-dev/capstan/plugins/apis/config/scheme"
+	"github.com/capstan-dev/capstan/plugins/modelslots"
 )
 
 func main() {
-	command := app.NewSchedulerCommand()
+	command := app.NewSchedulerCommand(app.WithPlugin(modelslots.Name, modelslots.New))
+	command.Use = "capstan-scheduler"
 	os.Exit(cli.Run(command))
 }
