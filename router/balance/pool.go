@@ -29,9 +29,11 @@ type Pool struct {
 	endpoints []Endpoint
 	// hosts[i] is endpoints[i].Host, packed densely so that a scan of a
 	// large pool touches a fifth of the memory.
-	hosts    []*health.Host
-	limit    int64
-	inflight *atomic.Int64
+	hosts []*health.Host
+	limit int64
+	// inflight counts admitted requests, against maxInFlight.
+	inflight    *atomic.Int64
+	maxInFlight int64
 
 	next atomic.Uint64 // round robin position
 
@@ -44,6 +46,9 @@ type PoolOptions struct {
 	// MaxPerEndpoint is how many requests the router may have in flight to
 	// one endpoint; 0 means no limit.
 	MaxPerEndpoint int64
+	// MaxInFlight is how many requests the pool admits at once; 0 means no
+	// limit.
+	MaxInFlight int64
 	// InFlight counts the requests in flight through the pool. Pass the same
 	// counter to every generation of a model's pool, so that the count
 	// survives endpoint changes. Default: a new counter.
@@ -53,7 +58,7 @@ type PoolOptions struct {
 // NewPool returns a pool of endpoints, which must be sorted by address and
 // unique; the pool keeps the slice.
 func NewPool(endpoints []Endpoint, opts PoolOptions) *Pool {
-	p := &Pool{endpoints: endpoints, hosts: make([]*health.Host, len(endpoints)), limit: opts.MaxPerEndpoint, inflight: opts.InFlight}
+	p := &Pool{endpoints: endpoints, hosts: make([]*health.Host, len(endpoints)), limit: opts.MaxPerEndpoint, inflight: opts.InFlight, maxInFlight: opts.MaxInFlight}
 	for i := range endpoints {
 		p.hosts[i] = endpoints[i].Host
 	}
@@ -74,39 +79,53 @@ func (p *Pool) Len() int { return len(p.endpoints) }
 // generations when they share a counter).
 func (p *Pool) InFlight() int64 { return p.inflight.Load() }
 
+// MaxInFlight is the pool's in-flight limit, 0 for none.
+func (p *Pool) MaxInFlight() int64 { return p.maxInFlight }
+
 // MaxPerEndpoint is the per-endpoint in-flight limit, 0 for none.
 func (p *Pool) MaxPerEndpoint() int64 { return p.limit }
 
-// Acquire counts a request to e as in flight. It fails when e is at its
-// in-flight limit (another request took the last slot after e was picked);
-// the caller then picks again.
-func (p *Pool) Acquire(e *Endpoint) bool {
-	if !e.Host.TryBegin(p.limit) {
-		return false
+// Admit counts a request against the pool, unless the pool already has
+// MaxInFlight requests (then the caller answers 429). Every admitted request
+// ends with Done, however many endpoints it tries.
+func (p *Pool) Admit() bool {
+	if p.maxInFlight <= 0 {
+		p.inflight.Add(1)
+		return true
 	}
-	p.inflight.Add(1)
-	return true
+	for {
+		n := p.inflight.Load()
+		if n >= p.maxInFlight {
+			return false
+		}
+		if p.inflight.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
 }
 
-// Release ends a request counted by Acquire.
-func (p *Pool) Release(e *Endpoint) {
-	e.Host.End()
-	p.inflight.Add(-1)
-}
+// Done ends a request counted by Admit.
+func (p *Pool) Done() { p.inflight.Add(-1) }
+
+// Acquire counts an attempt to e as in flight on e. It fails when e is at
+// its in-flight limit (another request took the last slot after e was
+// picked); the caller then picks again.
+func (p *Pool) Acquire(e *Endpoint) bool { return e.Host.TryBegin(p.limit) }
+
+// Release ends an attempt counted by Acquire.
+func (p *Pool) Release(e *Endpoint) { e.Host.End() }
 
 // full reports whether e is at the per-endpoint limit.
 func (p *Pool) full(e *Endpoint) bool {
 	return p.limit > 0 && e.Host.InFlight() >= p.limit
 }
 
-// available reports whether r may be sent to e now: e is not at its limit,
-// r has not already tried it, and e is not ejected (unless r says to
-// ignore ejection because every endpoint is ejected).
-func (p *Pool) available(e *Endpoint, r *Request) bool {
-	if p.full(e) || r.tried(e.Host) {
-		return false
-	}
-	return r.IgnoreEjection || !e.Host.Ejected()
+// Available reports whether r may be sent to e now: e is not at its
+// limit, r has not already tried it, and e is not ejected (unless r says to
+// ignore ejection because every endpoint is ejected). Selectors must return
+// only available endpoints.
+func (p *Pool) Available(e *Endpoint, r *Request) bool {
+	return p.usable(e, e.Host.InFlight(), r)
 }
 
 // Why explains, once Select found nothing, why no endpoint could take r.

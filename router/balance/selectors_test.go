@@ -243,8 +243,8 @@ func TestPrefixAffinityBoundsLoad(t *testing.T) {
 	home := index(p, s.Select(p, r))
 	for range 40 {
 		e := s.Select(p, r)
-		if !p.Acquire(e) {
-			t.Fatal("Acquire failed without a limit")
+		if !p.Admit() || !p.Acquire(e) {
+			t.Fatal("Admit or Acquire failed without a limit")
 		}
 	}
 	// 40 in flight over 4 endpoints: the bound is ceil(1.25 × 41/4) = 13.
@@ -366,5 +366,29 @@ func BenchmarkSelect(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+func TestAdmitBoundsThePool(t *testing.T) {
+	p := testPool(2, PoolOptions{MaxInFlight: 3, MaxPerEndpoint: 1})
+	for i := range 3 {
+		if !p.Admit() {
+			t.Fatalf("request %d refused under the limit", i+1)
+		}
+	}
+	if p.Admit() {
+		t.Error("a fourth request was admitted with MaxInFlight 3")
+	}
+	p.Done()
+	if !p.Admit() {
+		t.Error("a request was refused after another finished")
+	}
+	e := &p.endpoints[0]
+	if !p.Acquire(e) || p.Acquire(e) {
+		t.Error("the per-endpoint limit of 1 was not enforced")
+	}
+	p.Release(e)
+	if !p.Acquire(e) {
+		t.Error("Acquire refused after Release")
 	}
 }

@@ -80,6 +80,8 @@ func (t *Table) Models() []*Model { return t.sorted }
 type Options struct {
 	// MaxPerEndpoint is the per-endpoint in-flight limit (0: none).
 	MaxPerEndpoint int64
+	// MaxPerModel is the per-model in-flight limit (0: none).
+	MaxPerModel int64
 	// BuildRing builds each pool's consistent-hash ring as the pool is made,
 	// for the affinity balancers.
 	BuildRing bool
@@ -218,7 +220,7 @@ func (b *Builder) buildModel(name string) *Model {
 		counter = new(atomic.Int64)
 		b.inflight[name] = counter
 	}
-	m.Pool = balance.NewPool(eps, balance.PoolOptions{MaxPerEndpoint: b.opts.MaxPerEndpoint, InFlight: counter})
+	m.Pool = balance.NewPool(eps, balance.PoolOptions{MaxPerEndpoint: b.opts.MaxPerEndpoint, MaxInFlight: b.opts.MaxPerModel, InFlight: counter})
 	if b.opts.BuildRing {
 		m.Pool.Ring()
 	}

@@ -98,8 +98,8 @@ func TestHostStateSurvivesUpdates(t *testing.T) {
 	b.ServiceChanged(key("m"), svc("m", "m", ready("198.18.0.1:8000", "p1")))
 	first := b.Table().Lookup("m")
 	e := &first.Pool.Endpoints()[0]
-	if !first.Pool.Acquire(e) {
-		t.Fatal("Acquire failed")
+	if !first.Pool.Admit() || !first.Pool.Acquire(e) {
+		t.Fatal("Admit or Acquire failed")
 	}
 	e.Host.Fail()
 
@@ -115,7 +115,9 @@ func TestHostStateSurvivesUpdates(t *testing.T) {
 	if second.Pool.InFlight() != 1 {
 		t.Errorf("model in-flight count %d after an update, want 1", second.Pool.InFlight())
 	}
-	first.Pool.Release(e) // a request from the old generation finishes
+	// A request from the old generation finishes.
+	first.Pool.Release(e)
+	first.Pool.Done()
 	if h.InFlight() != 0 || second.Pool.InFlight() != 0 {
 		t.Errorf("after release: host %d, model %d in flight", h.InFlight(), second.Pool.InFlight())
 	}

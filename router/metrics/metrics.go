@@ -1,0 +1,138 @@
+// Package metrics defines the router's Prometheus metrics. Counters and
+// histograms are updated on the request path; per-endpoint in-flight counts
+// and per-model endpoint counts are read from the routing table when
+// Prometheus scrapes, so they cost nothing per request.
+package metrics
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/capstan-dev/capstan/router/route"
+)
+
+const namespace = "capstan_router"
+
+// Metrics holds the router's collectors.
+type Metrics struct {
+	requests   *prometheus.CounterVec
+	duration   *prometheus.HistogramVec
+	ttfb       *prometheus.HistogramVec
+	retries    *prometheus.CounterVec
+	ejections  *prometheus.CounterVec
+	codeLabels [600]string
+}
+
+// Retry reasons.
+const (
+	ReasonConnect   = "connect"
+	ReasonTimeout   = "first_byte_timeout"
+	ReasonTransport = "transport"
+)
+
+// New creates the metrics and registers them, with a collector that reads the
+// routing table from table at scrape time, into reg.
+func New(reg prometheus.Registerer, table func() *route.Table) *Metrics {
+	m := &Metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "requests_total",
+			Help: "Requests handled, by model (empty when the request named no known model), HTTP status code and balancer.",
+		}, []string{"model", "code", "balancer"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "request_duration_seconds",
+			Help:    "Time from receiving a request to sending the last byte of its response, by model.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600},
+		}, []string{"model"}),
+		ttfb: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "time_to_first_byte_seconds",
+			Help:    "Time from receiving a request to receiving the response headers from the model server, by model; for a streamed completion this is close to the time to first token.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120},
+		}, []string{"model"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "retries_total",
+			Help: "Requests retried on another endpoint after an attempt failed before any response byte, by model and reason (connect, first_byte_timeout, transport).",
+		}, []string{"model", "reason"}),
+		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "ejections_total",
+			Help: "Endpoints ejected after a failed attempt, by model.",
+		}, []string{"model"}),
+	}
+	for i := range m.codeLabels {
+		m.codeLabels[i] = strconv.Itoa(i)
+	}
+	reg.MustRegister(m.requests, m.duration, m.ttfb, m.retries, m.ejections, &tableCollector{table: table})
+	return m
+}
+
+// Request records a finished request. model is "" for requests that named
+// no known model, so clients cannot grow the label set.
+func (m *Metrics) Request(model string, code int, balancer string, seconds float64) {
+	label := strconv.Itoa(code)
+	if code >= 0 && code < len(m.codeLabels) {
+		label = m.codeLabels[code]
+	}
+	m.requests.WithLabelValues(model, label, balancer).Inc()
+	if model != "" {
+		m.duration.WithLabelValues(model).Observe(seconds)
+	}
+}
+
+// FirstByte records the time to the model server's response headers.
+func (m *Metrics) FirstByte(model string, seconds float64) {
+	m.ttfb.WithLabelValues(model).Observe(seconds)
+}
+
+// Retry records a retry.
+func (m *Metrics) Retry(model, reason string) { m.retries.WithLabelValues(model, reason).Inc() }
+
+// Ejection records an ejection.
+func (m *Metrics) Ejection(model string) { m.ejections.WithLabelValues(model).Inc() }
+
+// tableCollector reports endpoint counts per model and in-flight requests
+// per endpoint from the current routing table.
+type tableCollector struct {
+	table func() *route.Table
+}
+
+var (
+	endpointsDesc = prometheus.NewDesc(namespace+"_endpoints",
+		"Endpoints of each model's Services by state: ready (routable), not_ready, terminating.",
+		[]string{"model", "state"}, nil)
+	totalDesc = prometheus.NewDesc(namespace+"_endpoints_total",
+		"Endpoints of each model's Services, in any state.",
+		[]string{"model"}, nil)
+	inflightDesc = prometheus.NewDesc(namespace+"_endpoint_in_flight_requests",
+		"Requests this router has in flight to each Ready endpoint.",
+		[]string{"model", "pod", "endpoint"}, nil)
+	modelInflightDesc = prometheus.NewDesc(namespace+"_model_in_flight_requests",
+		"Requests this router has in flight to each model.",
+		[]string{"model"}, nil)
+	ejectedDesc = prometheus.NewDesc(namespace+"_endpoint_ejected",
+		"1 for a Ready endpoint that is ejected after failing, else 0.",
+		[]string{"model", "pod", "endpoint"}, nil)
+)
+
+func (c *tableCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{endpointsDesc, totalDesc, inflightDesc, modelInflightDesc, ejectedDesc} {
+		ch <- d
+	}
+}
+
+func (c *tableCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, m := range c.table().Models() {
+		ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, float64(m.Ready), m.Name, "ready")
+		ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, float64(m.NotReady), m.Name, "not_ready")
+		ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, float64(m.Terminating), m.Name, "terminating")
+		ch <- prometheus.MustNewConstMetric(totalDesc, prometheus.GaugeValue, float64(m.Total), m.Name)
+		ch <- prometheus.MustNewConstMetric(modelInflightDesc, prometheus.GaugeValue, float64(m.Pool.InFlight()), m.Name)
+		for _, e := range m.Pool.Endpoints() {
+			ch <- prometheus.MustNewConstMetric(inflightDesc, prometheus.GaugeValue, float64(e.Host.InFlight()), m.Name, e.Pod, e.Address)
+			ejected := 0.0
+			if e.Host.Ejected() {
+				ejected = 1
+			}
+			ch <- prometheus.MustNewConstMetric(ejectedDesc, prometheus.GaugeValue, ejected, m.Name, e.Pod, e.Address)
+		}
+	}
+}

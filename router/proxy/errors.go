@@ -1,0 +1,58 @@
+package proxy
+
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// errorType is the OpenAI error "type" a client library maps to an
+// exception class.
+type errorType string
+
+const (
+	invalidRequest errorType = "invalid_request_error"
+	rateLimit      errorType = "rate_limit_error"
+	serverError    errorType = "server_error"
+)
+
+// Error codes the router answers with (the OpenAI "code" field). Each is
+// documented with its status in docs/router.md.
+const (
+	codeInvalidJSON       = "invalid_json"
+	codeMissingModel      = "missing_model"
+	codeModelNotFound     = "model_not_found"
+	codeNotFound          = "not_found"
+	codeMethodNotAllowed  = "method_not_allowed"
+	codeTooLarge          = "request_too_large"
+	codeModelOverloaded   = "model_concurrency_limit"
+	codeEndpointsFull     = "endpoint_concurrency_limit"
+	codeUpstreamUnreached = "upstream_unreachable"
+	codeNoReadyEndpoints  = "no_ready_endpoints"
+	codeUpstreamTimeout   = "upstream_timeout"
+)
+
+type errorBody struct {
+	Error errorDetail `json:"error"`
+}
+
+type errorDetail struct {
+	Message string    `json:"message"`
+	Type    errorType `json:"type"`
+	Param   *string   `json:"param"`
+	Code    string    `json:"code"`
+}
+
+// writeError answers with an OpenAI-shaped error. retryAfter > 0 adds a
+// Retry-After header, rounded up to whole seconds.
+func writeError(w http.ResponseWriter, status int, typ errorType, code, msg string, retryAfter time.Duration) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	if retryAfter > 0 {
+		h.Set("Retry-After", strconv.Itoa(int((retryAfter+time.Second-1)/time.Second)))
+	}
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(errorBody{Error: errorDetail{Message: msg, Type: typ, Code: code}})
+}

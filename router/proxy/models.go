@@ -1,0 +1,69 @@
+package proxy
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+
+	"github.com/capstan-dev/capstan/router/route"
+)
+
+// modelObject is an entry of GET /v1/models: OpenAI's model object plus
+// Capstan's view of the model's endpoints.
+type modelObject struct {
+	ID        string         `json:"id"`
+	Object    string         `json:"object"`
+	Created   int64          `json:"created"`
+	OwnedBy   string         `json:"owned_by"`
+	Endpoints endpointCounts `json:"endpoints"`
+	Services  []string       `json:"services"`
+}
+
+type endpointCounts struct {
+	Ready       int `json:"ready"`
+	NotReady    int `json:"not_ready"`
+	Terminating int `json:"terminating"`
+	Total       int `json:"total"`
+}
+
+func toObject(m *route.Model) modelObject {
+	o := modelObject{ID: m.Name, Object: "model", OwnedBy: "capstan",
+		Endpoints: endpointCounts{Ready: m.Ready, NotReady: m.NotReady, Terminating: m.Terminating, Total: m.Total}}
+	for _, s := range m.Services {
+		o.Services = append(o.Services, s.String())
+	}
+	return o
+}
+
+// serveModels answers GET /v1/models (every model) and GET /v1/models/{id}.
+func (h *Handler) serveModels(w http.ResponseWriter, r *http.Request, x *exchange) {
+	table := h.routes.Table()
+	var v any
+	if id, ok := strings.CutPrefix(r.URL.Path, "/v1/models/"); ok {
+		x.asked = id
+		m := table.Lookup(id)
+		if m == nil {
+			x.status = http.StatusNotFound
+			writeError(w, x.status, invalidRequest, codeModelNotFound, fmt.Sprintf("model %q is not served here", id), 0)
+			return
+		}
+		x.model = m.Name
+		v = toObject(m)
+	} else {
+		list := struct {
+			Object string        `json:"object"`
+			Data   []modelObject `json:"data"`
+		}{Object: "list", Data: []modelObject{}}
+		for _, m := range table.Models() {
+			list.Data = append(list.Data, toObject(m))
+		}
+		v = list
+	}
+	x.status = http.StatusOK
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(x.status)
+	if r.Method != http.MethodHead {
+		_ = json.NewEncoder(w).Encode(v)
+	}
+}

@@ -1,0 +1,505 @@
+// Package proxy is the router's HTTP data plane: it reads an OpenAI-style
+// request once, finds the model's pool in the routing table, lets a
+// balance.Selector pick an endpoint, and forwards the request, retrying on
+// another endpoint only while nothing has reached the client.
+//
+// The forwarding loop is written here rather than with
+// net/http/httputil.ReverseProxy. ReverseProxy makes one RoundTrip per
+// ServeHTTP, so retrying on a different endpoint would have to hide inside a
+// RoundTripper that learns the endpoint through the request context, and
+// ReverseProxy would still answer exhausted retries with its own bare 502.
+// Owning the loop keeps the rule "retry only before the first response
+// byte" in one visible place, lets every error be OpenAI-shaped with the
+// right status, names the endpoint that served the response, and avoids
+// ReverseProxy's per-attempt request cloning. The connection pooling,
+// keep-alive and HTTP/1.1 framing all still come from net/http.Transport.
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/capstan-dev/capstan/router/balance"
+	"github.com/capstan-dev/capstan/router/metrics"
+	"github.com/capstan-dev/capstan/router/route"
+)
+
+// Routes gives the current routing table.
+type Routes interface {
+	Table() *route.Table
+}
+
+// Options configures a Handler. Durations must be positive.
+type Options struct {
+	// Selector picks endpoints; Balancer names its policy for metrics.
+	Selector balance.Selector
+	Balancer balance.Policy
+	// MaxBodyBytes bounds a request body; larger ones get 413.
+	MaxBodyBytes int64
+	// MaxAttempts bounds the endpoints one request tries (1 to
+	// balance.MaxAttempts).
+	MaxAttempts int
+	// ConnectTimeout bounds establishing a connection to an endpoint.
+	ConnectTimeout time.Duration
+	// FirstByteTimeout bounds the wait for the response headers after the
+	// request was sent. For a non-streamed completion that is the whole
+	// generation, so it is generous.
+	FirstByteTimeout time.Duration
+	// IdleStreamTimeout bounds the gap between two reads of a response body
+	// (two chunks of a stream).
+	IdleStreamTimeout time.Duration
+	// RetryAfter is the Retry-After of a 503 (no ready endpoint) or 429.
+	RetryAfter time.Duration
+	// PrefixBytes is how much of the prompt prefix affinity hashes; 0 when
+	// the balancer does not use it.
+	PrefixBytes int
+	// SessionHeader carries the session id for session affinity; "" when
+	// the balancer does not use it.
+	SessionHeader string
+	// MaxIdleConnsPerEndpoint is how many idle keep-alive connections are
+	// kept to each endpoint.
+	MaxIdleConnsPerEndpoint int
+	// AccessLog logs every request.
+	AccessLog bool
+}
+
+// Handler serves the OpenAI API by forwarding to model servers.
+type Handler struct {
+	routes    Routes
+	opts      Options
+	transport *http.Transport
+	metrics   *metrics.Metrics
+	logger    klog.Logger
+	balancer  string
+
+	bodies sync.Pool // *bytes.Buffer for request bodies
+	copies sync.Pool // *[]byte for copying responses
+}
+
+// maxPooledBody is the largest request buffer kept for reuse; a rare huge
+// request should not pin its buffer for ever.
+const maxPooledBody = 1 << 20
+
+// New returns a Handler that routes with routes and records into m.
+func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *Handler {
+	dialer := &net.Dialer{Timeout: opts.ConnectTimeout, KeepAlive: 30 * time.Second}
+	h := &Handler{
+		routes:  routes,
+		opts:    opts,
+		metrics: m,
+		logger:  logger,
+		transport: &http.Transport{
+			// Never a proxy from the environment: endpoints are pod IPs.
+			Proxy:                 nil,
+			DialContext:           dialer.DialContext,
+			MaxIdleConnsPerHost:   opts.MaxIdleConnsPerEndpoint,
+			IdleConnTimeout:       90 * time.Second,
+			ResponseHeaderTimeout: opts.FirstByteTimeout,
+			// Forward bodies unchanged: no transparent gzip.
+			DisableCompression: true,
+			WriteBufferSize:    32 << 10,
+			ReadBufferSize:     32 << 10,
+		},
+		balancer: string(opts.Balancer),
+	}
+	h.bodies.New = func() any { return new(bytes.Buffer) }
+	h.copies.New = func() any { b := make([]byte, 32<<10); return &b }
+	return h
+}
+
+// CloseIdleConnections closes idle upstream connections (at shutdown).
+func (h *Handler) CloseIdleConnections() { h.transport.CloseIdleConnections() }
+
+// exchange is what the access log and metrics record about one request.
+type exchange struct {
+	start    time.Time
+	id       string
+	model    string // a known model, or "" (bounded metric labels)
+	asked    string // what the client asked for, for the log
+	status   int
+	pod      string
+	endpoint string
+	attempts int
+	written  int64
+	err      error
+}
+
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	x := exchange{start: time.Now(), id: r.Header.Get("X-Request-Id")}
+	if x.id == "" {
+		x.id = newRequestID()
+	}
+	w.Header()["X-Request-Id"] = []string{x.id}
+	defer h.finish(r, &x)
+
+	path := r.URL.Path
+	switch {
+	case path == "/v1/models" || strings.HasPrefix(path, "/v1/models/"):
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			h.methodNotAllowed(w, &x, "GET")
+			return
+		}
+		h.serveModels(w, r, &x)
+	case strings.HasPrefix(path, "/v1/"):
+		if r.Method != http.MethodPost {
+			h.methodNotAllowed(w, &x, "POST")
+			return
+		}
+		h.proxy(w, r, &x)
+	default:
+		x.status = http.StatusNotFound
+		writeError(w, x.status, invalidRequest, codeNotFound,
+			fmt.Sprintf("no route for %s %s: the router serves the OpenAI API under /v1/", r.Method, path), 0)
+	}
+}
+
+func (h *Handler) methodNotAllowed(w http.ResponseWriter, x *exchange, allow string) {
+	x.status = http.StatusMethodNotAllowed
+	w.Header().Set("Allow", allow)
+	writeError(w, x.status, invalidRequest, codeMethodNotAllowed, "method not allowed: use "+allow, 0)
+}
+
+// finish records the request in metrics and the access log.
+func (h *Handler) finish(r *http.Request, x *exchange) {
+	d := time.Since(x.start)
+	h.metrics.Request(x.model, x.status, h.balancer, d.Seconds())
+	if !h.opts.AccessLog {
+		return
+	}
+	kv := []any{"requestID", x.id, "method", r.Method, "path", r.URL.Path, "model", x.asked,
+		"pod", x.pod, "endpoint", x.endpoint, "status", x.status, "duration", d, "attempts", x.attempts, "bytes", x.written}
+	if x.err != nil {
+		kv = append(kv, "err", x.err.Error())
+	}
+	h.logger.Info("Request", kv...)
+}
+
+// statusClientClosed is logged (never sent) when the client went away
+// before the response started, as nginx does.
+const statusClientClosed = 499
+
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
+	if r.ContentLength > h.opts.MaxBodyBytes {
+		h.tooLarge(w, x)
+		return
+	}
+	buf := h.bodies.Get().(*bytes.Buffer)
+	defer func() {
+		if buf.Cap() <= maxPooledBody {
+			buf.Reset()
+			h.bodies.Put(buf)
+		}
+	}()
+	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, h.opts.MaxBodyBytes)); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			h.tooLarge(w, x)
+			return
+		}
+		x.status, x.err = statusClientClosed, fmt.Errorf("reading the request body: %w", err)
+		return
+	}
+	body := buf.Bytes()
+	req, err := Decode(body, h.opts.PrefixBytes)
+	x.asked = req.Model
+	if err != nil {
+		x.status = http.StatusBadRequest
+		code := codeInvalidJSON
+		if errors.Is(err, errMissingModel) {
+			code = codeMissingModel
+		}
+		writeError(w, x.status, invalidRequest, code, err.Error(), 0)
+		return
+	}
+	m := h.routes.Table().Lookup(req.Model)
+	if m == nil {
+		x.status = http.StatusNotFound
+		writeError(w, x.status, invalidRequest, codeModelNotFound, fmt.Sprintf(
+			"model %q is not served here: no Service labelled capstan.dev/model=%s in the namespaces the router watches", req.Model, req.Model), 0)
+		return
+	}
+	x.model = m.Name
+	pool := m.Pool
+	if pool.Len() == 0 {
+		x.status = http.StatusServiceUnavailable
+		writeError(w, x.status, serverError, codeNoReadyEndpoints, m.Unavailable(), h.opts.RetryAfter)
+		return
+	}
+	if !pool.Admit() {
+		x.status = http.StatusTooManyRequests
+		writeError(w, x.status, rateLimit, codeModelOverloaded,
+			fmt.Sprintf("model %s already has the maximum of %d requests in flight through this router", m.Name, pool.MaxInFlight()), h.opts.RetryAfter)
+		return
+	}
+	defer pool.Done()
+
+	var br balance.Request
+	if len(req.Prefix) > 0 {
+		br.PrefixHash, br.HasPrefix = balance.HashKey(req.Prefix), true
+	}
+	if h.opts.SessionHeader != "" {
+		if s := r.Header.Get(h.opts.SessionHeader); s != "" {
+			br.SessionHash, br.HasSession = balance.HashKeyString(s), true
+		}
+	}
+	h.forward(w, r, x, m, body, &br)
+}
+
+func (h *Handler) tooLarge(w http.ResponseWriter, x *exchange) {
+	x.status = http.StatusRequestEntityTooLarge
+	writeError(w, x.status, invalidRequest, codeTooLarge,
+		fmt.Sprintf("the request body is larger than the router's limit of %d bytes", h.opts.MaxBodyBytes), 0)
+}
+
+// failure is why an attempt failed before any response byte.
+type failure int
+
+const (
+	failConnect   failure = iota // could not connect (refused, unreachable, connect timeout)
+	failTimeout                  // connected and sent, no response headers in time
+	failTransport                // connection reset or closed before the response
+)
+
+func (f failure) reason() string {
+	switch f {
+	case failConnect:
+		return metrics.ReasonConnect
+	case failTimeout:
+		return metrics.ReasonTimeout
+	}
+	return metrics.ReasonTransport
+}
+
+func classify(err error) failure {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return failConnect
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return failTimeout
+	}
+	return failTransport
+}
+
+// forward sends the request to endpoints of the model until one answers or
+// the attempts run out. It never retries after writing to the client.
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m *route.Model, body []byte, br *balance.Request) {
+	pool := m.Pool
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
+	header := outboundHeader(r, x.id)
+
+	var (
+		lastErr  error
+		lastFail failure
+	)
+	// Picks that lose an endpoint's last slot to a concurrent request pick
+	// again; the guard bounds those, attempts bound the round trips.
+	for guard := 0; x.attempts < h.opts.MaxAttempts && guard < h.opts.MaxAttempts+16; guard++ {
+		e := h.opts.Selector.Select(pool, br)
+		if e == nil {
+			if why := pool.Why(br); why.Ejected > 0 && !br.IgnoreEjection {
+				// Every remaining endpoint is ejected: trust the
+				// EndpointSlice over our suspicion rather than fail.
+				br.IgnoreEjection = true
+				continue
+			}
+			break
+		}
+		if !pool.Acquire(e) {
+			continue
+		}
+		x.attempts++
+		x.pod, x.endpoint = e.Pod, e.Address
+		resp, err := h.transport.RoundTrip(outboundRequest(ctx, r, e.Address, header, body))
+		if err != nil {
+			pool.Release(e)
+			if r.Context().Err() != nil {
+				x.status, x.err = statusClientClosed, context.Cause(r.Context())
+				return
+			}
+			lastErr, lastFail = err, classify(err)
+			br.Tried(e)
+			if d := e.Host.Fail(); d > 0 {
+				h.metrics.Ejection(m.Name)
+				h.logger.V(2).Info("Ejected endpoint after a failed attempt", "requestID", x.id, "model", m.Name,
+					"pod", e.Pod, "endpoint", e.Address, "for", d, "err", err)
+			}
+			if x.attempts < h.opts.MaxAttempts {
+				h.metrics.Retry(m.Name, lastFail.reason())
+			}
+			continue
+		}
+		e.Host.Succeed()
+		h.metrics.FirstByte(m.Name, time.Since(x.start).Seconds())
+		h.respond(ctx, cancel, w, x, e, resp)
+		pool.Release(e)
+		return
+	}
+
+	switch {
+	case lastErr == nil:
+		// Nothing was tried: every endpoint is at its in-flight limit.
+		x.status = http.StatusTooManyRequests
+		writeError(w, x.status, rateLimit, codeEndpointsFull, fmt.Sprintf(
+			"all %d ready endpoints of model %s are at the limit of %d requests in flight", pool.Len(), m.Name, pool.MaxPerEndpoint()), h.opts.RetryAfter)
+	case lastFail == failTimeout:
+		x.status, x.err = http.StatusGatewayTimeout, lastErr
+		writeError(w, x.status, serverError, codeUpstreamTimeout, fmt.Sprintf(
+			"model %s: no response headers within %s from %d endpoint(s) tried", m.Name, h.opts.FirstByteTimeout, x.attempts), 0)
+	default:
+		x.status, x.err = http.StatusBadGateway, lastErr
+		writeError(w, x.status, serverError, codeUpstreamUnreached, fmt.Sprintf(
+			"model %s: %d attempt(s) failed before a response, last: %v", m.Name, x.attempts, lastErr), 0)
+	}
+}
+
+// errIdle cancels an upstream response that stalled mid-body.
+var errIdle = errors.New("idle stream timeout")
+
+// respond copies the model server's response to the client. From here on
+// the request is never retried: a failure mid-body aborts the client's
+// connection so that it sees an incomplete response, not a short one.
+func (h *Handler) respond(ctx context.Context, cancel context.CancelCauseFunc, w http.ResponseWriter, x *exchange, e *balance.Endpoint, resp *http.Response) {
+	defer resp.Body.Close()
+	dst := w.Header()
+	copyHeader(dst, resp.Header)
+	if e.Pod != "" {
+		dst["X-Capstan-Pod"] = []string{e.Pod}
+	}
+	dst["X-Capstan-Endpoint"] = []string{e.Address}
+	dst["X-Request-Id"] = []string{x.id}
+	x.status = resp.StatusCode
+	w.WriteHeader(resp.StatusCode)
+
+	// Stream (flush every chunk) for Server-Sent Events and bodies of unknown
+	// length; a body of known length is written as it comes and flushed
+	// when the handler returns.
+	var rc *http.ResponseController
+	if resp.ContentLength < 0 || strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
+		rc = http.NewResponseController(w)
+		if err := rc.Flush(); err != nil {
+			x.err = err
+			return
+		}
+	}
+	idle := time.AfterFunc(h.opts.IdleStreamTimeout, func() { cancel(errIdle) })
+	defer idle.Stop()
+	bp := h.copies.Get().(*[]byte)
+	defer h.copies.Put(bp)
+	buf := *bp
+	for {
+		n, rerr := resp.Body.Read(buf)
+		if n > 0 {
+			idle.Reset(h.opts.IdleStreamTimeout)
+			wn, werr := w.Write(buf[:n])
+			x.written += int64(wn)
+			if werr == nil && rc != nil {
+				werr = rc.Flush()
+			}
+			if werr != nil {
+				// The client went away; returning cancels the upstream.
+				x.err = fmt.Errorf("writing to the client: %w", werr)
+				return
+			}
+		}
+		if rerr == io.EOF {
+			return
+		}
+		if rerr != nil {
+			if cause := context.Cause(ctx); cause != nil && errors.Is(cause, errIdle) {
+				rerr = fmt.Errorf("no data from the model server for %s: %w", h.opts.IdleStreamTimeout, errIdle)
+			}
+			x.err = fmt.Errorf("reading the response after %d bytes: %w", x.written, rerr)
+			h.logger.Info("Aborting a response the model server did not finish", "requestID", x.id, "pod", e.Pod, "endpoint", e.Address, "err", rerr)
+			// Bytes reached the client, so no retry: abort the connection.
+			panic(http.ErrAbortHandler)
+		}
+	}
+}
+
+// outboundRequest builds one attempt's request to addr. The header map is
+// shared by all attempts (the Transport does not modify it).
+func outboundRequest(ctx context.Context, in *http.Request, addr string, header http.Header, body []byte) *http.Request {
+	out := &http.Request{
+		Method:        in.Method,
+		URL:           &url.URL{Scheme: "http", Host: addr, Path: in.URL.Path, RawPath: in.URL.RawPath, RawQuery: in.URL.RawQuery},
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        header,
+		Body:          io.NopCloser(bytes.NewReader(body)),
+		ContentLength: int64(len(body)),
+		// The Transport may replay the body itself on a stale keep-alive
+		// connection it reused.
+		GetBody: func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil },
+		Host:    addr,
+	}
+	return out.WithContext(ctx)
+}
+
+// outboundHeader copies the client's headers minus hop-by-hop ones, and adds
+// the request id and the client's address.
+func outboundHeader(in *http.Request, id string) http.Header {
+	out := make(http.Header, len(in.Header)+2)
+	copyHeader(out, in.Header)
+	// The body has been read: nothing to continue.
+	delete(out, "Expect")
+	out["X-Request-Id"] = []string{id}
+	if ip, _, err := net.SplitHostPort(in.RemoteAddr); err == nil {
+		if prior := in.Header["X-Forwarded-For"]; len(prior) > 0 {
+			ip = strings.Join(prior, ", ") + ", " + ip
+		}
+		out["X-Forwarded-For"] = []string{ip}
+	}
+	return out
+}
+
+// copyHeader copies src into dst without hop-by-hop headers (RFC 9110
+// section 7.6.1), including those src's Connection header names. Value
+// slices are shared, not copied.
+func copyHeader(dst, src http.Header) {
+	for k, vv := range src {
+		if !hopByHop(k) {
+			dst[k] = vv
+		}
+	}
+	for _, v := range src["Connection"] {
+		for f := range strings.SplitSeq(v, ",") {
+			if f = strings.TrimSpace(f); f != "" {
+				delete(dst, http.CanonicalHeaderKey(f))
+			}
+		}
+	}
+}
+
+func hopByHop(k string) bool {
+	switch k {
+	case "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization",
+		"Te", "Trailer", "Transfer-Encoding", "Upgrade":
+		return true
+	}
+	return false
+}
+
+// newRequestID returns 128 random bits in hex.
+func newRequestID() string {
+	var b [32]byte
+	hex := strconv.AppendUint(b[:0], rand.Uint64()|1<<63, 16)
+	hex = strconv.AppendUint(hex, rand.Uint64()|1<<63, 16)
+	return string(hex)
+}
