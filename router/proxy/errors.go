@@ -31,6 +31,7 @@ const (
 	codeUpstreamUnreached = "upstream_unreachable"
 	codeNoReadyEndpoints  = "no_ready_endpoints"
 	codeUpstreamTimeout   = "upstream_timeout"
+	codeNotSynced         = "router_not_ready"
 )
 
 type errorBody struct {

@@ -74,6 +74,10 @@ type Options struct {
 	MaxIdleConnsPerEndpoint int
 	// AccessLog logs every request.
 	AccessLog bool
+	// Synced reports whether discovery has synced. Until it has, the API
+	// answers 503: a router that does not know the models yet must not
+	// call them unknown. Nil means always synced.
+	Synced func() bool
 }
 
 // Handler serves the OpenAI API by forwarding to model servers.
@@ -147,6 +151,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	path := r.URL.Path
 	switch {
+	case h.opts.Synced != nil && !h.opts.Synced():
+		x.status = http.StatusServiceUnavailable
+		writeError(w, x.status, serverError, codeNotSynced,
+			"the router is starting: it has not yet read the Services and EndpointSlices that define models", h.opts.RetryAfter)
 	case path == "/v1/models" || strings.HasPrefix(path, "/v1/models/"):
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			h.methodNotAllowed(w, &x, "GET")

@@ -724,3 +724,19 @@ func TestAffinityHeadersReachTheSelector(t *testing.T) {
 		}
 	})
 }
+
+// Until discovery has synced, the router does not call models unknown.
+func TestNotSyncedIs503(t *testing.T) {
+	var synced atomic.Bool
+	f := newFixture(t, "llama", []backend{upstream(t, "a", ok)}, func(o *Options) { o.Synced = synced.Load })
+	resp, data := f.post("/v1/completions", `{"model":"anything"}`)
+	var e apiError
+	json.Unmarshal([]byte(data), &e)
+	if resp.StatusCode != http.StatusServiceUnavailable || e.Error.Code != codeNotSynced || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("before sync: %d %s", resp.StatusCode, data)
+	}
+	synced.Store(true)
+	if resp, data := f.post("/v1/completions", completion); resp.StatusCode != http.StatusOK {
+		t.Errorf("after sync: %d %s", resp.StatusCode, data)
+	}
+}

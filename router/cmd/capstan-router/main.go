@@ -1,9 +1,67 @@
-// Command capstan-router routes OpenAI-style requests to Ready model-server endpoints.
+// Command capstan-router routes OpenAI-style requests to the Ready endpoints
+// of the model they name. See docs/router.md.
 package main
 
 import (
-	_ "github.com/prometheus/client_golang/prometheus"
-	_ "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"k8s.io/component-base/cli"
+	logsapi "k8s.io/component-base/logs/api/v1"
+	_ "k8s.io/component-base/logs/json/register" // --logging-format=json
+	"k8s.io/klog/v2"
+
+	"github.com/capstan-dev/capstan/router/app"
 )
 
-func main() {}
+func main() {
+	os.Exit(cli.Run(newCommand()))
+}
+
+func newCommand() *cobra.Command {
+	opts := app.NewOptions()
+	logging := logsapi.NewLoggingConfiguration()
+	cmd := &cobra.Command{
+		Use:          "capstan-router",
+		Short:        "An OpenAI-compatible router over the Ready EndpointSlice endpoints of labelled model Services",
+		SilenceUsage: true,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("%q does not take arguments, got %q", cmd.CommandPath(), args)
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := logsapi.ValidateAndApply(logging, nil); err != nil {
+				return err
+			}
+			if err := opts.Validate(); err != nil {
+				return err
+			}
+			return app.Run(signalContext(), opts)
+		},
+	}
+	opts.AddFlags(cmd.Flags())
+	logsapi.AddFlags(logging, cmd.Flags())
+	return cmd
+}
+
+// signalContext is cancelled on the first SIGINT or SIGTERM, which starts a
+// graceful shutdown; a second signal exits at once.
+func signalContext() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan os.Signal, 2)
+	signal.Notify(ch, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ch
+		cancel()
+		<-ch
+		klog.Info("Second signal: exiting without draining")
+		klog.FlushAndExit(klog.ExitFlushTimeout, 1)
+	}()
+	return ctx
+}

@@ -1,0 +1,177 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+
+	"github.com/capstan-dev/capstan/router/balance"
+	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/health"
+	"github.com/capstan-dev/capstan/router/metrics"
+	"github.com/capstan-dev/capstan/router/proxy"
+	"github.com/capstan-dev/capstan/router/route"
+)
+
+// userAgent identifies the router to the API server.
+const userAgent = "capstan-router"
+
+// Run serves until ctx ends, then drains: /readyz fails at once, requests
+// keep being served for ShutdownDelay, then the server stops accepting and
+// waits up to ShutdownTimeout for in-flight requests. o must be valid.
+func Run(ctx context.Context, o *Options) error {
+	logger := klog.FromContext(ctx).WithValues("component", "capstan-router")
+	ctx = klog.NewContext(ctx, logger)
+
+	cfg, err := restConfig(o.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	client, err := kubernetes.NewForConfig(rest.AddUserAgent(cfg, userAgent))
+	if err != nil {
+		return err
+	}
+	selector, err := balance.New(o.Balancer, balance.Options{LoadFactor: o.LoadFactor, QueueWeight: o.QueueWeight, KVCacheWeight: o.KVCacheWeight})
+	if err != nil {
+		return err
+	}
+	hosts := health.NewRegistry(health.EjectionPolicy{Base: o.EjectionBase, Max: o.EjectionMax})
+	routes := route.NewBuilder(hosts, route.Options{
+		MaxPerEndpoint: o.MaxRequestsPerEndpoint,
+		MaxPerModel:    o.MaxRequestsPerModel,
+		BuildRing:      balance.NeedsRing(selector),
+	})
+	controller, err := discovery.New(client, routes, discovery.Options{Namespaces: o.Namespaces})
+	if err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m := metrics.New(reg, routes.Table)
+	popts := proxy.Options{
+		Selector:                selector,
+		Balancer:                o.Balancer,
+		MaxBodyBytes:            o.maxBodyBytes(),
+		MaxAttempts:             o.MaxAttempts,
+		ConnectTimeout:          o.ConnectTimeout,
+		FirstByteTimeout:        o.FirstByteTimeout,
+		IdleStreamTimeout:       o.IdleStreamTimeout,
+		RetryAfter:              o.RetryAfter,
+		MaxIdleConnsPerEndpoint: o.MaxIdleConnsPerEndpoint,
+		AccessLog:               o.AccessLog,
+		Synced:                  controller.HasSynced,
+	}
+	switch o.Balancer {
+	case balance.PrefixAffinity:
+		popts.PrefixBytes = o.PrefixBytes
+	case balance.SessionAffinity:
+		popts.SessionHeader = o.SessionHeader
+	}
+	handler := proxy.New(routes, m, logger.WithName("proxy"), popts)
+
+	var draining atomic.Bool
+	ready := func() error {
+		switch {
+		case draining.Load():
+			return errors.New("shutting down")
+		case !controller.HasSynced():
+			return errors.New("Service and EndpointSlice caches not synced yet")
+		}
+		return nil
+	}
+	srv := &http.Server{
+		Handler:           newMux(handler, reg, ready),
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       120 * time.Second,
+	}
+	listener, err := net.Listen("tcp", o.BindAddress)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", o.BindAddress, err)
+	}
+
+	// Discovery outlives ctx until the server has drained: requests still
+	// being served during the drain follow endpoint changes.
+	discoveryCtx, stopDiscovery := context.WithCancel(klog.NewContext(context.WithoutCancel(ctx), logger.WithName("discovery")))
+	defer stopDiscovery()
+	discoveryDone := make(chan error, 1)
+	go func() { discoveryDone <- controller.Run(discoveryCtx, o.Workers) }()
+
+	serveDone := make(chan error, 1)
+	go func() { serveDone <- srv.Serve(listener) }()
+	logger.Info("Serving", "address", listener.Addr().String(), "balancer", o.Balancer, "namespaces", o.Namespaces)
+
+	select {
+	case err := <-serveDone:
+		return fmt.Errorf("serving: %w", err)
+	case err := <-discoveryDone:
+		return fmt.Errorf("discovery stopped: %w", err)
+	case <-ctx.Done():
+	}
+
+	draining.Store(true)
+	logger.Info("Shutting down: failing /readyz, still serving", "for", o.ShutdownDelay)
+	select {
+	case <-time.After(o.ShutdownDelay):
+	case err := <-serveDone:
+		return fmt.Errorf("serving: %w", err)
+	}
+	logger.Info("Draining in-flight requests", "timeout", o.ShutdownTimeout)
+	drainCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.ShutdownTimeout)
+	defer cancel()
+	err = srv.Shutdown(drainCtx)
+	if err != nil {
+		logger.Info("Requests still in flight after the shutdown timeout; closing their connections", "err", err)
+		_ = srv.Close()
+	}
+	handler.CloseIdleConnections()
+	stopDiscovery()
+	<-discoveryDone
+	logger.Info("Stopped")
+	return nil
+}
+
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig == "" {
+		cfg, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("no --kubeconfig and no in-cluster configuration: %w", err)
+		}
+		return cfg, nil
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("loading --kubeconfig %s: %w", kubeconfig, err)
+	}
+	return cfg, nil
+}
+
+// newMux serves the health endpoints and metrics beside the API.
+func newMux(api http.Handler, reg *prometheus.Registry, ready func() error) http.Handler {
+	mux := http.NewServeMux()
+	alive := func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) }
+	mux.HandleFunc("GET /healthz", alive)
+	mux.HandleFunc("GET /livez", alive)
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if err := ready(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok"))
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.Handle("/", api)
+	return mux
+}

@@ -1,0 +1,226 @@
+// Package app assembles capstan-router from its parts: options and flags,
+// discovery, the routing table, the proxy, metrics, health endpoints and a
+// graceful shutdown. cmd/capstan-router only parses flags and handles
+// signals.
+package app
+
+import (
+	"fmt"
+	"net"
+	"slices"
+	"time"
+
+	"github.com/spf13/pflag"
+	"golang.org/x/net/http/httpguts"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/util/validation/field"
+
+	"github.com/capstan-dev/capstan/router/balance"
+)
+
+// Options are capstan-router's settings, one per flag.
+type Options struct {
+	// Kubeconfig is the path of a kubeconfig; "" means in-cluster config.
+	Kubeconfig string
+	// Namespaces limits discovery to these namespaces; empty means all.
+	Namespaces []string
+	// BindAddress is where the API, health endpoints and metrics are
+	// served. Default ":8080".
+	BindAddress string
+	// Balancer is the balancing policy. Default least-requests.
+	Balancer balance.Policy
+	// MaxBodySize bounds request bodies (a quantity: 10Mi). Default 10Mi.
+	MaxBodySize string
+	// MaxAttempts bounds the endpoints one request tries. Default 3.
+	MaxAttempts int
+	// ConnectTimeout bounds connecting to an endpoint. Default 5s.
+	ConnectTimeout time.Duration
+	// FirstByteTimeout bounds waiting for response headers. Default 5m.
+	FirstByteTimeout time.Duration
+	// IdleStreamTimeout bounds a pause in a response body. Default 5m.
+	IdleStreamTimeout time.Duration
+	// EjectionBase and EjectionMax shape the passive-health backoff.
+	// Defaults 1s and 30s; EjectionBase 0 disables ejection.
+	EjectionBase, EjectionMax time.Duration
+	// MaxRequestsPerEndpoint and MaxRequestsPerModel are optional
+	// concurrency limits (429 above them); 0 means none.
+	MaxRequestsPerEndpoint, MaxRequestsPerModel int64
+	// RetryAfter is the Retry-After of a 503 or 429. Default 2s.
+	RetryAfter time.Duration
+	// PrefixBytes is how much of the prompt prefix affinity hashes.
+	// Default 512.
+	PrefixBytes int
+	// LoadFactor bounds prefix affinity. Default 1.25.
+	LoadFactor float64
+	// SessionHeader carries the session id. Default X-Session-Id.
+	SessionHeader string
+	// QueueWeight and KVCacheWeight weigh the load-aware score. Defaults
+	// 1 and 8.
+	QueueWeight, KVCacheWeight float64
+	// ScrapeInterval and ScrapeTimeout drive the load-aware balancer's
+	// metrics scraping. Defaults 1s and 500ms.
+	ScrapeInterval, ScrapeTimeout time.Duration
+	// MaxIdleConnsPerEndpoint is the keep-alive pool per endpoint.
+	// Default 256.
+	MaxIdleConnsPerEndpoint int
+	// ShutdownDelay is how long a terminating router keeps serving while
+	// failing /readyz, so that it leaves Service endpoints before it stops
+	// accepting connections. Default 5s.
+	ShutdownDelay time.Duration
+	// ShutdownTimeout bounds waiting for in-flight requests after that.
+	// Default 60s.
+	ShutdownTimeout time.Duration
+	// AccessLog logs every request. Default true.
+	AccessLog bool
+	// Workers is the number of discovery workers. Default 2.
+	Workers int
+}
+
+// NewOptions returns the default options.
+func NewOptions() *Options {
+	return &Options{
+		BindAddress:             ":8080",
+		Balancer:                balance.DefaultPolicy,
+		MaxBodySize:             "10Mi",
+		MaxAttempts:             3,
+		ConnectTimeout:          5 * time.Second,
+		FirstByteTimeout:        5 * time.Minute,
+		IdleStreamTimeout:       5 * time.Minute,
+		EjectionBase:            time.Second,
+		EjectionMax:             30 * time.Second,
+		RetryAfter:              2 * time.Second,
+		PrefixBytes:             512,
+		LoadFactor:              balance.DefaultLoadFactor,
+		SessionHeader:           "X-Session-Id",
+		QueueWeight:             balance.DefaultQueueWeight,
+		KVCacheWeight:           balance.DefaultKVCacheWeight,
+		ScrapeInterval:          time.Second,
+		ScrapeTimeout:           500 * time.Millisecond,
+		MaxIdleConnsPerEndpoint: 256,
+		ShutdownDelay:           5 * time.Second,
+		ShutdownTimeout:         60 * time.Second,
+		AccessLog:               true,
+		Workers:                 2,
+	}
+}
+
+// AddFlags adds a flag for every option to fs, with the defaults in o.
+func (o *Options) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Path to a kubeconfig. Empty means the in-cluster configuration.")
+	fs.StringSliceVar(&o.Namespaces, "namespaces", o.Namespaces, "Namespaces whose Services and EndpointSlices define models, comma-separated. Empty means all namespaces.")
+	fs.StringVar(&o.BindAddress, "bind-address", o.BindAddress, "Address for the OpenAI API, /healthz, /livez, /readyz and /metrics.")
+	fs.StringVar((*string)(&o.Balancer), "balancer", string(o.Balancer), fmt.Sprintf("Balancing policy, one of %v.", balance.Policies))
+	fs.StringVar(&o.MaxBodySize, "max-body-size", o.MaxBodySize, "Largest request body accepted (a quantity such as 10Mi); larger ones get 413.")
+	fs.IntVar(&o.MaxAttempts, "max-attempts", o.MaxAttempts, fmt.Sprintf("Endpoints one request may try when connecting fails before any response byte (1-%d).", balance.MaxAttempts))
+	fs.DurationVar(&o.ConnectTimeout, "connect-timeout", o.ConnectTimeout, "Time allowed to connect to an endpoint.")
+	fs.DurationVar(&o.FirstByteTimeout, "first-byte-timeout", o.FirstByteTimeout, "Time allowed between sending a request and receiving the response headers; for a non-streamed completion this includes the whole generation.")
+	fs.DurationVar(&o.IdleStreamTimeout, "idle-stream-timeout", o.IdleStreamTimeout, "Longest pause allowed in a response body (between two chunks of a stream).")
+	fs.DurationVar(&o.EjectionBase, "ejection-base", o.EjectionBase, "How long an endpoint gets no new requests after a failed attempt; doubled per consecutive failure. 0 disables ejection.")
+	fs.DurationVar(&o.EjectionMax, "ejection-max", o.EjectionMax, "Longest ejection.")
+	fs.Int64Var(&o.MaxRequestsPerEndpoint, "max-requests-per-endpoint", o.MaxRequestsPerEndpoint, "Requests this router may have in flight to one endpoint; 0 means no limit. When every endpoint is full, requests get 429.")
+	fs.Int64Var(&o.MaxRequestsPerModel, "max-requests-per-model", o.MaxRequestsPerModel, "Requests this router may have in flight to one model; 0 means no limit. Above it, requests get 429.")
+	fs.DurationVar(&o.RetryAfter, "retry-after", o.RetryAfter, "Retry-After sent with 503 (no ready endpoint) and 429.")
+	fs.IntVar(&o.PrefixBytes, "prefix-bytes", o.PrefixBytes, "Bytes of the prompt (prompt, messages or input as sent) that prefix-affinity hashes.")
+	fs.Float64Var(&o.LoadFactor, "prefix-load-factor", o.LoadFactor, "Prefix affinity sends a request elsewhere when its endpoint has this many times the average in-flight requests (above 1).")
+	fs.StringVar(&o.SessionHeader, "session-header", o.SessionHeader, "Header whose value keeps a session on one endpoint with session-affinity.")
+	fs.Float64Var(&o.QueueWeight, "load-queue-weight", o.QueueWeight, "Weight of an engine's waiting requests in the load-aware score.")
+	fs.Float64Var(&o.KVCacheWeight, "load-kv-cache-weight", o.KVCacheWeight, "Weight of an engine's KV-cache usage (0-1) in the load-aware score.")
+	fs.DurationVar(&o.ScrapeInterval, "scrape-interval", o.ScrapeInterval, "How often the load-aware balancer scrapes each Ready pod's metrics.")
+	fs.DurationVar(&o.ScrapeTimeout, "scrape-timeout", o.ScrapeTimeout, "Time allowed for one metrics scrape.")
+	fs.IntVar(&o.MaxIdleConnsPerEndpoint, "max-idle-conns-per-endpoint", o.MaxIdleConnsPerEndpoint, "Idle keep-alive connections kept to each endpoint.")
+	fs.DurationVar(&o.ShutdownDelay, "shutdown-delay", o.ShutdownDelay, "On SIGTERM, keep serving this long while /readyz fails, so the router leaves its Service's endpoints before it stops accepting connections.")
+	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "Then wait at most this long for in-flight requests (streams included) to finish.")
+	fs.BoolVar(&o.AccessLog, "access-log", o.AccessLog, "Log every request (request id, model, pod, status, duration).")
+	fs.IntVar(&o.Workers, "discovery-workers", o.Workers, "Goroutines rebuilding Service endpoint sets.")
+}
+
+// Validate checks the options and returns every problem at once.
+func (o *Options) Validate() error {
+	var errs field.ErrorList
+	if _, _, err := net.SplitHostPort(o.BindAddress); err != nil {
+		errs = append(errs, field.Invalid(field.NewPath("bind-address"), o.BindAddress, err.Error()))
+	}
+	if !balance.ValidPolicy(o.Balancer) {
+		supported := make([]string, len(balance.Policies))
+		for i, p := range balance.Policies {
+			supported[i] = string(p)
+		}
+		errs = append(errs, field.NotSupported(field.NewPath("balancer"), o.Balancer, supported))
+	}
+	if q, err := resource.ParseQuantity(o.MaxBodySize); err != nil {
+		errs = append(errs, field.Invalid(field.NewPath("max-body-size"), o.MaxBodySize, err.Error()))
+	} else if q.Value() < 1 {
+		errs = append(errs, field.Invalid(field.NewPath("max-body-size"), o.MaxBodySize, "must be at least 1 byte"))
+	}
+	if o.MaxAttempts < 1 || o.MaxAttempts > balance.MaxAttempts {
+		errs = append(errs, field.Invalid(field.NewPath("max-attempts"), o.MaxAttempts, fmt.Sprintf("must be between 1 and %d", balance.MaxAttempts)))
+	}
+	positive := map[string]time.Duration{
+		"connect-timeout": o.ConnectTimeout, "first-byte-timeout": o.FirstByteTimeout, "idle-stream-timeout": o.IdleStreamTimeout,
+		"retry-after": o.RetryAfter, "scrape-interval": o.ScrapeInterval, "scrape-timeout": o.ScrapeTimeout, "shutdown-timeout": o.ShutdownTimeout,
+	}
+	for _, name := range sortedKeys(positive) {
+		if positive[name] <= 0 {
+			errs = append(errs, field.Invalid(field.NewPath(name), positive[name].String(), "must be positive"))
+		}
+	}
+	if o.ScrapeTimeout > o.ScrapeInterval {
+		errs = append(errs, field.Invalid(field.NewPath("scrape-timeout"), o.ScrapeTimeout.String(), "must not exceed --scrape-interval"))
+	}
+	if o.EjectionBase < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("ejection-base"), o.EjectionBase.String(), "must not be negative"))
+	}
+	if o.EjectionBase > 0 && o.EjectionMax < o.EjectionBase {
+		errs = append(errs, field.Invalid(field.NewPath("ejection-max"), o.EjectionMax.String(), "must be at least --ejection-base"))
+	}
+	if o.ShutdownDelay < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("shutdown-delay"), o.ShutdownDelay.String(), "must not be negative"))
+	}
+	if o.MaxRequestsPerEndpoint < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("max-requests-per-endpoint"), o.MaxRequestsPerEndpoint, "must not be negative"))
+	}
+	if o.MaxRequestsPerModel < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("max-requests-per-model"), o.MaxRequestsPerModel, "must not be negative"))
+	}
+	if o.PrefixBytes < 1 {
+		errs = append(errs, field.Invalid(field.NewPath("prefix-bytes"), o.PrefixBytes, "must be positive"))
+	}
+	if !(o.LoadFactor > 1) {
+		errs = append(errs, field.Invalid(field.NewPath("prefix-load-factor"), o.LoadFactor, "must be above 1"))
+	}
+	if o.SessionHeader == "" {
+		errs = append(errs, field.Required(field.NewPath("session-header"), ""))
+	} else if !httpguts.ValidHeaderFieldName(o.SessionHeader) {
+		errs = append(errs, field.Invalid(field.NewPath("session-header"), o.SessionHeader, "not a header name"))
+	}
+	if o.QueueWeight < 0 || o.KVCacheWeight < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("load-queue-weight"), fmt.Sprint(o.QueueWeight, ",", o.KVCacheWeight), "weights must not be negative"))
+	}
+	if o.MaxIdleConnsPerEndpoint < 1 {
+		errs = append(errs, field.Invalid(field.NewPath("max-idle-conns-per-endpoint"), o.MaxIdleConnsPerEndpoint, "must be positive"))
+	}
+	if o.Workers < 1 {
+		errs = append(errs, field.Invalid(field.NewPath("discovery-workers"), o.Workers, "must be positive"))
+	}
+	for i, ns := range o.Namespaces {
+		if ns == "" {
+			errs = append(errs, field.Invalid(field.NewPath("namespaces").Index(i), ns, "must not be empty"))
+		}
+	}
+	return errs.ToAggregate()
+}
+
+func sortedKeys(m map[string]time.Duration) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// maxBodyBytes is MaxBodySize in bytes; Validate has checked it.
+func (o *Options) maxBodyBytes() int64 {
+	q := resource.MustParse(o.MaxBodySize)
+	return q.Value()
+}

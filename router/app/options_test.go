@@ -1,0 +1,70 @@
+package app
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+func TestDefaultsAreValid(t *testing.T) {
+	if err := NewOptions().Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if got := NewOptions().maxBodyBytes(); got != 10<<20 {
+		t.Errorf("default body limit %d, want 10 MiB", got)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for name, tc := range map[string]struct {
+		change func(*Options)
+		want   string
+	}{
+		"balancer":         {func(o *Options) { o.Balancer = "fastest" }, `balancer: Unsupported value: "fastest"`},
+		"body size":        {func(o *Options) { o.MaxBodySize = "lots" }, `max-body-size: Invalid value: "lots"`},
+		"zero body":        {func(o *Options) { o.MaxBodySize = "0" }, `max-body-size: Invalid value: "0": must be at least 1 byte`},
+		"attempts":         {func(o *Options) { o.MaxAttempts = 9 }, "max-attempts: Invalid value: 9: must be between 1 and 8"},
+		"connect":          {func(o *Options) { o.ConnectTimeout = 0 }, `connect-timeout: Invalid value: "0s": must be positive`},
+		"scrape":           {func(o *Options) { o.ScrapeTimeout = 2 * time.Second }, "scrape-timeout: Invalid value: \"2s\": must not exceed --scrape-interval"},
+		"ejection":         {func(o *Options) { o.EjectionMax = time.Millisecond }, "ejection-max: Invalid value: \"1ms\": must be at least --ejection-base"},
+		"load factor":      {func(o *Options) { o.LoadFactor = 1 }, "prefix-load-factor: Invalid value: 1: must be above 1"},
+		"session header":   {func(o *Options) { o.SessionHeader = "x session" }, `session-header: Invalid value: "x session": not a header name`},
+		"bind address":     {func(o *Options) { o.BindAddress = "8080" }, `bind-address: Invalid value: "8080"`},
+		"empty namespace":  {func(o *Options) { o.Namespaces = []string{"a", ""} }, `namespaces[1]: Invalid value: "": must not be empty`},
+		"negative limit":   {func(o *Options) { o.MaxRequestsPerModel = -1 }, "max-requests-per-model: Invalid value: -1: must not be negative"},
+		"negative delay":   {func(o *Options) { o.ShutdownDelay = -time.Second }, `shutdown-delay: Invalid value: "-1s": must not be negative`},
+		"no idle conns":    {func(o *Options) { o.MaxIdleConnsPerEndpoint = 0 }, "max-idle-conns-per-endpoint: Invalid value: 0: must be positive"},
+		"no workers":       {func(o *Options) { o.Workers = 0 }, "discovery-workers: Invalid value: 0: must be positive"},
+		"no prefix":        {func(o *Options) { o.PrefixBytes = 0 }, "prefix-bytes: Invalid value: 0: must be positive"},
+		"negative weights": {func(o *Options) { o.KVCacheWeight = -1 }, "weights must not be negative"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			o := NewOptions()
+			tc.change(o)
+			err := o.Validate()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("Validate() = %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestFlags(t *testing.T) {
+	o := NewOptions()
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	o.AddFlags(fs)
+	err := fs.Parse([]string{"--namespaces=a,b", "--balancer=prefix-affinity", "--max-body-size=1Mi",
+		"--first-byte-timeout=30s", "--shutdown-delay=0s", "--access-log=false"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if len(o.Namespaces) != 2 || o.Balancer != "prefix-affinity" || o.maxBodyBytes() != 1<<20 ||
+		o.FirstByteTimeout != 30*time.Second || o.ShutdownDelay != 0 || o.AccessLog {
+		t.Errorf("flags not applied: %+v", o)
+	}
+}
