@@ -1,0 +1,210 @@
+package scheduler
+
+import (
+	"bytes"
+	"context"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2/ktesting"
+	schedconfig "k8s.io/kubernetes/pkg/scheduler/apis/config"
+	schedvalidation "k8s.io/kubernetes/pkg/scheduler/apis/config/validation"
+	kresource "sigs.k8s.io/kustomize/api/resource"
+	"sigs.k8s.io/yaml"
+
+	"github.com/capstan-dev/capstan/plugins/apis/config"
+	"github.com/capstan-dev/capstan/plugins/apis/config/scheme"
+	"github.com/capstan-dev/capstan/plugins/apis/config/validation"
+	"github.com/capstan-dev/capstan/plugins/modelslots"
+)
+
+// manifests/scheduler builds with kustomize, every object passes the API
+// server's validation and admission (a server-side dry run, Deployment
+// included), its configuration is valid for capstan-scheduler, and the
+// scheduler runs with just the RBAC it grants: it holds its own lease, and
+// may not read Secrets.
+func TestManifests(t *testing.T) {
+	_, ctx := ktesting.NewTestContext(t)
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	startScheduler(t)
+	c := testCluster
+
+	resources, err := renderManifests()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := asYAML(resources)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DryRunApply(ctx, "", bytes.NewReader(stream)); err != nil {
+		t.Fatalf("server-side dry run of manifests/scheduler: %v", err)
+	}
+	if _, err := c.Client.AppsV1().Deployments(systemNamespace).Get(ctx, "capstan-scheduler", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("the dry run created the Deployment (get: %v)", err)
+	}
+
+	t.Run("configuration", func(t *testing.T) {
+		cfg := decodedConfig(t, resources)
+		if err := schedvalidation.ValidateKubeSchedulerConfiguration(cfg); err != nil {
+			t.Errorf("kube-scheduler rejects the configuration: %v", err)
+		}
+		if len(cfg.Profiles) != 1 || cfg.Profiles[0].SchedulerName != schedulerName {
+			t.Fatalf("profiles %v, want just %s: the cluster's scheduler keeps the default profile", profileNames(cfg), schedulerName)
+		}
+		le := cfg.LeaderElection
+		if !le.LeaderElect || le.ResourceName != schedulerName || le.ResourceNamespace != systemNamespace {
+			t.Errorf("leader election %+v, want on, with lease %s/%s", le, systemNamespace, schedulerName)
+		}
+		var args *config.ModelSlotsArgs
+		for _, pc := range cfg.Profiles[0].PluginConfig {
+			if pc.Name == modelslots.Name {
+				args, _ = pc.Args.(*config.ModelSlotsArgs)
+			}
+		}
+		if args == nil {
+			t.Fatal("no ModelSlots args in the profile")
+		}
+		if err := validation.ValidateModelSlotsArgs(nil, args); err != nil {
+			t.Errorf("ModelSlots args: %v", err)
+		}
+		if !enabled(cfg.Profiles[0].Plugins.MultiPoint, modelslots.Name) {
+			t.Error("ModelSlots is not enabled in the profile")
+		}
+	})
+
+	t.Run("deployment", func(t *testing.T) {
+		var d appsv1.Deployment
+		decodeResource(t, resources, "Deployment", &d)
+		spec := d.Spec.Template.Spec
+		if d.Namespace != systemNamespace || spec.ServiceAccountName != "capstan-scheduler" {
+			t.Errorf("Deployment %s/%s runs as %q", d.Namespace, d.Name, spec.ServiceAccountName)
+		}
+		if spec.SchedulerName != "" && spec.SchedulerName != corev1.DefaultSchedulerName {
+			t.Errorf("capstan-scheduler's own pod asks for scheduler %q; it must not depend on itself", spec.SchedulerName)
+		}
+		sc := spec.SecurityContext
+		if sc == nil || sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot {
+			t.Error("the pod does not insist on running as non-root")
+		}
+		ctr := spec.Containers[0]
+		if ctr.Image != "ghcr.io/capstan-dev/capstan-scheduler:v0.1.0" {
+			t.Errorf("image %s", ctr.Image)
+		}
+		if ctr.LivenessProbe == nil || ctr.ReadinessProbe == nil || ctr.StartupProbe == nil {
+			t.Error("the container lacks a liveness, readiness or startup probe")
+		}
+		csc := ctr.SecurityContext
+		if csc == nil || csc.AllowPrivilegeEscalation == nil || *csc.AllowPrivilegeEscalation ||
+			csc.ReadOnlyRootFilesystem == nil || !*csc.ReadOnlyRootFilesystem {
+			t.Error("the container may escalate privileges or write its root filesystem")
+		}
+		var configMap string
+		for _, v := range spec.Volumes {
+			if v.ConfigMap != nil {
+				configMap = v.ConfigMap.Name
+			}
+		}
+		if !hasResource(resources, "ConfigMap", configMap) {
+			t.Errorf("the Deployment mounts ConfigMap %q, which the manifests do not have", configMap)
+		}
+	})
+
+	t.Run("rbac", func(t *testing.T) {
+		kubeconfig, err := c.ServiceAccountKubeconfig(ctx, systemNamespace, "capstan-scheduler")
+		if err != nil {
+			t.Fatal(err)
+		}
+		restConfig, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			t.Fatal(err)
+		}
+		client := kubernetes.NewForConfigOrDie(restConfig)
+		// The running scheduler renews its lease as this ServiceAccount.
+		lease, err := client.CoordinationV1().Leases(systemNamespace).Get(ctx, schedulerName, metav1.GetOptions{})
+		if err != nil {
+			t.Fatalf("reading its own lease: %v", err)
+		}
+		if lease.Spec.HolderIdentity == nil || *lease.Spec.HolderIdentity == "" {
+			t.Error("nobody holds the capstan-scheduler lease")
+		}
+		if _, err := client.CoordinationV1().Leases("kube-system").Get(ctx, "kube-controller-manager", metav1.GetOptions{}); !apierrors.IsForbidden(err) {
+			t.Errorf("reading another component's lease: %v, want Forbidden", err)
+		}
+		if _, err := client.CoreV1().Secrets(systemNamespace).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+			t.Errorf("listing Secrets: %v, want Forbidden", err)
+		}
+	})
+}
+
+// decodedConfig decodes the manifests' configuration as capstan-scheduler
+// does: strictly, through kube-scheduler's scheme with Capstan's args types.
+func decodedConfig(t *testing.T, resources []*kresource.Resource) *schedconfig.KubeSchedulerConfiguration {
+	t.Helper()
+	for _, r := range resources {
+		if r.GetKind() == "ConfigMap" {
+			obj, _, err := scheme.Codecs.UniversalDecoder().Decode([]byte(r.GetDataMap()["config.yaml"]), nil, nil)
+			if err != nil {
+				t.Fatalf("decoding the configuration: %v", err)
+			}
+			cfg, ok := obj.(*schedconfig.KubeSchedulerConfiguration)
+			if !ok {
+				t.Fatalf("the configuration decoded to a %T", obj)
+			}
+			return cfg
+		}
+	}
+	t.Fatal("no ConfigMap in manifests/scheduler")
+	return nil
+}
+
+func decodeResource(t *testing.T, resources []*kresource.Resource, kind string, into runtime.Object) {
+	t.Helper()
+	for _, r := range resources {
+		if r.GetKind() == kind {
+			data, err := r.AsYAML()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := yaml.UnmarshalStrict(data, into); err != nil {
+				t.Fatalf("decoding the %s: %v", kind, err)
+			}
+			return
+		}
+	}
+	t.Fatalf("no %s in manifests/scheduler", kind)
+}
+
+func hasResource(resources []*kresource.Resource, kind, name string) bool {
+	for _, r := range resources {
+		if r.GetKind() == kind && r.GetName() == name {
+			return true
+		}
+	}
+	return false
+}
+
+func enabled(set schedconfig.PluginSet, name string) bool {
+	for _, p := range set.Enabled {
+		if p.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
+func profileNames(cfg *schedconfig.KubeSchedulerConfiguration) []string {
+	var names []string
+	for _, p := range cfg.Profiles {
+		names = append(names, p.SchedulerName)
+	}
+	return names
+}
