@@ -1,0 +1,344 @@
+// Package router tests capstan-router against a real control plane and the
+// fleet simulator: the router runs as its own process, from the freshly
+// built binary, with the arguments of manifests/router's Deployment and as
+// the manifests' ServiceAccount, so it has exactly their RBAC.
+package router
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	appsv1 "k8s.io/api/apps/v1"
+	"sigs.k8s.io/kustomize/api/krusty"
+	kresource "sigs.k8s.io/kustomize/api/resource"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+
+	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/fleet"
+)
+
+const (
+	systemNamespace = "capstan-system"
+	serviceAccount  = "capstan-router"
+)
+
+var testCluster *cluster.Cluster
+
+func TestMain(m *testing.M) { os.Exit(cluster.RunTests(m, cluster.Config{}, &testCluster)) }
+
+// renderManifests builds manifests/router with kustomize, as
+// `kubectl apply -k` would.
+func renderManifests() ([]*kresource.Resource, error) {
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join(root, "manifests", "router"))
+	if err != nil {
+		return nil, fmt.Errorf("kustomize build manifests/router: %w", err)
+	}
+	return resMap.Resources(), nil
+}
+
+// The manifests are applied once, by the first test that starts a router.
+var (
+	setupOnce sync.Once
+	setupErr  error
+	// routerArgs are the container args of the manifests' Deployment.
+	routerArgs []string
+	// saKubeconfig authenticates as the router's ServiceAccount.
+	saKubeconfig string
+)
+
+// setup applies manifests/router to the cluster (server-side apply, so the
+// API server validates every object), reads the router's arguments from the
+// Deployment, makes a kubeconfig for its ServiceAccount, and creates two
+// kwok nodes for the model servers.
+func setup(t testing.TB) {
+	t.Helper()
+	setupOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		setupErr = func() error {
+			c := testCluster
+			resources, err := renderManifests()
+			if err != nil {
+				return err
+			}
+			var stream bytes.Buffer
+			for _, r := range resources {
+				y, err := r.AsYAML()
+				if err != nil {
+					return err
+				}
+				stream.WriteString("---\n")
+				stream.Write(y)
+				if r.GetKind() == "Deployment" {
+					var d appsv1.Deployment
+					if err := yaml.UnmarshalStrict(y, &d); err != nil {
+						return fmt.Errorf("the Deployment: %w", err)
+					}
+					routerArgs = d.Spec.Template.Spec.Containers[0].Args
+				}
+			}
+			if routerArgs == nil {
+				return fmt.Errorf("manifests/router has no Deployment")
+			}
+			if err := c.Apply(ctx, systemNamespace, &stream); err != nil {
+				return err
+			}
+			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {
+				return err
+			}
+			return c.CreateNodes(ctx, cluster.Node{Name: "router-0"}, cluster.Node{Name: "router-1"})
+		}()
+	})
+	if setupErr != nil {
+		t.Fatalf("setting up: %v", setupErr)
+	}
+}
+
+// router is one capstan-router process.
+type router struct {
+	proc *cluster.Process
+	url  string
+}
+
+// startRouter runs capstan-router with the manifests' arguments, then extra
+// ones (later flags win), on a free loopback port, and waits for /readyz.
+func startRouter(t *testing.T, ctx context.Context, name string, extra ...string) *router {
+	t.Helper()
+	setup(t)
+	bin, err := cluster.Binary("capstan-router")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	args := append(append([]string{}, routerArgs...), "--kubeconfig="+saKubeconfig, "--bind-address="+addr, "--shutdown-delay=0s", "--v=2")
+	args = append(args, extra...)
+	proc, err := testCluster.Run(name, bin, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &router{proc: proc, url: "http://" + addr}
+	t.Cleanup(func() {
+		proc.Stop(10 * time.Second)
+		if t.Failed() {
+			t.Logf("%s log:\n%s", name, proc.LogTail(40))
+		}
+	})
+	if err := proc.WaitHealthy(ctx, r.url+"/readyz", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// simulate starts the fleet simulator for a namespace and stops it at the
+// end of the test.
+func simulate(t *testing.T, ctx context.Context, ns string, onRequest func(fleet.Arrival)) *fleet.Fleet {
+	t.Helper()
+	sim := fleet.New(testCluster.Client, fleet.Options{Namespace: ns, OnRequest: onRequest})
+	simCtx, stop := context.WithCancel(ctx)
+	if err := sim.Start(simCtx); err != nil {
+		stop()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stop(); sim.Wait() })
+	return sim
+}
+
+// modelEndpoints is an entry of the router's GET /v1/models.
+type modelEndpoints struct {
+	ID        string `json:"id"`
+	Endpoints struct {
+		Ready, NotReady, Terminating, Total int
+	} `json:"endpoints"`
+}
+
+func (r *router) models(ctx context.Context) (map[string]modelEndpoints, error) {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.url+"/v1/models", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var list struct {
+		Data []struct {
+			ID        string `json:"id"`
+			Endpoints struct {
+				Ready       int `json:"ready"`
+				NotReady    int `json:"not_ready"`
+				Terminating int `json:"terminating"`
+				Total       int `json:"total"`
+			} `json:"endpoints"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		return nil, err
+	}
+	out := map[string]modelEndpoints{}
+	for _, d := range list.Data {
+		m := modelEndpoints{ID: d.ID}
+		m.Endpoints.Ready, m.Endpoints.NotReady, m.Endpoints.Terminating, m.Endpoints.Total =
+			d.Endpoints.Ready, d.Endpoints.NotReady, d.Endpoints.Terminating, d.Endpoints.Total
+		out[d.ID] = m
+	}
+	return out, nil
+}
+
+// waitReady waits until the router lists the model with n ready endpoints.
+func (r *router) waitReady(t *testing.T, ctx context.Context, modelName string, n int) {
+	t.Helper()
+	err := testCluster.WaitFor(ctx, 20*time.Second, fmt.Sprintf("the router to see %d ready endpoints of %s", n, modelName),
+		func(ctx context.Context) (bool, error) {
+			models, err := r.models(ctx)
+			return err == nil && models[modelName].Endpoints.Ready == n, nil
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// result is one client request's outcome.
+type result struct {
+	status int
+	pod    string
+	body   string
+	err    error
+}
+
+var client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, Proxy: nil}, Timeout: time.Minute}
+
+// post sends one request to the router and reads the whole response.
+func (r *router) post(ctx context.Context, path, body string, header ...string) result {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, r.url+path, strings.NewReader(body))
+	if err != nil {
+		return result{err: err}
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return result{err: err}
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	return result{status: resp.StatusCode, pod: resp.Header.Get("X-Capstan-Pod"), body: string(data), err: err}
+}
+
+func completion(modelName string) string {
+	return `{"model":"` + modelName + `","prompt":"hello there","max_tokens":4}`
+}
+
+// steadyLoad sends requests with `workers` concurrent clients, spread over
+// the routers, until ctx ends, and returns every result.
+func steadyLoad(ctx context.Context, routers []*router, workers int, body string) <-chan []result {
+	out := make(chan []result, 1)
+	go func() {
+		var mu sync.Mutex
+		var all []result
+		var wg sync.WaitGroup
+		for w := range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r := routers[w%len(routers)]
+				for ctx.Err() == nil {
+					res := r.post(context.WithoutCancel(ctx), "/v1/completions", body)
+					mu.Lock()
+					all = append(all, res)
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		out <- all
+	}()
+	return out
+}
+
+// failures returns the results that are not 200, described.
+func failures(results []result) []string {
+	var out []string
+	for _, r := range results {
+		switch {
+		case r.err != nil:
+			out = append(out, r.err.Error())
+		case r.status != http.StatusOK:
+			out = append(out, strconv.Itoa(r.status)+" "+r.body)
+		}
+	}
+	return out
+}
+
+// metric returns the sum of a metric's samples whose labels include these.
+func (r *router) metric(t *testing.T, name string, labels map[string]string) float64 {
+	t.Helper()
+	resp, err := http.Get(r.url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fam, ok := families[name]
+	if !ok {
+		return 0
+	}
+	var sum float64
+	for _, m := range fam.Metric {
+		if hasLabels(m.Label, labels) {
+			switch {
+			case m.Counter != nil:
+				sum += m.Counter.GetValue()
+			case m.Gauge != nil:
+				sum += m.Gauge.GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+func hasLabels(have []*dto.LabelPair, want map[string]string) bool {
+	n := 0
+	for _, l := range have {
+		if v, ok := want[l.GetName()]; ok {
+			if v != l.GetValue() {
+				return false
+			}
+			n++
+		}
+	}
+	return n == len(want)
+}
