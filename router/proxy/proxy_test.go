@@ -39,7 +39,7 @@ type backend struct {
 }
 
 // upstream starts a model server stand-in that counts requests.
-func upstream(t *testing.T, pod string, handler http.HandlerFunc) backend {
+func upstream(t testing.TB, pod string, handler http.HandlerFunc) backend {
 	t.Helper()
 	hits := new(atomic.Int64)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -51,7 +51,7 @@ func upstream(t *testing.T, pod string, handler http.HandlerFunc) backend {
 }
 
 // deadAddr returns an address nothing listens on: connections are refused.
-func deadAddr(t *testing.T) string {
+func deadAddr(t testing.TB) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -87,7 +87,7 @@ func ok(w http.ResponseWriter, r *http.Request) {
 }
 
 type fixture struct {
-	t       *testing.T
+	t       testing.TB
 	builder *route.Builder
 	reg     *prometheus.Registry
 	handler *Handler
@@ -96,7 +96,7 @@ type fixture struct {
 
 type option func(*Options)
 
-func newFixture(t *testing.T, model string, backends []backend, opts ...option) *fixture {
+func newFixture(t testing.TB, model string, backends []backend, opts ...option) *fixture {
 	t.Helper()
 	logger, _ := ktesting.NewTestContext(t)
 	b := route.NewBuilder(health.NewRegistry(health.EjectionPolicy{Base: time.Minute, Max: time.Minute}), route.Options{})

@@ -1,0 +1,356 @@
+package router
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/capstan-dev/capstan/test/cluster"
+)
+
+// benchEnv turns on TestSideBySide (hack/bench-router.sh sets it).
+const benchEnv = "CAPSTAN_BENCH_ROUTER"
+
+// TestSideBySide is the benchmark of make bench-router: the same simulated
+// backends (small fixed response, no simulated latency, keep-alive) are
+// loaded with wrk directly, through nginx, through HAProxy and through
+// capstan-router, one after another in one run; then direct and router are
+// loaded at half the router's maximum rate with an open-loop generator to
+// measure the latency the router adds. It writes a Markdown report to
+// $CAPSTAN_BENCH_OUT.
+func TestSideBySide(t *testing.T) {
+	if os.Getenv(benchEnv) == "" {
+		t.Skipf("set %s=1 to run the side-by-side benchmark (make bench-router)", benchEnv)
+	}
+	for _, tool := range []string{"wrk", "nginx", "haproxy"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is not installed (hack/bench-router.sh installs it): %v", tool, err)
+		}
+	}
+	duration := envDuration(t, "CAPSTAN_BENCH_DURATION", 10*time.Second)
+	connections := envInt(t, "CAPSTAN_BENCH_CONNECTIONS", 64)
+	const backends = 4
+	ctx := testContext(t, 30*time.Minute)
+	ns := namespace(t, ctx, "bench")
+	simulate(t, ctx, ns, nil)
+	pods := deploy(t, ctx, cluster.ModelServer{Namespace: ns, Name: "bench", Model: "bench", Replicas: backends,
+		Annotations: map[string]string{
+			"sim.capstan.dev/ttft": "0s", "sim.capstan.dev/tpot": "0s", "sim.capstan.dev/output-tokens": "4",
+			// No engine queueing: the backends are as fast as the simulator.
+			"sim.capstan.dev/max-running": "100000",
+		}})
+	var upstreams []string
+	for _, p := range pods {
+		upstreams = append(upstreams, p.Status.PodIP+":8000")
+	}
+	dir := t.TempDir()
+	body := `{"model":"bench","prompt":"hello world","max_tokens":4}`
+	luaPath := filepath.Join(dir, "post.lua")
+	lua := fmt.Sprintf("wrk.method = \"POST\"\nwrk.body = %q\nwrk.headers[\"Content-Type\"] = \"application/json\"\n", body)
+	if err := os.WriteFile(luaPath, []byte(lua), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	nginxURL := startNginx(t, dir, upstreams)
+	haproxyURL := startHAProxy(t, dir, upstreams)
+	r := startRouter(t, ctx, "router-bench", "--namespaces="+ns, "--access-log=false", "--v=0")
+	r.waitReady(t, ctx, "bench", backends)
+
+	targets := []struct{ name, url string }{
+		{"direct (one backend)", "http://" + upstreams[0]},
+		{"nginx", nginxURL},
+		{"haproxy", haproxyURL},
+		{"capstan-router", r.url},
+	}
+	results := map[string]wrkResult{}
+	for _, tg := range targets {
+		// Every target must answer the request correctly before it is timed.
+		resp, err := http.Post(tg.url+"/v1/completions", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatalf("%s: %v", tg.name, err)
+		}
+		data, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(data), "text_completion") {
+			t.Fatalf("%s answered %d %s", tg.name, resp.StatusCode, data)
+		}
+		runWrk(t, tg.url, luaPath, connections, 2*time.Second) // warm-up
+		res := runWrk(t, tg.url, luaPath, connections, duration)
+		results[tg.name] = res
+		t.Logf("%-22s %9.0f req/s  p50 %8s  p99 %8s  errors %d", tg.name, res.rps, res.p50, res.p99, res.errors)
+	}
+	direct, nginx, router := results["direct (one backend)"], results["nginx"], results["capstan-router"]
+
+	// Added latency at half of the router's maximum rate.
+	rate := router.rps / 2
+	openDirect := openLoop(t, "http://"+upstreams[0], body, rate, duration)
+	openRouter := openLoop(t, r.url, body, rate, duration)
+	added := openRouter.p99 - openDirect.p99
+
+	var b strings.Builder
+	host, _ := os.Hostname()
+	fmt.Fprintf(&b, "Run %s on %s (%d CPUs, shared), %d backends (fleet simulator, 4 output tokens, no simulated latency), wrk -t2 -c%d -d%s, keep-alive everywhere, access logs off.\n\n",
+		time.Now().UTC().Format("2006-01-02 15:04 MST"), host, numCPU(), backends, connections, duration)
+	fmt.Fprintf(&b, "| target | requests/s | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n")
+	for _, tg := range targets {
+		res := results[tg.name]
+		fmt.Fprintf(&b, "| %s | %.0f | %s | %s | %d |\n", tg.name, res.rps, res.p50, res.p99, res.errors)
+	}
+	fmt.Fprintf(&b, "\nrouter/nginx throughput: **%.2f** (target ≥ 0.80); router/haproxy: %.2f; router/direct: %.2f\n\n",
+		router.rps/nginx.rps, router.rps/results["haproxy"].rps, router.rps/direct.rps)
+	fmt.Fprintf(&b, "Open loop at %.0f requests/s (half the router's maximum) for %s, latency from each request's scheduled start:\n\n", rate, duration)
+	fmt.Fprintf(&b, "| target | sent | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&b, "| direct (one backend) | %d | %s | %s | %d |\n", openDirect.sent, openDirect.p50, openDirect.p99, openDirect.errors)
+	fmt.Fprintf(&b, "| capstan-router | %d | %s | %s | %d |\n", openRouter.sent, openRouter.p50, openRouter.p99, openRouter.errors)
+	fmt.Fprintf(&b, "\np99 added by the router: **%s** (target ≤ 1ms)\n", added.Round(10*time.Microsecond))
+	t.Log("\n" + b.String())
+	if out := os.Getenv("CAPSTAN_BENCH_OUT"); out != "" {
+		if err := os.WriteFile(out, []byte(b.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, res := range results {
+		if res.errors > 0 {
+			t.Errorf("%s: %d errors", name, res.errors)
+		}
+	}
+}
+
+func numCPU() int {
+	data, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return 0
+	}
+	return strings.Count(string(data), "processor\t:")
+}
+
+func envDuration(t *testing.T, name string, def time.Duration) time.Duration {
+	if v := os.Getenv(name); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		return d
+	}
+	return def
+}
+
+func envInt(t *testing.T, name string, def int) int {
+	if v := os.Getenv(name); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		return n
+	}
+	return def
+}
+
+// startNginx runs nginx as a keep-alive reverse proxy in front of upstreams.
+func startNginx(t *testing.T, dir string, upstreams []string) string {
+	t.Helper()
+	addr := freeAddr(t)
+	var servers strings.Builder
+	for _, u := range upstreams {
+		fmt.Fprintf(&servers, "    server %s;\n", u)
+	}
+	conf := fmt.Sprintf(`worker_processes 2;
+user root;
+pid %[1]s/nginx.pid;
+error_log stderr warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path %[1]s/body;
+  proxy_temp_path %[1]s/proxy;
+  upstream models {
+    least_conn;
+%[2]s    keepalive 256;
+  }
+  server {
+    listen %[3]s;
+    location / {
+      proxy_pass http://models;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+`, dir, servers.String(), addr)
+	path := filepath.Join(dir, "nginx.conf")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	nginx, _ := exec.LookPath("nginx")
+	p, err := testCluster.Run("nginx", nginx, "-e", "stderr", "-c", path, "-g", "daemon off;")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Stop(5 * time.Second) })
+	waitUp(t, p, "http://"+addr)
+	return "http://" + addr
+}
+
+// startHAProxy runs HAProxy as a keep-alive reverse proxy in front of
+// upstreams.
+func startHAProxy(t *testing.T, dir string, upstreams []string) string {
+	t.Helper()
+	addr := freeAddr(t)
+	var servers strings.Builder
+	for i, u := range upstreams {
+		fmt.Fprintf(&servers, "  server s%d %s\n", i, u)
+	}
+	conf := fmt.Sprintf(`global
+  maxconn 8192
+  nbthread 2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend api
+  bind %s
+  default_backend models
+backend models
+  balance leastconn
+%s`, addr, servers.String())
+	path := filepath.Join(dir, "haproxy.cfg")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	haproxy, _ := exec.LookPath("haproxy")
+	p, err := testCluster.Run("haproxy", haproxy, "-f", path, "-db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Stop(5 * time.Second) })
+	waitUp(t, p, "http://"+addr)
+	return "http://" + addr
+}
+
+// waitUp waits until a proxy accepts HTTP (any status).
+func waitUp(t *testing.T, p *cluster.Process, url string) {
+	t.Helper()
+	err := cluster.WaitFor(context.Background(), 10*time.Second, url+" to accept requests", func(ctx context.Context) (bool, error) {
+		if exited, err := p.Exited(); exited {
+			return false, p.Failure("exited: " + err.Error())
+		}
+		resp, err := http.Get(url + "/v1/models")
+		if err != nil {
+			return false, err
+		}
+		resp.Body.Close()
+		return true, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+type wrkResult struct {
+	rps      float64
+	p50, p99 time.Duration
+	errors   int
+}
+
+var (
+	wrkRPS     = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	wrkLatency = regexp.MustCompile(`(?m)^\s+(50|99)(?:\.000)?%\s+([0-9.]+)(us|ms|s)\s*$`)
+	wrkErrors  = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)|Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
+)
+
+func runWrk(t *testing.T, url, script string, connections int, d time.Duration) wrkResult {
+	t.Helper()
+	out, err := exec.Command("wrk", "-t2", "-c"+strconv.Itoa(connections), "-d"+d.String(), "--latency", "-s", script, url+"/v1/completions").CombinedOutput()
+	if err != nil {
+		t.Fatalf("wrk: %v\n%s", err, out)
+	}
+	var res wrkResult
+	m := wrkRPS.FindSubmatch(out)
+	if m == nil {
+		t.Fatalf("no Requests/sec in wrk's output:\n%s", out)
+	}
+	res.rps, _ = strconv.ParseFloat(string(m[1]), 64)
+	for _, m := range wrkLatency.FindAllSubmatch(out, -1) {
+		v, _ := strconv.ParseFloat(string(m[2]), 64)
+		unit := map[string]time.Duration{"us": time.Microsecond, "ms": time.Millisecond, "s": time.Second}[string(m[3])]
+		d := time.Duration(v * float64(unit))
+		if string(m[1]) == "50" {
+			res.p50 = d
+		} else {
+			res.p99 = d
+		}
+	}
+	for _, m := range wrkErrors.FindAllSubmatch(out, -1) {
+		for _, g := range m[1:] {
+			n, _ := strconv.Atoi(string(g))
+			res.errors += n
+		}
+	}
+	return res
+}
+
+type openResult struct {
+	sent, errors int
+	p50, p99     time.Duration
+}
+
+// openLoop sends requests at a fixed rate for d, each from its own goroutine
+// at its scheduled time, and measures latency from the scheduled time, so a
+// stall delays the clock of every request it holds up (no coordinated
+// omission, unlike a closed loop such as wrk's or hey's -q). wrk2, which does
+// this, is not packaged in Debian.
+func openLoop(t *testing.T, url, body string, rate float64, d time.Duration) openResult {
+	t.Helper()
+	tr := &http.Transport{MaxIdleConnsPerHost: 1024, Proxy: nil}
+	defer tr.CloseIdleConnections()
+	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	interval := time.Duration(float64(time.Second) / rate)
+	n := int(d / interval)
+	latencies := make([]time.Duration, n)
+	failed := make([]bool, n)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range n {
+		at := start.Add(time.Duration(i) * interval)
+		time.Sleep(time.Until(at))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := c.Post(url+"/v1/completions", "application/json", strings.NewReader(body))
+			if err == nil {
+				_, err = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					err = fmt.Errorf("status %d", resp.StatusCode)
+				}
+			}
+			latencies[i] = time.Since(at)
+			failed[i] = err != nil
+		}()
+	}
+	wg.Wait()
+	res := openResult{sent: n}
+	for _, f := range failed {
+		if f {
+			res.errors++
+		}
+	}
+	slices.Sort(latencies)
+	res.p50 = latencies[n/2].Round(time.Microsecond)
+	res.p99 = latencies[n*99/100].Round(time.Microsecond)
+	return res
+}
