@@ -17,9 +17,11 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
+	"github.com/capstan-dev/capstan/metricsadapter/scrape"
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/health"
+	"github.com/capstan-dev/capstan/router/load"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/proxy"
 	"github.com/capstan-dev/capstan/router/route"
@@ -108,6 +110,11 @@ func Run(ctx context.Context, o *Options) error {
 	defer stopDiscovery()
 	discoveryDone := make(chan error, 1)
 	go func() { discoveryDone <- controller.Run(discoveryCtx, o.Workers) }()
+	if o.Balancer == balance.LoadAware {
+		if err := runLoadFeed(discoveryCtx, o, client, routes, reg); err != nil {
+			return err
+		}
+	}
 
 	serveDone := make(chan error, 1)
 	go func() { serveDone <- srv.Serve(listener) }()
@@ -174,4 +181,37 @@ func newMux(api http.Handler, reg *prometheus.Registry, ready func() error) http
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.Handle("/", api)
 	return mux
+}
+
+// runLoadFeed starts, for the load-aware balancer, the metrics adapter's
+// scraper on the model pods and a feeder that copies each pod's load into
+// the routing table's hosts, all bound to ctx.
+func runLoadFeed(ctx context.Context, o *Options, client kubernetes.Interface, routes *route.Builder, reg prometheus.Registerer) error {
+	scraper, err := scrape.New(scrape.Options{
+		Interval:   o.ScrapeInterval,
+		Timeout:    o.ScrapeTimeout,
+		Registerer: reg,
+		UserAgent:  userAgent,
+	})
+	if err != nil {
+		return fmt.Errorf("load-aware balancing: %w", err)
+	}
+	targets, err := load.NewTargets(client, scraper, o.Namespaces)
+	if err != nil {
+		return err
+	}
+	logger := klog.FromContext(ctx)
+	go func() {
+		if err := scraper.Run(ctx); err != nil {
+			logger.Error(err, "Scraper stopped")
+		}
+	}()
+	go func() {
+		if err := targets.Run(ctx); err != nil {
+			logger.Error(err, "Scrape targets stopped")
+		}
+	}()
+	feeder := &load.Feeder{Source: load.ScraperSource{Scraper: scraper}, Table: routes.Table, Interval: o.ScrapeInterval / 4}
+	go feeder.Run(ctx)
+	return nil
 }

@@ -164,8 +164,8 @@ func (o *Options) Validate() error {
 			errs = append(errs, field.Invalid(field.NewPath(name), positive[name].String(), "must be positive"))
 		}
 	}
-	if o.ScrapeTimeout > o.ScrapeInterval {
-		errs = append(errs, field.Invalid(field.NewPath("scrape-timeout"), o.ScrapeTimeout.String(), "must not exceed --scrape-interval"))
+	if o.ScrapeTimeout >= o.ScrapeInterval {
+		errs = append(errs, field.Invalid(field.NewPath("scrape-timeout"), o.ScrapeTimeout.String(), "must be shorter than --scrape-interval"))
 	}
 	if o.EjectionBase < 0 {
 		errs = append(errs, field.Invalid(field.NewPath("ejection-base"), o.EjectionBase.String(), "must not be negative"))

@@ -27,7 +27,7 @@ func TestValidate(t *testing.T) {
 		"zero body":        {func(o *Options) { o.MaxBodySize = "0" }, `max-body-size: Invalid value: "0": must be at least 1 byte`},
 		"attempts":         {func(o *Options) { o.MaxAttempts = 9 }, "max-attempts: Invalid value: 9: must be between 1 and 8"},
 		"connect":          {func(o *Options) { o.ConnectTimeout = 0 }, `connect-timeout: Invalid value: "0s": must be positive`},
-		"scrape":           {func(o *Options) { o.ScrapeTimeout = 2 * time.Second }, "scrape-timeout: Invalid value: \"2s\": must not exceed --scrape-interval"},
+		"scrape":           {func(o *Options) { o.ScrapeTimeout = 2 * time.Second }, "scrape-timeout: Invalid value: \"2s\": must be shorter than --scrape-interval"},
 		"ejection":         {func(o *Options) { o.EjectionMax = time.Millisecond }, "ejection-max: Invalid value: \"1ms\": must be at least --ejection-base"},
 		"load factor":      {func(o *Options) { o.LoadFactor = 1 }, "prefix-load-factor: Invalid value: 1: must be above 1"},
 		"session header":   {func(o *Options) { o.SessionHeader = "x session" }, `session-header: Invalid value: "x session": not a header name`},

@@ -752,3 +752,60 @@ func can(t *testing.T, ctx context.Context, user, group, resource, verb string) 
 	}
 	return review.Status.Allowed
 }
+
+// The load-aware balancer reads the engines' own queues through the metrics
+// adapter's scraper: a pod swamped by clients that bypass the router (so the
+// router's in-flight counts cannot see it) gets no new requests.
+func TestLoadAwareAvoidsABusyEngine(t *testing.T) {
+	ctx := testContext(t, 2*time.Minute)
+	ns := namespace(t, ctx, "loadaware")
+	var seen arrivals
+	simulate(t, ctx, ns, seen.add)
+	pods := deploy(t, ctx, cluster.ModelServer{Namespace: ns, Name: "la", Model: "la", Replicas: 2,
+		Annotations: map[string]string{"sim.capstan.dev/max-running": "1", "sim.capstan.dev/ttft": "20ms"}})
+	r := startRouter(t, ctx, "router-loadaware", "--namespaces="+ns, "--balancer=load-aware", "--scrape-interval=200ms", "--scrape-timeout=150ms")
+	r.waitReady(t, ctx, "la", 2)
+
+	// Swamp pod 0 directly: one runs, the rest queue in its engine.
+	busy, idle := pods[0], pods[1]
+	swampCtx, stopSwamp := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for swampCtx.Err() == nil {
+				req, _ := http.NewRequestWithContext(swampCtx, http.MethodPost, "http://"+busy.Status.PodIP+":8000/v1/completions",
+					strings.NewReader(completion("la")))
+				if resp, err := client.Do(req); err == nil {
+					resp.Body.Close()
+				}
+			}
+		}()
+	}
+	defer func() { stopSwamp(); wg.Wait() }()
+	// Wait until the router's scraper has seen the queue (five requests in
+	// a row to the idle pod): then a request goes there every time.
+	inARow := 0
+	err := testCluster.WaitFor(ctx, 15*time.Second, "the router to prefer the idle pod", func(ctx context.Context) (bool, error) {
+		res := r.post(ctx, "/v1/completions", completion("la"))
+		if res.pod == ns+"/"+idle.Name {
+			inARow++
+		} else {
+			inARow = 0
+		}
+		return inARow == 5, res.err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		res := r.post(ctx, "/v1/completions", completion("la"))
+		if res.status != http.StatusOK || res.pod != ns+"/"+idle.Name {
+			t.Fatalf("request %d went to %q (%d); want the idle pod %s", i, res.pod, res.status, idle.Name)
+		}
+	}
+	if scraped := r.metric(t, "capstan_router_endpoints", map[string]string{"model": "la", "state": "ready"}); scraped != 2 {
+		t.Errorf("ready endpoints %v, want 2", scraped)
+	}
+}
