@@ -150,13 +150,16 @@ func (pl *ModelSlots) PreFilter(_ context.Context, state fwk.CycleState, pod *v1
 	}
 	pl.sweep(len(nodes))
 
+	restricted := hasRequiredNodeAffinity(pod)
 	affinity := nodeaffinity.GetRequiredNodeAffinity(pod)
 	priority := corev1.PodPriority(pod)
 	var cluster clusterSlots
 	found := false
 	pl.usage.walk(nodes, int(pl.walkFrom.Load()), func(i int, u *nodeUsage) bool {
-		if ok, _ := affinity.Match(nodes[i].Node()); !ok {
-			return true
+		if restricted {
+			if ok, _ := affinity.Match(nodes[i].Node()); !ok {
+				return true
+			}
 		}
 		if u.fits(d) {
 			pl.walkFrom.Store(int64(i))
@@ -169,7 +172,14 @@ func (pl *ModelSlots) PreFilter(_ context.Context, state fwk.CycleState, pod *v1
 	if found {
 		return nil, nil
 	}
-	return nil, noRoomStatus(pod, d, &cluster)
+	return nil, noRoomStatus(pod, d, &cluster, restricted)
+}
+
+// hasRequiredNodeAffinity reports whether the pod may use only some nodes.
+func hasRequiredNodeAffinity(pod *v1.Pod) bool {
+	a := pod.Spec.Affinity
+	return len(pod.Spec.NodeSelector) > 0 ||
+		(a != nil && a.NodeAffinity != nil && a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution != nil)
 }
 
 // PreFilterExtensions returns nil: Filter reads each node's usage from the
@@ -181,10 +191,7 @@ func (pl *ModelSlots) PreFilterExtensions() fwk.PreFilterExtensions { return nil
 // code is Unschedulable, letting preemption try, only when the pod may
 // preempt and some node big enough runs a model server of lower priority;
 // otherwise evicting pods cannot help and it is UnschedulableAndUnresolvable.
-func noRoomStatus(pod *v1.Pod, d Demand, cluster *clusterSlots) *fwk.Status {
-	restricted := len(pod.Spec.NodeSelector) > 0 ||
-		(pod.Spec.Affinity != nil && pod.Spec.Affinity.NodeAffinity != nil &&
-			pod.Spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution != nil)
+func noRoomStatus(pod *v1.Pod, d Demand, cluster *clusterSlots, restricted bool) *fwk.Status {
 	code := fwk.UnschedulableAndUnresolvable
 	if cluster.preemptible && (pod.Spec.PreemptionPolicy == nil || *pod.Spec.PreemptionPolicy != v1.PreemptNever) {
 		code = fwk.Unschedulable

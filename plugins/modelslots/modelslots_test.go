@@ -543,3 +543,37 @@ func nodeInfoNamed(t *testing.T, nodeInfos []fwk.NodeInfo, name string) fwk.Node
 	t.Fatalf("no node %s", name)
 	return nil
 }
+
+// The walk remembers usage by position in the node list; when the list is
+// reordered, a node is replaced, or a node changes, it must still hand out
+// each node's own, current usage.
+func TestWalkFollowsNodeListChanges(t *testing.T) {
+	c := newUsageCache(Capacity{})
+	mk := func(name, slots string) fwk.NodeInfo {
+		ni := framework.NewNodeInfo()
+		ni.SetNode(slotNode(name, slots))
+		return ni
+	}
+	a, b, d := mk("a", "1"), mk("b", "2"), mk("d", "4")
+	check := func(nodes []fwk.NodeInfo) {
+		t.Helper()
+		c.walk(nodes, 1, func(i int, u *nodeUsage) bool {
+			want, _ := c.capacity.NodeSlots(nodes[i].Node())
+			if u.capacity != want || u.generation != nodes[i].GetGeneration() {
+				t.Errorf("node %s: usage with %d slots at generation %d, want %d at %d",
+					nodes[i].Node().Name, u.capacity, u.generation, want, nodes[i].GetGeneration())
+			}
+			return true
+		})
+	}
+	check([]fwk.NodeInfo{a, b, d})
+	check([]fwk.NodeInfo{d, a, b})            // reordered
+	check([]fwk.NodeInfo{d, mk("e", "3"), b}) // a replaced at the same position
+	b.AddPodInfo(mustPodInfo(t, modelPod("x", "llama", "b").Obj()))
+	c.walk([]fwk.NodeInfo{d, b}, 0, func(i int, u *nodeUsage) bool { // shorter, and b changed
+		if i == 1 && u.used != 1 {
+			t.Errorf("node b after a pod was added: %d slots used, want 1", u.used)
+		}
+		return true
+	})
+}
