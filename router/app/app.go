@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync/atomic"
 	"time"
 
@@ -95,7 +96,7 @@ func Run(ctx context.Context, o *Options) error {
 		return nil
 	}
 	srv := &http.Server{
-		Handler:           newMux(handler, reg, ready),
+		Handler:           newMux(handler, reg, ready, o.Profiling),
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       120 * time.Second,
 	}
@@ -166,7 +167,7 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 }
 
 // newMux serves the health endpoints and metrics beside the API.
-func newMux(api http.Handler, reg *prometheus.Registry, ready func() error) http.Handler {
+func newMux(api http.Handler, reg *prometheus.Registry, ready func() error, profiling bool) http.Handler {
 	mux := http.NewServeMux()
 	alive := func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) }
 	mux.HandleFunc("GET /healthz", alive)
@@ -179,6 +180,13 @@ func newMux(api http.Handler, reg *prometheus.Registry, ready func() error) http
 		_, _ = w.Write([]byte("ok"))
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	if profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	mux.Handle("/", api)
 	return mux
 }

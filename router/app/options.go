@@ -74,6 +74,8 @@ type Options struct {
 	AccessLog bool
 	// Workers is the number of discovery workers. Default 2.
 	Workers int
+	// Profiling serves net/http/pprof under /debug/pprof/. Default false.
+	Profiling bool
 }
 
 // NewOptions returns the default options.
@@ -132,6 +134,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "Then wait at most this long for in-flight requests (streams included) to finish.")
 	fs.BoolVar(&o.AccessLog, "access-log", o.AccessLog, "Log every request (request id, model, pod, status, duration).")
 	fs.IntVar(&o.Workers, "discovery-workers", o.Workers, "Goroutines rebuilding Service endpoint sets.")
+	fs.BoolVar(&o.Profiling, "profiling", o.Profiling, "Serve Go profiles under /debug/pprof/ on --bind-address.")
 }
 
 // Validate checks the options and returns every problem at once.

@@ -64,14 +64,18 @@ func TestSideBySide(t *testing.T) {
 
 	nginxURL := startNginx(t, dir, upstreams)
 	haproxyURL := startHAProxy(t, dir, upstreams)
-	r := startRouter(t, ctx, "router-bench", "--namespaces="+ns, "--access-log=false", "--v=0")
+	if v := os.Getenv("CAPSTAN_BENCH_ROUTER_GOMAXPROCS"); v != "" {
+		t.Setenv("GOMAXPROCS", v) // inherited by the router process only
+	}
+	r := startRouter(t, ctx, "router-bench", "--namespaces="+ns, "--access-log=false", "--v=0", "--profiling")
 	r.waitReady(t, ctx, "bench", backends)
 
-	targets := []struct{ name, url string }{
-		{"direct (one backend)", "http://" + upstreams[0]},
-		{"nginx", nginxURL},
-		{"haproxy", haproxyURL},
-		{"capstan-router", r.url},
+	// comm is the process name whose CPU time is the proxy's cost.
+	targets := []struct{ name, url, comm string }{
+		{"direct (one backend)", "http://" + upstreams[0], ""},
+		{"nginx", nginxURL, "nginx"},
+		{"haproxy", haproxyURL, "haproxy"},
+		{"capstan-router", r.url, "capstan-router"},
 	}
 	results := map[string]wrkResult{}
 	for _, tg := range targets {
@@ -86,33 +90,57 @@ func TestSideBySide(t *testing.T) {
 			t.Fatalf("%s answered %d %s", tg.name, resp.StatusCode, data)
 		}
 		runWrk(t, tg.url, luaPath, connections, 2*time.Second) // warm-up
+		var profile chan []byte
+		if out := os.Getenv("CAPSTAN_BENCH_PROFILE"); out != "" && tg.comm == "capstan-router" {
+			profile = make(chan []byte, 1)
+			go func() { profile <- fetch(t, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", r.url, int(duration.Seconds())-1)) }()
+		}
+		cpuBefore := processCPU(t, tg.comm)
 		res := runWrk(t, tg.url, luaPath, connections, duration)
+		if tg.comm != "" && res.requests > 0 {
+			res.cpuPerRequest = (processCPU(t, tg.comm) - cpuBefore) / time.Duration(res.requests)
+		}
+		if profile != nil {
+			if err := os.WriteFile(os.Getenv("CAPSTAN_BENCH_PROFILE"), <-profile, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
 		results[tg.name] = res
-		t.Logf("%-22s %9.0f req/s  p50 %8s  p99 %8s  errors %d", tg.name, res.rps, res.p50, res.p99, res.errors)
+		t.Logf("%-22s %9.0f req/s  p50 %8s  p99 %8s  proxy CPU/request %8s  errors %d", tg.name, res.rps, res.p50, res.p99, res.cpuPerRequest, res.errors)
 	}
 	direct, nginx, router := results["direct (one backend)"], results["nginx"], results["capstan-router"]
 
-	// Added latency at half of the router's maximum rate.
+	// Added latency at half of the router's maximum rate, for every target
+	// at the same rate.
 	rate := router.rps / 2
-	openDirect := openLoop(t, "http://"+upstreams[0], body, rate, duration)
-	openRouter := openLoop(t, r.url, body, rate, duration)
-	added := openRouter.p99 - openDirect.p99
+	open := map[string]openResult{}
+	for _, tg := range targets {
+		open[tg.name] = openLoop(t, tg.url, body, rate, duration)
+		t.Logf("open loop %-22s at %.0f/s: p50 %s p99 %s errors %d", tg.name, rate, open[tg.name].p50, open[tg.name].p99, open[tg.name].errors)
+	}
+	added := open["capstan-router"].p99 - open["direct (one backend)"].p99
 
 	var b strings.Builder
 	host, _ := os.Hostname()
 	fmt.Fprintf(&b, "Run %s on %s (%d CPUs, shared), %d backends (fleet simulator, 4 output tokens, no simulated latency), wrk -t2 -c%d -d%s, keep-alive everywhere, access logs off.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 MST"), host, numCPU(), backends, connections, duration)
-	fmt.Fprintf(&b, "| target | requests/s | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&b, "| target | requests/s | p50 | p99 | proxy CPU per request | errors |\n|---|---:|---:|---:|---:|---:|\n")
 	for _, tg := range targets {
 		res := results[tg.name]
-		fmt.Fprintf(&b, "| %s | %.0f | %s | %s | %d |\n", tg.name, res.rps, res.p50, res.p99, res.errors)
+		cpu := "–"
+		if res.cpuPerRequest > 0 {
+			cpu = res.cpuPerRequest.Round(100 * time.Nanosecond).String()
+		}
+		fmt.Fprintf(&b, "| %s | %.0f | %s | %s | %s | %d |\n", tg.name, res.rps, res.p50, res.p99, cpu, res.errors)
 	}
 	fmt.Fprintf(&b, "\nrouter/nginx throughput: **%.2f** (target ≥ 0.80); router/haproxy: %.2f; router/direct: %.2f\n\n",
 		router.rps/nginx.rps, router.rps/results["haproxy"].rps, router.rps/direct.rps)
 	fmt.Fprintf(&b, "Open loop at %.0f requests/s (half the router's maximum) for %s, latency from each request's scheduled start:\n\n", rate, duration)
 	fmt.Fprintf(&b, "| target | sent | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n")
-	fmt.Fprintf(&b, "| direct (one backend) | %d | %s | %s | %d |\n", openDirect.sent, openDirect.p50, openDirect.p99, openDirect.errors)
-	fmt.Fprintf(&b, "| capstan-router | %d | %s | %s | %d |\n", openRouter.sent, openRouter.p50, openRouter.p99, openRouter.errors)
+	for _, tg := range targets {
+		o := open[tg.name]
+		fmt.Fprintf(&b, "| %s | %d | %s | %s | %d |\n", tg.name, o.sent, o.p50, o.p99, o.errors)
+	}
 	fmt.Fprintf(&b, "\np99 added by the router: **%s** (target ≤ 1ms)\n", added.Round(10*time.Microsecond))
 	t.Log("\n" + b.String())
 	if out := os.Getenv("CAPSTAN_BENCH_OUT"); out != "" {
@@ -261,13 +289,16 @@ func waitUp(t *testing.T, p *cluster.Process, url string) {
 }
 
 type wrkResult struct {
-	rps      float64
-	p50, p99 time.Duration
-	errors   int
+	rps           float64
+	requests      int
+	p50, p99      time.Duration
+	errors        int
+	cpuPerRequest time.Duration
 }
 
 var (
-	wrkRPS     = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	wrkRPS      = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	wrkRequests = regexp.MustCompile(`(\d+) requests in`)
 	wrkLatency = regexp.MustCompile(`(?m)^\s+(50|99)(?:\.000)?%\s+([0-9.]+)(us|ms|s)\s*$`)
 	wrkErrors  = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)|Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
 )
@@ -284,6 +315,9 @@ func runWrk(t *testing.T, url, script string, connections int, d time.Duration) 
 		t.Fatalf("no Requests/sec in wrk's output:\n%s", out)
 	}
 	res.rps, _ = strconv.ParseFloat(string(m[1]), 64)
+	if m := wrkRequests.FindSubmatch(out); m != nil {
+		res.requests, _ = strconv.Atoi(string(m[1]))
+	}
 	for _, m := range wrkLatency.FindAllSubmatch(out, -1) {
 		v, _ := strconv.ParseFloat(string(m[2]), 64)
 		unit := map[string]time.Duration{"us": time.Microsecond, "ms": time.Millisecond, "s": time.Second}[string(m[3])]
@@ -353,4 +387,50 @@ func openLoop(t *testing.T, url, body string, rate float64, d time.Duration) ope
 	res.p50 = latencies[n/2].Round(time.Microsecond)
 	res.p99 = latencies[n*99/100].Round(time.Microsecond)
 	return res
+}
+
+// processCPU sums the user and system CPU time of every process named comm
+// (nginx's and HAProxy's workers included). The benchmark runs in its own
+// PID namespace, so these are the benchmark's processes.
+func processCPU(t *testing.T, comm string) time.Duration {
+	t.Helper()
+	if comm == "" {
+		return 0
+	}
+	stats, err := filepath.Glob("/proc/[0-9]*/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ticks int64
+	for _, path := range stats {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			continue // exited meanwhile
+		}
+		open, close := strings.IndexByte(string(data), '('), strings.LastIndexByte(string(data), ')')
+		if open < 0 || close < open || string(data[open+1:close]) != comm {
+			continue
+		}
+		// After "(comm) ", utime and stime are the 12th and 13th fields.
+		f := strings.Fields(string(data[close+2:]))
+		if len(f) < 13 {
+			continue
+		}
+		u, _ := strconv.ParseInt(f[11], 10, 64)
+		s, _ := strconv.ParseInt(f[12], 10, 64)
+		ticks += u + s
+	}
+	const clockTicks = 100 // USER_HZ on Linux
+	return time.Duration(ticks) * time.Second / clockTicks
+}
+
+func fetch(t *testing.T, url string) []byte {
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	return data
 }
