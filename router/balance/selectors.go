@@ -247,15 +247,18 @@ func (s LoadAwareSelection) Select(p *Pool, r *Request) *Endpoint {
 		x     = rand.Uint64() | 1
 	)
 	for i, h := range p.hosts {
-		e := &p.endpoints[i]
 		n := h.InFlight()
+		// The engine terms are never negative: an endpoint whose in-flight
+		// count alone exceeds the best score cannot win.
+		if float64(n) > least {
+			continue
+		}
+		e := &p.endpoints[i]
 		if !p.usable(e, n, r) {
 			continue
 		}
-		score := float64(n)
-		if l := h.Load(); l != nil {
-			score += s.QueueWeight*l.Waiting + s.KVCacheWeight*l.KVCacheUsage
-		}
+		waiting, kv := h.EngineLoad()
+		score := float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
 		switch {
 		case best == nil || score < least:
 			best, least, ties = e, score, 1

@@ -6,6 +6,7 @@
 package health
 
 import (
+	"math"
 	"sync/atomic"
 	"time"
 )
@@ -24,6 +25,10 @@ func now() int64 { return int64(time.Since(epoch)) + 1 }
 type Host struct {
 	// The fields a balancer's scan reads come first, in one cache line.
 	inflight atomic.Int64
+	// waiting and kvCache are the engine's latest queue depth and KV-cache
+	// usage as float64 bits, 0 when unknown, copied out of load so that
+	// the load-aware scan needs no pointer chase.
+	waiting, kvCache atomic.Uint64
 	// ejectedUntil is the monotonic time (see now) until which the host
 	// gets no new requests, or 0 when it is not ejected. Keeping 0 for the
 	// common case lets Available skip reading the clock.
@@ -156,7 +161,21 @@ type Load struct {
 // SetLoad records the host's latest fresh load, or forgets it (nil) when the
 // engine's metrics are missing or stale. The value must not be changed
 // afterwards.
-func (h *Host) SetLoad(l *Load) { h.load.Store(l) }
+func (h *Host) SetLoad(l *Load) {
+	h.load.Store(l)
+	var waiting, kv float64
+	if l != nil {
+		waiting, kv = l.Waiting, l.KVCacheUsage
+	}
+	h.waiting.Store(math.Float64bits(waiting))
+	h.kvCache.Store(math.Float64bits(kv))
+}
+
+// EngineLoad returns the engine's latest waiting requests and KV-cache
+// usage, both 0 when unknown. It reads two atomics and does not allocate.
+func (h *Host) EngineLoad() (waiting, kvCache float64) {
+	return math.Float64frombits(h.waiting.Load()), math.Float64frombits(h.kvCache.Load())
+}
 
 // Load returns the host's latest fresh load, or nil when none is known.
 func (h *Host) Load() *Load { return h.load.Load() }

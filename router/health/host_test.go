@@ -127,8 +127,14 @@ func TestLoad(t *testing.T) {
 	if l := h.Load(); l == nil || l.Waiting != 3 || l.KVCacheUsage != 0.5 {
 		t.Errorf("Load() = %+v", l)
 	}
+	if w, kv := h.EngineLoad(); w != 3 || kv != 0.5 {
+		t.Errorf("EngineLoad() = %v, %v; want 3, 0.5", w, kv)
+	}
 	h.SetLoad(nil)
 	if h.Load() != nil {
 		t.Error("SetLoad(nil) did not forget the load")
+	}
+	if w, kv := h.EngineLoad(); w != 0 || kv != 0 {
+		t.Errorf("EngineLoad() after SetLoad(nil) = %v, %v; want 0, 0", w, kv)
 	}
 }
