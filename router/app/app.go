@@ -117,6 +117,7 @@ func Run(ctx context.Context, o *Options) error {
 		}
 	}
 
+	go handler.Run(discoveryCtx)
 	serveDone := make(chan error, 1)
 	go func() { serveDone <- srv.Serve(listener) }()
 	logger.Info("Serving", "address", listener.Addr().String(), "balancer", o.Balancer, "namespaces", o.Namespaces)

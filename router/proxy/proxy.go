@@ -84,7 +84,7 @@ type Options struct {
 type Handler struct {
 	routes    Routes
 	opts      Options
-	transport *http.Transport
+	upstreams *upstreams
 	metrics   *metrics.Metrics
 	logger    klog.Logger
 	balancer  string
@@ -99,33 +99,28 @@ const maxPooledBody = 1 << 20
 
 // New returns a Handler that routes with routes and records into m.
 func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *Handler {
-	dialer := &net.Dialer{Timeout: opts.ConnectTimeout, KeepAlive: 30 * time.Second}
 	h := &Handler{
-		routes:  routes,
-		opts:    opts,
-		metrics: m,
-		logger:  logger,
-		transport: &http.Transport{
-			// Never a proxy from the environment: endpoints are pod IPs.
-			Proxy:                 nil,
-			DialContext:           dialer.DialContext,
-			MaxIdleConnsPerHost:   opts.MaxIdleConnsPerEndpoint,
-			IdleConnTimeout:       90 * time.Second,
-			ResponseHeaderTimeout: opts.FirstByteTimeout,
-			// Forward bodies unchanged: no transparent gzip.
-			DisableCompression: true,
-			WriteBufferSize:    32 << 10,
-			ReadBufferSize:     32 << 10,
-		},
-		balancer: string(opts.Balancer),
+		routes:    routes,
+		opts:      opts,
+		metrics:   m,
+		logger:    logger,
+		upstreams: newUpstreams(opts.ConnectTimeout, opts.MaxIdleConnsPerEndpoint, idleConnTimeout),
+		balancer:  string(opts.Balancer),
 	}
 	h.bodies.New = func() any { return new(bytes.Buffer) }
 	h.copies.New = func() any { b := make([]byte, 32<<10); return &b }
 	return h
 }
 
+// idleConnTimeout is how long an idle upstream connection is kept.
+const idleConnTimeout = 90 * time.Second
+
+// Run closes upstream connections that have been idle too long, until ctx
+// ends; then it closes every idle one.
+func (h *Handler) Run(ctx context.Context) { h.upstreams.sweep(ctx) }
+
 // CloseIdleConnections closes idle upstream connections (at shutdown).
-func (h *Handler) CloseIdleConnections() { h.transport.CloseIdleConnections() }
+func (h *Handler) CloseIdleConnections() { h.upstreams.closeIdle(0) }
 
 // exchange is what the access log and metrics record about one request.
 type exchange struct {
@@ -307,8 +302,7 @@ func classify(err error) failure {
 // the attempts run out. It never retries after writing to the client.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m *route.Model, body []byte, br *balance.Request) {
 	pool := m.Pool
-	ctx, cancel := context.WithCancelCause(r.Context())
-	defer cancel(nil)
+	ctx := r.Context()
 	header := outboundHeader(r, x.id)
 
 	var (
@@ -333,11 +327,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 		}
 		x.attempts++
 		x.pod, x.endpoint = e.Pod, e.Address
-		resp, err := h.transport.RoundTrip(outboundRequest(ctx, r, e.Address, header, body))
+		up, err := h.upstreams.roundTrip(ctx, outboundRequest(r, e.Address, header, body), e.Address, h.opts.FirstByteTimeout)
 		if err != nil {
 			pool.Release(e)
-			if r.Context().Err() != nil {
-				x.status, x.err = statusClientClosed, context.Cause(r.Context())
+			if ctx.Err() != nil {
+				x.status, x.err = statusClientClosed, context.Cause(ctx)
 				return
 			}
 			lastErr, lastFail = err, classify(err)
@@ -354,7 +348,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 		}
 		e.Host.Succeed()
 		h.metrics.FirstByte(m.Name, time.Since(x.start).Seconds())
-		h.respond(ctx, cancel, w, x, e, resp)
+		h.upstreams.release(up, h.respond(w, x, e, up))
 		pool.Release(e)
 		return
 	}
@@ -376,14 +370,12 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 	}
 }
 
-// errIdle cancels an upstream response that stalled mid-body.
-var errIdle = errors.New("idle stream timeout")
-
-// respond copies the model server's response to the client. From here on
-// the request is never retried: a failure mid-body aborts the client's
-// connection so that it sees an incomplete response, not a short one.
-func (h *Handler) respond(ctx context.Context, cancel context.CancelCauseFunc, w http.ResponseWriter, x *exchange, e *balance.Endpoint, resp *http.Response) {
-	defer resp.Body.Close()
+// respond copies the model server's response to the client and reports
+// whether it read the response to its end. From here on the request is never
+// retried: a failure mid-body aborts the client's connection so that it sees
+// an incomplete response, not a short one.
+func (h *Handler) respond(w http.ResponseWriter, x *exchange, e *balance.Endpoint, up *upstreamResponse) (complete bool) {
+	resp := up.resp
 	dst := w.Header()
 	copyHeader(dst, resp.Header)
 	if e.Pod != "" {
@@ -402,48 +394,59 @@ func (h *Handler) respond(ctx context.Context, cancel context.CancelCauseFunc, w
 		rc = http.NewResponseController(w)
 		if err := rc.Flush(); err != nil {
 			x.err = err
-			return
+			return false
 		}
 	}
-	idle := time.AfterFunc(h.opts.IdleStreamTimeout, func() { cancel(errIdle) })
-	defer idle.Stop()
 	bp := h.copies.Get().(*[]byte)
 	defer h.copies.Put(bp)
 	buf := *bp
+	// Each read may wait at most the idle timeout: a deadline on the
+	// connection, not a timer, moved forward only when a quarter of it has
+	// passed, so a fast stream does not pay for it on every chunk.
+	idle := h.opts.IdleStreamTimeout
+	var deadline time.Time
 	for {
+		if now := time.Now(); deadline.Sub(now) < idle-idle/4 {
+			deadline = now.Add(idle)
+			if err := up.conn.SetReadDeadline(deadline); err != nil {
+				x.err = err
+				return false
+			}
+		}
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {
-			idle.Reset(h.opts.IdleStreamTimeout)
 			wn, werr := w.Write(buf[:n])
 			x.written += int64(wn)
 			if werr == nil && rc != nil {
 				werr = rc.Flush()
 			}
 			if werr != nil {
-				// The client went away; returning cancels the upstream.
+				// The client went away; the upstream connection is closed.
 				x.err = fmt.Errorf("writing to the client: %w", werr)
-				return
+				return false
 			}
 		}
 		if rerr == io.EOF {
-			return
+			return true
 		}
 		if rerr != nil {
-			if cause := context.Cause(ctx); cause != nil && errors.Is(cause, errIdle) {
-				rerr = fmt.Errorf("no data from the model server for %s: %w", h.opts.IdleStreamTimeout, errIdle)
+			var ne net.Error
+			if errors.As(rerr, &ne) && ne.Timeout() {
+				rerr = fmt.Errorf("no data from the model server for %s: %w", h.opts.IdleStreamTimeout, rerr)
 			}
 			x.err = fmt.Errorf("reading the response after %d bytes: %w", x.written, rerr)
 			h.logger.Info("Aborting a response the model server did not finish", "requestID", x.id, "pod", e.Pod, "endpoint", e.Address, "err", rerr)
 			// Bytes reached the client, so no retry: abort the connection.
+			up.conn.Close()
 			panic(http.ErrAbortHandler)
 		}
 	}
 }
 
 // outboundRequest builds one attempt's request to addr. The header map is
-// shared by all attempts (the Transport does not modify it).
-func outboundRequest(ctx context.Context, in *http.Request, addr string, header http.Header, body []byte) *http.Request {
-	out := &http.Request{
+// shared by all attempts (writing a request does not modify it).
+func outboundRequest(in *http.Request, addr string, header http.Header, body []byte) *http.Request {
+	return &http.Request{
 		Method:        in.Method,
 		URL:           &url.URL{Scheme: "http", Host: addr, Path: in.URL.Path, RawPath: in.URL.RawPath, RawQuery: in.URL.RawQuery},
 		Proto:         "HTTP/1.1",
@@ -451,13 +454,10 @@ func outboundRequest(ctx context.Context, in *http.Request, addr string, header 
 		ProtoMinor:    1,
 		Header:        header,
 		Body:          io.NopCloser(bytes.NewReader(body)),
+		GetBody:       func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil },
 		ContentLength: int64(len(body)),
-		// The Transport may replay the body itself on a stale keep-alive
-		// connection it reused.
-		GetBody: func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil },
-		Host:    addr,
+		Host:          addr,
 	}
-	return out.WithContext(ctx)
 }
 
 // outboundHeader copies the client's headers minus hop-by-hop ones, and adds

@@ -740,3 +740,59 @@ func TestNotSyncedIs503(t *testing.T) {
 		t.Errorf("after sync: %d %s", resp.StatusCode, data)
 	}
 }
+
+// countingUpstream is an upstream that counts the connections it accepts.
+func countingUpstream(t *testing.T, idleTimeout time.Duration) (backend, *atomic.Int64) {
+	t.Helper()
+	conns := new(atomic.Int64)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(ok))
+	srv.Config.IdleTimeout = idleTimeout
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return backend{addr: srv.Listener.Addr().String(), pod: "counted", ready: true, hits: new(atomic.Int64)}, conns
+}
+
+func TestUpstreamConnectionsAreKeptAlive(t *testing.T) {
+	b, conns := countingUpstream(t, time.Minute)
+	f := newFixture(t, "llama", []backend{b})
+	for i := range 20 {
+		if resp, data := f.post("/v1/completions", completion); resp.StatusCode != http.StatusOK {
+			t.Fatalf("request %d: %d %s", i, resp.StatusCode, data)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("20 sequential requests opened %d upstream connections, want 1", n)
+	}
+	f.handler.CloseIdleConnections()
+	if resp, _ := f.post("/v1/completions", completion); resp.StatusCode != http.StatusOK || conns.Load() != 2 {
+		t.Errorf("after closing idle connections: %d with %d connections, want 200 on a second one", resp.StatusCode, conns.Load())
+	}
+}
+
+// A keep-alive connection the model server closed while it was idle is
+// replaced transparently: no error, no retry on another endpoint, no
+// ejection.
+func TestStaleKeepAliveConnectionIsRedialed(t *testing.T) {
+	b, conns := countingUpstream(t, 20*time.Millisecond)
+	f := newFixture(t, "llama", []backend{b})
+	for i := range 3 {
+		if resp, data := f.post("/v1/completions", completion); resp.StatusCode != http.StatusOK {
+			t.Fatalf("request %d: %d %s", i, resp.StatusCode, data)
+		}
+		time.Sleep(100 * time.Millisecond) // the server closes the idle connection
+	}
+	if n := conns.Load(); n != 3 {
+		t.Errorf("%d upstream connections, want 3 (one per request after each idle close)", n)
+	}
+	if v := f.metric("capstan_router_ejections_total", map[string]string{"model": "llama"}); v != 0 {
+		t.Errorf("a stale keep-alive connection ejected the endpoint (%v)", v)
+	}
+	if v := f.metric("capstan_router_retries_total", map[string]string{"model": "llama", "reason": "transport"}); v != 0 {
+		t.Errorf("a stale keep-alive connection counted as a retry (%v)", v)
+	}
+}

@@ -93,7 +93,9 @@ func TestSideBySide(t *testing.T) {
 		var profile chan []byte
 		if out := os.Getenv("CAPSTAN_BENCH_PROFILE"); out != "" && tg.comm == "capstan-router" {
 			profile = make(chan []byte, 1)
-			go func() { profile <- fetch(t, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", r.url, int(duration.Seconds())-1)) }()
+			go func() {
+				profile <- fetch(t, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", r.url, int(duration.Seconds())-1))
+			}()
 		}
 		cpuBefore := processCPU(t, tg.comm)
 		res := runWrk(t, tg.url, luaPath, connections, duration)
@@ -299,8 +301,8 @@ type wrkResult struct {
 var (
 	wrkRPS      = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
 	wrkRequests = regexp.MustCompile(`(\d+) requests in`)
-	wrkLatency = regexp.MustCompile(`(?m)^\s+(50|99)(?:\.000)?%\s+([0-9.]+)(us|ms|s)\s*$`)
-	wrkErrors  = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)|Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
+	wrkLatency  = regexp.MustCompile(`(?m)^\s+(50|99)(?:\.000)?%\s+([0-9.]+)(us|ms|s)\s*$`)
+	wrkErrors   = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)|Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
 )
 
 func runWrk(t *testing.T, url, script string, connections int, d time.Duration) wrkResult {
@@ -349,7 +351,10 @@ type openResult struct {
 // this, is not packaged in Debian.
 func openLoop(t *testing.T, url, body string, rate float64, d time.Duration) openResult {
 	t.Helper()
-	tr := &http.Transport{MaxIdleConnsPerHost: 1024, Proxy: nil}
+	// A bounded number of connections: a stall queues requests in the
+	// client (and counts against their latency) instead of opening
+	// connections without end.
+	tr := &http.Transport{MaxIdleConnsPerHost: 256, MaxConnsPerHost: 256, Proxy: nil}
 	defer tr.CloseIdleConnections()
 	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 	interval := time.Duration(float64(time.Second) / rate)
