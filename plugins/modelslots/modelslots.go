@@ -96,6 +96,9 @@ func (pl *ModelSlots) Name() string { return Name }
 // when pods are added to or removed from nodes, so Clone shares it.
 type preFilterState struct {
 	demand Demand
+	// atCap is Filter's reason for a node that runs exactly the maximum of
+	// replicas of the pod's model, formatted once per cycle.
+	atCap string
 }
 
 // Clone returns the state itself: it is never modified.
@@ -144,7 +147,11 @@ func (pl *ModelSlots) PreFilter(_ context.Context, state fwk.CycleState, pod *v1
 		// Only editing the pod can fix this.
 		return nil, fwk.NewStatus(fwk.UnschedulableAndUnresolvable, err.Error())
 	}
-	state.Write(preFilterStateKey, &preFilterState{demand: d})
+	s := &preFilterState{demand: d}
+	if d.MaxPerNode > 0 {
+		s.atCap = pl.reasons.reason(reasonKey{kind: atModelCap, a: d.MaxPerNode, b: d.MaxPerNode, model: d.Key.Model})
+	}
+	state.Write(preFilterStateKey, s)
 	if len(nodes) == 0 {
 		return nil, nil
 	}
@@ -206,12 +213,13 @@ func (pl *ModelSlots) Filter(_ context.Context, state fwk.CycleState, _ *v1.Pod,
 	if err != nil {
 		return fwk.AsStatus(err)
 	}
-	return pl.nodeStatus(s.demand, pl.usage.get(ni, pl.inSnapshot))
+	return pl.nodeStatus(s, pl.usage.get(ni, pl.inSnapshot))
 }
 
-// nodeStatus decides whether one more replica of d fits on a node. Lacking
+// nodeStatus decides whether one more replica fits on a node. Lacking
 // capacity cannot be fixed by evicting pods; slots or replicas in use can.
-func (pl *ModelSlots) nodeStatus(d Demand, u *nodeUsage) *fwk.Status {
+func (pl *ModelSlots) nodeStatus(s *preFilterState, u *nodeUsage) *fwk.Status {
+	d := s.demand
 	switch {
 	case u.invalidLabel:
 		return fwk.NewStatus(fwk.UnschedulableAndUnresolvable, ErrReasonInvalidNodeSlots)
@@ -236,7 +244,10 @@ func (pl *ModelSlots) nodeStatus(d Demand, u *nodeUsage) *fwk.Status {
 	case slotsFull:
 		reasons = append(reasons, pl.reasons.reason(reasonKey{kind: slotsInUse, a: u.used, b: u.capacity, c: d.Slots}))
 	}
-	if atCap {
+	switch {
+	case atCap && replicas == d.MaxPerNode:
+		reasons = append(reasons, s.atCap)
+	case atCap:
 		reasons = append(reasons, pl.reasons.reason(reasonKey{kind: atModelCap, a: replicas, b: d.MaxPerNode, model: d.Key.Model}))
 	}
 	return fwk.NewStatus(fwk.Unschedulable, reasons...)

@@ -97,10 +97,17 @@ func manifestConfig(resources []*kresource.Resource) (*schedv1.KubeSchedulerConf
 	return nil, fmt.Errorf("manifests/scheduler has no capstan-scheduler-config ConfigMap")
 }
 
-// The capstan-scheduler all tests share, started on first use.
+// runningScheduler is the capstan-scheduler all tests share, started on
+// first use.
+type runningScheduler struct {
+	*cluster.Process
+	// URL is where it serves /healthz, /readyz, /livez and /metrics.
+	URL string
+}
+
 var (
 	schedulerOnce sync.Once
-	schedulerProc *cluster.Process
+	schedulerProc *runningScheduler
 	schedulerErr  error
 )
 
@@ -110,7 +117,7 @@ var (
 // binary with the ConfigMap's configuration, authenticated as the
 // ServiceAccount, so it has exactly the manifests' RBAC. It returns once the
 // scheduler holds its leader-election lease.
-func startScheduler(t testing.TB) *cluster.Process {
+func startScheduler(t testing.TB) *runningScheduler {
 	t.Helper()
 	schedulerOnce.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -123,7 +130,7 @@ func startScheduler(t testing.TB) *cluster.Process {
 	return schedulerProc
 }
 
-func runFromManifests(ctx context.Context) (*cluster.Process, error) {
+func runFromManifests(ctx context.Context) (*runningScheduler, error) {
 	c := testCluster
 	resources, err := renderManifests()
 	if err != nil {
@@ -173,7 +180,8 @@ func runFromManifests(ctx context.Context) (*cluster.Process, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := p.WaitHealthy(ctx, fmt.Sprintf("https://127.0.0.1:%d/readyz", port), time.Minute); err != nil {
+	url := fmt.Sprintf("https://127.0.0.1:%d", port)
+	if err := p.WaitHealthy(ctx, url+"/readyz", time.Minute); err != nil {
 		return nil, err
 	}
 	leaseName := cfg.LeaderElection.ResourceName
@@ -187,7 +195,7 @@ func runFromManifests(ctx context.Context) (*cluster.Process, error) {
 	if err != nil {
 		return nil, p.Failure(err.Error())
 	}
-	return p, nil
+	return &runningScheduler{Process: p, URL: url}, nil
 }
 
 // writeConfig writes a KubeSchedulerConfiguration into the cluster's folder.
@@ -289,8 +297,8 @@ func deleteNodes(t *testing.T, names ...string) {
 }
 
 // testNamespace creates a namespace that is emptied and deleted when the test
-// ends. Its pods are deleted at once (not gracefully), before the test's
-// nodes go, so that no pending pod of one test can take a slot in the next.
+// ends. Its pods are deleted at once (not gracefully) and waited for, so that
+// no pending pod of one test can take a slot in the next.
 func testNamespace(ctx context.Context, t *testing.T, prefix string) string {
 	t.Helper()
 	c := testCluster

@@ -3,9 +3,15 @@ package scheduler
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"fmt"
+	"net/http"
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -34,7 +40,7 @@ func TestManifests(t *testing.T) {
 	_, ctx := ktesting.NewTestContext(t)
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	startScheduler(t)
+	sched := startScheduler(t)
 	c := testCluster
 
 	resources, err := renderManifests()
@@ -143,6 +149,90 @@ func TestManifests(t *testing.T) {
 			t.Errorf("listing Secrets: %v, want Forbidden", err)
 		}
 	})
+
+	// /metrics is served to authorized callers only, which needs delegated
+	// authentication and authorization to work with the manifests' RBAC
+	// (the client CA from kube-system, SubjectAccessReviews), and shows the
+	// replicas ModelSlots keeps waiting.
+	t.Run("metrics", func(t *testing.T) {
+		resp, err := insecureClient(t, "", "").Get(sched.URL + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusForbidden {
+			t.Errorf("/metrics without credentials: %s, want 401 or 403", resp.Status)
+		}
+
+		// A replica whose node selector matches none of the nodes that have
+		// slots: ModelSlots turns it away (with no nodes at all, the
+		// scheduler would not get as far as asking the plugins).
+		ns := testNamespace(ctx, t, "metrics")
+		slotNodes(ctx, t, "metrics", 1)
+		pod := modelPod(ns, "nowhere", "llama-3-8b", nil)
+		pod.Spec.NodeSelector = map[string]string{groupLabel: "no-such-group"}
+		if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		admin := insecureClient(t, c.RESTConfig.CertFile, c.RESTConfig.KeyFile)
+		var waiting float64
+		err = c.WaitFor(ctx, 30*time.Second, "ModelSlots to count a waiting replica in /metrics", func(context.Context) (bool, error) {
+			resp, err := admin.Get(sched.URL + "/metrics")
+			if err != nil {
+				return false, err
+			}
+			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return false, fmt.Errorf("/metrics as admin: %s", resp.Status)
+			}
+			parser := expfmt.NewTextParser(model.UTF8Validation)
+			families, err := parser.TextToMetricFamilies(resp.Body)
+			if err != nil {
+				return false, err
+			}
+			waiting = gauge(families["scheduler_unschedulable_pods"], map[string]string{"plugin": modelslots.Name, "profile": schedulerName})
+			return waiting >= 1, nil
+		})
+		if err != nil {
+			t.Errorf("%v (scheduler_unschedulable_pods = %v)", err, waiting)
+		}
+	})
+}
+
+// insecureClient is an HTTPS client for the scheduler's self-signed serving
+// certificate, presenting a client certificate when given one.
+func insecureClient(t *testing.T, certFile, keyFile string) *http.Client {
+	t.Helper()
+	cfg := &tls.Config{InsecureSkipVerify: true} //nolint:gosec // a process of this test, on loopback
+	if certFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	tr := &http.Transport{TLSClientConfig: cfg}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 5 * time.Second}
+}
+
+// gauge returns the value of the family's gauge with the given labels.
+func gauge(family *dto.MetricFamily, labels map[string]string) float64 {
+	if family == nil {
+		return 0
+	}
+	for _, m := range family.GetMetric() {
+		matched := 0
+		for _, l := range m.GetLabel() {
+			if labels[l.GetName()] == l.GetValue() {
+				matched++
+			}
+		}
+		if matched == len(labels) {
+			return m.GetGauge().GetValue()
+		}
+	}
+	return 0
 }
 
 // decodedConfig decodes the manifests' configuration as capstan-scheduler
