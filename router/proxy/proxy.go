@@ -93,6 +93,8 @@ type Handler struct {
 	copies sync.Pool // *[]byte for copying responses
 }
 
+var _ http.Handler = (*Handler)(nil)
+
 // maxPooledBody is the largest request buffer kept for reuse; a rare huge
 // request should not pin its buffer for ever.
 const maxPooledBody = 1 << 20
