@@ -327,6 +327,10 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 		if !pool.Acquire(e) {
 			continue
 		}
+		if x.attempts > 0 {
+			// Another endpoint takes over from a failed attempt.
+			h.metrics.Retry(m.Name, lastFail.reason())
+		}
 		x.attempts++
 		x.pod, x.endpoint = e.Pod, e.Address
 		up, err := h.upstreams.roundTrip(ctx, outboundRequest(r, e.Address, header, body), e.Address, h.opts.FirstByteTimeout)
@@ -342,9 +346,6 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 				h.metrics.Ejection(m.Name)
 				h.logger.V(2).Info("Ejected endpoint after a failed attempt", "requestID", x.id, "model", m.Name,
 					"pod", e.Pod, "endpoint", e.Address, "for", d, "err", err)
-			}
-			if x.attempts < h.opts.MaxAttempts {
-				h.metrics.Retry(m.Name, lastFail.reason())
 			}
 			continue
 		}

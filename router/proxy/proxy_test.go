@@ -483,6 +483,10 @@ func TestAllAttemptsRefusedIs502(t *testing.T) {
 	if resp.StatusCode != http.StatusBadGateway || e.Error.Code != codeUpstreamUnreached || !strings.Contains(e.Error.Message, "3 attempt(s) failed") {
 		t.Fatalf("got %d %s, want 502 after 3 attempts", resp.StatusCode, data)
 	}
+	// Three attempts are two retries.
+	if v := f.metric("capstan_router_retries_total", map[string]string{"model": "llama", "reason": "connect"}); v != 2 {
+		t.Errorf("retries_total = %v after 3 attempts, want 2", v)
+	}
 	// Every endpoint is now ejected or untried; the next request still gets
 	// tried rather than refused outright, since ejection is only a suspicion.
 	resp, data = f.post("/v1/completions", completion)
