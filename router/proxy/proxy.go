@@ -351,8 +351,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 		}
 		e.Host.Succeed()
 		h.metrics.FirstByte(m.Name, time.Since(x.start).Seconds())
-		h.upstreams.release(up, h.respond(w, x, e, up))
-		pool.Release(e)
+		// Deferred: respond aborts a broken response by panicking.
+		defer pool.Release(e)
+		complete := false
+		defer func() { h.upstreams.release(up, complete) }()
+		complete = h.respond(w, x, e, up)
 		return
 	}
 

@@ -429,6 +429,10 @@ func TestNeverRetriesAfterBytesReachedTheClient(t *testing.T) {
 	if partial.hits.Load() != 1 {
 		t.Fatalf("the partial backend got %d requests, want 1", partial.hits.Load())
 	}
+	waitFor(t, "the aborted request to leave the in-flight counts", func() bool {
+		m := f.builder.Table().Lookup("llama")
+		return m.Pool.InFlight() == 0 && m.Pool.Endpoints()[0].Host.InFlight() == 0 && m.Pool.Endpoints()[1].Host.InFlight() == 0
+	})
 	if other.hits.Load() != 0 {
 		t.Error("the request was retried after bytes had reached the client")
 	}
@@ -558,9 +562,13 @@ func TestIdleStreamTimeoutAbortsTheResponse(t *testing.T) {
 	if err == nil || !strings.Contains(string(data), `"chunk":0`) {
 		t.Errorf("read %q, err %v; want the first chunk, then an aborted stream", data, err)
 	}
-	if d := time.Since(start); d < 200*time.Millisecond || d > 3*time.Second {
+	if d := time.Since(start); d < 150*time.Millisecond || d > 3*time.Second {
 		t.Errorf("aborted after %s, want about the 200ms idle timeout", d)
 	}
+	// The aborted request no longer counts as in flight.
+	waitFor(t, "the aborted request to leave the in-flight count", func() bool {
+		return f.builder.Table().Lookup("llama").Pool.Endpoints()[0].Host.InFlight() == 0
+	})
 }
 
 func TestClientDisconnectCancelsUpstream(t *testing.T) {
