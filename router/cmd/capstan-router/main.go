@@ -14,6 +14,9 @@ import (
 	logsapi "k8s.io/component-base/logs/api/v1"
 	_ "k8s.io/component-base/logs/json/register" // --logging-format=json
 	"k8s.io/klog/v2"
+	// Keeps sigs.k8s.io/gateway-api required at the pinned v1.6.x (v1.7
+	// needs a newer Go) until the router speaks the Gateway API.
+	_ "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
 	"github.com/capstan-dev/capstan/router/app"
 )
