@@ -37,7 +37,7 @@ func extract(t *testing.T, c *catalogue.Catalogue, engine modelserver.Engine, fi
 		format = exposition.OpenMetrics
 	}
 	var p exposition.Parser
-	families, err := p.Parse(format, page)
+	families, err := p.Parse(format, page, nil)
 	if err != nil {
 		t.Fatalf("%s: %v", file, err)
 	}
@@ -279,5 +279,31 @@ func TestInvalidCataloguesAreRejected(t *testing.T) {
 				t.Fatalf("Load: %v; want an error containing %q", err, tc.errMatch)
 			}
 		})
+	}
+}
+
+// docs/metricsadapter.md documents every served name and where it comes
+// from; this keeps the two from drifting apart.
+func TestDocsListTheCatalogue(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/metricsadapter.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := catalogue.Builtin()
+	for id, m := range c.Metrics() {
+		name := "`" + m.Name + "`"
+		if m.Kind == catalogue.Histogram {
+			name = "`" + m.Name + "_p50`"
+		}
+		if !strings.Contains(string(doc), name) {
+			t.Errorf("docs/metricsadapter.md does not list %s", name)
+		}
+		for _, e := range c.Engines(id) {
+			for _, s := range m.Engines[e] {
+				if !strings.Contains(string(doc), "`"+s.Series.Series) {
+					t.Errorf("docs/metricsadapter.md does not name %s, the %s source of %s", s.Series.Series, e, m.Name)
+				}
+			}
+		}
 	}
 }

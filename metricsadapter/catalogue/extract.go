@@ -7,6 +7,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/capstan-dev/capstan/metricsadapter/exposition"
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 )
 
@@ -14,6 +15,10 @@ import (
 // with NewValues and reuse it: Extract overwrites it without allocating once
 // its histogram slices have grown.
 type Values struct {
+	// HistogramsSkipped is set when the page was read without its histogram
+	// families (see Catalogue.Filter): the histograms' absence then says
+	// nothing about the page.
+	HistogramsSkipped bool
 	// Has says whether the page had the metric.
 	Has []bool
 	// Scalar is a gauge's value or a counter's (for Rate metrics).
@@ -104,6 +109,32 @@ func compileSelector(s Series) selector {
 	}
 	slices.SortFunc(sel.labels, func(a, b *dto.LabelPair) int { return strings.Compare(a.GetName(), b.GetName()) })
 	return sel
+}
+
+// Filter returns the exposition filter that keeps what the engine's sources
+// of the metrics include accepts read (every metric when include is nil):
+// pages are filtered with it before parsing, which skips the many families
+// nothing reads.
+func (c *Catalogue) Filter(engine modelserver.Engine, include func(Metric) bool) *exposition.Filter {
+	f := &exposition.Filter{Samples: map[string]bool{}, Histograms: map[string]bool{}}
+	for _, m := range c.metrics {
+		if include != nil && !include(m) {
+			continue
+		}
+		for _, s := range m.Engines[engine] {
+			if m.Kind == Histogram {
+				f.Histograms[s.Series.Series] = true
+				continue
+			}
+			f.Samples[s.Series.Series] = true
+			for _, ref := range []*Series{s.Minus, s.DivideBy} {
+				if ref != nil {
+					f.Samples[ref.Series] = true
+				}
+			}
+		}
+	}
+	return f
 }
 
 // Extract reads every metric the engine has sources for from a parsed page

@@ -52,14 +52,31 @@ func FormatOf(contentType string) (Format, error) {
 	return "", fmt.Errorf("unsupported Content-Type %q: not a Prometheus text or OpenMetrics page", mediaType)
 }
 
-// Parser parses pages. It keeps a buffer between calls, so a goroutine that
-// parses many pages should keep one; it is not safe for concurrent use.
+// Parser parses pages. It keeps buffers between calls, so a goroutine that
+// parses many pages should keep one; it is not safe for concurrent use. The
+// zero value is ready to use.
 type Parser struct {
-	buf bytes.Buffer
+	buf  bytes.Buffer
+	text *expfmt.TextParser // reused: each one allocates a read buffer
+}
+
+// Filter says which lines of a page are parsed. Everything else is skipped
+// before parsing, which is most of the work: an engine's page has dozens of
+// families a consumer does not read.
+type Filter struct {
+	// Samples are the sample names to keep (vllm:num_requests_waiting,
+	// vllm:prompt_tokens_total, tgi_request_input_length_sum).
+	Samples map[string]bool
+	// Histograms are histogram families to keep whole: their TYPE line and
+	// their _bucket, _sum and _count samples.
+	Histograms map[string]bool
 }
 
 // Parse parses a page in the given format into metric families keyed by
-// family name, as expfmt's TextParser returns them.
+// family name, as expfmt's TextParser returns them. With a filter, only the
+// lines it keeps are parsed: samples it names (parsed as untyped unless they
+// belong to a histogram it keeps) and whole histograms; HELP lines are
+// dropped. A nil filter keeps everything.
 //
 // An OpenMetrics page is reduced to the text format first: everything after a
 // sample's value (its timestamp, in seconds rather than the text format's
@@ -68,16 +85,19 @@ type Parser struct {
 // untyped, and nothing after "# EOF" is read. Counter samples keep their
 // _total names and _created samples become families of their own, exactly as
 // a text page from the same engine would have them.
-func (p *Parser) Parse(format Format, page []byte) (map[string]*dto.MetricFamily, error) {
-	if format == OpenMetrics {
+func (p *Parser) Parse(format Format, page []byte, filter *Filter) (map[string]*dto.MetricFamily, error) {
+	if format == OpenMetrics || filter != nil {
 		p.buf.Reset()
-		if err := openMetricsToText(page, &p.buf); err != nil {
+		if err := reduce(page, format == OpenMetrics, filter, &p.buf); err != nil {
 			return nil, err
 		}
 		page = p.buf.Bytes()
 	}
-	tp := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := tp.TextToMetricFamilies(bytes.NewReader(page))
+	if p.text == nil {
+		tp := expfmt.NewTextParser(model.UTF8Validation)
+		p.text = &tp
+	}
+	families, err := p.text.TextToMetricFamilies(bytes.NewReader(page))
 	if err != nil {
 		return nil, err
 	}
@@ -88,9 +108,13 @@ var (
 	eofLine     = []byte("# EOF")
 	typePrefix  = []byte("# TYPE ")
 	textMissing = [][]byte{[]byte("info"), []byte("stateset"), []byte("unknown")}
+	suffixes    = [][]byte{[]byte("_bucket"), []byte("_sum"), []byte("_count")}
 )
 
-func openMetricsToText(page []byte, out *bytes.Buffer) error {
+// reduce copies the lines of page that the text parser should see to out:
+// for OpenMetrics, reduced to the text format; with a filter, only the lines
+// it keeps.
+func reduce(page []byte, openMetrics bool, filter *Filter, out *bytes.Buffer) error {
 	out.Grow(len(page))
 	sawEOF := false
 	for len(page) > 0 {
@@ -101,27 +125,63 @@ func openMetricsToText(page []byte, out *bytes.Buffer) error {
 			page = nil
 		}
 		switch {
-		case bytes.Equal(line, eofLine):
+		case openMetrics && bytes.Equal(line, eofLine):
 			sawEOF = true
 			page = nil
 			continue
 		case bytes.HasPrefix(line, typePrefix):
 			fields := bytes.Fields(line[len(typePrefix):])
-			if len(fields) == 2 && containsBytes(textMissing, fields[1]) {
+			if openMetrics && len(fields) == 2 && containsBytes(textMissing, fields[1]) {
 				continue
 			}
-		case len(line) > 0 && line[0] != '#':
-			line = line[:sampleEnd(line)]
+			if filter != nil && (len(fields) == 0 || !filter.Histograms[string(fields[0])]) {
+				continue
+			}
+		case len(line) > 0 && line[0] == '#':
+			if filter != nil {
+				continue // HELP, UNIT and plain comments
+			}
+		case len(line) > 0:
+			if filter != nil && !filter.keeps(sampleName(line)) {
+				continue
+			}
+			if openMetrics {
+				line = line[:sampleEnd(line)]
+			}
 		}
 		out.Write(line)
 		out.WriteByte('\n')
 	}
-	if !sawEOF {
+	if openMetrics && !sawEOF {
 		// A page cut short (a timeout mid-body, a proxy) must not pass for
 		// a complete one.
 		return fmt.Errorf("OpenMetrics page does not end with %q", eofLine)
 	}
 	return nil
+}
+
+// keeps reports whether the filter keeps a sample of this name. The map
+// lookups with string(name) do not allocate.
+func (f *Filter) keeps(name []byte) bool {
+	if f.Samples[string(name)] {
+		return true
+	}
+	for _, suffix := range suffixes {
+		if base, ok := bytes.CutSuffix(name, suffix); ok && f.Histograms[string(base)] {
+			return true
+		}
+	}
+	return false
+}
+
+// sampleName returns the metric name a sample line starts with (up to its
+// label set or value). A name quoted inside the braces (UTF-8 names) is not
+// recognized, and so never kept by a filter.
+func sampleName(line []byte) []byte {
+	if i := bytes.IndexAny(line, "{ \t"); i >= 0 {
+		return line[:i]
+	}
+	return line
 }
 
 func containsBytes(list [][]byte, b []byte) bool {

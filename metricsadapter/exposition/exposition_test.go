@@ -75,14 +75,14 @@ mystery 3
 requests_total{code="200",note="say \"hi\" # {x}"} 10
 `
 	var out bytes.Buffer
-	if err := openMetricsToText([]byte(page), &out); err != nil {
+	if err := reduce([]byte(page), true, nil, &out); err != nil {
 		t.Fatal(err)
 	}
 	if diff := cmp.Diff(want, out.String()); diff != "" {
 		t.Errorf("reduced page (-want +got):\n%s", diff)
 	}
 	var p Parser
-	families, err := p.Parse(OpenMetrics, []byte(page))
+	families, err := p.Parse(OpenMetrics, []byte(page), nil)
 	if err != nil {
 		t.Fatalf("parsing the reduced page: %v", err)
 	}
@@ -96,7 +96,7 @@ requests_total{code="200",note="say \"hi\" # {x}"} 10
 
 func TestOpenMetricsWithoutEOFIsRejected(t *testing.T) {
 	var p Parser
-	_, err := p.Parse(OpenMetrics, []byte("# TYPE a gauge\na 1\n"))
+	_, err := p.Parse(OpenMetrics, []byte("# TYPE a gauge\na 1\n"), nil)
 	if err == nil || !strings.Contains(err.Error(), "# EOF") {
 		t.Fatalf("a truncated OpenMetrics page parsed (err %v)", err)
 	}
@@ -104,7 +104,7 @@ func TestOpenMetricsWithoutEOFIsRejected(t *testing.T) {
 
 func TestNothingAfterEOFIsRead(t *testing.T) {
 	var p Parser
-	families, err := p.Parse(OpenMetrics, []byte("# TYPE a gauge\na 1\n# EOF\n<html>garbage\n"))
+	families, err := p.Parse(OpenMetrics, []byte("# TYPE a gauge\na 1\n# EOF\n<html>garbage\n"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +117,7 @@ func TestGarbageIsAnError(t *testing.T) {
 	garbage := "<html><body>502 Bad Gateway</body></html>\nvllm:num_requests_waiting{model_name=\"x\" 3 \x00\n# TYPE broken histogram\n{}}}\n"
 	var p Parser
 	for _, f := range []Format{Text, OpenMetrics} {
-		if _, err := p.Parse(f, []byte(garbage)); err == nil {
+		if _, err := p.Parse(f, []byte(garbage), nil); err == nil {
 			t.Errorf("%s: garbage parsed without an error", f)
 		}
 	}
@@ -138,7 +138,7 @@ func TestEnginePagesParse(t *testing.T) {
 		if strings.HasSuffix(f.Name(), ".openmetrics") {
 			format = OpenMetrics
 		}
-		families, err := p.Parse(format, page)
+		families, err := p.Parse(format, page, nil)
 		if err != nil {
 			t.Errorf("%s: %v", f.Name(), err)
 		} else if len(families) == 0 {
@@ -162,18 +162,94 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("a{b=\"\\\"\"} 1\n# EOF"))
 	f.Fuzz(func(t *testing.T, page []byte) {
 		var p Parser
-		_, _ = p.Parse(Text, page)
-		_, _ = p.Parse(OpenMetrics, page)
+		_, _ = p.Parse(Text, page, nil)
+		_, _ = p.Parse(OpenMetrics, page, nil)
 		var once, twice bytes.Buffer
-		if openMetricsToText(page, &once) != nil {
+		if reduce(page, true, nil, &once) != nil {
 			return
 		}
 		again := append(bytes.Clone(once.Bytes()), eofLine...)
-		if err := openMetricsToText(again, &twice); err != nil {
+		if err := reduce(again, true, nil, &twice); err != nil {
 			t.Fatalf("a reduced page did not reduce again: %v", err)
 		}
 		if !bytes.Equal(once.Bytes(), twice.Bytes()) {
 			t.Fatalf("reducing is not idempotent:\n%q\n%q", once.Bytes(), twice.Bytes())
 		}
 	})
+}
+
+func TestFilterKeepsOnlyWhatIsRead(t *testing.T) {
+	page := `# HELP vllm:num_requests_waiting Number of requests waiting.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 3
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{model_name="m"} 9
+# TYPE vllm:ttft histogram
+vllm:ttft_bucket{le="0.1"} 1
+vllm:ttft_bucket{le="+Inf"} 2
+vllm:ttft_sum 0.3
+vllm:ttft_count 2
+# TYPE vllm:e2e histogram
+vllm:e2e_bucket{le="+Inf"} 2
+vllm:e2e_sum 4
+vllm:e2e_count 2
+# TYPE tgi_request_input_length histogram
+tgi_request_input_length_bucket{le="+Inf"} 5
+tgi_request_input_length_sum 640
+tgi_request_input_length_count 5
+`
+	filter := &Filter{
+		Samples:    map[string]bool{"vllm:num_requests_waiting": true, "tgi_request_input_length_sum": true},
+		Histograms: map[string]bool{"vllm:ttft": true},
+	}
+	for _, format := range []Format{Text, OpenMetrics} {
+		in := page
+		if format == OpenMetrics {
+			in += "# EOF\n"
+		}
+		var p Parser
+		families, err := p.Parse(format, []byte(in), filter)
+		if err != nil {
+			t.Fatalf("%s: %v", format, err)
+		}
+		got := map[string]string{}
+		for name, f := range families {
+			got[name] = f.GetType().String()
+		}
+		want := map[string]string{
+			"vllm:num_requests_waiting":    "UNTYPED",
+			"vllm:ttft":                    "HISTOGRAM",
+			"tgi_request_input_length_sum": "UNTYPED",
+		}
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("%s: families (-want +got):\n%s", format, diff)
+		}
+		if h := families["vllm:ttft"].GetMetric()[0].GetHistogram(); h.GetSampleCount() != 2 || len(h.Bucket) != 2 {
+			t.Errorf("%s: the kept histogram lost lines: %v", format, h)
+		}
+	}
+}
+
+func BenchmarkParse(b *testing.B) {
+	page, err := os.ReadFile("../catalogue/testdata/vllm-v1.prom")
+	if err != nil {
+		b.Fatal(err)
+	}
+	filters := map[string]*Filter{
+		"everything": nil,
+		"gauges and counters only": {Samples: map[string]bool{"vllm:num_requests_waiting": true,
+			"vllm:num_requests_running": true, "vllm:kv_cache_usage_perc": true, "vllm:prompt_tokens_total": true}},
+	}
+	for name, f := range filters {
+		b.Run(name, func(b *testing.B) {
+			var p Parser
+			b.SetBytes(int64(len(page)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := p.Parse(Text, page, f); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

@@ -10,10 +10,9 @@ import (
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 )
 
-// FuzzRead drives the whole parse path a scraped page takes, in both formats
-// and for every engine's mapping: it must never panic, and whatever it
-// accepts must be usable: finite gauges and rates, and histograms with
-// ascending bounds ending at +Inf and counts that never fall.
+// FuzzRead drives the whole parse path a scraped page takes, in both formats,
+// for every engine's mapping, filtered and not: it must never panic, and
+// whatever it accepts must be usable (see checkValues).
 func FuzzRead(f *testing.F) {
 	files, err := os.ReadDir("../catalogue/testdata")
 	if err != nil {
@@ -33,30 +32,65 @@ func FuzzRead(f *testing.F) {
 		w := &worker{values: c.NewValues()}
 		for _, format := range []exposition.Format{exposition.Text, exposition.OpenMetrics} {
 			for _, engine := range modelserver.Engines {
-				if r, _ := w.read(c, engine, format, page); r != Success {
-					continue
+				// Unfiltered, and filtered as a scrape does.
+				if r, _ := w.read(c, engine, format, page, nil); r == Success {
+					checkValues(t, c, w.values, format, engine)
 				}
-				for id, m := range c.Metrics() {
-					if !w.values.Has[id] {
-						continue
-					}
-					if m.Kind != catalogue.Histogram {
-						if x := w.values.Scalar[id]; math.IsNaN(x) || math.IsInf(x, 0) {
-							t.Fatalf("%s %s: %s = %v", format, engine, m.Name, x)
-						}
-						continue
-					}
-					h := w.values.Hist[id]
-					if len(h.Bounds) == 0 || len(h.Bounds) != len(h.Counts) || !math.IsInf(h.Bounds[len(h.Bounds)-1], 1) {
-						t.Fatalf("%s %s: %s has bounds %v counts %v", format, engine, m.Name, h.Bounds, h.Counts)
-					}
-					for i := 1; i < len(h.Bounds); i++ {
-						if h.Bounds[i] <= h.Bounds[i-1] || h.Counts[i] < h.Counts[i-1] {
-							t.Fatalf("%s %s: %s has bounds %v counts %v", format, engine, m.Name, h.Bounds, h.Counts)
-						}
-					}
+				if r, _ := w.read(c, engine, format, page, c.Filter(engine, nil)); r == Success {
+					checkValues(t, c, w.values, format, engine)
 				}
 			}
 		}
 	})
+}
+
+// checkValues fails unless every extracted value is usable: finite gauges
+// and counters, histograms with ascending bounds ending at +Inf and counts
+// that never fall.
+func checkValues(t *testing.T, c *catalogue.Catalogue, v *catalogue.Values, format exposition.Format, engine modelserver.Engine) {
+	t.Helper()
+	for id, m := range c.Metrics() {
+		if !v.Has[id] {
+			continue
+		}
+		if m.Kind != catalogue.Histogram {
+			if x := v.Scalar[id]; math.IsNaN(x) || math.IsInf(x, 0) {
+				t.Fatalf("%s %s: %s = %v", format, engine, m.Name, x)
+			}
+			continue
+		}
+		h := v.Hist[id]
+		bad := len(h.Bounds) == 0 || len(h.Bounds) != len(h.Counts) || !math.IsInf(h.Bounds[len(h.Bounds)-1], 1)
+		for i := 1; !bad && i < len(h.Bounds); i++ {
+			bad = h.Bounds[i] <= h.Bounds[i-1] || h.Counts[i] < h.Counts[i-1]
+		}
+		if bad {
+			t.Fatalf("%s %s: %s has bounds %v counts %v", format, engine, m.Name, h.Bounds, h.Counts)
+		}
+	}
+}
+
+// BenchmarkRead is the CPU cost of one scraped page: parsing and mapping.
+func BenchmarkRead(b *testing.B) {
+	page, err := os.ReadFile("../catalogue/testdata/vllm-v1.prom")
+	if err != nil {
+		b.Fatal(err)
+	}
+	c := catalogue.Builtin()
+	for name, filter := range map[string]*exposition.Filter{
+		"whole page":               nil,
+		"what the catalogue reads": c.Filter(modelserver.VLLM, nil),
+		"without histograms":       c.Filter(modelserver.VLLM, func(m catalogue.Metric) bool { return m.Kind != catalogue.Histogram }),
+	} {
+		b.Run(name, func(b *testing.B) {
+			w := &worker{values: c.NewValues()}
+			b.SetBytes(int64(len(page)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if r, err := w.read(c, modelserver.VLLM, exposition.Text, page, filter); r != Success {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

@@ -77,7 +77,7 @@ func (s *engineServer) serve(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(delay)
 	}
 	w.Header().Set("Content-Type", ct)
-	if gz && strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") {
+	if gz { // whether or not the client asked for it
 		w.Header().Set("Content-Encoding", "gzip")
 		w.WriteHeader(status)
 		zw := gzip.NewWriter(w)
@@ -108,8 +108,11 @@ func testdata(t *testing.T, name string) string {
 type recorder struct {
 	mu       sync.Mutex
 	observed map[types.NamespacedName]int
-	forgot   map[types.NamespacedName]bool
-	late     []types.NamespacedName // observed after being forgotten
+	// histograms records, per observation, whether histograms were read
+	// and which ones the page had.
+	histograms []int
+	forgot     map[types.NamespacedName]bool
+	late       []types.NamespacedName // observed after being forgotten
 }
 
 func newRecorder() *recorder {
@@ -123,7 +126,19 @@ func (r *recorder) Observe(t Target, _ time.Time, v *catalogue.Values) {
 		r.late = append(r.late, t.Key)
 	}
 	r.observed[t.Key]++
+	n := -1 // not read
+	if !v.HistogramsSkipped {
+		n = 0
+		for id, m := range cat.Metrics() {
+			if m.Kind == catalogue.Histogram && v.Has[id] {
+				n++
+			}
+		}
+	}
+	r.histograms = append(r.histograms, n)
 }
+
+var cat = catalogue.Builtin()
 
 func (r *recorder) Forget(key types.NamespacedName) {
 	r.mu.Lock()
@@ -233,6 +248,11 @@ func TestFailingTargets(t *testing.T) {
 	errorPage.set(func(s *engineServer) { s.status = http.StatusInternalServerError })
 	huge := newEngineServer(t, strings.Repeat("# padding\n", 2000)+testdata(t, "vllm-v1.prom"))
 	otherEngine := newEngineServer(t, testdata(t, "tgi.prom"))
+	badGzip := newEngineServer(t, "not gzip at all")
+	badGzip.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Encoding", "gzip")
+		w.Write([]byte("not gzip at all"))
+	})
 
 	targets := []Target{
 		good.target("good", modelserver.VLLM),
@@ -243,11 +263,15 @@ func TestFailingTargets(t *testing.T) {
 		errorPage.target("error", modelserver.VLLM),
 		huge.target("huge", modelserver.VLLM),
 		otherEngine.target("mislabelled", modelserver.VLLM),
+		badGzip.target("bad-gzip", modelserver.VLLM),
 	}
 	want := map[string]Result{"refusing": Refused, "hanging": Timeout, "garbage": ParseError, "html": ParseError,
-		"error": HTTPError, "huge": TooLarge, "mislabelled": Unmapped}
+		"error": HTTPError, "huge": TooLarge, "mislabelled": Unmapped, "bad-gzip": ParseError}
 
-	opts := fastOptions()
+	// Slower than fastOptions: a loaded machine must not turn a page that
+	// is merely too large into a timeout.
+	opts := Options{Interval: 500 * time.Millisecond, Timeout: 250 * time.Millisecond, MaxAge: 2 * time.Second,
+		BackoffInitial: 500 * time.Millisecond, BackoffMax: 4 * time.Second}
 	opts.MaxPageBytes = 16 << 10
 	reg := prometheus.NewPedanticRegistry()
 	opts.Registerer = reg
@@ -258,7 +282,7 @@ func TestFailingTargets(t *testing.T) {
 	s.SetTargets(targets)
 	run(t, s)
 
-	waitFor(t, 3*time.Second, "every failing target to fail twice", func() bool {
+	waitFor(t, 10*time.Second, "every failing target to fail twice", func() bool {
 		for name, r := range want {
 			if s.state(key(name)).scrapes[r].Load() < 2 {
 				return false
@@ -286,9 +310,11 @@ func TestFailingTargets(t *testing.T) {
 
 	// Backoff: in the same time, a failing target is tried less often
 	// than a healthy one is scraped.
-	time.Sleep(time.Second)
-	healthy := s.state(key("good")).scrapes[Success].Load()
-	failed := s.state(key("refusing")).scrapes[Refused].Load()
+	healthy0 := s.state(key("good")).scrapes[Success].Load()
+	failed0 := s.state(key("refusing")).scrapes[Refused].Load()
+	time.Sleep(4 * time.Second) // the span compared
+	healthy := s.state(key("good")).scrapes[Success].Load() - healthy0
+	failed := s.state(key("refusing")).scrapes[Refused].Load() - failed0
 	if failed*2 > healthy {
 		t.Errorf("the refusing target was tried %d times while the healthy one was scraped %d times: no backoff", failed, healthy)
 	}
@@ -297,6 +323,7 @@ func TestFailingTargets(t *testing.T) {
 	expected := `
 # HELP capstan_scrape_target_up Whether the target's last scrape succeeded.
 # TYPE capstan_scrape_target_up gauge
+capstan_scrape_target_up{namespace="ml",pod="bad-gzip"} 0
 capstan_scrape_target_up{namespace="ml",pod="error"} 0
 capstan_scrape_target_up{namespace="ml",pod="garbage"} 0
 capstan_scrape_target_up{namespace="ml",pod="good"} 1
@@ -307,7 +334,7 @@ capstan_scrape_target_up{namespace="ml",pod="mislabelled"} 0
 capstan_scrape_target_up{namespace="ml",pod="refusing"} 0
 # HELP capstan_scrape_targets Targets being scraped.
 # TYPE capstan_scrape_targets gauge
-capstan_scrape_targets 8
+capstan_scrape_targets 9
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(expected), "capstan_scrape_target_up", "capstan_scrape_targets"); err != nil {
 		t.Error(err)
@@ -427,6 +454,43 @@ func TestUpsertWithNewURLRestartsTheTarget(t *testing.T) {
 		t.Errorf("after a new URL, the old endpoint's sample is served: %+v", l)
 	}
 	waitFor(t, 2*time.Second, "the SGLang sample", func() bool { l, ok := s.Load(key("p")); return ok && l.RequestsWaiting == 2826 })
+}
+
+// With an observer, gauges and counters are read on every scrape and
+// histograms first and then every HistogramInterval.
+func TestHistogramsAreReadEveryHistogramInterval(t *testing.T) {
+	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	rec := newRecorder()
+	opts := fastOptions()
+	opts.Observer = rec
+	opts.HistogramInterval = 3 * opts.Interval
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Upsert(srv.target("p", modelserver.VLLM))
+	run(t, s)
+	waitFor(t, 5*time.Second, "ten samples", func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		return len(rec.histograms) >= 10
+	})
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	seen := rec.histograms[:10]
+	if seen[0] != 2 {
+		t.Errorf("the first scrape read %d histograms, want both of the page's (TTFT and e2e)", seen[0])
+	}
+	full := 0
+	for _, n := range seen {
+		if n >= 0 {
+			full++
+		}
+	}
+	// About one scrape in three, give or take scheduling.
+	if full < 2 || full > 5 {
+		t.Errorf("histograms read in %d of 10 scrapes (%v), want about every third", full, seen)
+	}
 }
 
 func TestConcurrencyIsBounded(t *testing.T) {

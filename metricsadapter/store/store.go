@@ -91,8 +91,9 @@ func New(opts Options) (*Store, error) {
 
 // pod is one pod's samples.
 type pod struct {
-	mu sync.Mutex
-	at time.Time // time of the latest sample
+	mu     sync.Mutex
+	at     time.Time // time of the latest sample
+	histAt time.Time // time of the latest sample that read histograms
 
 	// gauges and has hold the latest sample's gauge values by metric ID.
 	gauges []float64
@@ -110,14 +111,17 @@ type pod struct {
 	ring   []checkpoint // oldest first, at least step apart
 }
 
-type slot struct{ off, n int }
+// slot is where a series is in a checkpoint: v[off:off+n], present[idx].
+type slot struct{ off, n, idx int }
 
 // checkpoint is the reset-corrected cumulative vector at one time; present
-// says which series the sample had.
+// says which series the sample had. Histograms are not read on every scrape
+// (see scrape.Options.HistogramInterval): their values in a checkpoint are
+// those read at histAt.
 type checkpoint struct {
-	t       time.Time
-	v       []float64
-	present []bool // by position in v
+	t, histAt time.Time
+	v         []float64
+	present   []bool // by slot
 }
 
 // Observe implements scrape.Observer.
@@ -167,18 +171,24 @@ func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
 		s.relayout(p, v)
 	}
 	p.at = at
-
 	cur := &p.cur
 	cur.t = at
-	clear(cur.present)
+	if !v.HistogramsSkipped {
+		p.histAt, cur.histAt = at, at
+	}
 	for id, sl := range p.layout {
+		kind := metrics[id].Kind
+		if kind == catalogue.Histogram && v.HistogramsSkipped {
+			continue // not read this time: the last values stand
+		}
 		if !v.Has[id] {
+			cur.present[sl.idx] = false
 			continue
 		}
 		raw := p.raw[sl.off : sl.off+sl.n]
 		off := p.offset[sl.off : sl.off+sl.n]
 		next := cur.v[sl.off : sl.off+sl.n]
-		if metrics[id].Kind == catalogue.Rate {
+		if kind == catalogue.Rate {
 			x := v.Scalar[id]
 			if x < raw[0] { // counter reset
 				off[0] += raw[0]
@@ -201,8 +211,8 @@ func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
 		}
 		for i := range next {
 			next[i] = raw[i] + off[i]
-			cur.present[sl.off+i] = true
 		}
+		cur.present[sl.idx] = true
 	}
 	if len(p.ring) == 0 || at.Sub(p.ring[len(p.ring)-1].t) >= s.step {
 		// Drop the checkpoints no query needs (all but the newest one at
@@ -212,10 +222,10 @@ func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
 			c = p.ring[0]
 			p.ring = append(p.ring[:0], p.ring[1:]...)
 		}
-		if len(c.v) != p.size {
-			c = checkpoint{v: make([]float64, p.size), present: make([]bool, p.size)}
+		if len(c.v) != p.size || len(c.present) != len(p.layout) {
+			c = checkpoint{v: make([]float64, p.size), present: make([]bool, len(p.layout))}
 		}
-		c.t = at
+		c.t, c.histAt = at, cur.histAt
 		copy(c.v, cur.v)
 		copy(c.present, cur.present)
 		p.ring = append(p.ring, c)
@@ -226,6 +236,9 @@ func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
 func (s *Store) sameLayout(p *pod, v *catalogue.Values) bool {
 	if p.layout == nil {
 		return false
+	}
+	if v.HistogramsSkipped {
+		return true
 	}
 	for id, b := range p.bounds {
 		if v.Has[id] && !slices.Equal(b, v.Hist[id].Bounds) {
@@ -240,24 +253,35 @@ func (s *Store) sameLayout(p *pod, v *catalogue.Values) bool {
 	return true
 }
 
-// relayout starts p's cumulative history afresh, for v's histogram bounds.
+// relayout starts p's cumulative history afresh, for v's histogram bounds
+// (or, when v did not read histograms, the bounds p had).
 func (s *Store) relayout(p *pod, v *catalogue.Values) {
+	old := p.bounds
 	p.layout, p.bounds, p.size = map[int]slot{}, map[int][]float64{}, 0
 	for id, m := range s.cat.Metrics() {
+		var b []float64
 		switch {
 		case m.Kind == catalogue.Rate:
-			p.layout[id] = slot{p.size, 1}
+			p.layout[id] = slot{p.size, 1, len(p.layout)}
 			p.size++
-		case m.Kind == catalogue.Histogram && v.Has[id]:
-			b := slices.Clone(v.Hist[id].Bounds)
-			p.bounds[id] = b
-			p.layout[id] = slot{p.size, len(b) + 2}
-			p.size += len(b) + 2
+			continue
+		case m.Kind != catalogue.Histogram:
+			continue
+		case !v.HistogramsSkipped && v.Has[id]:
+			b = slices.Clone(v.Hist[id].Bounds)
+		case v.HistogramsSkipped && old[id] != nil:
+			b = old[id]
+		default:
+			continue
 		}
+		p.bounds[id] = b
+		p.layout[id] = slot{p.size, len(b) + 2, len(p.layout)}
+		p.size += len(b) + 2
 	}
 	p.raw, p.offset = make([]float64, p.size), make([]float64, p.size)
-	p.cur = checkpoint{v: make([]float64, p.size), present: make([]bool, p.size)}
+	p.cur = checkpoint{v: make([]float64, p.size), present: make([]bool, len(p.layout))}
 	p.ring = p.ring[:0]
+	p.histAt = time.Time{}
 }
 
 // Value is a served value with its timestamp and window.
@@ -298,14 +322,13 @@ func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, no
 		}
 		return Value{Value: p.gauges[name.Metric], Time: p.at}, true
 	case catalogue.Rate:
-		d, base, ok := s.delta(p, name.Metric, buf)
+		d, w, ok := s.delta(p, name.Metric, false, buf)
 		if !ok {
 			return Value{}, false
 		}
-		w := p.cur.t.Sub(base)
 		return Value{Value: d[0] / w.Seconds(), Time: p.at, Window: w}, true
 	default:
-		d, base, ok := s.delta(p, name.Metric, buf)
+		d, w, ok := s.delta(p, name.Metric, true, buf)
 		if !ok {
 			return Value{}, false
 		}
@@ -313,39 +336,45 @@ func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, no
 		if !ok {
 			return Value{}, false
 		}
-		return Value{Value: q, Time: p.at, Window: p.cur.t.Sub(base)}, true
+		return Value{Value: q, Time: p.histAt, Window: w}, true
 	}
 }
 
 // delta returns the increase of a cumulative series from the newest
 // checkpoint at least a window before the latest sample (or the oldest one
-// there is) to the latest sample, and that checkpoint's time. The increase
-// is written to *buf, grown as needed.
-func (s *Store) delta(p *pod, id int, buf *[]float64) ([]float64, time.Time, bool) {
+// there is) to the latest sample, and the span between them. Histograms
+// are timed by when they were read. The increase is written to *buf, grown
+// as needed.
+func (s *Store) delta(p *pod, id int, histogram bool, buf *[]float64) ([]float64, time.Duration, bool) {
 	sl, ok := p.layout[id]
-	if !ok || !p.cur.present[sl.off] {
-		return nil, time.Time{}, false
+	if !ok || !p.cur.present[sl.idx] {
+		return nil, 0, false
 	}
+	when := func(c *checkpoint) time.Time { return c.t }
+	if histogram {
+		when = func(c *checkpoint) time.Time { return c.histAt }
+	}
+	end := when(&p.cur)
 	var base *checkpoint
 	for i := len(p.ring) - 1; i >= 0; i-- {
 		c := &p.ring[i]
-		if !c.t.Before(p.cur.t) || !c.present[sl.off] {
+		if !when(c).Before(end) || !c.present[sl.idx] {
 			continue
 		}
 		base = c
-		if p.cur.t.Sub(c.t) >= s.window {
+		if end.Sub(when(c)) >= s.window {
 			break
 		}
 	}
 	if base == nil {
-		return nil, time.Time{}, false
+		return nil, 0, false
 	}
 	d := slices.Grow((*buf)[:0], sl.n)[:sl.n]
 	*buf = d
 	for i := range d {
 		d[i] = p.cur.v[sl.off+i] - base.v[sl.off+i]
 	}
-	return d, base.t, true
+	return d, end.Sub(when(base)), true
 }
 
 // Aggregate pools a served name over pods: gauges and rates are summed over
@@ -386,17 +415,17 @@ func (s *Store) Aggregate(keys []types.NamespacedName, name catalogue.ServedName
 		}
 		p.mu.Lock()
 		if now.Sub(p.at) <= s.maxAge {
-			if d, base, ok := s.delta(p, name.Metric, &buf); ok {
+			if d, w, ok := s.delta(p, name.Metric, true, &buf); ok {
 				b := p.bounds[name.Metric]
 				switch {
 				case bounds == nil:
 					bounds, pooled = b, slices.Clone(d[:len(d)-2])
-					add(Value{Time: p.at, Window: p.cur.t.Sub(base)})
+					add(Value{Time: p.histAt, Window: w})
 				case slices.Equal(bounds, b):
 					for i := range pooled {
 						pooled[i] += d[i]
 					}
-					add(Value{Time: p.at, Window: p.cur.t.Sub(base)})
+					add(Value{Time: p.histAt, Window: w})
 				}
 			}
 		}

@@ -349,3 +349,36 @@ func BenchmarkAggregate1000Pods(b *testing.B) {
 		})
 	}
 }
+
+// The scraper reads histograms only every few scrapes (HistogramsSkipped in
+// between): quantiles then come from the histogram reads, timed by them,
+// while rates keep their one-second resolution.
+func TestHistogramsReadLessOftenThanCounters(t *testing.T) {
+	s := newStore(t)
+	for sec := 0; sec <= 100; sec++ {
+		at := epoch.Add(time.Duration(sec) * time.Second)
+		fast, slow := float64(min(sec, 60)*10), float64(max(0, sec-60)*10)
+		sm := sample{prompt: float64(10 * sec), ttft: []float64{fast, fast, fast + slow, fast + slow}}
+		v := sm.values(t)
+		if sec%5 != 2 { // histograms read at 2, 7, 12, ... 97 s
+			v.HistogramsSkipped = true
+			v.Has[id(t, "time_to_first_token_seconds")] = false
+		}
+		s.Observe(scrape.Target{Key: podKey("a")}, at, v)
+	}
+	end := epoch.Add(100 * time.Second)
+	q, ok := s.PodValue(podKey("a"), served(t, "time_to_first_token_seconds_p50"), end)
+	if !ok || q.Value != 0.75 {
+		t.Fatalf("p50 = %+v, %v; want 0.75 (all requests in the window were slow)", q, ok)
+	}
+	if want := epoch.Add(97 * time.Second); !q.Time.Equal(want) {
+		t.Errorf("quantile time %s, want the last histogram read %s", q.Time, want)
+	}
+	if q.Window < 30*time.Second || q.Window > 35*time.Second {
+		t.Errorf("quantile window %s, want 30-35s between histogram reads", q.Window)
+	}
+	r, ok := s.PodValue(podKey("a"), served(t, "prompt_tokens_per_second"), end)
+	if !ok || r.Value != 10 || !r.Time.Equal(end) {
+		t.Errorf("rate = %+v, %v; want 10/s at the last sample", r, ok)
+	}
+}

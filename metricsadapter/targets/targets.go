@@ -28,11 +28,37 @@ var _ Scraper = &scrape.Scraper{}
 
 // NewPodInformer returns an informer over the pods labelled
 // capstan.dev/model only, in namespace ("" for all): other pods are not
-// model servers, and the adapter neither needs nor caches them.
+// model servers, and the adapter neither needs nor caches them. Cached pods
+// keep only what scraping and selecting them needs (see Slim).
 func NewPodInformer(client kubernetes.Interface, namespace string) cache.SharedIndexInformer {
-	return coreinformers.NewFilteredPodInformer(client, namespace, 0,
+	informer := coreinformers.NewFilteredPodInformer(client, namespace, 0,
 		cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc},
 		func(o *metav1.ListOptions) { o.LabelSelector = modelserver.ModelLabel })
+	// Only fails once the informer has started.
+	_ = informer.SetTransform(Slim)
+	return informer
+}
+
+// Slim is the informer's transform: of a pod it keeps the metadata that
+// identifies and selects it, its containers' ports, and its IP, phase and
+// conditions; managed fields, the rest of the spec and status go. For a
+// fleet of thousands of pods this is most of the cache.
+func Slim(obj any) (any, error) {
+	pod, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil // a tombstone, passed through
+	}
+	slim := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID, ResourceVersion: pod.ResourceVersion,
+			Labels: pod.Labels, Annotations: pod.Annotations, DeletionTimestamp: pod.DeletionTimestamp,
+		},
+		Status: corev1.PodStatus{Phase: pod.Status.Phase, PodIP: pod.Status.PodIP, Conditions: pod.Status.Conditions},
+	}
+	for _, c := range pod.Spec.Containers {
+		slim.Spec.Containers = append(slim.Spec.Containers, corev1.Container{Name: c.Name, Ports: c.Ports})
+	}
+	return slim, nil
 }
 
 // AddEventHandler makes the informer's pod events set s's targets.

@@ -115,3 +115,38 @@ func TestTargetsFollowScrapablePods(t *testing.T) {
 	}
 	expect("a deleted pod is removed", map[string]string{})
 }
+
+func TestSlimKeepsWhatScrapingNeeds(t *testing.T) {
+	full := modelPod("p", "10.0.0.1", true, func(p *corev1.Pod) {
+		p.Annotations = map[string]string{modelserver.MetricsPortAnnotation: "metrics"}
+		p.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}
+		p.Spec.Containers = []corev1.Container{{Name: "engine", Image: "vllm", Args: []string{"--model", "x"},
+			Ports: []corev1.ContainerPort{{Name: "metrics", ContainerPort: 8002}}}}
+		p.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: "engine", Ready: true}}
+	})
+	obj, err := Slim(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slim := obj.(*corev1.Pod)
+	if slim.ManagedFields != nil || slim.Spec.Containers[0].Image != "" || slim.Status.ContainerStatuses != nil {
+		t.Errorf("Slim kept what it should drop: %+v", slim)
+	}
+	want, _ := scrape.TargetForPod(full)
+	got, err := scrape.TargetForPod(slim)
+	if err != nil || got != want || !modelserver.Scrapable(slim) {
+		t.Errorf("the slim pod's target is %+v, %v (scrapable %v); want %+v", got, err, modelserver.Scrapable(slim), want)
+	}
+	if tomb := (cache.DeletedFinalStateUnknown{Key: "ml/p"}); !cmp.Equal(mustSlim(t, tomb), any(tomb)) {
+		t.Error("a tombstone was not passed through")
+	}
+}
+
+func mustSlim(t *testing.T, obj any) any {
+	t.Helper()
+	out, err := Slim(obj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}

@@ -85,12 +85,15 @@ func (o *options) scrapeOptions(c *catalogue.Catalogue, obs scrape.Observer) (sc
 		Interval: o.ScrapeInterval, Timeout: o.ScrapeTimeout, Concurrency: o.ScrapeConcurrency,
 		MaxAge: o.MaxAge, BackoffInitial: o.ScrapeInterval, BackoffMax: o.ScrapeBackoffMax,
 		MaxPageBytes: o.MaxPageBytes, Catalogue: c, Observer: obs,
+		// Histograms are read as often as the store keeps a checkpoint of
+		// them, and no more: they are most of the parsing.
+		HistogramInterval: max(o.ScrapeInterval, o.Window/6),
 	}
 	scrape.SetDefaults(&opts)
 	return opts, flagErrors(scrape.Validate(nil, &opts), map[string]string{
 		"interval": "--scrape-interval", "timeout": "--scrape-timeout", "concurrency": "--scrape-concurrency",
 		"maxAge": "--max-age", "backoffInitial": "--scrape-interval", "backoffMax": "--scrape-backoff-max",
-		"maxPageBytes": "--scrape-max-page-bytes",
+		"maxPageBytes": "--scrape-max-page-bytes", "histogramInterval": "--window",
 	})
 }
 

@@ -44,8 +44,8 @@ func TestMain(m *testing.M) { os.Exit(cluster.RunTests(m, cluster.Config{}, &tes
 const (
 	adapterNamespace = "capstan-system"
 	adapterName      = "capstan-metrics-adapter"
-	// The adapter's flags in these tests: the defaults, but a shorter
-	// window so rates and quantiles settle within a test.
+	// The adapter's scrape interval and timeout in these tests: the
+	// defaults.
 	scrapeInterval = time.Second
 	scrapeTimeout  = 750 * time.Millisecond // 3/4 of the interval, the default
 )
@@ -84,7 +84,16 @@ func manifestsDir(t *testing.T) string {
 // ExternalName Service, with the cluster CA as their caBundle.
 func startAdapter(t *testing.T) *running {
 	t.Helper()
-	adapterOnce.Do(func() { theAdapter, adapterErr = doStartAdapter(t, manifestsDir(t)) })
+	// The defaults, but a shorter window so that rates and quantiles
+	// settle within a test.
+	return startAdapterWith(t, "--window=10s")
+}
+
+// startAdapterWith starts the adapter with these flags, unless a test already
+// started it.
+func startAdapterWith(t *testing.T, flags ...string) *running {
+	t.Helper()
+	adapterOnce.Do(func() { theAdapter, adapterErr = doStartAdapter(t, manifestsDir(t), flags) })
 	if adapterErr != nil {
 		t.Fatal(adapterErr)
 	}
@@ -94,7 +103,7 @@ func startAdapter(t *testing.T) *running {
 	return theAdapter
 }
 
-func doStartAdapter(t *testing.T, dir string) (*running, error) {
+func doStartAdapter(t *testing.T, dir string, flags []string) (*running, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	c := testCluster
@@ -119,11 +128,11 @@ func doStartAdapter(t *testing.T, dir string) (*running, error) {
 	if err != nil {
 		return nil, err
 	}
-	proc, err := c.Run(adapterName, bin,
-		"--kubeconfig="+kubeconfig,
-		"--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(port),
-		"--tls-cert-file="+certFile, "--tls-private-key-file="+keyFile,
-		"--scrape-interval="+scrapeInterval.String(), "--window=10s", "--v=2")
+	proc, err := c.Run(adapterName, bin, append([]string{
+		"--kubeconfig=" + kubeconfig,
+		"--bind-address=127.0.0.1", "--secure-port=" + strconv.Itoa(port),
+		"--tls-cert-file=" + certFile, "--tls-private-key-file=" + keyFile,
+		"--scrape-interval=" + scrapeInterval.String(), "--v=2"}, flags...)...)
 	if err != nil {
 		return nil, err
 	}
