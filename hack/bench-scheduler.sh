@@ -11,7 +11,9 @@
 # Prints Markdown tables for docs/benchmarks/scheduler.md.
 #
 # Knobs: CAPSTAN_BENCH_NODES (500), CAPSTAN_BENCH_PODS (1000),
-# CAPSTAN_BENCH_ROUNDS (4 per profile), BENCHTIME (go test -benchtime, 2s).
+# CAPSTAN_BENCH_ROUNDS (4 per profile), BENCHTIME (go test -benchtime, 2s),
+# CAPSTAN_BENCH_PROFILES=<dir> (a 10 s CPU profile of the scheduler in each
+# round, for go tool pprof bin/capstan-scheduler <dir>/<round>.pprof).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

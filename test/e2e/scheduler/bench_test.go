@@ -3,7 +3,10 @@ package scheduler
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -177,11 +180,17 @@ func benchRound(ctx context.Context, t *testing.T, ns, profile, configPath strin
 	}
 	res := roundResult{pods: count, started: time.Now()}
 	p, err := c.Run(fmt.Sprintf("capstan-scheduler-bench-%s", prefix), bin, "--config="+configPath,
-		"--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(port), "-v=1")
+		"--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(port), "-v=1",
+		// The admin may read /debug/pprof (CAPSTAN_BENCH_PROFILES).
+		"--authentication-kubeconfig="+c.Kubeconfig, "--authorization-kubeconfig="+c.Kubeconfig)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.Stop(10 * time.Second)
+	var profiled <-chan struct{}
+	if dir := os.Getenv("CAPSTAN_BENCH_PROFILES"); dir != "" {
+		profiled = profileCPU(ctx, t, fmt.Sprintf("https://127.0.0.1:%d", port), filepath.Join(dir, prefix+".pprof"))
+	}
 
 	perNode := map[string]int{}
 	seen := map[string]bool{}
@@ -210,6 +219,9 @@ func benchRound(ctx context.Context, t *testing.T, ns, profile, configPath strin
 			t.Fatalf("%s: %d of %d pods bound after 5m; scheduler log:\n%s", profile, len(seen), count, p.LogTail(20))
 		}
 	}
+	if profiled != nil {
+		<-profiled
+	}
 	p.Stop(10 * time.Second)
 	var ok bool
 	if res.cpu, ok = p.CPUTime(); !ok {
@@ -227,6 +239,43 @@ func benchRound(ctx context.Context, t *testing.T, ns, profile, configPath strin
 		t.Fatal(err)
 	}
 	return res
+}
+
+// profileCPU saves a 10-second CPU profile of the scheduler at url, taken in
+// the background from now on, and closes the returned channel when done. The
+// round's scheduler runs until then, so its CPU time includes idle seconds.
+func profileCPU(ctx context.Context, t *testing.T, url, path string) <-chan struct{} {
+	done := make(chan struct{})
+	client := insecureClient(t, testCluster.RESTConfig.CertFile, testCluster.RESTConfig.KeyFile)
+	client.Timeout = 30 * time.Second
+	go func() {
+		defer close(done)
+		var resp *http.Response
+		// The scheduler needs a moment before it serves.
+		err := testCluster.WaitFor(ctx, 10*time.Second, "the scheduler's profile", func(context.Context) (bool, error) {
+			var err error
+			resp, err = client.Get(url + "/debug/pprof/profile?seconds=10")
+			if err == nil && resp.StatusCode != http.StatusOK {
+				resp.Body.Close()
+				return false, fmt.Errorf("%s", resp.Status)
+			}
+			return err == nil, err
+		})
+		if err != nil {
+			t.Errorf("profiling: %v", err)
+			return
+		}
+		defer resp.Body.Close()
+		f, err := os.Create(path)
+		if err == nil {
+			_, err = io.Copy(f, resp.Body)
+			f.Close()
+		}
+		if err != nil {
+			t.Errorf("saving the profile: %v", err)
+		}
+	}()
+	return done
 }
 
 // createPods creates count model-server pods for the profile, 16 at a time.
