@@ -8,12 +8,15 @@
 #     itself inside hack/netns.sh). Target: with/without >= 0.9.
 #  2. Go benchmarks of PreFilter, Filter and Score at 5,000 nodes.
 #
-# Prints Markdown tables for docs/benchmarks/scheduler.md.
+# Prints Markdown tables for docs/benchmarks/scheduler.md, and keeps them in
+# _output/bench/scheduler.md.
 #
 # Knobs: CAPSTAN_BENCH_NODES (500), CAPSTAN_BENCH_PODS (1000),
 # CAPSTAN_BENCH_ROUNDS (4 per profile), BENCHTIME (go test -benchtime, 2s),
-# CAPSTAN_BENCH_PROFILES=<dir> (a 10 s CPU profile of the scheduler in each
-# round, for go tool pprof bin/capstan-scheduler <dir>/<round>.pprof).
+# CAPSTAN_BENCH_PROFILES=<dir> (where the CPU profile of the scheduler in each
+# round is kept, for go tool pprof bin/capstan-scheduler <dir>/<round>.pprof;
+# default: a temporary folder), CAPSTAN_BENCH_PROFILE_SECONDS (15, longer than
+# a round).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -32,10 +35,16 @@ go build -o "${CAPSTAN_BIN_DIR}/" ./plugins/cmd/capstan-scheduler
 
 out="$(mktemp -d "${TMPDIR:-/tmp}/capstan-bench-scheduler.XXXXXX")"
 trap 'rm -rf "${out}"' EXIT
+report="${CAPSTAN_OUTPUT}/bench/scheduler.md"
+mkdir -p "$(dirname "${report}")"
+exec > >(tee "${report}")
 
 echo "# capstan-scheduler benchmark, $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "machine: $(nproc) CPUs, $(awk '/model name/ {sub(/.*: /, ""); print; exit}' /proc/cpuinfo), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(go version | cut -d' ' -f3)"
 echo
+
+export CAPSTAN_BENCH_PROFILES="${CAPSTAN_BENCH_PROFILES:-${out}/profiles}"
+mkdir -p "${CAPSTAN_BENCH_PROFILES}"
 
 log "throughput: ${CAPSTAN_BENCH_PODS:-1000} pods on ${CAPSTAN_BENCH_NODES:-500} nodes, ${CAPSTAN_BENCH_ROUNDS:-4} rounds per profile"
 # -count=1: never a cached result. The test bounds each round itself.
@@ -48,7 +57,21 @@ grep -E 'round [0-9]+ ' "${out}/throughput.log" | sed 's/^ *bench_test.go:[0-9]*
 cat "${out}/throughput.md"
 echo
 
+# Throughput and CPU time move with whatever else the machine runs; the share
+# of the scheduler's own CPU samples spent inside the plugin does not.
+echo "Share of capstan-scheduler's CPU samples inside ModelSlots (plugins/modelslots), per measured round:"
+echo
+echo "| round | samples in ModelSlots | of all samples |"
+echo "|---|---|---|"
+for f in "${CAPSTAN_BENCH_PROFILES}"/scheduler-[0-9]*.pprof; do
+  go tool pprof -top -focus='capstan-dev/capstan/plugins/modelslots' -nodefraction=0 -nodecount=1000000 \
+    "${CAPSTAN_BIN_DIR}/capstan-scheduler" "${f}" 2>/dev/null |
+    awk -v round="$(basename "${f}" .pprof)" '/^Showing nodes accounting for/ {sub(/,$/, "", $5); print "| " round " | " $5 " of " $8 " | " $6 " |"}'
+done
+echo
+
 log "Go benchmarks at 5,000 nodes"
 echo '```'
 go test -run '^$' -bench . -benchmem -benchtime="${BENCHTIME:-2s}" ./plugins/modelslots/ | grep -E '^(Benchmark|goos|goarch|cpu)'
 echo '```'
+log "report kept in ${report}"

@@ -241,20 +241,22 @@ func benchRound(ctx context.Context, t *testing.T, ns, profile, configPath strin
 	return res
 }
 
-// profileCPU saves a 10-second CPU profile of the scheduler at url, taken in
-// the background from now on, and closes the returned channel when done. The
-// round's scheduler runs until then, so its CPU time includes idle seconds.
+// profileCPU saves a CPU profile of the scheduler at url over the next
+// $CAPSTAN_BENCH_PROFILE_SECONDS (15), taken in the background, and closes
+// the returned channel when done. The round's scheduler runs until then, so
+// its CPU time includes idle seconds.
 func profileCPU(ctx context.Context, t *testing.T, url, path string) <-chan struct{} {
 	done := make(chan struct{})
+	seconds := strconv.Itoa(envInt(t, "CAPSTAN_BENCH_PROFILE_SECONDS", 15))
 	client := insecureClient(t, testCluster.RESTConfig.CertFile, testCluster.RESTConfig.KeyFile)
-	client.Timeout = 30 * time.Second
+	client.Timeout = time.Minute
 	go func() {
 		defer close(done)
 		var resp *http.Response
 		// The scheduler needs a moment before it serves.
 		err := testCluster.WaitFor(ctx, 10*time.Second, "the scheduler's profile", func(context.Context) (bool, error) {
 			var err error
-			resp, err = client.Get(url + "/debug/pprof/profile?seconds=10")
+			resp, err = client.Get(url + "/debug/pprof/profile?seconds=" + seconds)
 			if err == nil && resp.StatusCode != http.StatusOK {
 				resp.Body.Close()
 				return false, fmt.Errorf("%s", resp.Status)
