@@ -201,6 +201,9 @@ func SetDefaults(o *Options) {
 		o.Client = &http.Client{Transport: &http.Transport{
 			DialContext:         (&net.Dialer{Timeout: o.Timeout, KeepAlive: 30 * time.Second}).DialContext,
 			MaxIdleConnsPerHost: 1,
+			// A scrape request is a hundred bytes; the default 4 KiB
+			// write buffer per connection would be most of its memory.
+			WriteBufferSize: 512,
 			// Long enough to be reused by the next scrape, short enough
 			// that a gone pod's connection does not linger.
 			IdleConnTimeout:    3 * o.Interval,

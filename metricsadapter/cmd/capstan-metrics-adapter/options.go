@@ -110,13 +110,16 @@ func (o *options) storeOptions(c *catalogue.Catalogue) (store.Options, error) {
 // as "use the default": a user who typed 0 gets an error, not a default.
 func (o *options) checkSet() error {
 	var errs field.ErrorList
-	for flag, v := range map[string]int64{
-		"--scrape-interval": int64(o.ScrapeInterval), "--scrape-concurrency": int64(o.ScrapeConcurrency),
-		"--scrape-backoff-max": int64(o.ScrapeBackoffMax), "--scrape-max-page-bytes": o.MaxPageBytes,
-		"--max-age": int64(o.MaxAge), "--window": int64(o.Window),
+	for _, f := range []struct {
+		flag  string
+		value int64
+	}{
+		{"--scrape-interval", int64(o.ScrapeInterval)}, {"--scrape-concurrency", int64(o.ScrapeConcurrency)},
+		{"--scrape-backoff-max", int64(o.ScrapeBackoffMax)}, {"--scrape-max-page-bytes", o.MaxPageBytes},
+		{"--max-age", int64(o.MaxAge)}, {"--window", int64(o.Window)},
 	} {
-		if v == 0 {
-			errs = append(errs, field.Invalid(field.NewPath(flag), 0, "must be positive"))
+		if f.value == 0 {
+			errs = append(errs, field.Invalid(field.NewPath(f.flag), 0, "must be positive"))
 		}
 	}
 	return errs.ToAggregate()

@@ -748,3 +748,74 @@ func TestFaultMixStillScales(t *testing.T) {
 	down := scaleTo(ctx, t, ns, "mix", 1, time.Minute)
 	t.Logf("scaled 4 -> 1 replica %s after the load stopped", down.Round(100*time.Millisecond))
 }
+
+// While kube-apiserver is away the adapter stays alive (its /livez and
+// /healthz answer, so a kubelet would not restart it), and once the API
+// server is back it serves fresh values again without a restart.
+func TestAPIServerOutage(t *testing.T) {
+	ctx, ns, a := setup(t, "outage", 3*time.Minute)
+	c := testCluster
+	m := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 1,
+		Annotations: map[string]string{fleet.TTFTAnnotation: "10m"}}
+	if err := c.Deploy(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	pods, err := c.WaitForReadyPods(ctx, ns, "app=llama", 1, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod := pods[0]
+	waitServing(ctx, t, pod.Status.PodIP)
+	path := "/apis/custom.metrics.k8s.io/v1beta2/namespaces/" + ns + "/pods/*/requests_running?labelSelector=app%3Dllama"
+	expect := func(what, want string) {
+		t.Helper()
+		var got map[string]string
+		err := c.WaitFor(ctx, 30*time.Second, what, func(ctx context.Context) (bool, error) {
+			got, _, _ = metricValues(ctx, path)
+			return got[pod.Name] == want, nil
+		})
+		if err != nil {
+			t.Fatalf("%v (last answer %v)", err, got)
+		}
+	}
+	expect("the pod's value before the outage", "0")
+
+	c.StopAPIServer()
+	restarted := false
+	defer func() {
+		if !restarted {
+			if err := c.StartAPIServer(context.Background()); err != nil {
+				t.Errorf("restarting kube-apiserver: %v", err)
+			}
+		}
+	}()
+	outage := time.Now()
+	for time.Since(outage) < 5*time.Second { // the length of the outage
+		for _, probe := range []string{"/livez", "/healthz"} {
+			resp, err := a.client.Get(a.url + probe)
+			if err != nil {
+				t.Fatalf("%s during the outage: %v", probe, err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				t.Errorf("%s during the outage: %s", probe, resp.Status)
+			}
+		}
+		if exited, err := a.proc.Exited(); exited {
+			t.Fatalf("the adapter exited during the outage: %v", err)
+		}
+		time.Sleep(500 * time.Millisecond) // probing period
+	}
+	// Load the pod during the outage: the change must show once the API
+	// server is back.
+	loadCtx, stopLoad := context.WithCancel(ctx)
+	defer stopLoad()
+	load(loadCtx, t, pod.Status.PodIP, "llama", 2)
+	if err := c.StartAPIServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	back := time.Now()
+	expect("the value changed during the outage, after it", "2")
+	t.Logf("fresh values through the API %s after kube-apiserver was back", time.Since(back).Round(100*time.Millisecond))
+}
