@@ -40,6 +40,10 @@ type Options struct {
 	// ServiceSelector selects the Services to watch, as a label selector.
 	// Default: every Service labelled capstan.dev/model.
 	ServiceSelector string
+	// AllServices snapshots every Service in the namespaces, whatever its
+	// labels, and ignores ServiceSelector: Gateway API routes may send
+	// traffic to any Service.
+	AllServices bool
 	// Resync is the informers' resync period; 0 disables resync.
 	Resync time.Duration
 }
@@ -74,6 +78,9 @@ func New(client kubernetes.Interface, handler Handler, opts Options) (*Controlle
 	selector, err := labels.Parse(opts.ServiceSelector)
 	if err != nil {
 		return nil, fmt.Errorf("service selector: %w", err)
+	}
+	if opts.AllServices {
+		selector, opts.ServiceSelector = labels.Everything(), ""
 	}
 	namespaces := opts.Namespaces
 	if len(namespaces) == 0 {
@@ -271,7 +278,19 @@ func (c *Controller) sync(ctx context.Context, key cache.ObjectName) error {
 				all = append(all, o.(*discoveryv1.EndpointSlice))
 			}
 		}
-		snap.Endpoints = BuildEndpoints(all, port)
+		for _, p := range svc.Spec.Ports {
+			if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+				continue
+			}
+			sp := Port{Name: p.Name, Number: p.Port}
+			if p.Name == port.Name {
+				snap.Endpoints = BuildEndpoints(all, port)
+				sp.Endpoints = snap.Endpoints
+			} else {
+				sp.Endpoints = BuildEndpoints(all, p)
+			}
+			snap.Ports = append(snap.Ports, sp)
+		}
 	}
 	if logger.V(5).Enabled() {
 		ready, notReady, terminating := snap.Counts()

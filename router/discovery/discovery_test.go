@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -298,6 +299,48 @@ func TestControllerWatchesOnlyItsNamespaces(t *testing.T) {
 		if got := c.Service(types.NamespacedName{Namespace: ns, Name: "m"}) != nil; got != want {
 			t.Errorf("Service in namespace %s tracked = %v, want %v", ns, got, want)
 		}
+	}
+}
+
+// With AllServices every Service has a snapshot, with endpoints for each of
+// its TCP ports.
+func TestControllerSnapshotsAllServicesAndPorts(t *testing.T) {
+	_, ctx := ktesting.NewTestContext(t)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	echo := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "echo"},
+		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{
+			{Name: "first-port", Port: 8080, TargetPort: intstr.FromInt32(3000)},
+			{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP},
+			{Name: "second-port", Port: 8081, TargetPort: intstr.FromInt32(3001)},
+		}}}
+	ports := []discoveryv1.EndpointPort{
+		{Name: ptr.To("first-port"), Port: ptr.To(int32(3000))},
+		{Name: ptr.To("second-port"), Port: ptr.To(int32(3001))},
+	}
+	client := fake.NewClientset(echo, slice("echo-a", "echo", ports, ep{ip: "198.18.0.1", pod: "e1"}))
+	rec := &recorder{latest: map[types.NamespacedName]*Service{}}
+	c, err := New(client, rec, Options{AllServices: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = c.Run(ctx, 1) }()
+	waitFor(t, "the initial sync", c.HasSynced)
+	got := c.Service(types.NamespacedName{Namespace: "ns", Name: "echo"})
+	if got == nil {
+		t.Fatal("a Service without the model label has no snapshot")
+	}
+	var summary []string
+	for _, p := range got.Ports {
+		for _, e := range p.Endpoints {
+			summary = append(summary, fmt.Sprintf("%s/%d=%s", p.Name, p.Number, e.Address))
+		}
+	}
+	if diff := cmp.Diff([]string{"first-port/8080=198.18.0.1:3000", "second-port/8081=198.18.0.1:3001"}, summary); diff != "" {
+		t.Errorf("ports (-want +got):\n%s", diff)
+	}
+	if got.Port != "first-port" || got.ServicePort(8081) == nil || got.ServicePort(53) != nil {
+		t.Errorf("model port %q, port 8081 found %v, UDP port 53 found %v", got.Port, got.ServicePort(8081) != nil, got.ServicePort(53) != nil)
 	}
 }
 

@@ -5,9 +5,9 @@
 // change, never by appending, and hands the new snapshot to a Handler.
 //
 // Discovery says which addresses a Service has and what state each is in.
-// Which Services serve a request (label-based models today, Gateway API
-// routes later) is the route package's business, and picking one address
-// is the balance package's.
+// Which Services serve a request (label-based models, Gateway API routes)
+// is the route package's business, and picking one address is the balance
+// package's.
 package discovery
 
 import (
@@ -46,14 +46,38 @@ type Service struct {
 	Key types.NamespacedName
 	// Labels are the Service's labels (shared, do not modify).
 	Labels map[string]string
-	// Port is the name of the Service port requests go to (see ServicePort).
+	// Port is the name of the Service port model requests go to (see
+	// ServicePort).
 	Port string
-	// Endpoints are every endpoint of every current slice of the Service,
-	// sorted by address, one per address.
+	// Endpoints are every endpoint of every current slice of the Service
+	// on that port, sorted by address, one per address.
 	Endpoints []Endpoint
+	// Ports are all the Service's TCP ports in its spec order, each with
+	// its endpoints built the same way; the entry for Port shares its
+	// Endpoints. Gateway API backendRefs name a port by number.
+	Ports []Port
 	// Problem, when set, says why the Service can have no endpoints (no
 	// usable port); it is meant for an error message a person reads.
 	Problem string
+}
+
+// Port is one TCP port of a Service and its endpoints on that port.
+type Port struct {
+	// Name and Number are the Service port's name and port number.
+	Name   string
+	Number int32
+	// Endpoints are as in Service.Endpoints, on this port's target port.
+	Endpoints []Endpoint
+}
+
+// ServicePort returns the port with a number, or nil.
+func (s *Service) ServicePort(number int32) *Port {
+	for i := range s.Ports {
+		if s.Ports[i].Number == number {
+			return &s.Ports[i]
+		}
+	}
+	return nil
 }
 
 // Counts returns how many endpoints are ready for traffic, not ready, and
@@ -75,7 +99,10 @@ func (s *Service) Counts() (ready, notReady, terminating int) {
 // equal reports whether two snapshots would route the same way.
 func (s *Service) equal(o *Service) bool {
 	return s.Key == o.Key && s.Port == o.Port && s.Problem == o.Problem &&
-		slices.Equal(s.Endpoints, o.Endpoints) && equalLabels(s.Labels, o.Labels)
+		slices.Equal(s.Endpoints, o.Endpoints) && equalLabels(s.Labels, o.Labels) &&
+		slices.EqualFunc(s.Ports, o.Ports, func(a, b Port) bool {
+			return a.Name == b.Name && a.Number == b.Number && slices.Equal(a.Endpoints, b.Endpoints)
+		})
 }
 
 func equalLabels(a, b map[string]string) bool {

@@ -1,8 +1,9 @@
-// Package route decides which backends serve a request. Today a model is
-// served by every Service labelled capstan.dev/model with its name, pooled;
-// the Table maps each model name to that pool. Gateway API routes (an
-// HTTPRoute's weighted backendRefs) are a second way to fill the same kind
-// of table from the same per-Service snapshots: the discovery package knows
+// Package route decides which backends serve a request. A model is served by
+// every Service labelled capstan.dev/model with its name, pooled; the Table
+// maps each model name to that pool. Gateway API routes are the second way
+// in: an HTTPTable maps a listener, host and request to a rule whose
+// weighted backends are Service ports, each a Backend whose pool is built
+// from the same per-Service snapshots. The discovery package knows
 // Services, this package knows models and routes, and the balance package
 // picks within one pool.
 package route
@@ -99,6 +100,10 @@ type Builder struct {
 	services map[types.NamespacedName]*serviceState
 	// inflight keeps each model's in-flight counter across pool generations.
 	inflight map[string]*atomic.Int64
+	// snapshots are the latest snapshot of every Service discovery reports,
+	// for Gateway API backends; backends are the backends routes use.
+	snapshots map[types.NamespacedName]*discovery.Service
+	backends  map[BackendKey]*backendState
 }
 
 type serviceState struct {
@@ -112,7 +117,8 @@ var _ discovery.Handler = (*Builder)(nil)
 // NewBuilder returns a Builder with an empty table, taking host state from
 // hosts.
 func NewBuilder(hosts *health.Registry, opts Options) *Builder {
-	b := &Builder{hosts: hosts, opts: opts, services: map[types.NamespacedName]*serviceState{}, inflight: map[string]*atomic.Int64{}}
+	b := &Builder{hosts: hosts, opts: opts, services: map[types.NamespacedName]*serviceState{}, inflight: map[string]*atomic.Int64{},
+		snapshots: map[types.NamespacedName]*discovery.Service{}, backends: map[BackendKey]*backendState{}}
 	b.table.Store(&Table{models: map[string]*Model{}})
 	return b
 }
@@ -121,10 +127,17 @@ func NewBuilder(hosts *health.Registry, opts Options) *Builder {
 func (b *Builder) Table() *Table { return b.table.Load() }
 
 // ServiceChanged takes a Service's new snapshot and publishes a table in
-// which the models it served before and serves now are rebuilt.
+// which the models it served before and serves now are rebuilt, and new
+// pools for the Gateway API backends on the Service.
 func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Service) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if svc == nil {
+		delete(b.snapshots, key)
+	} else {
+		b.snapshots[key] = svc
+	}
+	b.rebuildBackends(key)
 	affected := map[string]bool{}
 	old, hadOld := b.services[key]
 	delete(b.services, key)
@@ -145,6 +158,11 @@ func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Servic
 		for _, e := range old.svc.Endpoints {
 			b.hosts.Release(e.Address)
 		}
+	}
+	if len(affected) == 0 {
+		// A Service that serves no model (a Gateway API backend): the
+		// table stays as it is.
+		return
 	}
 	current := b.table.Load()
 	next := &Table{models: make(map[string]*Model, len(current.models)+1)}

@@ -148,3 +148,56 @@ func TestRelabelledServiceMovesModels(t *testing.T) {
 		t.Error("a Service without a model label is routed")
 	}
 }
+
+func TestBackendsFollowTheirService(t *testing.T) {
+	reg := health.NewRegistry(health.EjectionPolicy{})
+	b := NewBuilder(reg, Options{})
+	echo := &discovery.Service{Key: key("echo"), Port: "http", Ports: []discovery.Port{
+		{Name: "http", Number: 8080, Endpoints: []discovery.Endpoint{ready("198.18.0.1:3000", "e1"), {Address: "198.18.0.2:3000", Pod: key("e2")}}},
+		{Name: "h2c", Number: 8081, Endpoints: []discovery.Endpoint{ready("198.18.0.1:3001", "e1")}},
+	}}
+	b.ServiceChanged(key("echo"), echo)
+	if len(b.Table().Models()) != 0 {
+		t.Fatal("a Service without a model label became a model")
+	}
+	v1 := BackendKey{Service: key("echo"), Port: 8080}
+	other := BackendKey{Service: key("echo"), Port: 8081}
+	missing := BackendKey{Service: key("later"), Port: 80}
+	noPort := BackendKey{Service: key("echo"), Port: 9999}
+	got := b.SyncBackends([]BackendKey{v1, other, missing, noPort})
+	st := got[v1].Load()
+	if st.Pool.Len() != 1 || st.Pool.Endpoints()[0].Address != "198.18.0.1:3000" || st.Total != 2 || st.NotReady != 1 {
+		t.Errorf("backend %s: pool %d, total %d, not ready %d", v1, st.Pool.Len(), st.Total, st.NotReady)
+	}
+	if a := got[other].Load().Pool.Endpoints()[0].Address; a != "198.18.0.1:3001" {
+		t.Errorf("port 8081 resolved to %s", a)
+	}
+	if m := got[missing].Load().Missing; m != "Service ns/later not found" {
+		t.Errorf("missing Service: %q", m)
+	}
+	if m := got[noPort].Load().Missing; m != "Service ns/echo has no TCP port 9999" {
+		t.Errorf("missing port: %q", m)
+	}
+
+	// The same Backend lives on, and its pool follows the Service.
+	laterEps := []discovery.Endpoint{ready("198.18.0.9:8000", "l")}
+	b.ServiceChanged(key("later"), &discovery.Service{Key: key("later"), Port: "http", Labels: map[string]string{"capstan.dev/model": "m"},
+		Endpoints: laterEps, Ports: []discovery.Port{{Name: "http", Number: 80, Endpoints: laterEps}}})
+	again := b.SyncBackends([]BackendKey{v1, missing})
+	if again[missing] != got[missing] {
+		t.Error("a kept backend was replaced")
+	}
+	if st := again[missing].Load(); st.Pool.Len() != 1 || st.Model != "m" {
+		t.Errorf("the backend did not follow its Service: %d endpoints, model %q", st.Pool.Len(), st.Model)
+	}
+	// Dropped backends release their hosts; the model keeps its own.
+	b.SyncBackends(nil)
+	b.ServiceChanged(key("echo"), nil)
+	if reg.Len() != 1 {
+		t.Errorf("%d hosts held, want only the model's", reg.Len())
+	}
+	b.ServiceChanged(key("later"), nil)
+	if reg.Len() != 0 {
+		t.Errorf("%d hosts held after every Service went", reg.Len())
+	}
+}

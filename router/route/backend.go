@@ -1,0 +1,182 @@
+package route
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"strings"
+	"sync/atomic"
+
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/router/balance"
+	"github.com/capstan-dev/capstan/router/discovery"
+)
+
+// BackendKey names a Gateway API backend: one port of one Service.
+type BackendKey struct {
+	Service types.NamespacedName
+	// Port is the Service port number a backendRef names.
+	Port int32
+}
+
+func (k BackendKey) String() string { return fmt.Sprintf("%s:%d", k.Service, k.Port) }
+
+// Backend is a Service port that Gateway API routes send traffic to. Its
+// endpoints follow the Service's EndpointSlices like a model's do: Load
+// returns the current view without a lock, and a new one is swapped in when
+// the Service's snapshot changes, without rebuilding any route table.
+type Backend struct {
+	Key   BackendKey
+	state atomic.Pointer[BackendState]
+	// inflight counts requests across the backend's pool generations.
+	inflight atomic.Int64
+}
+
+// BackendState is an immutable view of a backend's endpoints.
+type BackendState struct {
+	// Pool holds the backend's Ready, non-terminating endpoints.
+	Pool *balance.Pool
+	// Model is the Service's capstan.dev/model label, "" when it has none;
+	// it names the backend in the model-labelled metrics.
+	Model string
+	// Total counts the port's endpoints; Ready, NotReady and Terminating
+	// split it.
+	Total, Ready, NotReady, Terminating int
+	// Missing says why the backend has no endpoints at all: the Service or
+	// the port does not exist (yet), or the Service has no usable port.
+	Missing string
+}
+
+// Load returns the backend's current state.
+func (b *Backend) Load() *BackendState { return b.state.Load() }
+
+// Unavailable explains why the backend has no Ready endpoint, for a 503.
+func (s *BackendState) Unavailable(key BackendKey) string {
+	if s.Missing != "" {
+		return fmt.Sprintf("backend %s has no endpoints: %s", key, s.Missing)
+	}
+	msg := fmt.Sprintf("backend %s has 0 ready of %d endpoints", key, s.Total)
+	var why []string
+	if s.NotReady > 0 {
+		why = append(why, fmt.Sprintf("%d not ready", s.NotReady))
+	}
+	if s.Terminating > 0 {
+		why = append(why, fmt.Sprintf("%d terminating", s.Terminating))
+	}
+	if s.Total == 0 {
+		why = append(why, "no endpoints in the Service's EndpointSlices")
+	}
+	return msg + ": " + strings.Join(why, ", ")
+}
+
+// backendState is a Builder's bookkeeping for one backend.
+type backendState struct {
+	backend *Backend
+	// hosts are the Hosts acquired for the current pool's addresses.
+	hosts []string
+}
+
+// SyncBackends makes the Builder keep exactly the backends named by keys and
+// returns them. A backend that was already kept is returned as is (its pool
+// and counters live on); a new one is built from the Service's latest
+// snapshot; one no longer named is dropped. Gateway API route compilation
+// calls it with every backendRef it resolved.
+func (b *Builder) SyncBackends(keys []BackendKey) map[BackendKey]*Backend {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	want := make(map[BackendKey]bool, len(keys))
+	out := make(map[BackendKey]*Backend, len(keys))
+	for _, k := range keys {
+		want[k] = true
+		st, ok := b.backends[k]
+		if !ok {
+			st = &backendState{backend: &Backend{Key: k}}
+			b.backends[k] = st
+			b.buildBackend(st)
+		}
+		out[k] = st.backend
+	}
+	for k, st := range b.backends {
+		if !want[k] {
+			b.releaseHosts(st.hosts)
+			delete(b.backends, k)
+		}
+	}
+	return out
+}
+
+// Service returns the latest snapshot of a Service, or nil when it does not
+// exist (or is outside the watched namespaces).
+func (b *Builder) Service(key types.NamespacedName) *discovery.Service {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.snapshots[key]
+}
+
+// rebuildBackends rebuilds the backends on one Service after its snapshot
+// changed. b.mu is held.
+func (b *Builder) rebuildBackends(svc types.NamespacedName) {
+	for k, st := range b.backends {
+		if k.Service == svc {
+			b.buildBackend(st)
+		}
+	}
+}
+
+// buildBackend publishes a new state for a backend from its Service's
+// snapshot. b.mu is held.
+func (b *Builder) buildBackend(st *backendState) {
+	k := st.backend.Key
+	next := &BackendState{}
+	var eps []discovery.Endpoint
+	switch snap := b.snapshots[k.Service]; {
+	case snap == nil:
+		next.Missing = fmt.Sprintf("Service %s not found", k.Service)
+	case snap.Problem != "":
+		next.Missing = snap.Problem
+	default:
+		next.Model = modelserver.Model(snap.Labels)
+		if p := snap.ServicePort(k.Port); p != nil {
+			eps = p.Endpoints
+		} else {
+			next.Missing = fmt.Sprintf("Service %s has no TCP port %d", k.Service, k.Port)
+		}
+	}
+	var ready []balance.Endpoint
+	var hosts []string
+	for _, e := range eps {
+		next.Total++
+		switch {
+		case e.Terminating:
+			next.Terminating++
+		case e.Ready:
+			next.Ready++
+			pod := ""
+			if e.Pod.Name != "" {
+				pod = e.Pod.String()
+			}
+			ready = append(ready, balance.Endpoint{Address: e.Address, Pod: pod, Host: b.hosts.Acquire(e.Address)})
+			hosts = append(hosts, e.Address)
+		default:
+			next.NotReady++
+		}
+	}
+	slices.SortFunc(ready, func(a, b balance.Endpoint) int { return cmp.Compare(a.Address, b.Address) })
+	next.Pool = balance.NewPool(ready, balance.PoolOptions{MaxPerEndpoint: b.opts.MaxPerEndpoint, InFlight: &st.backend.inflight})
+	if b.opts.BuildRing {
+		next.Pool.Ring()
+	}
+	st.backend.state.Store(next)
+	// Release after acquiring, so an address the backend keeps keeps its
+	// state.
+	b.releaseHosts(st.hosts)
+	st.hosts = hosts
+}
+
+func (b *Builder) releaseHosts(addrs []string) {
+	for _, a := range addrs {
+		b.hosts.Release(a)
+	}
+}
