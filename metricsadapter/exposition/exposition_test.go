@@ -160,10 +160,14 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add([]byte("a{b=\"c # {d}\"} 1 # {e=\"f\"} 2 3\n# EOF\n"))
 	f.Add([]byte("a{b=\"\\\"\"} 1\n# EOF"))
+	filter := &Filter{Samples: map[string]bool{"vllm:num_requests_waiting": true, "a": true},
+		Histograms: map[string]bool{"vllm:time_to_first_token_seconds": true}}
 	f.Fuzz(func(t *testing.T, page []byte) {
 		var p Parser
-		_, _ = p.Parse(Text, page, nil)
-		_, _ = p.Parse(OpenMetrics, page, nil)
+		for _, format := range []Format{Text, OpenMetrics} {
+			_, _ = p.Parse(format, page, nil)
+			_, _ = p.Parse(format, page, filter)
+		}
 		var once, twice bytes.Buffer
 		if reduce(page, true, nil, &once) != nil {
 			return
