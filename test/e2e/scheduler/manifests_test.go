@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -84,6 +87,15 @@ func TestManifests(t *testing.T) {
 		}
 		if !enabled(cfg.Profiles[0].Plugins.MultiPoint, modelslots.Name) {
 			t.Error("ModelSlots is not enabled in the profile")
+		}
+		// The running scheduler reports the order it calls plugins in: a
+		// full node or cluster should be turned away by ModelSlots before
+		// the default plugins spend time on it.
+		order := pluginOrder(t, sched.LogPath)
+		for _, point := range []string{"PreFilter", "Filter"} {
+			if names := order[point]; len(names) == 0 || names[0] != modelslots.Name {
+				t.Errorf("%s plugins run in the order %v, want %s first", point, names, modelslots.Name)
+			}
 		}
 	})
 
@@ -197,6 +209,39 @@ func TestManifests(t *testing.T) {
 			t.Errorf("%v (scheduler_unschedulable_pods = %v)", err, waiting)
 		}
 	})
+}
+
+// pluginOrder reads, from kube-scheduler's log (-v=2 and up), the plugins its
+// profile runs at each extension point, in order.
+func pluginOrder(t *testing.T, logPath string) map[string][]string {
+	t.Helper()
+	data, err := os.ReadFile(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const marker = `"the scheduler starts to work with those plugins"`
+	for _, line := range strings.Split(string(data), "\n") {
+		if !strings.Contains(line, marker) {
+			continue
+		}
+		_, plugins, ok := strings.Cut(line, " Plugins=")
+		if !ok {
+			break
+		}
+		var points map[string]struct{ Enabled []struct{ Name string } }
+		if err := json.Unmarshal([]byte(plugins), &points); err != nil {
+			t.Fatalf("the scheduler's plugin list: %v\n%s", err, line)
+		}
+		order := map[string][]string{}
+		for point, set := range points {
+			for _, p := range set.Enabled {
+				order[point] = append(order[point], p.Name)
+			}
+		}
+		return order
+	}
+	t.Fatalf("no %s line in %s", marker, logPath)
+	return nil
 }
 
 // insecureClient is an HTTPS client for the scheduler's self-signed serving
