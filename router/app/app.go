@@ -13,14 +13,18 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
 	"github.com/capstan-dev/capstan/metricsadapter/scrape"
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/gateway"
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/load"
 	"github.com/capstan-dev/capstan/router/metrics"
@@ -56,7 +60,14 @@ func Run(ctx context.Context, o *Options) error {
 		MaxPerModel:    o.MaxRequestsPerModel,
 		BuildRing:      balance.NeedsRing(selector),
 	})
-	controller, err := discovery.New(client, routes, discovery.Options{Namespaces: o.Namespaces})
+	// With the Gateway API on, every Service may be a backend, and the
+	// gateway controller follows which Services exist.
+	var gw *gateway.Controller
+	handlers := discovery.Handlers{routes}
+	if o.GatewayEnabled() {
+		handlers = append(handlers, discovery.HandlerFunc(func(k types.NamespacedName, s *discovery.Service) { gw.ServiceChanged(k, s) }))
+	}
+	controller, err := discovery.New(client, handlers, discovery.Options{Namespaces: o.Namespaces, AllServices: o.GatewayEnabled()})
 	if err != nil {
 		return err
 	}
@@ -83,7 +94,28 @@ func Run(ctx context.Context, o *Options) error {
 	case balance.SessionAffinity:
 		popts.SessionHeader = o.SessionHeader
 	}
+	if o.GatewayEnabled() {
+		popts.Gateways = func() *route.HTTPTable { return gw.Table() }
+	}
 	handler := proxy.New(routes, m, logger.WithName("proxy"), popts)
+	var listeners *proxy.Listeners
+	if o.GatewayEnabled() {
+		if err := checkGatewayAPI(client); err != nil {
+			return err
+		}
+		gwClient, err := gatewayclient.NewForConfig(rest.AddUserAgent(cfg, userAgent))
+		if err != nil {
+			return err
+		}
+		listeners = proxy.NewListeners(handler, popts.Gateways, logger.WithName("gateway-listeners"), o.ShutdownTimeout)
+		gw = gateway.New(client, gwClient, routes, listeners, controller.HasSynced, reg, gateway.Options{
+			ControllerName: o.GatewayControllerName,
+			Namespaces:     o.Namespaces,
+			Addresses:      o.gatewayAddresses(),
+			LeaderElection: o.LeaderElection,
+			BindRetry:      5 * time.Second,
+		})
+	}
 
 	var draining atomic.Bool
 	ready := func() error {
@@ -92,6 +124,8 @@ func Run(ctx context.Context, o *Options) error {
 			return errors.New("shutting down")
 		case !controller.HasSynced():
 			return errors.New("Service and EndpointSlice caches not synced yet")
+		case gw != nil && !gw.HasSynced():
+			return errors.New("Gateway API routes not programmed yet")
 		}
 		return nil
 	}
@@ -117,6 +151,11 @@ func Run(ctx context.Context, o *Options) error {
 		}
 	}
 
+	gatewayDone := make(chan error, 1)
+	if gw != nil {
+		go func() { gatewayDone <- gw.Run(klog.NewContext(discoveryCtx, logger.WithName("gateway"))) }()
+	}
+
 	go handler.Run(discoveryCtx)
 	serveDone := make(chan error, 1)
 	go func() { serveDone <- srv.Serve(listener) }()
@@ -127,6 +166,8 @@ func Run(ctx context.Context, o *Options) error {
 		return fmt.Errorf("serving: %w", err)
 	case err := <-discoveryDone:
 		return fmt.Errorf("discovery stopped: %w", err)
+	case err := <-gatewayDone:
+		return fmt.Errorf("the Gateway API controller stopped: %w", err)
 	case <-ctx.Done():
 	}
 
@@ -140,14 +181,23 @@ func Run(ctx context.Context, o *Options) error {
 	logger.Info("Draining in-flight requests", "timeout", o.ShutdownTimeout)
 	drainCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.ShutdownTimeout)
 	defer cancel()
+	if listeners != nil {
+		go listeners.Shutdown(drainCtx)
+	}
 	err = srv.Shutdown(drainCtx)
 	if err != nil {
 		logger.Info("Requests still in flight after the shutdown timeout; closing their connections", "err", err)
 		_ = srv.Close()
 	}
+	if listeners != nil {
+		listeners.Shutdown(drainCtx)
+	}
 	handler.CloseIdleConnections()
 	stopDiscovery()
 	<-discoveryDone
+	if gw != nil {
+		<-gatewayDone
+	}
 	logger.Info("Stopped")
 	return nil
 }
@@ -165,6 +215,29 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 		return nil, fmt.Errorf("loading --kubeconfig %s: %w", kubeconfig, err)
 	}
 	return cfg, nil
+}
+
+// gatewayResources are the Gateway API resources the router needs served.
+var gatewayResources = []string{"gatewayclasses", "gateways", "httproutes", "referencegrants"}
+
+// checkGatewayAPI fails clearly when the Gateway API CRDs are missing,
+// instead of waiting for caches that can never fill.
+func checkGatewayAPI(client kubernetes.Interface) error {
+	gv := gatewayv1.GroupVersion.String()
+	list, err := client.Discovery().ServerResourcesForGroupVersion(gv)
+	if err != nil {
+		return fmt.Errorf("the Gateway API (%s) is not served; install its standard-channel CRDs or run without --gateway-address-pool/--gateway-address: %w", gv, err)
+	}
+	served := map[string]bool{}
+	for _, r := range list.APIResources {
+		served[r.Name] = true
+	}
+	for _, name := range gatewayResources {
+		if !served[name] {
+			return fmt.Errorf("the Gateway API CRDs are incomplete: %s/%s is not served", gv, name)
+		}
+	}
+	return nil
 }
 
 // newMux serves the health endpoints and metrics beside the API.

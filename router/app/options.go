@@ -7,15 +7,23 @@ package app
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
 	"golang.org/x/net/http/httpguts"
 	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/apimachinery/pkg/util/validation/field"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	componentbaseconfig "k8s.io/component-base/config"
+	componentbaseoptions "k8s.io/component-base/config/options"
 
 	"github.com/capstan-dev/capstan/router/balance"
+	"github.com/capstan-dev/capstan/router/gateway"
 )
 
 // Options are capstan-router's settings, one per flag.
@@ -76,6 +84,24 @@ type Options struct {
 	Workers int
 	// Profiling serves net/http/pprof under /debug/pprof/. Default false.
 	Profiling bool
+
+	// GatewayAddressPool, when set, turns on Gateway API support with an
+	// address of its own for every Gateway from this pool (a CIDR), which
+	// must be local to the router's network namespace. Default "".
+	GatewayAddressPool string
+	// GatewayAddress, when set, turns on Gateway API support with every
+	// Gateway sharing this address (an IP or a hostname: the router's
+	// Service), listeners told apart by port and hostname. Default "".
+	GatewayAddress string
+	// GatewayBindAddress is the host the router listens on for Gateways
+	// with GatewayAddress; "" means every interface. Default "".
+	GatewayBindAddress string
+	// GatewayControllerName selects the GatewayClasses to serve. Default
+	// capstan.dev/gateway-controller.
+	GatewayControllerName string
+	// LeaderElection elects the replica that writes Gateway API status.
+	// Default on, a Lease capstan-router in capstan-system, 15s/10s/2s.
+	LeaderElection componentbaseconfig.LeaderElectionConfiguration
 }
 
 // NewOptions returns the default options.
@@ -103,7 +129,29 @@ func NewOptions() *Options {
 		ShutdownTimeout:         60 * time.Second,
 		AccessLog:               true,
 		Workers:                 2,
+		GatewayControllerName:   gateway.DefaultControllerName,
+		LeaderElection: componentbaseconfig.LeaderElectionConfiguration{
+			LeaderElect:       true,
+			LeaseDuration:     metav1.Duration{Duration: 15 * time.Second},
+			RenewDeadline:     metav1.Duration{Duration: 10 * time.Second},
+			RetryPeriod:       metav1.Duration{Duration: 2 * time.Second},
+			ResourceLock:      resourcelock.LeasesResourceLock,
+			ResourceName:      "capstan-router",
+			ResourceNamespace: "capstan-system",
+		},
 	}
+}
+
+// GatewayEnabled reports whether the router serves the Gateway API.
+func (o *Options) GatewayEnabled() bool { return o.GatewayAddressPool != "" || o.GatewayAddress != "" }
+
+// gatewayAddresses is the address mode the Gateway flags ask for; Validate
+// has checked them.
+func (o *Options) gatewayAddresses() gateway.Addresses {
+	if o.GatewayAddressPool != "" {
+		return gateway.Addresses{Pool: netip.MustParsePrefix(o.GatewayAddressPool)}
+	}
+	return gateway.Addresses{Shared: o.GatewayAddress, BindHost: o.GatewayBindAddress}
 }
 
 // AddFlags adds a flag for every option to fs, with the defaults in o.
@@ -135,6 +183,11 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.AccessLog, "access-log", o.AccessLog, "Log every request (request id, model, pod, status, duration).")
 	fs.IntVar(&o.Workers, "discovery-workers", o.Workers, "Goroutines rebuilding Service endpoint sets.")
 	fs.BoolVar(&o.Profiling, "profiling", o.Profiling, "Serve Go profiles under /debug/pprof/ on --bind-address.")
+	fs.StringVar(&o.GatewayAddressPool, "gateway-address-pool", o.GatewayAddressPool, "Serve the Gateway API, giving every Gateway an address of its own from this CIDR; the addresses must be local to the router (see docs/gateway.md). Exclusive with --gateway-address.")
+	fs.StringVar(&o.GatewayAddress, "gateway-address", o.GatewayAddress, "Serve the Gateway API with every Gateway sharing this address (an IP or hostname, typically the router's LoadBalancer Service); listeners are told apart by port and hostname. Exclusive with --gateway-address-pool.")
+	fs.StringVar(&o.GatewayBindAddress, "gateway-bind-address", o.GatewayBindAddress, "With --gateway-address, the host to listen on for Gateway listeners; empty means every interface.")
+	fs.StringVar(&o.GatewayControllerName, "gateway-controller-name", o.GatewayControllerName, "The controllerName of the GatewayClasses this router serves.")
+	componentbaseoptions.BindLeaderElectionFlags(&o.LeaderElection, fs)
 }
 
 // Validate checks the options and returns every problem at once.
@@ -210,7 +263,53 @@ func (o *Options) Validate() error {
 			errs = append(errs, field.Invalid(field.NewPath("namespaces").Index(i), ns, "must not be empty"))
 		}
 	}
+	errs = append(errs, o.validateGateway()...)
 	return errs.ToAggregate()
+}
+
+// validateGateway checks the Gateway API flags.
+func (o *Options) validateGateway() field.ErrorList {
+	var errs field.ErrorList
+	if o.GatewayAddressPool != "" && o.GatewayAddress != "" {
+		errs = append(errs, field.Forbidden(field.NewPath("gateway-address"), "set --gateway-address-pool or --gateway-address, not both"))
+	}
+	if o.GatewayAddressPool != "" {
+		if p, err := netip.ParsePrefix(o.GatewayAddressPool); err != nil {
+			errs = append(errs, field.Invalid(field.NewPath("gateway-address-pool"), o.GatewayAddressPool, err.Error()))
+		} else if p != p.Masked() {
+			errs = append(errs, field.Invalid(field.NewPath("gateway-address-pool"), o.GatewayAddressPool, "must be a network address, e.g. "+p.Masked().String()))
+		}
+	}
+	if o.GatewayAddress != "" {
+		if _, err := netip.ParseAddr(o.GatewayAddress); err != nil {
+			for _, msg := range validation.IsDNS1123Subdomain(o.GatewayAddress) {
+				errs = append(errs, field.Invalid(field.NewPath("gateway-address"), o.GatewayAddress, "not an IP address or hostname: "+msg))
+			}
+		}
+	}
+	if o.GatewayBindAddress != "" {
+		if _, err := netip.ParseAddr(o.GatewayBindAddress); err != nil {
+			errs = append(errs, field.Invalid(field.NewPath("gateway-bind-address"), o.GatewayBindAddress, "must be an IP address"))
+		}
+	}
+	if domain, path, ok := strings.Cut(o.GatewayControllerName, "/"); !ok || path == "" || len(validation.IsDNS1123Subdomain(domain)) > 0 {
+		errs = append(errs, field.Invalid(field.NewPath("gateway-controller-name"), o.GatewayControllerName, "must be DOMAIN/PATH, e.g. "+gateway.DefaultControllerName))
+	}
+	if le := o.LeaderElection; o.GatewayEnabled() && le.LeaderElect {
+		if le.LeaseDuration.Duration <= 0 || le.RenewDeadline.Duration <= 0 || le.RetryPeriod.Duration <= 0 {
+			errs = append(errs, field.Invalid(field.NewPath("leader-elect-lease-duration"), le.LeaseDuration.Duration.String(),
+				"--leader-elect-lease-duration, --leader-elect-renew-deadline and --leader-elect-retry-period must be positive"))
+		} else if le.RenewDeadline.Duration >= le.LeaseDuration.Duration {
+			errs = append(errs, field.Invalid(field.NewPath("leader-elect-renew-deadline"), le.RenewDeadline.Duration.String(), "must be shorter than --leader-elect-lease-duration"))
+		}
+		if le.ResourceLock != resourcelock.LeasesResourceLock {
+			errs = append(errs, field.NotSupported(field.NewPath("leader-elect-resource-lock"), le.ResourceLock, []string{resourcelock.LeasesResourceLock}))
+		}
+		if le.ResourceName == "" || le.ResourceNamespace == "" {
+			errs = append(errs, field.Required(field.NewPath("leader-elect-resource-namespace"), "--leader-elect-resource-name and --leader-elect-resource-namespace must be set"))
+		}
+	}
+	return errs
 }
 
 func sortedKeys(m map[string]time.Duration) []string {

@@ -33,6 +33,17 @@ type Handler interface {
 	ServiceChanged(key types.NamespacedName, svc *Service)
 }
 
+// Handlers hands every snapshot to several handlers, in order.
+type Handlers []Handler
+
+func (hs Handlers) ServiceChanged(key types.NamespacedName, svc *Service) {
+	for _, h := range hs {
+		h.ServiceChanged(key, svc)
+	}
+}
+
+var _ Handler = Handlers(nil)
+
 // Options configures a Controller.
 type Options struct {
 	// Namespaces to watch; empty means all.
@@ -335,3 +346,10 @@ func (c *Controller) Len() int {
 	defer c.mu.RUnlock()
 	return len(c.snapshots)
 }
+
+// HandlerFunc is a function that handles snapshots.
+type HandlerFunc func(key types.NamespacedName, svc *Service)
+
+func (f HandlerFunc) ServiceChanged(key types.NamespacedName, svc *Service) { f(key, svc) }
+
+var _ Handler = HandlerFunc(nil)

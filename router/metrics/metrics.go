@@ -21,6 +21,7 @@ type Metrics struct {
 	ttfb       *prometheus.HistogramVec
 	retries    *prometheus.CounterVec
 	ejections  *prometheus.CounterVec
+	gateway    *prometheus.CounterVec
 	codeLabels [600]string
 }
 
@@ -57,25 +58,38 @@ func New(reg prometheus.Registerer, table func() *route.Table) *Metrics {
 			Namespace: namespace, Name: "ejections_total",
 			Help: "Endpoints ejected after a failed attempt, by model.",
 		}, []string{"model"}),
+		gateway: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "gateway_requests_total",
+			Help: "Requests received on Gateway listeners, by Gateway, HTTPRoute (empty when none matched) and HTTP status code.",
+		}, []string{"gateway", "route", "code"}),
 	}
 	for i := range m.codeLabels {
 		m.codeLabels[i] = strconv.Itoa(i)
 	}
-	reg.MustRegister(m.requests, m.duration, m.ttfb, m.retries, m.ejections, &tableCollector{table: table})
+	reg.MustRegister(m.requests, m.duration, m.ttfb, m.retries, m.ejections, m.gateway, &tableCollector{table: table})
 	return m
 }
 
 // Request records a finished request. model is "" for requests that named
 // no known model, so clients cannot grow the label set.
 func (m *Metrics) Request(model string, code int, balancer string, seconds float64) {
-	label := strconv.Itoa(code)
-	if code >= 0 && code < len(m.codeLabels) {
-		label = m.codeLabels[code]
-	}
-	m.requests.WithLabelValues(model, label, balancer).Inc()
+	m.requests.WithLabelValues(model, m.code(code), balancer).Inc()
 	if model != "" {
 		m.duration.WithLabelValues(model).Observe(seconds)
 	}
+}
+
+// GatewayRequest records a finished request received on a Gateway
+// listener; route is "" when none matched.
+func (m *Metrics) GatewayRequest(gateway, route string, code int) {
+	m.gateway.WithLabelValues(gateway, route, m.code(code)).Inc()
+}
+
+func (m *Metrics) code(code int) string {
+	if code >= 0 && code < len(m.codeLabels) {
+		return m.codeLabels[code]
+	}
+	return strconv.Itoa(code)
 }
 
 // FirstByte records the time to the model server's response headers.

@@ -32,6 +32,9 @@ const (
 	codeNoReadyEndpoints  = "no_ready_endpoints"
 	codeUpstreamTimeout   = "upstream_timeout"
 	codeNotSynced         = "router_not_ready"
+	codeRouteNotFound     = "route_not_found"
+	codeInvalidRule       = "invalid_route_rule"
+	codeInvalidBackend    = "invalid_backend"
 )
 
 type errorBody struct {

@@ -78,6 +78,9 @@ type Options struct {
 	// answers 503: a router that does not know the models yet must not
 	// call them unknown. Nil means always synced.
 	Synced func() bool
+	// Gateways gives the Gateway API routing table that GatewayHandler
+	// serves. Nil when the router does not serve Gateways.
+	Gateways func() *route.HTTPTable
 }
 
 // Handler serves the OpenAI API by forwarding to model servers.
@@ -136,6 +139,10 @@ type exchange struct {
 	attempts int
 	written  int64
 	err      error
+	// viaGateway marks a request that came through a Gateway listener;
+	// gateway, route and backend name what served it.
+	viaGateway              bool
+	gateway, route, backend string
 }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -181,11 +188,17 @@ func (h *Handler) methodNotAllowed(w http.ResponseWriter, x *exchange, allow str
 func (h *Handler) finish(r *http.Request, x *exchange) {
 	d := time.Since(x.start)
 	h.metrics.Request(x.model, x.status, h.balancer, d.Seconds())
+	if x.viaGateway {
+		h.metrics.GatewayRequest(x.gateway, x.route, x.status)
+	}
 	if !h.opts.AccessLog {
 		return
 	}
 	kv := []any{"requestID", x.id, "method", r.Method, "path", r.URL.Path, "model", x.asked,
 		"pod", x.pod, "endpoint", x.endpoint, "status", x.status, "duration", d, "attempts", x.attempts, "bytes", x.written}
+	if x.viaGateway {
+		kv = append(kv, "host", r.Host, "gateway", x.gateway, "route", x.route, "backend", x.backend)
+	}
 	if x.err != nil {
 		kv = append(kv, "err", x.err.Error())
 	}
@@ -196,27 +209,41 @@ func (h *Handler) finish(r *http.Request, x *exchange) {
 // before the response started, as nginx does.
 const statusClientClosed = 499
 
-func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
+// readBody reads a request's body once, up to the limit, into a pooled
+// buffer that the caller gives back with putBody. When it cannot, it has
+// answered 413 or recorded that the client went away, and returns nil.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange) *bytes.Buffer {
 	if r.ContentLength > h.opts.MaxBodyBytes {
 		h.tooLarge(w, x)
-		return
+		return nil
 	}
 	buf := h.bodies.Get().(*bytes.Buffer)
-	defer func() {
-		if buf.Cap() <= maxPooledBody {
-			buf.Reset()
-			h.bodies.Put(buf)
-		}
-	}()
 	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, h.opts.MaxBodyBytes)); err != nil {
+		h.putBody(buf)
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			h.tooLarge(w, x)
-			return
+			return nil
 		}
 		x.status, x.err = statusClientClosed, fmt.Errorf("reading the request body: %w", err)
+		return nil
+	}
+	return buf
+}
+
+func (h *Handler) putBody(buf *bytes.Buffer) {
+	if buf.Cap() <= maxPooledBody {
+		buf.Reset()
+		h.bodies.Put(buf)
+	}
+}
+
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
+	buf := h.readBody(w, r, x)
+	if buf == nil {
 		return
 	}
+	defer h.putBody(buf)
 	body := buf.Bytes()
 	req, err := Decode(body, h.opts.PrefixBytes)
 	x.asked = req.Model
@@ -251,16 +278,44 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 	}
 	defer pool.Done()
 
+	br := h.balanceRequest(r, req.Prefix)
+	t := target{kind: "model", name: m.Name, model: m.Name, pool: pool,
+		path: r.URL.Path, rawPath: r.URL.RawPath, header: outboundHeader(r, x.id)}
+	h.forward(w, r, x, &t, body, &br)
+}
+
+// balanceRequest is what the balancers know about a request: its prompt
+// prefix and session id, when the balancer uses them.
+func (h *Handler) balanceRequest(r *http.Request, prefix []byte) balance.Request {
 	var br balance.Request
-	if len(req.Prefix) > 0 {
-		br.PrefixHash, br.HasPrefix = balance.HashKey(req.Prefix), true
+	if len(prefix) > 0 {
+		br.PrefixHash, br.HasPrefix = balance.HashKey(prefix), true
 	}
 	if h.opts.SessionHeader != "" {
 		if s := r.Header.Get(h.opts.SessionHeader); s != "" {
 			br.SessionHash, br.HasSession = balance.HashKeyString(s), true
 		}
 	}
-	h.forward(w, r, x, m, body, &br)
+	return br
+}
+
+// target is where forward sends a request, and how the request and the
+// response change on the way.
+type target struct {
+	// kind and name say what the pool is, in error messages ("model
+	// llama-3-8b", "backend ns/svc:8080"); model labels metrics, "" for
+	// none.
+	kind, name, model string
+	pool              *balance.Pool
+	// path and rawPath are the request's URL path as sent upstream.
+	path, rawPath string
+	// host is the Host header sent upstream; "" means the endpoint's
+	// address.
+	host string
+	// header is the request header sent upstream, shared by all attempts.
+	header http.Header
+	// responseHeaders modify the response headers sent to the client.
+	responseHeaders [2]*route.HeaderModifier
 }
 
 func (h *Handler) tooLarge(w http.ResponseWriter, x *exchange) {
@@ -300,12 +355,11 @@ func classify(err error) failure {
 	return failTransport
 }
 
-// forward sends the request to endpoints of the model until one answers or
+// forward sends the request to endpoints of the target until one answers or
 // the attempts run out. It never retries after writing to the client.
-func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m *route.Model, body []byte, br *balance.Request) {
-	pool := m.Pool
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t *target, body []byte, br *balance.Request) {
+	pool := t.pool
 	ctx := r.Context()
-	header := outboundHeader(r, x.id)
 
 	var (
 		lastErr  error
@@ -329,11 +383,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 		}
 		if x.attempts > 0 {
 			// Another endpoint takes over from a failed attempt.
-			h.metrics.Retry(m.Name, lastFail.reason())
+			h.metrics.Retry(t.model, lastFail.reason())
 		}
 		x.attempts++
 		x.pod, x.endpoint = e.Pod, e.Address
-		up, err := h.upstreams.roundTrip(ctx, outboundRequest(r, e.Address, header, body), e.Address, h.opts.FirstByteTimeout)
+		up, err := h.upstreams.roundTrip(ctx, outboundRequest(r, t, e.Address, body), e.Address, h.opts.FirstByteTimeout)
 		if err != nil {
 			pool.Release(e)
 			if ctx.Err() != nil {
@@ -343,19 +397,21 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 			lastErr, lastFail = err, classify(err)
 			br.Tried(e)
 			if d := e.Host.Fail(); d > 0 {
-				h.metrics.Ejection(m.Name)
-				h.logger.V(2).Info("Ejected endpoint after a failed attempt", "requestID", x.id, "model", m.Name,
+				h.metrics.Ejection(t.model)
+				h.logger.V(2).Info("Ejected endpoint after a failed attempt", "requestID", x.id, t.kind, t.name,
 					"pod", e.Pod, "endpoint", e.Address, "for", d, "err", err)
 			}
 			continue
 		}
 		e.Host.Succeed()
-		h.metrics.FirstByte(m.Name, time.Since(x.start).Seconds())
+		if t.model != "" {
+			h.metrics.FirstByte(t.model, time.Since(x.start).Seconds())
+		}
 		// Deferred: respond aborts a broken response by panicking.
 		defer pool.Release(e)
 		complete := false
 		defer func() { h.upstreams.release(up, complete) }()
-		complete = h.respond(w, x, e, up)
+		complete = h.respond(w, x, t, e, up)
 		return
 	}
 
@@ -364,15 +420,15 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 		// Nothing was tried: every endpoint is at its in-flight limit.
 		x.status = http.StatusTooManyRequests
 		writeError(w, x.status, rateLimit, codeEndpointsFull, fmt.Sprintf(
-			"all %d ready endpoints of model %s are at the limit of %d requests in flight", pool.Len(), m.Name, pool.MaxPerEndpoint()), h.opts.RetryAfter)
+			"all %d ready endpoints of %s %s are at the limit of %d requests in flight", pool.Len(), t.kind, t.name, pool.MaxPerEndpoint()), h.opts.RetryAfter)
 	case lastFail == failTimeout:
 		x.status, x.err = http.StatusGatewayTimeout, lastErr
 		writeError(w, x.status, serverError, codeUpstreamTimeout, fmt.Sprintf(
-			"model %s: no response headers within %s from %d endpoint(s) tried", m.Name, h.opts.FirstByteTimeout, x.attempts), 0)
+			"%s %s: no response headers within %s from %d endpoint(s) tried", t.kind, t.name, h.opts.FirstByteTimeout, x.attempts), 0)
 	default:
 		x.status, x.err = http.StatusBadGateway, lastErr
 		writeError(w, x.status, serverError, codeUpstreamUnreached, fmt.Sprintf(
-			"model %s: %d attempt(s) failed before a response, last: %v", m.Name, x.attempts, lastErr), 0)
+			"%s %s: %d attempt(s) failed before a response, last: %v", t.kind, t.name, x.attempts, lastErr), 0)
 	}
 }
 
@@ -380,10 +436,13 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, m
 // whether it read the response to its end. From here on the request is never
 // retried: a failure mid-body aborts the client's connection so that it sees
 // an incomplete response, not a short one.
-func (h *Handler) respond(w http.ResponseWriter, x *exchange, e *balance.Endpoint, up *upstreamResponse) (complete bool) {
+func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *balance.Endpoint, up *upstreamResponse) (complete bool) {
 	resp := up.resp
 	dst := w.Header()
 	copyHeader(dst, resp.Header)
+	for _, m := range t.responseHeaders {
+		m.Apply(dst)
+	}
 	if e.Pod != "" {
 		dst["X-Capstan-Pod"] = []string{e.Pod}
 	}
@@ -451,18 +510,22 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange, e *balance.Endpoin
 
 // outboundRequest builds one attempt's request to addr. The header map is
 // shared by all attempts (writing a request does not modify it).
-func outboundRequest(in *http.Request, addr string, header http.Header, body []byte) *http.Request {
+func outboundRequest(in *http.Request, t *target, addr string, body []byte) *http.Request {
+	host := t.host
+	if host == "" {
+		host = addr
+	}
 	return &http.Request{
 		Method:        in.Method,
-		URL:           &url.URL{Scheme: "http", Host: addr, Path: in.URL.Path, RawPath: in.URL.RawPath, RawQuery: in.URL.RawQuery},
+		URL:           &url.URL{Scheme: "http", Host: addr, Path: t.path, RawPath: t.rawPath, RawQuery: in.URL.RawQuery},
 		Proto:         "HTTP/1.1",
 		ProtoMajor:    1,
 		ProtoMinor:    1,
-		Header:        header,
+		Header:        t.header,
 		Body:          io.NopCloser(bytes.NewReader(body)),
 		GetBody:       func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil },
 		ContentLength: int64(len(body)),
-		Host:          addr,
+		Host:          host,
 	}
 }
 

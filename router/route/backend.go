@@ -29,6 +29,7 @@ func (k BackendKey) String() string { return fmt.Sprintf("%s:%d", k.Service, k.P
 // the Service's snapshot changes, without rebuilding any route table.
 type Backend struct {
 	Key   BackendKey
+	name  string
 	state atomic.Pointer[BackendState]
 	// inflight counts requests across the backend's pool generations.
 	inflight atomic.Int64
@@ -48,6 +49,9 @@ type BackendState struct {
 	// the port does not exist (yet), or the Service has no usable port.
 	Missing string
 }
+
+// Name is Key as a string, "<namespace>/<service>:<port>".
+func (b *Backend) Name() string { return b.name }
 
 // Load returns the backend's current state.
 func (b *Backend) Load() *BackendState { return b.state.Load() }
@@ -92,7 +96,7 @@ func (b *Builder) SyncBackends(keys []BackendKey) map[BackendKey]*Backend {
 		want[k] = true
 		st, ok := b.backends[k]
 		if !ok {
-			st = &backendState{backend: &Backend{Key: k}}
+			st = &backendState{backend: &Backend{Key: k, name: k.String()}}
 			b.backends[k] = st
 			b.buildBackend(st)
 		}

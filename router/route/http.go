@@ -66,6 +66,7 @@ type Port struct {
 func NewPort(address string, tls bool, listeners []*Listener) *Port {
 	p := &Port{Address: address, TLS: tls, all: listeners}
 	for _, l := range listeners {
+		l.gatewayName = l.Gateway.String()
 		p.listeners.add(l.Hostname, l)
 	}
 	return p
@@ -121,7 +122,11 @@ type Listener struct {
 	// Certificates serve an HTTPS listener.
 	Certificates []tls.Certificate
 	hosts        hostIndex[*VirtualHost]
+	gatewayName  string
 }
+
+// GatewayName is "<namespace>/<name>" of the listener's Gateway.
+func (l *Listener) GatewayName() string { return l.gatewayName }
 
 // AddHost attaches the matches that serve one effective hostname ("" for
 // any) on the listener, and sorts them by precedence. A listener is

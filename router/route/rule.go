@@ -35,11 +35,15 @@ type Rule struct {
 
 	// cum[i] is the sum of the weights of Backends[:i+1]; picks walks the
 	// weights (see Pick).
-	cum   []uint64
-	total uint64
-	step  uint64
-	picks atomic.Uint64
+	cum       []uint64
+	total     uint64
+	step      uint64
+	picks     atomic.Uint64
+	routeName string
 }
+
+// RouteName is "<namespace>/<name>" of the rule's route.
+func (r *Rule) RouteName() string { return r.routeName }
 
 // RuleBackend is one weighted backendRef of a rule.
 type RuleBackend struct {
@@ -55,6 +59,7 @@ type RuleBackend struct {
 
 // SetBackends sets the rule's backends and prepares the weighted pick.
 func (r *Rule) SetBackends(backends []RuleBackend) {
+	r.routeName = r.Route.String()
 	r.Backends = backends
 	r.cum = make([]uint64, len(backends))
 	r.total = 0

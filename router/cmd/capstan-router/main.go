@@ -1,5 +1,6 @@
 // Command capstan-router routes OpenAI-style requests to the Ready endpoints
-// of the model they name. See docs/router.md.
+// of the model they name, and serves Gateway API HTTPRoutes. See
+// docs/router.md and docs/gateway.md.
 package main
 
 import (
@@ -14,9 +15,6 @@ import (
 	logsapi "k8s.io/component-base/logs/api/v1"
 	_ "k8s.io/component-base/logs/json/register" // --logging-format=json
 	"k8s.io/klog/v2"
-	// Keeps sigs.k8s.io/gateway-api required at the pinned v1.6.x (v1.7
-	// needs a newer Go) until the router speaks the Gateway API.
-	_ "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
 	"github.com/capstan-dev/capstan/router/app"
 )
@@ -30,7 +28,7 @@ func newCommand() *cobra.Command {
 	logging := logsapi.NewLoggingConfiguration()
 	cmd := &cobra.Command{
 		Use:          "capstan-router",
-		Short:        "An OpenAI-compatible router over the Ready EndpointSlice endpoints of labelled model Services",
+		Short:        "An OpenAI-compatible router over the Ready EndpointSlice endpoints of labelled model Services, and a Gateway API implementation",
 		SilenceUsage: true,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) > 0 {

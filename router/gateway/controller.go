@@ -1,0 +1,501 @@
+// Package gateway makes capstan-router a Gateway API implementation. It
+// watches GatewayClasses whose controllerName is the router's, their
+// Gateways, HTTPRoutes, ReferenceGrants, TLS Secrets and Namespaces;
+// translates them into a route.HTTPTable that every router replica serves;
+// and, on the replica that holds a leader-election Lease, writes the status
+// of each object (conditions with reasons a person can act on), only when
+// it changes.
+//
+// The translation is one pure function of the cached objects (translate),
+// rerun in full on any change: a workqueue with a single key coalesces
+// bursts of events, and endpoint changes never get here (they swap a
+// route.Backend's pool instead).
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	"k8s.io/apimachinery/pkg/util/uuid"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/leaderelection"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/util/workqueue"
+	componentbaseconfig "k8s.io/component-base/config"
+	"k8s.io/klog/v2"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
+	gatewayinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
+
+	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/route"
+)
+
+// DefaultControllerName is the controllerName of the GatewayClasses the
+// router serves unless told otherwise.
+const DefaultControllerName = "capstan.dev/gateway-controller"
+
+// Options configures a Controller.
+type Options struct {
+	// ControllerName selects the GatewayClasses to serve.
+	ControllerName string
+	// Namespaces limits Gateways, HTTPRoutes, ReferenceGrants and Secrets
+	// to these namespaces; empty means all.
+	Namespaces []string
+	// Addresses says where Gateways are served.
+	Addresses Addresses
+	// LeaderElection elects the one replica that writes status. With
+	// LeaderElect false this replica always writes.
+	LeaderElection componentbaseconfig.LeaderElectionConfiguration
+	// BindRetry is how soon a listen address that could not be bound is
+	// tried again.
+	BindRetry time.Duration
+}
+
+// Services gives Service snapshots and Backends (route.Builder).
+type Services interface {
+	Service(types.NamespacedName) *discovery.Service
+	SyncBackends([]route.BackendKey) map[route.BackendKey]*route.Backend
+}
+
+// Listeners opens and closes the listen addresses of a table and reports
+// the ones it could not bind.
+type Listeners interface {
+	Reconcile(ctx context.Context, t *route.HTTPTable) map[string]error
+}
+
+// syncKey is the only key in the queue: every change reruns the whole
+// translation.
+const syncKey = "sync"
+
+// Controller serves the Gateway API resources of the router's
+// GatewayClasses.
+type Controller struct {
+	opts      Options
+	kube      kubernetes.Interface
+	gateways  gatewayclient.Interface
+	services  Services
+	listeners Listeners
+	// servicesSynced reports whether discovery has a snapshot of every
+	// Service, so that the first translation does not call present
+	// backends missing.
+	servicesSynced func() bool
+
+	factories   []interface{ Start(<-chan struct{}) }
+	shutdowns   []func()
+	synced      []cache.InformerSynced
+	classInf    cache.SharedIndexInformer
+	gatewayInfs []cache.SharedIndexInformer
+	routeInfs   []cache.SharedIndexInformer
+	grantInfs   []cache.SharedIndexInformer
+	secretInfs  []cache.SharedIndexInformer
+	nsInf       cache.SharedIndexInformer
+
+	queue workqueue.TypedRateLimitingInterface[string]
+	table atomic.Pointer[route.HTTPTable]
+	ready atomic.Bool
+	// leader is set while this replica holds the Lease.
+	leader atomic.Bool
+
+	mu sync.Mutex
+	// ports remembers each Service's port numbers, to resync only when a
+	// Service appears, goes, or changes its ports.
+	ports map[types.NamespacedName][]int32
+
+	metrics *metrics
+}
+
+var _ discovery.Handler = (*Controller)(nil)
+
+// New returns a Controller. Run starts it.
+func New(kube kubernetes.Interface, gw gatewayclient.Interface, services Services, listeners Listeners, servicesSynced func() bool,
+	reg prometheus.Registerer, opts Options) *Controller {
+	c := &Controller{
+		opts: opts, kube: kube, gateways: gw, services: services, listeners: listeners, servicesSynced: servicesSynced,
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.NewTypedMaxOfRateLimiter(
+				workqueue.NewTypedItemExponentialFailureRateLimiter[string](10*time.Millisecond, 30*time.Second),
+				&workqueue.TypedBucketRateLimiter[string]{Limiter: rate.NewLimiter(rate.Limit(50), 100)},
+			),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "capstan-router-gateway"}),
+		ports:   map[types.NamespacedName][]int32{},
+		metrics: newMetrics(reg),
+	}
+	namespaces := opts.Namespaces
+	if len(namespaces) == 0 {
+		namespaces = []string{metav1.NamespaceAll}
+	}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { c.enqueue() },
+		UpdateFunc: func(any, any) { c.enqueue() },
+		DeleteFunc: func(any) { c.enqueue() },
+	}
+	add := func(inf cache.SharedIndexInformer) cache.SharedIndexInformer {
+		// AddEventHandler fails only once an informer has started.
+		_, err := inf.AddEventHandler(handler)
+		utilruntime.Must(err)
+		c.synced = append(c.synced, inf.HasSynced)
+		return inf
+	}
+	cluster := gatewayinformers.NewSharedInformerFactory(gw, 0)
+	c.classInf = add(cluster.Gateway().V1().GatewayClasses().Informer())
+	coreCluster := informers.NewSharedInformerFactory(kube, 0)
+	c.nsInf = add(coreCluster.Core().V1().Namespaces().Informer())
+	c.factories = append(c.factories, cluster, coreCluster)
+	c.shutdowns = append(c.shutdowns, cluster.Shutdown, coreCluster.Shutdown)
+	for _, ns := range namespaces {
+		f := gatewayinformers.NewSharedInformerFactoryWithOptions(gw, 0, gatewayinformers.WithNamespace(ns))
+		c.gatewayInfs = append(c.gatewayInfs, add(f.Gateway().V1().Gateways().Informer()))
+		c.routeInfs = append(c.routeInfs, add(f.Gateway().V1().HTTPRoutes().Informer()))
+		c.grantInfs = append(c.grantInfs, add(f.Gateway().V1().ReferenceGrants().Informer()))
+		// Only TLS Secrets, which is all a listener may refer to: the
+		// router does not cache the cluster's other Secrets.
+		sf := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithNamespace(ns),
+			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+				o.FieldSelector = fields.OneTermEqualSelector("type", string(corev1.SecretTypeTLS)).String()
+			}))
+		c.secretInfs = append(c.secretInfs, add(sf.Core().V1().Secrets().Informer()))
+		c.factories = append(c.factories, f, sf)
+		c.shutdowns = append(c.shutdowns, f.Shutdown, sf.Shutdown)
+	}
+	return c
+}
+
+func (c *Controller) enqueue() { c.queue.Add(syncKey) }
+
+// Table returns the routing table the Gateways are served from.
+func (c *Controller) Table() *route.HTTPTable { return c.table.Load() }
+
+// HasSynced reports whether the first table has been published.
+func (c *Controller) HasSynced() bool { return c.ready.Load() }
+
+// ServiceChanged implements discovery.Handler: a Service that appears,
+// goes, or changes its ports changes which backendRefs resolve, so the
+// translation reruns; endpoint changes alone do not concern it.
+func (c *Controller) ServiceChanged(key types.NamespacedName, svc *discovery.Service) {
+	var ports []int32
+	if svc != nil {
+		ports = []int32{} // present, even with no ports
+		for _, p := range svc.Ports {
+			ports = append(ports, p.Number)
+		}
+	}
+	c.mu.Lock()
+	old, had := c.ports[key]
+	switch {
+	case svc == nil:
+		delete(c.ports, key)
+	default:
+		c.ports[key] = ports
+	}
+	c.mu.Unlock()
+	if had != (svc != nil) || !slices.Equal(old, ports) {
+		c.enqueue()
+	}
+}
+
+// Run starts the informers, waits for them and for discovery, publishes the
+// first table, and then follows changes until ctx ends. It campaigns for
+// leadership alongside.
+func (c *Controller) Run(ctx context.Context) error {
+	defer utilruntime.HandleCrashWithContext(ctx)
+	defer c.queue.ShutDown()
+	logger := klog.FromContext(ctx)
+	for _, f := range c.factories {
+		f.Start(ctx.Done())
+	}
+	defer func() {
+		for _, s := range c.shutdowns {
+			s()
+		}
+	}()
+	logger.Info("Waiting for Gateway API caches")
+	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
+		return fmt.Errorf("gateway caches did not sync: %w", context.Cause(ctx))
+	}
+	if err := wait.PollUntilContextCancel(ctx, 50*time.Millisecond, true, func(context.Context) (bool, error) {
+		return c.servicesSynced(), nil
+	}); err != nil {
+		return fmt.Errorf("waiting for Service discovery: %w", err)
+	}
+	if c.opts.LeaderElection.LeaderElect {
+		elector, err := c.elector()
+		if err != nil {
+			return err
+		}
+		go c.campaign(ctx, elector)
+	} else {
+		c.setLeader(true)
+	}
+	// The first pass publishes the table before the router calls itself
+	// ready (a failed status write is retried later; the table stands).
+	c.queue.Add(syncKey)
+	if !c.processNextItem(ctx) {
+		return nil
+	}
+	c.ready.Store(true)
+	logger.Info("Gateway API caches synced", "controllerName", c.opts.ControllerName)
+	go wait.UntilWithContext(ctx, func(ctx context.Context) {
+		for c.processNextItem(ctx) {
+		}
+	}, time.Second)
+	<-ctx.Done()
+	return nil
+}
+
+func (c *Controller) processNextItem(ctx context.Context) bool {
+	k, shutdown := c.queue.Get()
+	if shutdown {
+		return false
+	}
+	defer c.queue.Done(k)
+	if err := c.sync(ctx); err != nil {
+		utilruntime.HandleErrorWithContext(ctx, err, "Syncing Gateway API resources failed; retrying")
+		c.queue.AddRateLimited(k)
+		return true
+	}
+	c.queue.Forget(k)
+	return true
+}
+
+// sync translates the current objects, publishes the table, binds its
+// addresses and, on the leader, writes every status that changed.
+func (c *Controller) sync(ctx context.Context) error {
+	start := time.Now()
+	t := translate(c.inputs())
+	c.table.Store(t.table)
+	bindErrs := c.listeners.Reconcile(ctx, t.table)
+	if len(bindErrs) > 0 && c.opts.BindRetry > 0 {
+		c.queue.AddAfter(syncKey, c.opts.BindRetry)
+	}
+	c.metrics.syncSeconds.Observe(time.Since(start).Seconds())
+	if !c.leader.Load() {
+		return nil
+	}
+	return c.writeStatus(ctx, t, func(addr string) error { return bindErrs[addr] })
+}
+
+func (c *Controller) inputs() *inputs {
+	watched := map[string]bool{}
+	for _, ns := range c.opts.Namespaces {
+		watched[ns] = true
+	}
+	return &inputs{
+		controllerName: c.opts.ControllerName,
+		addresses:      c.opts.Addresses,
+		classes:        list[*gatewayv1.GatewayClass](c.classInf),
+		gateways:       list[*gatewayv1.Gateway](c.gatewayInfs...),
+		routes:         list[*gatewayv1.HTTPRoute](c.routeInfs...),
+		grants:         newGrants(list[*gatewayv1.ReferenceGrant](c.grantInfs...)),
+		namespaceLabels: func(name string) (labels.Set, bool) {
+			ns, ok := get[*corev1.Namespace](name, c.nsInf)
+			if !ok {
+				return nil, false
+			}
+			return ns.Labels, true
+		},
+		secret: func(namespace, name string) (*corev1.Secret, bool) {
+			return get[*corev1.Secret](namespace+"/"+name, c.secretInfs...)
+		},
+		service:  c.services.Service,
+		watched:  func(ns string) bool { return len(watched) == 0 || watched[ns] },
+		backends: c.services.SyncBackends,
+	}
+}
+
+// list returns every object in the informers' caches.
+func list[T any](infs ...cache.SharedIndexInformer) []T {
+	var out []T
+	for _, inf := range infs {
+		for _, o := range inf.GetStore().List() {
+			if v, ok := o.(T); ok {
+				out = append(out, v)
+			}
+		}
+	}
+	return out
+}
+
+// get returns the object with a cache key from the first informer that has
+// it.
+func get[T any](k string, infs ...cache.SharedIndexInformer) (T, bool) {
+	var zero T
+	for _, inf := range infs {
+		o, ok, err := inf.GetStore().GetByKey(k)
+		if err == nil && ok {
+			v, ok := o.(T)
+			return v, ok
+		}
+	}
+	return zero, false
+}
+
+// writeStatus updates the status of every owned object whose status differs
+// from what the translation says, and removes this controller's parent
+// entries from routes that no longer attach to its Gateways.
+func (c *Controller) writeStatus(ctx context.Context, t *translation, bindErr func(string) error) error {
+	now := metav1.NewTime(time.Now().Truncate(time.Second))
+	var errs []error
+	api := c.gateways.GatewayV1()
+	for _, cr := range t.classes {
+		want := classStatus(cr, now)
+		if staleCache(cr.class.Generation, cr.class.Status.Conditions) || equality.Semantic.DeepEqual(cr.class.Status, want) {
+			continue
+		}
+		obj := cr.class.DeepCopy()
+		obj.Status = want
+		_, err := api.GatewayClasses().UpdateStatus(ctx, obj, metav1.UpdateOptions{FieldManager: fieldManager})
+		errs = append(errs, c.recordWrite(ctx, "GatewayClass", obj.Name, err))
+	}
+	for _, gr := range t.gateways {
+		want := gatewayStatus(gr, bindErr, now)
+		if staleCache(gr.gw.Generation, gr.gw.Status.Conditions) || equality.Semantic.DeepEqual(gr.gw.Status, want) {
+			continue
+		}
+		obj := gr.gw.DeepCopy()
+		obj.Status = want
+		_, err := api.Gateways(obj.Namespace).UpdateStatus(ctx, obj, metav1.UpdateOptions{FieldManager: fieldManager})
+		errs = append(errs, c.recordWrite(ctx, "Gateway", obj.Namespace+"/"+obj.Name, err))
+	}
+	controller := gatewayv1.GatewayController(c.opts.ControllerName)
+	for _, r := range list[*gatewayv1.HTTPRoute](c.routeInfs...) {
+		rr, ok := t.routes[types.NamespacedName{Namespace: r.Namespace, Name: r.Name}]
+		if !ok {
+			if !slices.ContainsFunc(r.Status.Parents, func(p gatewayv1.RouteParentStatus) bool { return p.ControllerName == controller }) {
+				continue
+			}
+			rr = routeResult{route: r}
+		}
+		want := routeStatus(rr, controller, now)
+		var conds [][]metav1.Condition
+		for _, p := range r.Status.Parents {
+			if p.ControllerName == controller {
+				conds = append(conds, p.Conditions)
+			}
+		}
+		if staleCache(r.Generation, conds...) || equality.Semantic.DeepEqual(r.Status, want) {
+			continue
+		}
+		obj := r.DeepCopy()
+		obj.Status = want
+		_, err := api.HTTPRoutes(obj.Namespace).UpdateStatus(ctx, obj, metav1.UpdateOptions{FieldManager: fieldManager})
+		errs = append(errs, c.recordWrite(ctx, "HTTPRoute", obj.Namespace+"/"+obj.Name, err))
+	}
+	return errors.Join(errs...)
+}
+
+// fieldManager names the router's status writes.
+const fieldManager = "capstan-router"
+
+// recordWrite counts and logs one status write. A write for an object that
+// has gone meanwhile is not an error; a conflict is, so the sync is retried
+// with the newer object.
+func (c *Controller) recordWrite(ctx context.Context, kind, name string, err error) error {
+	switch {
+	case err == nil:
+		c.metrics.statusUpdates.WithLabelValues(kind, "updated").Inc()
+		klog.FromContext(ctx).V(2).Info("Updated status", "kind", kind, "object", name)
+		return nil
+	case apierrors.IsNotFound(err):
+		return nil
+	}
+	c.metrics.statusUpdates.WithLabelValues(kind, "error").Inc()
+	return fmt.Errorf("updating the status of %s %s: %w", kind, name, err)
+}
+
+// elector builds the leader elector of the status writer.
+func (c *Controller) elector() (*leaderelection.LeaderElector, error) {
+	le := c.opts.LeaderElection
+	host, err := os.Hostname()
+	if err != nil {
+		return nil, fmt.Errorf("leader election identity: %w", err)
+	}
+	lock, err := resourcelock.New(le.ResourceLock, le.ResourceNamespace, le.ResourceName,
+		c.kube.CoreV1(), c.kube.CoordinationV1(), resourcelock.ResourceLockConfig{Identity: host + "_" + string(uuid.NewUUID())})
+	if err != nil {
+		return nil, fmt.Errorf("leader election lock: %w", err)
+	}
+	return leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+		Lock:            lock,
+		LeaseDuration:   le.LeaseDuration.Duration,
+		RenewDeadline:   le.RenewDeadline.Duration,
+		RetryPeriod:     le.RetryPeriod.Duration,
+		ReleaseOnCancel: true,
+		Name:            "capstan-router-gateway-status",
+		Callbacks: leaderelection.LeaderCallbacks{
+			OnStartedLeading: func(context.Context) { c.setLeader(true) },
+			OnStoppedLeading: func() { c.setLeader(false) },
+		},
+	})
+}
+
+// campaign holds or seeks leadership until ctx ends; losing the Lease only
+// stops status writes, never routing.
+func (c *Controller) campaign(ctx context.Context, le *leaderelection.LeaderElector) {
+	logger := klog.FromContext(ctx)
+	for ctx.Err() == nil {
+		le.Run(ctx)
+		if ctx.Err() == nil {
+			logger.Info("Lost the status-writer Lease; campaigning again")
+		}
+	}
+}
+
+func (c *Controller) setLeader(leader bool) {
+	c.leader.Store(leader)
+	v := 0.0
+	if leader {
+		v = 1
+		// A new leader checks every status at once.
+		c.enqueue()
+	}
+	c.metrics.leader.Set(v)
+}
+
+// metrics are the controller's Prometheus metrics.
+type metrics struct {
+	statusUpdates *prometheus.CounterVec
+	syncSeconds   prometheus.Histogram
+	leader        prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		statusUpdates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "capstan_router", Subsystem: "gateway", Name: "status_updates_total",
+			Help: "Status writes to Gateway API objects by kind and result (updated, error); only the leader writes, and only what changed.",
+		}, []string{"kind", "result"}),
+		syncSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "capstan_router", Subsystem: "gateway", Name: "sync_duration_seconds",
+			Help:    "Time to translate the Gateway API objects into a routing table and bind its addresses.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
+		}),
+		leader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "capstan_router", Subsystem: "gateway", Name: "status_leader",
+			Help: "1 while this replica holds the Lease and writes Gateway API status.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.statusUpdates, m.syncSeconds, m.leader)
+	}
+	return m
+}

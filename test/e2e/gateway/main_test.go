@@ -1,0 +1,416 @@
+// Package gateway tests capstan-router as a Gateway API implementation
+// against a real control plane with the Gateway API CRDs installed: the
+// router runs as its own process from the freshly built binary, as the
+// manifests' ServiceAccount with exactly their RBAC, and the fleet
+// simulator plays both model servers and the conformance suite's echo
+// backends.
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	apiextensionsclient "k8s.io/apiextensions-apiserver/pkg/client/clientset/clientset"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/klog/v2/ktesting"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+
+	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/fleet"
+)
+
+const (
+	systemNamespace = "capstan-system"
+	serviceAccount  = "capstan-router"
+	className       = "capstan"
+	controllerName  = "capstan.dev/gateway-controller"
+	// addressPool is where the routers under test give Gateways their
+	// addresses: local inside the test's network namespace, apart from the
+	// pod IPs (198.18.0.0/17) and the API server (198.18.255.1).
+	addressPool = "198.18.254.0/24"
+)
+
+var testCluster *cluster.Cluster
+
+// crdDirEnv carries the Gateway API CRD folder into the network namespace,
+// where the go command is better left alone.
+const crdDirEnv = "CAPSTAN_GATEWAY_API_CRDS"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(crdDirEnv) == "" {
+		dir, err := gatewayAPICRDs()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "FAIL:", err)
+			os.Exit(1)
+		}
+		os.Setenv(crdDirEnv, dir)
+	}
+	os.Exit(cluster.RunTests(m, cluster.Config{}, &testCluster))
+}
+
+// gatewayAPICRDs finds the standard-channel CRDs of the gateway-api module
+// version go.mod pins, in the module cache.
+func gatewayAPICRDs() (string, error) {
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
+	if err != nil {
+		return "", fmt.Errorf("locating the sigs.k8s.io/gateway-api module: %w", err)
+	}
+	dir := filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "standard")
+	if _, err := os.Stat(dir); err != nil {
+		return "", fmt.Errorf("the gateway-api module has no standard CRDs: %w", err)
+	}
+	return dir, nil
+}
+
+// The cluster is prepared once, by the first test that needs it.
+var (
+	setupOnce    sync.Once
+	setupErr     error
+	routerArgs   []string
+	saKubeconfig string
+	gwClient     gatewayclient.Interface
+)
+
+// setup installs the Gateway API CRDs and manifests/router (server-side
+// apply, so the API server validates every object), the GatewayClass, and
+// two kwok nodes.
+func setup(t testing.TB) {
+	t.Helper()
+	setupOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		setupErr = func() error {
+			c := testCluster
+			var err error
+			if gwClient, err = gatewayclient.NewForConfig(c.RESTConfig); err != nil {
+				return err
+			}
+			if err := installCRDs(ctx); err != nil {
+				return err
+			}
+			root, err := cluster.RepoRoot()
+			if err != nil {
+				return err
+			}
+			resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join(root, "manifests", "router"))
+			if err != nil {
+				return fmt.Errorf("kustomize build manifests/router: %w", err)
+			}
+			var stream bytes.Buffer
+			for _, r := range resMap.Resources() {
+				y, err := r.AsYAML()
+				if err != nil {
+					return err
+				}
+				stream.WriteString("---\n")
+				stream.Write(y)
+				if r.GetKind() == "Deployment" {
+					var d appsv1.Deployment
+					if err := yaml.UnmarshalStrict(y, &d); err != nil {
+						return fmt.Errorf("the Deployment: %w", err)
+					}
+					routerArgs = d.Spec.Template.Spec.Containers[0].Args
+				}
+			}
+			if err := c.Apply(ctx, systemNamespace, &stream); err != nil {
+				return err
+			}
+			if err := c.ApplyFile(ctx, "", filepath.Join(root, "manifests", "router", "gatewayclass.yaml")); err != nil {
+				return err
+			}
+			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {
+				return err
+			}
+			return c.CreateNodes(ctx, cluster.Node{Name: "gateway-0"}, cluster.Node{Name: "gateway-1"})
+		}()
+	})
+	if setupErr != nil {
+		t.Fatalf("setting up: %v", setupErr)
+	}
+}
+
+// installCRDs applies the standard-channel CRDs and waits until they are
+// established.
+func installCRDs(ctx context.Context) error {
+	dir := os.Getenv(crdDirEnv)
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil || len(files) == 0 {
+		return fmt.Errorf("no CRDs in %s: %v", dir, err)
+	}
+	for _, f := range files {
+		if err := testCluster.ApplyFile(ctx, "", f); err != nil {
+			return err
+		}
+	}
+	ext, err := apiextensionsclient.NewForConfig(testCluster.RESTConfig)
+	if err != nil {
+		return err
+	}
+	return testCluster.WaitFor(ctx, time.Minute, "the Gateway API CRDs to be established", func(ctx context.Context) (bool, error) {
+		list, err := ext.ApiextensionsV1().CustomResourceDefinitions().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, err
+		}
+		n := 0
+		for _, crd := range list.Items {
+			if crd.Spec.Group != gatewayv1.GroupName {
+				continue
+			}
+			for _, c := range crd.Status.Conditions {
+				if c.Type != apiextensionsv1.Established || c.Status != apiextensionsv1.ConditionTrue {
+					continue
+				}
+				n++
+			}
+		}
+		return n >= 4, nil
+	})
+}
+
+// router is one capstan-router process.
+type router struct {
+	name string
+	proc *cluster.Process
+	url  string
+}
+
+// startRouter runs capstan-router with the manifests' arguments, Gateway
+// API support from the address pool, then extra arguments (later flags
+// win), and waits for /readyz.
+func startRouter(t *testing.T, ctx context.Context, name string, extra ...string) *router {
+	t.Helper()
+	setup(t)
+	bin, err := cluster.Binary("capstan-router")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	args := append(append([]string{}, routerArgs...), "--kubeconfig="+saKubeconfig, "--bind-address="+addr,
+		"--shutdown-delay=0s", "--shutdown-timeout=5s", "--v=2", "--gateway-address-pool="+addressPool)
+	args = append(args, extra...)
+	proc, err := testCluster.Run(name, bin, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &router{name: name, proc: proc, url: "http://" + addr}
+	t.Cleanup(func() {
+		r.proc.Stop(10 * time.Second)
+		if t.Failed() {
+			t.Logf("%s log:\n%s", name, proc.LogTail(60))
+		}
+	})
+	if err := proc.WaitHealthy(ctx, r.url+"/readyz", 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func testContext(t *testing.T, timeout time.Duration) context.Context {
+	_, ctx := ktesting.NewTestContext(t)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// namespace creates a test namespace, deleted at the end of the test.
+func namespace(t *testing.T, ctx context.Context, prefix string) string {
+	t.Helper()
+	setup(t)
+	ns, err := testCluster.CreateNamespace(ctx, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = testCluster.Client.CoreV1().Namespaces().Delete(context.Background(), ns, metav1.DeleteOptions{})
+	})
+	return ns
+}
+
+// simulate serves every pod of a namespace ("" for all) as a model server
+// or echo backend until the test ends.
+func simulate(t *testing.T, ctx context.Context, ns string, onRequest func(fleet.Arrival)) *fleet.Fleet {
+	t.Helper()
+	sim := fleet.New(testCluster.Client, fleet.Options{Namespace: ns, Echo: true, OnRequest: onRequest})
+	simCtx, stop := context.WithCancel(ctx)
+	if err := sim.Start(simCtx); err != nil {
+		stop()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stop(); sim.Wait() })
+	return sim
+}
+
+// apply server-side applies YAML in a namespace.
+func apply(t *testing.T, ctx context.Context, ns, manifest string) {
+	t.Helper()
+	if err := testCluster.Apply(ctx, ns, strings.NewReader(manifest)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// gatewayAddress waits for a Gateway to be Programmed and returns its
+// address.
+func gatewayAddress(t *testing.T, ctx context.Context, ns, name string) string {
+	t.Helper()
+	var addr string
+	err := testCluster.WaitFor(ctx, 20*time.Second, "Gateway "+ns+"/"+name+" to be programmed with an address", func(ctx context.Context) (bool, error) {
+		gw, err := gwClient.GatewayV1().Gateways(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		c := findCondition(gw.Status.Conditions, "Programmed")
+		if c == nil || c.Status != metav1.ConditionTrue || c.ObservedGeneration != gw.Generation || len(gw.Status.Addresses) == 0 {
+			return false, nil
+		}
+		addr = gw.Status.Addresses[0].Value
+		return true, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr
+}
+
+func findCondition(conds []metav1.Condition, typ string) *metav1.Condition {
+	for i := range conds {
+		if conds[i].Type == typ {
+			return &conds[i]
+		}
+	}
+	return nil
+}
+
+// parentStatus returns the route's status for a Gateway parent written by
+// the router, or nil.
+func parentStatus(r *gatewayv1.HTTPRoute, gateway string) *gatewayv1.RouteParentStatus {
+	for i, p := range r.Status.Parents {
+		if p.ControllerName == controllerName && string(p.ParentRef.Name) == gateway {
+			return &r.Status.Parents[i]
+		}
+	}
+	return nil
+}
+
+// wantRouteCondition waits until a route's condition for a parent Gateway
+// has a status and reason, for the route's current generation, and returns
+// it.
+func wantRouteCondition(t *testing.T, ctx context.Context, key types.NamespacedName, gateway, typ string, status metav1.ConditionStatus, reason string) metav1.Condition {
+	t.Helper()
+	var got metav1.Condition
+	var last string
+	err := testCluster.WaitFor(ctx, 15*time.Second, fmt.Sprintf("HTTPRoute %s: %s=%s %s", key, typ, status, reason), func(ctx context.Context) (bool, error) {
+		r, err := gwClient.GatewayV1().HTTPRoutes(key.Namespace).Get(ctx, key.Name, metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		p := parentStatus(r, gateway)
+		if p == nil {
+			last = "no parent status"
+			return false, nil
+		}
+		c := findCondition(p.Conditions, typ)
+		if c == nil {
+			last = "no " + typ
+			return false, nil
+		}
+		last = fmt.Sprintf("%s=%s %s %q (generation %d of %d)", c.Type, c.Status, c.Reason, c.Message, c.ObservedGeneration, r.Generation)
+		got = *c
+		return c.Status == status && c.Reason == reason && c.ObservedGeneration == r.Generation, nil
+	})
+	if err != nil {
+		t.Fatalf("%v; last seen: %s", err, last)
+	}
+	return got
+}
+
+// httpClient sends requests to Gateway addresses.
+var httpClient = &http.Client{
+	Transport: &http.Transport{MaxIdleConnsPerHost: 64, Proxy: nil},
+	Timeout:   30 * time.Second,
+	CheckRedirect: func(*http.Request, []*http.Request) error {
+		return http.ErrUseLastResponse
+	},
+}
+
+// result is one response.
+type result struct {
+	status int
+	header http.Header
+	body   string
+	err    error
+}
+
+// send makes one request to a Gateway address with a Host header.
+func send(ctx context.Context, method, addr, host, path, body string, header ...string) result {
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+path, rd)
+	if err != nil {
+		return result{err: err}
+	}
+	if host != "" {
+		req.Host = host
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		return result{err: err}
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	return result{status: resp.StatusCode, header: resp.Header, body: string(data), err: err}
+}
+
+// echoed is what an echo backend answers.
+type echoed struct {
+	Path      string              `json:"path"`
+	Host      string              `json:"host"`
+	Headers   map[string][]string `json:"headers"`
+	Namespace string              `json:"namespace"`
+	Pod       string              `json:"pod"`
+}
+
+func (r result) echo() (echoed, error) {
+	var e echoed
+	if r.err != nil {
+		return e, r.err
+	}
+	err := json.Unmarshal([]byte(r.body), &e)
+	return e, err
+}
