@@ -421,7 +421,7 @@ func TestFilterOnPreemptionCopy(t *testing.T) {
 	if s := pl.Filter(context.Background(), state, pod, ni); s.IsSuccess() {
 		t.Error("Filter on the real node passed after filtering its preemption copy")
 	}
-	if u := pl.usage.byName["n1"]; u == nil || u.generation != ni.GetGeneration() {
+	if v, _ := pl.usage.byName.Load("n1"); v == nil || v.(*nodeUsage).generation != ni.GetGeneration() {
 		t.Error("the preemption copy replaced the cached usage of the real node")
 	}
 }
@@ -442,7 +442,7 @@ func TestSweepForgetsDeletedNodes(t *testing.T) {
 	if removed := c.sweep(2, alive); removed != 38 {
 		t.Errorf("sweep removed %d entries, want 38", removed)
 	}
-	if got := len(c.byName); got != 2 {
+	if got := c.names.Load(); got != 2 {
 		t.Errorf("cache size after sweep = %d, want 2", got)
 	}
 }

@@ -107,14 +107,18 @@ func computeUsage(c Capacity, ni fwk.NodeInfo) *nodeUsage {
 // every pod on every node in every cycle.
 type usageCache struct {
 	capacity Capacity
-	// mu guards byName and walked: PreFilter holds it for its whole walk,
-	// Filter and Score (which run in parallel over nodes) take it per node.
-	mu     sync.RWMutex
-	byName map[string]*nodeUsage
-	// walked mirrors the node list of the last walk by position. The
-	// scheduler keeps that list, and each node's NodeInfo, from cycle to
-	// cycle unless nodes come or go, so a walk usually finds each node's
-	// usage here without hashing its name.
+	// byName is read by Filter and Score, which run on many nodes in
+	// parallel: a sync.Map reads without locking.
+	byName sync.Map // node name -> *nodeUsage
+	// names counts the keys in byName, to know when to sweep.
+	names atomic.Int64
+
+	// walkMu guards walked, which only PreFilter uses. walked mirrors the
+	// node list of the last walk by position: the scheduler keeps that
+	// list, and each node's NodeInfo, from cycle to cycle unless nodes come
+	// or go, so a walk usually finds each node's usage there without
+	// hashing its name.
+	walkMu sync.Mutex
 	walked []walkedNode
 }
 
@@ -124,15 +128,15 @@ type walkedNode struct {
 }
 
 func newUsageCache(c Capacity) *usageCache {
-	return &usageCache{capacity: c, byName: map[string]*nodeUsage{}}
+	return &usageCache{capacity: c}
 }
 
 // walk calls visit with the usage of each node in turn, starting at index
 // start and wrapping around, until visit returns false. The nodes must be
 // the scheduler's snapshot; changed ones are computed and remembered.
 func (c *usageCache) walk(nodes []fwk.NodeInfo, start int, visit func(i int, u *nodeUsage) bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.walkMu.Lock()
+	defer c.walkMu.Unlock()
 	if len(c.walked) != len(nodes) {
 		c.walked = make([]walkedNode, len(nodes))
 	}
@@ -140,13 +144,7 @@ func (c *usageCache) walk(nodes []fwk.NodeInfo, start int, visit func(i int, u *
 		i := (start + k) % len(nodes)
 		ni, w := nodes[i], &c.walked[i]
 		if w.ni != ni || w.u.generation != ni.GetGeneration() {
-			name := ni.Node().Name
-			u := c.byName[name]
-			if u == nil || u.generation != ni.GetGeneration() {
-				u = computeUsage(c.capacity, ni)
-				c.byName[name] = u
-			}
-			*w = walkedNode{ni: ni, u: u}
+			*w = walkedNode{ni: ni, u: c.get(ni, nil)}
 		}
 		if !visit(i, w.u) {
 			return
@@ -155,23 +153,22 @@ func (c *usageCache) walk(nodes []fwk.NodeInfo, start int, visit func(i int, u *
 }
 
 // get returns a node's usage, from the cache when the node has not changed.
-// A computed usage is remembered only when remember says ni is the
-// scheduler's snapshot of the node: preemption and nominated pods make
+// A computed usage is remembered only when remember is nil or says ni is
+// the scheduler's snapshot of the node: preemption and nominated pods make
 // modified copies with new generations, which must not evict the entry for
 // the real node.
 func (c *usageCache) get(ni fwk.NodeInfo, remember func(fwk.NodeInfo) bool) *nodeUsage {
 	name := ni.Node().Name
-	c.mu.RLock()
-	u := c.byName[name]
-	c.mu.RUnlock()
-	if u != nil && u.generation == ni.GetGeneration() {
-		return u
+	if v, ok := c.byName.Load(name); ok {
+		if u := v.(*nodeUsage); u.generation == ni.GetGeneration() {
+			return u
+		}
 	}
-	u = computeUsage(c.capacity, ni)
-	if remember(ni) {
-		c.mu.Lock()
-		c.byName[name] = u
-		c.mu.Unlock()
+	u := computeUsage(c.capacity, ni)
+	if remember == nil || remember(ni) {
+		if _, loaded := c.byName.Swap(name, u); !loaded {
+			c.names.Add(1)
+		}
 	}
 	return u
 }
@@ -180,16 +177,17 @@ func (c *usageCache) get(ni fwk.NodeInfo, remember func(fwk.NodeInfo) bool) *nod
 // many entries as the cluster has nodes, so its cost is spread over many
 // node deletions. exists reports whether a node is still in the snapshot.
 func (c *usageCache) sweep(nodes int, exists func(name string) bool) (removed int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if len(c.byName) <= 2*nodes+16 {
+	if c.names.Load() <= int64(2*nodes+16) {
 		return 0
 	}
-	for name := range c.byName {
-		if !exists(name) {
-			delete(c.byName, name)
-			removed++
+	c.byName.Range(func(k, _ any) bool {
+		if name := k.(string); !exists(name) {
+			if _, loaded := c.byName.LoadAndDelete(name); loaded {
+				c.names.Add(-1)
+				removed++
+			}
 		}
-	}
+		return true
+	})
 	return removed
 }
