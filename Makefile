@@ -12,15 +12,19 @@ REGISTRY ?= ghcr.io/capstan-dev
 VERSION ?= v0.1.0
 IMAGES := router/cmd/capstan-router metricsadapter/cmd/capstan-metrics-adapter plugins/cmd/capstan-scheduler
 
-.PHONY: all build tools test test-unit test-e2e lint cluster-up cluster-down clean images \
+.PHONY: all demo build tools test test-unit test-e2e lint cluster-up cluster-down clean images \
 	bench-router bench-adapter bench-scheduler
 
 all: build
 
+## demo: Capstan's closed loop on a local cluster, live (DEMO_ARGS=--duration=2m for scripts)
+demo:
+	hack/demo.sh $(DEMO_ARGS)
+
 ## build: the three binaries, the fleet simulator and the local-cluster runner, into bin/
 build:
 	$(GO) build -o $(BIN)/ ./plugins/cmd/... ./metricsadapter/cmd/... ./router/cmd/... \
-		./test/fleet/cmd/... ./test/cluster/cmd/...
+		./test/fleet/cmd/... ./test/cluster/cmd/... ./test/demo/cmd/...
 
 ## tools: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok (cached)
 tools:

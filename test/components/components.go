@@ -1,0 +1,286 @@
+// Package components runs Capstan's three programs against a local cluster
+// the way their manifests install them in a real one: it builds
+// manifests/<component> with kustomize, applies everything but the
+// Deployment (kwok would only pretend to run its pod), and starts the freshly
+// built binary with the Deployment's arguments, authenticated as the
+// manifests' ServiceAccount so it has exactly their RBAC. The demo and the
+// closed-loop e2e suite use it.
+package components
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	apiregistrationv1 "k8s.io/kube-aggregator/pkg/apis/apiregistration/v1"
+	aggregator "k8s.io/kube-aggregator/pkg/client/clientset_generated/clientset"
+	schedv1 "k8s.io/kube-scheduler/config/v1"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/kustomize/api/krusty"
+	kresource "sigs.k8s.io/kustomize/api/resource"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+
+	"github.com/capstan-dev/capstan/test/cluster"
+)
+
+// Namespace is where every component's manifests install it.
+const Namespace = "capstan-system"
+
+// Component is one running Capstan program.
+type Component struct {
+	*cluster.Process
+	// URL is where it serves /healthz, /readyz and /metrics (and, for the
+	// router, the API).
+	URL string
+}
+
+// Render builds manifests/<name> with kustomize, as `kubectl apply -k` would.
+func Render(name string) ([]*kresource.Resource, error) {
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join(root, "manifests", name))
+	if err != nil {
+		return nil, fmt.Errorf("kustomize build manifests/%s: %w", name, err)
+	}
+	return resMap.Resources(), nil
+}
+
+// install applies the rendered resources except the kinds skipped, and
+// returns the Deployment's container arguments.
+func install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Resource, skip ...string) (args []string, err error) {
+	var stream bytes.Buffer
+	for _, r := range resources {
+		y, err := r.AsYAML()
+		if err != nil {
+			return nil, err
+		}
+		if r.GetKind() == "Deployment" {
+			var d appsv1.Deployment
+			if err := yaml.UnmarshalStrict(y, &d); err != nil {
+				return nil, fmt.Errorf("Deployment %s: %w", r.GetName(), err)
+			}
+			args = d.Spec.Template.Spec.Containers[0].Args
+			continue
+		}
+		if slices.Contains(skip, r.GetKind()) {
+			continue
+		}
+		stream.WriteString("---\n")
+		stream.Write(y)
+	}
+	if err := c.Apply(ctx, Namespace, &stream); err != nil {
+		return nil, err
+	}
+	return args, nil
+}
+
+// StartRouter runs capstan-router on addr (host:port) with the manifests'
+// arguments followed by extra ones (later flags win).
+func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, extra ...string) (*Component, error) {
+	resources, err := Render("router")
+	if err != nil {
+		return nil, err
+	}
+	args, err := install(ctx, c, resources)
+	if err != nil {
+		return nil, err
+	}
+	kubeconfig, err := c.ServiceAccountKubeconfig(ctx, Namespace, "capstan-router")
+	if err != nil {
+		return nil, err
+	}
+	bin, err := cluster.Binary("capstan-router")
+	if err != nil {
+		return nil, err
+	}
+	args = append(append(args, "--kubeconfig="+kubeconfig, "--bind-address="+addr, "--shutdown-delay=0s"), extra...)
+	p, err := c.Run(name, bin, args...)
+	if err != nil {
+		return nil, err
+	}
+	url := "http://" + addr
+	if err := p.WaitHealthy(ctx, url+"/readyz", time.Minute); err != nil {
+		return nil, err
+	}
+	return &Component{Process: p, URL: url}, nil
+}
+
+// StartAdapter runs capstan-metrics-adapter on a loopback port with a serving
+// certificate from the cluster CA, and points the manifests' APIServices at
+// it through an ExternalName Service with that CA as their caBundle. It
+// returns once the APIServices are Available.
+func StartAdapter(ctx context.Context, c *cluster.Cluster, extra ...string) (*Component, error) {
+	const name = "capstan-metrics-adapter"
+	resources, err := Render("metricsadapter")
+	if err != nil {
+		return nil, err
+	}
+	args, err := install(ctx, c, resources, "Service", "APIService")
+	if err != nil {
+		return nil, err
+	}
+	certFile, keyFile, err := c.IssueServingCert(name, name+"."+Namespace+".svc", "localhost", "127.0.0.1")
+	if err != nil {
+		return nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	kubeconfig, err := c.ServiceAccountKubeconfig(ctx, Namespace, name)
+	if err != nil {
+		return nil, err
+	}
+	bin, err := cluster.Binary(name)
+	if err != nil {
+		return nil, err
+	}
+	args = append(append(args, "--kubeconfig="+kubeconfig, "--bind-address=127.0.0.1",
+		"--secure-port="+strconv.Itoa(port), "--tls-cert-file="+certFile, "--tls-private-key-file="+keyFile), extra...)
+	p, err := c.Run(name, bin, args...)
+	if err != nil {
+		return nil, err
+	}
+	url := "https://127.0.0.1:" + strconv.Itoa(port)
+	if err := p.WaitHealthy(ctx, url+"/readyz", time.Minute); err != nil {
+		return nil, err
+	}
+
+	svc := fmt.Sprintf("apiVersion: v1\nkind: Service\nmetadata: {name: %s, namespace: %s}\nspec: {type: ExternalName, externalName: localhost}\n", name, Namespace)
+	if err := c.Apply(ctx, Namespace, bytes.NewBufferString(svc)); err != nil {
+		return nil, err
+	}
+	agg, err := aggregator.NewForConfig(c.RESTConfig)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range resources {
+		if r.GetKind() != "APIService" {
+			continue
+		}
+		y, err := r.AsYAML()
+		if err != nil {
+			return nil, err
+		}
+		var s apiregistrationv1.APIService
+		if err := yaml.UnmarshalStrict(y, &s); err != nil {
+			return nil, fmt.Errorf("APIService %s: %w", r.GetName(), err)
+		}
+		s.Spec.CABundle = c.CABundle()
+		s.Spec.Service.Port = ptr.To(int32(port))
+		out, err := yaml.Marshal(&s)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.Apply(ctx, "", bytes.NewReader(out)); err != nil {
+			return nil, err
+		}
+		err = c.WaitFor(ctx, time.Minute, "APIService "+s.Name+" to be Available", func(ctx context.Context) (bool, error) {
+			got, err := agg.ApiregistrationV1().APIServices().Get(ctx, s.Name, metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			for _, cond := range got.Status.Conditions {
+				if cond.Type == apiregistrationv1.Available {
+					return cond.Status == apiregistrationv1.ConditionTrue, nil
+				}
+			}
+			return false, nil
+		})
+		if err != nil {
+			return nil, p.Failure(err.Error())
+		}
+	}
+	return &Component{Process: p, URL: url}, nil
+}
+
+// StartScheduler runs capstan-scheduler with the configuration in the
+// manifests' ConfigMap, and returns once it holds its leader-election lease.
+func StartScheduler(ctx context.Context, c *cluster.Cluster, extra ...string) (*Component, error) {
+	const name = "capstan-scheduler"
+	resources, err := Render("scheduler")
+	if err != nil {
+		return nil, err
+	}
+	if _, err := install(ctx, c, resources); err != nil {
+		return nil, err
+	}
+	var cfg *schedv1.KubeSchedulerConfiguration
+	for _, r := range resources {
+		if r.GetKind() == "ConfigMap" {
+			cfg = &schedv1.KubeSchedulerConfiguration{}
+			if err := yaml.UnmarshalStrict([]byte(r.GetDataMap()["config.yaml"]), cfg); err != nil {
+				return nil, fmt.Errorf("ConfigMap %s config.yaml: %w", r.GetName(), err)
+			}
+		}
+	}
+	if cfg == nil {
+		return nil, fmt.Errorf("manifests/scheduler has no ConfigMap with config.yaml")
+	}
+	kubeconfig, err := c.ServiceAccountKubeconfig(ctx, Namespace, name)
+	if err != nil {
+		return nil, err
+	}
+	// In a pod the scheduler uses its mounted token; here the same
+	// ServiceAccount's token in a kubeconfig.
+	cfg.ClientConnection.Kubeconfig = kubeconfig
+	data, err := yaml.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	configPath := filepath.Join(c.Dir, name+".yaml")
+	if err := os.WriteFile(configPath, data, 0o600); err != nil {
+		return nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	bin, err := cluster.Binary(name)
+	if err != nil {
+		return nil, err
+	}
+	p, err := c.Run(name, bin, append([]string{"--config=" + configPath,
+		"--bind-address=127.0.0.1", "--secure-port=" + strconv.Itoa(port),
+		"--authentication-kubeconfig=" + kubeconfig, "--authorization-kubeconfig=" + kubeconfig}, extra...)...)
+	if err != nil {
+		return nil, err
+	}
+	url := "https://127.0.0.1:" + strconv.Itoa(port)
+	if err := p.WaitHealthy(ctx, url+"/readyz", time.Minute); err != nil {
+		return nil, err
+	}
+	lease := cfg.LeaderElection.ResourceName
+	err = c.WaitFor(ctx, time.Minute, name+" to hold its lease", func(ctx context.Context) (bool, error) {
+		l, err := c.Client.CoordinationV1().Leases(Namespace).Get(ctx, lease, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return false, nil
+		}
+		return err == nil && ptr.Deref(l.Spec.HolderIdentity, "") != "", err
+	})
+	if err != nil {
+		return nil, p.Failure(err.Error())
+	}
+	return &Component{Process: p, URL: url}, nil
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}

@@ -1,0 +1,168 @@
+// Package loop runs Capstan's closed loop end to end — router, metrics
+// adapter, HPA, capstan-scheduler, readiness — and asserts on what `make
+// demo` shows: scale-up under load to the capacity cap, replicas beyond it
+// Pending with the cap as reason, traffic only to Ready pods, scale-down when
+// the load stops, and zero client errors throughout.
+package loop
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/klog/v2/ktesting"
+
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/demo"
+)
+
+var testCluster *cluster.Cluster
+
+func TestMain(m *testing.M) { os.Exit(cluster.RunTests(m, cluster.Config{}, &testCluster)) }
+
+func TestClosedLoop(t *testing.T) {
+	_, ctx := ktesting.NewTestContext(t)
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+
+	cfg := demo.Config{
+		GPUNodes: 2, SlotsPerNode: 2, MaxReplicas: 3, // 4 slots for up to 6 replicas
+		Clients: 16, Ramp: 5 * time.Second, Hold: 25 * time.Second,
+		ScaleDownWindow: 3 * time.Second, ReadyAfter: 2 * time.Second,
+		RouterAddr: "127.0.0.1:18080",
+	}
+	d, err := demo.Setup(ctx, testCluster, cfg, testWriter{t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+
+	// When each pod was first seen running, to check the router kept new
+	// pods out while they were loading (ReadyAfter).
+	running := watchRunning(ctx, t, cfg.Namespace)
+
+	obsCtx, stopObserving := context.WithCancel(ctx)
+	observed := make(chan struct{})
+	go func() {
+		defer close(observed)
+		_ = d.Observe(obsCtx, 500*time.Millisecond, nil)
+	}()
+	if err := d.RunLoad(ctx); err != nil {
+		t.Fatal(err)
+	}
+	err = testCluster.WaitFor(ctx, 2*time.Minute, "every model to scale back to one replica", func(context.Context) (bool, error) {
+		return !d.Stats.Figures().ScaledDown.IsZero(), nil
+	})
+	stopObserving()
+	<-observed
+	f := d.Stats.Figures()
+	t.Logf("requests %d, client errors %d, peak bound model pods %d, peak per model %v",
+		f.Requests, f.ClientErrors, f.PeakBound, f.PeakReplicas)
+	t.Logf("load start → first scale-up decision %s, → first request served by a new pod %s, load end → scaled down %s",
+		f.FirstScaleUp.Sub(f.LoadStart).Round(time.Millisecond), f.FirstNewPodServed.Sub(f.LoadStart).Round(time.Millisecond),
+		f.ScaledDown.Sub(f.LoadEnd).Round(time.Millisecond))
+	if err != nil {
+		t.Error(err)
+	}
+
+	if f.ClientErrors != 0 {
+		t.Errorf("%d client errors, e.g. %q", f.ClientErrors, f.ErrorSamples)
+	}
+	if f.Requests < 1000 {
+		t.Errorf("only %d requests: the load did not run", f.Requests)
+	}
+	if f.FirstScaleUp.IsZero() || f.FirstNewPodServed.IsZero() {
+		t.Errorf("no scale-up decision (%v) or no request served by a new pod (%v)", f.FirstScaleUp, f.FirstNewPodServed)
+	}
+	capacity := cfg.GPUNodes * cfg.SlotsPerNode
+	if f.PeakBound != capacity {
+		t.Errorf("at most %d model pods were bound at once, want the capacity %d", f.PeakBound, capacity)
+	}
+	capReasons := 0
+	for reason, n := range f.PendingReasons {
+		if strings.Contains(reason, "model slots") {
+			capReasons += n
+		} else {
+			t.Errorf("a Pending pod's reason does not name the slot cap: %q", reason)
+		}
+	}
+	if capReasons == 0 {
+		t.Errorf("no replica waited Pending with the capacity cap as its reason (reasons: %v)", f.PendingReasons)
+	}
+
+	// The router sent nothing to a pod while it was still loading.
+	for pod, arrivals := range d.Stats.Arrivals() {
+		since, ok := running.first(pod)
+		if !ok {
+			continue
+		}
+		// kwok starts the readiness delay when the pod starts running,
+		// a moment before the watch here reports it.
+		loadingUntil := since.Add(cfg.ReadyAfter - 300*time.Millisecond)
+		for _, at := range arrivals {
+			if at.Before(loadingUntil) {
+				t.Errorf("pod %s got a request %s after it started running, while loading (not Ready for %s)",
+					pod, at.Sub(since).Round(time.Millisecond), cfg.ReadyAfter)
+				break
+			}
+		}
+	}
+}
+
+// runningTimes records when each model pod was first seen Running with an IP
+// but not yet Ready.
+type runningTimes struct {
+	informer cache.SharedIndexInformer
+	seen     map[types.NamespacedName]time.Time
+	mu       chan struct{}
+}
+
+func watchRunning(ctx context.Context, t *testing.T, ns string) *runningTimes {
+	r := &runningTimes{seen: map[types.NamespacedName]time.Time{}, mu: make(chan struct{}, 1)}
+	factory := informers.NewSharedInformerFactoryWithOptions(testCluster.Client, 0, informers.WithNamespace(ns),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = modelserver.ModelLabel }))
+	r.informer = factory.Core().V1().Pods().Informer()
+	note := func(obj any) {
+		p, ok := obj.(*corev1.Pod)
+		if !ok || p.Status.PodIP == "" || modelserver.IsReady(p) {
+			return
+		}
+		key := types.NamespacedName{Namespace: p.Namespace, Name: p.Name}
+		r.mu <- struct{}{}
+		if _, ok := r.seen[key]; !ok {
+			r.seen[key] = time.Now()
+		}
+		<-r.mu
+	}
+	if _, err := r.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: note, UpdateFunc: func(_, o any) { note(o) }}); err != nil {
+		t.Fatal(err)
+	}
+	factory.Start(ctx.Done())
+	t.Cleanup(factory.Shutdown)
+	if !cache.WaitForCacheSync(ctx.Done(), r.informer.HasSynced) {
+		t.Fatal("pod cache did not sync")
+	}
+	return r
+}
+
+func (r *runningTimes) first(pod types.NamespacedName) (time.Time, bool) {
+	r.mu <- struct{}{}
+	defer func() { <-r.mu }()
+	at, ok := r.seen[pod]
+	return at, ok
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
