@@ -47,7 +47,8 @@ type assignment struct {
 	problemReason gatewayv1.GatewayConditionReason
 }
 
-func (a assignment) ok() bool { return a.unsupported == "" && a.problem == "" }
+// ok reports whether the Gateway has an address to be served on.
+func (a assignment) ok() bool { return a.unsupported == "" && a.problem == "" && a.status.Value != "" }
 
 var (
 	ipAddressType = gatewayv1.IPAddressType
@@ -55,10 +56,11 @@ var (
 )
 
 // assign gives each Gateway its address. gateways must be sorted oldest
-// first: an older Gateway keeps its address when a newer one asks for it.
-// A Gateway keeps the pool address its status reports, so addresses do not
-// move when other Gateways come and go, and every router replica computes
-// the same assignment from the same objects.
+// first. A Gateway keeps the pool address its status reports (unless its
+// spec now asks for another), so addresses do not move when other Gateways
+// come and go; then Gateways get the address their spec asks for, oldest
+// first, if no one has it; then the rest get a free one. Every router
+// replica computes the same assignment from the same objects.
 func (a Addresses) assign(gateways []*gatewayv1.Gateway) map[types.NamespacedName]assignment {
 	out := make(map[types.NamespacedName]assignment, len(gateways))
 	if !a.Pool.IsValid() {
@@ -68,36 +70,45 @@ func (a Addresses) assign(gateways []*gatewayv1.Gateway) map[types.NamespacedNam
 		return out
 	}
 	used := map[netip.Addr]types.NamespacedName{}
-	// First the addresses Gateways ask for or already have, oldest first;
-	// then a free address for the rest.
-	var pending []*gatewayv1.Gateway
+	type request struct {
+		want  netip.Addr
+		asked bool
+	}
+	requests := map[types.NamespacedName]request{}
 	for _, gw := range gateways {
 		k := key(gw)
 		want, asked, res := a.requested(gw)
-		switch {
-		case !res.ok():
+		if res.unsupported != "" || res.problem != "" {
 			out[k] = res
-		case asked:
-			if owner, taken := used[want]; taken {
-				out[k] = assignment{problemReason: gatewayv1.GatewayReasonAddressNotAssigned,
-					problem: fmt.Sprintf("address %s is already used by Gateway %s", want, owner)}
-				continue
+			continue
+		}
+		requests[k] = request{want, asked}
+		if cur, ok := a.current(gw); ok && (!asked || want == cur) {
+			if _, taken := used[cur]; !taken {
+				used[cur] = k
+				out[k] = poolAssignment(cur)
 			}
-			used[want] = k
-			out[k] = poolAssignment(want)
-		default:
-			if cur, ok := a.current(gw); ok {
-				if _, taken := used[cur]; !taken {
-					used[cur] = k
-					out[k] = poolAssignment(cur)
-					continue
-				}
-			}
-			pending = append(pending, gw)
 		}
 	}
-	for _, gw := range pending {
+	for _, gw := range gateways {
 		k := key(gw)
+		req, pending := requests[k]
+		if _, done := out[k]; done || !pending || !req.asked {
+			continue
+		}
+		if owner, taken := used[req.want]; taken {
+			out[k] = assignment{problemReason: gatewayv1.GatewayReasonAddressNotAssigned,
+				problem: fmt.Sprintf("address %s is already used by Gateway %s", req.want, owner)}
+			continue
+		}
+		used[req.want] = k
+		out[k] = poolAssignment(req.want)
+	}
+	for _, gw := range gateways {
+		k := key(gw)
+		if _, done := out[k]; done {
+			continue
+		}
 		addr, ok := a.free(k, used)
 		if !ok {
 			out[k] = assignment{problemReason: gatewayv1.GatewayReasonAddressNotAssigned,
