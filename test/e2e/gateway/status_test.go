@@ -305,7 +305,7 @@ spec:
   rules: [{backendRefs: [{name: echo, port: 8080}]}]`, ns)))
 
 	for _, tc := range []struct {
-		ns, name, gateway string
+		ns, name, gateway  string
 		accepted, resolved want
 	}{
 		{ns, "ok", "main", accepted, resolved},
