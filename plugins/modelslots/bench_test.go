@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	v1 "k8s.io/api/core/v1"
@@ -136,6 +137,23 @@ func BenchmarkFilter(b *testing.B) {
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(nodeInfos)), "ns/node")
 		})
 	}
+	// As the scheduler calls it: many goroutines, one node each.
+	b.Run(fmt.Sprintf("%dnodes/one-slot/parallel", benchNodes), func(b *testing.B) {
+		pod := cases[0].pod
+		pl, nodeInfos := benchCluster(b, benchNodes*benchFullPercent/100)
+		state := framework.NewCycleState()
+		if _, s := pl.PreFilter(context.Background(), state, pod, nodeInfos); !s.IsSuccess() {
+			b.Fatal(s)
+		}
+		var next atomic.Int64
+		b.ReportAllocs()
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				pl.Filter(context.Background(), state, pod, nodeInfos[next.Add(1)%int64(len(nodeInfos))])
+			}
+		})
+	})
 }
 
 // BenchmarkScore scores and normalizes every node once per op.

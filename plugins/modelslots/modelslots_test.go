@@ -577,3 +577,19 @@ func TestWalkFollowsNodeListChanges(t *testing.T) {
 		return true
 	})
 }
+
+// Filter and Score find a node's usage through the walked list by NodeInfo;
+// a node that changed after the walk must not be served its old usage.
+func TestGetSeesChangesAfterTheWalk(t *testing.T) {
+	c := newUsageCache(Capacity{})
+	ni := framework.NewNodeInfo()
+	ni.SetNode(slotNode("a", "2"))
+	c.walk([]fwk.NodeInfo{ni}, 0, func(int, *nodeUsage) bool { return true })
+	if u := c.get(ni, func(fwk.NodeInfo) bool { return true }); u.used != 0 {
+		t.Fatalf("empty node: %d slots used", u.used)
+	}
+	ni.AddPodInfo(mustPodInfo(t, modelPod("x", "llama", "a").Obj()))
+	if u := c.get(ni, func(fwk.NodeInfo) bool { return true }); u.used != 1 {
+		t.Errorf("after a pod was added: %d slots used, want 1", u.used)
+	}
+}

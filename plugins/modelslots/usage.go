@@ -3,6 +3,7 @@ package modelslots
 import (
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -107,24 +108,36 @@ func computeUsage(c Capacity, ni fwk.NodeInfo) *nodeUsage {
 // every pod on every node in every cycle.
 type usageCache struct {
 	capacity Capacity
-	// byName is read by Filter and Score, which run on many nodes in
-	// parallel: a sync.Map reads without locking.
+	// byName holds every node's latest usage; a sync.Map, because Filter
+	// and Score run on many nodes in parallel.
 	byName sync.Map // node name -> *nodeUsage
 	// names counts the keys in byName, to know when to sweep.
 	names atomic.Int64
 
-	// walkMu guards walked, which only PreFilter uses. walked mirrors the
-	// node list of the last walk by position: the scheduler keeps that
-	// list, and each node's NodeInfo, from cycle to cycle unless nodes come
-	// or go, so a walk usually finds each node's usage there without
-	// hashing its name.
+	// list mirrors the snapshot's node list as PreFilter last walked it.
+	// The scheduler keeps that list, and each node's NodeInfo, from cycle
+	// to cycle unless nodes come or go, so the walk finds a node's usage by
+	// position, and Filter and Score find it by NodeInfo, without hashing
+	// the node's name. Only PreFilter replaces it (under walkMu); readers
+	// take whichever list is current.
 	walkMu sync.Mutex
-	walked []walkedNode
+	list   atomic.Pointer[nodeList]
 }
 
-type walkedNode struct {
-	ni fwk.NodeInfo
-	u  *nodeUsage
+// nodeList is an immutable node list with a usage slot per node.
+type nodeList struct {
+	nodes []fwk.NodeInfo
+	index map[fwk.NodeInfo]int
+	usage []atomic.Pointer[nodeUsage]
+}
+
+func newNodeList(nodes []fwk.NodeInfo) *nodeList {
+	l := &nodeList{nodes: slices.Clone(nodes), index: make(map[fwk.NodeInfo]int, len(nodes)),
+		usage: make([]atomic.Pointer[nodeUsage], len(nodes))}
+	for i, ni := range nodes {
+		l.index[ni] = i
+	}
+	return l
 }
 
 func newUsageCache(c Capacity) *usageCache {
@@ -137,27 +150,49 @@ func newUsageCache(c Capacity) *usageCache {
 func (c *usageCache) walk(nodes []fwk.NodeInfo, start int, visit func(i int, u *nodeUsage) bool) {
 	c.walkMu.Lock()
 	defer c.walkMu.Unlock()
-	if len(c.walked) != len(nodes) {
-		c.walked = make([]walkedNode, len(nodes))
+	l := c.list.Load()
+	if l == nil || len(l.nodes) != len(nodes) {
+		l = newNodeList(nodes)
+		c.list.Store(l)
 	}
 	for k := range nodes {
 		i := (start + k) % len(nodes)
-		ni, w := nodes[i], &c.walked[i]
-		if w.ni != ni || w.u.generation != ni.GetGeneration() {
-			*w = walkedNode{ni: ni, u: c.get(ni, nil)}
+		ni := nodes[i]
+		if l.nodes[i] != ni {
+			// Nodes came and went: index the new list.
+			l = newNodeList(nodes)
+			c.list.Store(l)
 		}
-		if !visit(i, w.u) {
+		u := l.usage[i].Load()
+		if u == nil || u.generation != ni.GetGeneration() {
+			u = c.byNameOrCompute(ni, nil)
+			l.usage[i].Store(u)
+		}
+		if !visit(i, u) {
 			return
 		}
 	}
 }
 
-// get returns a node's usage, from the cache when the node has not changed.
-// A computed usage is remembered only when remember is nil or says ni is
-// the scheduler's snapshot of the node: preemption and nominated pods make
-// modified copies with new generations, which must not evict the entry for
-// the real node.
+// get returns a node's usage for Filter and Score: by NodeInfo from the
+// walked list when it is current, else as byNameOrCompute does.
 func (c *usageCache) get(ni fwk.NodeInfo, remember func(fwk.NodeInfo) bool) *nodeUsage {
+	if l := c.list.Load(); l != nil {
+		if i, ok := l.index[ni]; ok {
+			if u := l.usage[i].Load(); u != nil && u.generation == ni.GetGeneration() {
+				return u
+			}
+		}
+	}
+	return c.byNameOrCompute(ni, remember)
+}
+
+// byNameOrCompute returns a node's usage from byName when the node has not
+// changed, else computes it. A computed usage is remembered only when
+// remember is nil or says ni is the scheduler's snapshot of the node:
+// preemption and nominated pods make modified copies with new generations,
+// which must not evict the entry for the real node.
+func (c *usageCache) byNameOrCompute(ni fwk.NodeInfo, remember func(fwk.NodeInfo) bool) *nodeUsage {
 	name := ni.Node().Name
 	if v, ok := c.byName.Load(name); ok {
 		if u := v.(*nodeUsage); u.generation == ni.GetGeneration() {
