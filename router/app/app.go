@@ -226,7 +226,7 @@ func checkGatewayAPI(client kubernetes.Interface) error {
 	gv := gatewayv1.GroupVersion.String()
 	list, err := client.Discovery().ServerResourcesForGroupVersion(gv)
 	if err != nil {
-		return fmt.Errorf("the Gateway API (%s) is not served; install its standard-channel CRDs or run without --gateway-address-pool/--gateway-address: %w", gv, err)
+		return fmt.Errorf("the Gateway API (%s) is not served: install its standard-channel CRDs, or run without --gateway-address-pool, --gateway-address and --gateway-publish-service: %w", gv, err)
 	}
 	served := map[string]bool{}
 	for _, r := range list.APIResources {

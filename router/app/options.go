@@ -16,6 +16,7 @@ import (
 	"golang.org/x/net/http/httpguts"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
@@ -93,8 +94,13 @@ type Options struct {
 	// Gateway sharing this address (an IP or a hostname: the router's
 	// Service), listeners told apart by port and hostname. Default "".
 	GatewayAddress string
+	// GatewayPublishService, when set ("namespace/name"), turns on Gateway
+	// API support with every Gateway sharing that Service's address (its
+	// load balancer's), as GatewayAddress does with a fixed one. Default "".
+	GatewayPublishService string
 	// GatewayBindAddress is the host the router listens on for Gateways
-	// with GatewayAddress; "" means every interface. Default "".
+	// with GatewayAddress or GatewayPublishService; "" means every
+	// interface. Default "".
 	GatewayBindAddress string
 	// GatewayControllerName selects the GatewayClasses to serve. Default
 	// capstan.dev/gateway-controller.
@@ -143,7 +149,9 @@ func NewOptions() *Options {
 }
 
 // GatewayEnabled reports whether the router serves the Gateway API.
-func (o *Options) GatewayEnabled() bool { return o.GatewayAddressPool != "" || o.GatewayAddress != "" }
+func (o *Options) GatewayEnabled() bool {
+	return o.GatewayAddressPool != "" || o.GatewayAddress != "" || o.GatewayPublishService != ""
+}
 
 // gatewayAddresses is the address mode the Gateway flags ask for; Validate
 // has checked them.
@@ -151,7 +159,11 @@ func (o *Options) gatewayAddresses() gateway.Addresses {
 	if o.GatewayAddressPool != "" {
 		return gateway.Addresses{Pool: netip.MustParsePrefix(o.GatewayAddressPool)}
 	}
-	return gateway.Addresses{Shared: o.GatewayAddress, BindHost: o.GatewayBindAddress}
+	a := gateway.Addresses{Shared: o.GatewayAddress, BindHost: o.GatewayBindAddress}
+	if ns, name, ok := strings.Cut(o.GatewayPublishService, "/"); ok {
+		a.PublishService = types.NamespacedName{Namespace: ns, Name: name}
+	}
+	return a
 }
 
 // AddFlags adds a flag for every option to fs, with the defaults in o.
@@ -183,9 +195,10 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.AccessLog, "access-log", o.AccessLog, "Log every request (request id, model, pod, status, duration).")
 	fs.IntVar(&o.Workers, "discovery-workers", o.Workers, "Goroutines rebuilding Service endpoint sets.")
 	fs.BoolVar(&o.Profiling, "profiling", o.Profiling, "Serve Go profiles under /debug/pprof/ on --bind-address.")
-	fs.StringVar(&o.GatewayAddressPool, "gateway-address-pool", o.GatewayAddressPool, "Serve the Gateway API, giving every Gateway an address of its own from this CIDR; the addresses must be local to the router (see docs/gateway.md). Exclusive with --gateway-address.")
-	fs.StringVar(&o.GatewayAddress, "gateway-address", o.GatewayAddress, "Serve the Gateway API with every Gateway sharing this address (an IP or hostname, typically the router's LoadBalancer Service); listeners are told apart by port and hostname. Exclusive with --gateway-address-pool.")
-	fs.StringVar(&o.GatewayBindAddress, "gateway-bind-address", o.GatewayBindAddress, "With --gateway-address, the host to listen on for Gateway listeners; empty means every interface.")
+	fs.StringVar(&o.GatewayAddressPool, "gateway-address-pool", o.GatewayAddressPool, "Serve the Gateway API, giving every Gateway an address of its own from this CIDR; the addresses must be local to the router (see docs/gateway.md).")
+	fs.StringVar(&o.GatewayAddress, "gateway-address", o.GatewayAddress, "Serve the Gateway API with every Gateway sharing this address (an IP or hostname that reaches the router); listeners are told apart by port and hostname.")
+	fs.StringVar(&o.GatewayPublishService, "gateway-publish-service", o.GatewayPublishService, "Serve the Gateway API with every Gateway sharing the address of this Service (namespace/name; its load balancer's, else an external IP, else its cluster IP), which must route to the router's pods; listeners are told apart by port and hostname.")
+	fs.StringVar(&o.GatewayBindAddress, "gateway-bind-address", o.GatewayBindAddress, "With --gateway-address or --gateway-publish-service, the host to listen on for Gateway listeners; empty means every interface.")
 	fs.StringVar(&o.GatewayControllerName, "gateway-controller-name", o.GatewayControllerName, "The controllerName of the GatewayClasses this router serves.")
 	componentbaseoptions.BindLeaderElectionFlags(&o.LeaderElection, fs)
 }
@@ -270,8 +283,20 @@ func (o *Options) Validate() error {
 // validateGateway checks the Gateway API flags.
 func (o *Options) validateGateway() field.ErrorList {
 	var errs field.ErrorList
-	if o.GatewayAddressPool != "" && o.GatewayAddress != "" {
-		errs = append(errs, field.Forbidden(field.NewPath("gateway-address"), "set --gateway-address-pool or --gateway-address, not both"))
+	modes := 0
+	for _, v := range []string{o.GatewayAddressPool, o.GatewayAddress, o.GatewayPublishService} {
+		if v != "" {
+			modes++
+		}
+	}
+	if modes > 1 {
+		errs = append(errs, field.Forbidden(field.NewPath("gateway-address"), "set only one of --gateway-address-pool, --gateway-address and --gateway-publish-service"))
+	}
+	if o.GatewayPublishService != "" {
+		ns, name, ok := strings.Cut(o.GatewayPublishService, "/")
+		if !ok || len(validation.IsDNS1123Label(ns)) > 0 || len(validation.IsDNS1035Label(name)) > 0 {
+			errs = append(errs, field.Invalid(field.NewPath("gateway-publish-service"), o.GatewayPublishService, "must be namespace/name of a Service"))
+		}
 	}
 	if o.GatewayAddressPool != "" {
 		if p, err := netip.ParsePrefix(o.GatewayAddressPool); err != nil {

@@ -39,6 +39,17 @@ func TestValidate(t *testing.T) {
 		"no workers":       {func(o *Options) { o.Workers = 0 }, "discovery-workers: Invalid value: 0: must be positive"},
 		"no prefix":        {func(o *Options) { o.PrefixBytes = 0 }, "prefix-bytes: Invalid value: 0: must be positive"},
 		"negative weights": {func(o *Options) { o.KVCacheWeight = -1 }, "weights must not be negative"},
+		"two address modes": {func(o *Options) { o.GatewayAddressPool, o.GatewayAddress = "198.18.254.0/24", "203.0.113.1" },
+			"set only one of --gateway-address-pool, --gateway-address and --gateway-publish-service"},
+		"pool":            {func(o *Options) { o.GatewayAddressPool = "198.18.254.1/24" }, `gateway-address-pool: Invalid value: "198.18.254.1/24": must be a network address, e.g. 198.18.254.0/24`},
+		"pool syntax":     {func(o *Options) { o.GatewayAddressPool = "lots" }, `gateway-address-pool: Invalid value: "lots"`},
+		"address":         {func(o *Options) { o.GatewayAddress = "not an address" }, `gateway-address: Invalid value: "not an address": not an IP address or hostname`},
+		"publish service": {func(o *Options) { o.GatewayPublishService = "just-a-name" }, `gateway-publish-service: Invalid value: "just-a-name": must be namespace/name of a Service`},
+		"controller name": {func(o *Options) { o.GatewayControllerName = "capstan" }, `gateway-controller-name: Invalid value: "capstan": must be DOMAIN/PATH`},
+		"renew deadline": {func(o *Options) {
+			o.GatewayAddress = "203.0.113.1"
+			o.LeaderElection.RenewDeadline = o.LeaderElection.LeaseDuration
+		}, "leader-elect-renew-deadline: Invalid value: \"15s\": must be shorter than --leader-elect-lease-duration"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			o := NewOptions()
@@ -66,5 +77,34 @@ func TestFlags(t *testing.T) {
 	if len(o.Namespaces) != 2 || o.Balancer != "prefix-affinity" || o.maxBodyBytes() != 1<<20 ||
 		o.FirstByteTimeout != 30*time.Second || o.ShutdownDelay != 0 || o.AccessLog {
 		t.Errorf("flags not applied: %+v", o)
+	}
+}
+
+func TestGatewayFlags(t *testing.T) {
+	o := NewOptions()
+	if o.GatewayEnabled() {
+		t.Error("the Gateway API is on by default")
+	}
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	o.AddFlags(fs)
+	err := fs.Parse([]string{"--gateway-publish-service=capstan-system/capstan-router-gateway", "--gateway-bind-address=0.0.0.0",
+		"--leader-elect-lease-duration=4s", "--leader-elect-renew-deadline=3s", "--leader-elect-resource-namespace=router"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	a := o.gatewayAddresses()
+	if !o.GatewayEnabled() || a.PublishService.String() != "capstan-system/capstan-router-gateway" || a.BindHost != "0.0.0.0" || a.Pool.IsValid() {
+		t.Errorf("addresses %+v", a)
+	}
+	if le := o.LeaderElection; !le.LeaderElect || le.LeaseDuration.Duration != 4*time.Second || le.ResourceNamespace != "router" || le.ResourceName != "capstan-router" {
+		t.Errorf("leader election %+v", le)
+	}
+	o = NewOptions()
+	o.GatewayAddressPool = "198.18.254.0/24"
+	if a := o.gatewayAddresses(); a.Pool.String() != "198.18.254.0/24" {
+		t.Errorf("pool %v", a.Pool)
 	}
 }

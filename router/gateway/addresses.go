@@ -7,6 +7,7 @@ import (
 	"math/bits"
 	"net/netip"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
@@ -23,10 +24,41 @@ import (
 // Service, typically a LoadBalancer) and the router listens on BindHost and
 // each listener port; Gateways are told apart by port and hostname only,
 // so two listeners on one port conflict unless their hostnames differ.
+// With PublishService, Shared is that Service's address, read on every
+// translation: its load balancer's, else an external IP, else its cluster
+// IP.
 type Addresses struct {
-	Pool     netip.Prefix
-	Shared   string
-	BindHost string
+	Pool           netip.Prefix
+	Shared         string
+	PublishService types.NamespacedName
+	BindHost       string
+}
+
+// sharedMode reports whether every Gateway shares one address.
+func (a Addresses) sharedMode() bool { return !a.Pool.IsValid() }
+
+// ServiceAddress returns the address a Service publishes: the first
+// load-balancer ingress IP or hostname, else the first external IP, else
+// the cluster IP; "" while it has none (a load balancer being set up).
+func ServiceAddress(svc *corev1.Service) string {
+	for _, in := range svc.Status.LoadBalancer.Ingress {
+		if in.IP != "" {
+			return in.IP
+		}
+		if in.Hostname != "" {
+			return in.Hostname
+		}
+	}
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		return "" // its load balancer is not ready: do not publish an internal address
+	}
+	if len(svc.Spec.ExternalIPs) > 0 {
+		return svc.Spec.ExternalIPs[0]
+	}
+	if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone {
+		return ip
+	}
+	return ""
 }
 
 // maxPoolProbe bounds how many pool addresses one allocation tries, so that
@@ -63,7 +95,7 @@ var (
 // replica computes the same assignment from the same objects.
 func (a Addresses) assign(gateways []*gatewayv1.Gateway) map[types.NamespacedName]assignment {
 	out := make(map[types.NamespacedName]assignment, len(gateways))
-	if !a.Pool.IsValid() {
+	if a.sharedMode() {
 		for _, gw := range gateways {
 			out[key(gw)] = a.shared(gw)
 		}
@@ -221,6 +253,10 @@ func nthAddr(p netip.Prefix, n uint64) netip.Addr {
 // shared is a Gateway's assignment when every Gateway has the router's
 // address.
 func (a Addresses) shared(gw *gatewayv1.Gateway) assignment {
+	if a.Shared == "" {
+		return assignment{problemReason: gatewayv1.GatewayReasonAddressNotAssigned,
+			problem: fmt.Sprintf("Service %s has no address yet (is its load balancer still being set up?)", a.PublishService)}
+	}
 	typ := &hostnameType
 	if _, err := netip.ParseAddr(a.Shared); err == nil {
 		typ = &ipAddressType

@@ -108,6 +108,10 @@ type listenerState struct {
 	accepted   condition
 	resolved   condition
 	conflicted condition
+	// overlapping is set (True) when another HTTPS listener on the port
+	// has a hostname that covers or is covered by this one's: a client
+	// reusing a connection could reach the wrong listener.
+	overlapping *condition
 	// invalid, when set, is why the listener cannot be served even though
 	// it may be Accepted (no usable certificate).
 	invalid  string
@@ -179,7 +183,7 @@ func translate(in *inputs) *translation {
 		markConflicts(gr.listeners)
 		t.gateways[key(gw)] = gr
 	}
-	if in.addresses.Shared != "" {
+	if in.addresses.sharedMode() {
 		markSharedConflicts(owned, t.gateways)
 	}
 
@@ -367,6 +371,11 @@ func markConflicts(ls []*listenerState) {
 			case a.hostname() == b.hostname() && a.conflicted.Status != metav1.ConditionTrue:
 				a.conflicted = trueCond(string(gatewayv1.ListenerConditionConflicted), string(gatewayv1.ListenerReasonHostnameConflict),
 					fmt.Sprintf("listener %s uses port %d with the same hostname", b.spec.Name, b.spec.Port))
+			case a.spec.Protocol == gatewayv1.HTTPSProtocolType && a.overlapping == nil &&
+				(route.HostnameMatches(a.hostname(), b.hostname()) || route.HostnameMatches(b.hostname(), a.hostname())):
+				c := trueCond(string(gatewayv1.ListenerConditionOverlappingTLSConfig), string(gatewayv1.ListenerReasonOverlappingHostnames),
+					fmt.Sprintf("listener %s on port %d has an overlapping hostname %q", b.spec.Name, b.spec.Port, b.hostname()))
+				a.overlapping = &c
 			}
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"math/big"
 	"net/http/httptest"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -275,6 +276,16 @@ func TestListenerValidation(t *testing.T) {
 			l.Port = 9443
 			return l
 		}(),
+		func() gatewayv1.Listener {
+			l := https("wild", secretRef("", "good"))
+			l.Hostname, l.Port = ptrTo(gatewayv1.Hostname("*.example.com")), 10443
+			return l
+		}(),
+		func() gatewayv1.Listener {
+			l := https("specific", secretRef("", "good"))
+			l.Hostname, l.Port = ptrTo(gatewayv1.Hostname("a.example.com")), 10443
+			return l
+		}(),
 	)}
 	check := func(tr *translation, want map[string][]cond) {
 		t.Helper()
@@ -292,8 +303,11 @@ func TestListenerValidation(t *testing.T) {
 	invalidCert := cond{"ResolvedRefs", "False", "InvalidCertificateRef"}
 	notProgrammed := cond{"Programmed", "False", "Invalid"}
 	tr := translate(&f.inputs)
+	overlap := cond{"OverlappingTLSConfig", "True", "OverlappingHostnames"}
 	check(tr, map[string][]cond{
 		"good":           listenerHealthy,
+		"wild":           append(listenerHealthy[:4:4], overlap),
+		"specific":       append(listenerHealthy[:4:4], overlap),
 		"missing":        {accepted, notProgrammed, invalidCert, noConflicts},
 		"malformed":      {accepted, notProgrammed, invalidCert, noConflicts},
 		"wrongkind":      {accepted, notProgrammed, invalidCert, noConflicts},
@@ -321,11 +335,11 @@ func TestListenerValidation(t *testing.T) {
 		for _, l := range p.Listeners() {
 			addrs = append(addrs, l.Name)
 		}
-		if (p.Address[len(p.Address)-4:] == ":443") != p.TLS {
+		if (strings.HasSuffix(p.Address, ":443") || strings.HasSuffix(p.Address, ":10443")) != p.TLS {
 			t.Errorf("port %s TLS=%v", p.Address, p.TLS)
 		}
 	}
-	if diff := cmp.Diff([]string{"good", "crossns", "kinds"}, addrs, sortStrings); diff != "" {
+	if diff := cmp.Diff([]string{"good", "crossns", "kinds", "wild", "specific"}, addrs, sortStrings); diff != "" {
 		t.Errorf("served listeners (-want +got):\n%s", diff)
 	}
 }
@@ -620,6 +634,33 @@ func TestAddressAssignment(t *testing.T) {
 	}
 	if a := (Addresses{Shared: "gw.example.com"}).shared(gw("ns", "h", 1)); *a.status.Type != gatewayv1.HostnameAddressType {
 		t.Errorf("a hostname address has type %s", *a.status.Type)
+	}
+	pending := Addresses{PublishService: types.NamespacedName{Namespace: "capstan-system", Name: "gw"}}.shared(gw("ns", "p", 1))
+	if pending.ok() || pending.problemReason != gatewayv1.GatewayReasonAddressNotAssigned {
+		t.Errorf("a Service without an address: %+v", pending)
+	}
+}
+
+func TestServiceAddress(t *testing.T) {
+	lb := func(ingress ...corev1.LoadBalancerIngress) *corev1.Service {
+		return &corev1.Service{Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeLoadBalancer, ClusterIP: "198.19.0.10"},
+			Status: corev1.ServiceStatus{LoadBalancer: corev1.LoadBalancerStatus{Ingress: ingress}}}
+	}
+	for name, tc := range map[string]struct {
+		svc  *corev1.Service
+		want string
+	}{
+		"load balancer IP":       {lb(corev1.LoadBalancerIngress{IP: "203.0.113.7"}), "203.0.113.7"},
+		"load balancer hostname": {lb(corev1.LoadBalancerIngress{Hostname: "lb.example.com"}), "lb.example.com"},
+		"load balancer pending":  {lb(), ""},
+		"external IP": {&corev1.Service{Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeClusterIP, ClusterIP: "198.19.0.10",
+			ExternalIPs: []string{"203.0.113.8"}}}, "203.0.113.8"},
+		"cluster IP": {&corev1.Service{Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeClusterIP, ClusterIP: "198.19.0.10"}}, "198.19.0.10"},
+		"headless":   {&corev1.Service{Spec: corev1.ServiceSpec{ClusterIP: corev1.ClusterIPNone}}, ""},
+	} {
+		if got := ServiceAddress(tc.svc); got != tc.want {
+			t.Errorf("%s: %q, want %q", name, got, tc.want)
+		}
 	}
 }
 

@@ -109,6 +109,9 @@ type Controller struct {
 	grantInfs   []cache.SharedIndexInformer
 	secretInfs  []cache.SharedIndexInformer
 	nsInf       cache.SharedIndexInformer
+	// publishInf watches the Service whose address Gateways share, when
+	// there is one.
+	publishInf cache.SharedIndexInformer
 
 	queue workqueue.TypedRateLimitingInterface[string]
 	table atomic.Pointer[route.HTTPTable]
@@ -162,6 +165,15 @@ func New(kube kubernetes.Interface, gw gatewayclient.Interface, services Service
 	c.nsInf = add(coreCluster.Core().V1().Namespaces().Informer())
 	c.factories = append(c.factories, cluster, coreCluster)
 	c.shutdowns = append(c.shutdowns, cluster.Shutdown, coreCluster.Shutdown)
+	if ps := opts.Addresses.PublishService; ps.Name != "" {
+		pf := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithNamespace(ps.Namespace),
+			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+				o.FieldSelector = fields.OneTermEqualSelector("metadata.name", ps.Name).String()
+			}))
+		c.publishInf = add(pf.Core().V1().Services().Informer())
+		c.factories = append(c.factories, pf)
+		c.shutdowns = append(c.shutdowns, pf.Shutdown)
+	}
 	for _, ns := range namespaces {
 		f := gatewayinformers.NewSharedInformerFactoryWithOptions(gw, 0, gatewayinformers.WithNamespace(ns))
 		c.gatewayInfs = append(c.gatewayInfs, add(f.Gateway().V1().Gateways().Informer()))
@@ -242,7 +254,20 @@ func (c *Controller) Run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		go c.campaign(ctx, elector)
+		campaignDone := make(chan struct{})
+		go func() {
+			defer close(campaignDone)
+			c.campaign(ctx, elector)
+		}()
+		// On the way out, give the elector a moment to release the Lease,
+		// so another replica takes over at once instead of after the
+		// lease duration.
+		defer func() {
+			select {
+			case <-campaignDone:
+			case <-time.After(c.opts.LeaderElection.RenewDeadline.Duration):
+			}
+		}()
 	} else {
 		c.setLeader(true)
 	}
@@ -299,9 +324,16 @@ func (c *Controller) inputs() *inputs {
 	for _, ns := range c.opts.Namespaces {
 		watched[ns] = true
 	}
+	addresses := c.opts.Addresses
+	if ps := addresses.PublishService; ps.Name != "" {
+		addresses.Shared = ""
+		if svc, ok := get[*corev1.Service](ps.String(), c.publishInf); ok {
+			addresses.Shared = ServiceAddress(svc)
+		}
+	}
 	return &inputs{
 		controllerName: c.opts.ControllerName,
-		addresses:      c.opts.Addresses,
+		addresses:      addresses,
 		classes:        list[*gatewayv1.GatewayClass](c.classInf),
 		gateways:       list[*gatewayv1.Gateway](c.gatewayInfs...),
 		routes:         list[*gatewayv1.HTTPRoute](c.routeInfs...),

@@ -63,7 +63,8 @@ var (
 	classManaged    = []string{string(gatewayv1.GatewayClassConditionStatusAccepted)}
 	gatewayManaged  = []string{string(gatewayv1.GatewayConditionAccepted), string(gatewayv1.GatewayConditionProgrammed)}
 	listenerManaged = []string{string(gatewayv1.ListenerConditionAccepted), string(gatewayv1.ListenerConditionProgrammed),
-		string(gatewayv1.ListenerConditionResolvedRefs), string(gatewayv1.ListenerConditionConflicted)}
+		string(gatewayv1.ListenerConditionResolvedRefs), string(gatewayv1.ListenerConditionConflicted),
+		string(gatewayv1.ListenerConditionOverlappingTLSConfig)}
 	routeManaged = []string{string(gatewayv1.RouteConditionAccepted), string(gatewayv1.RouteConditionResolvedRefs)}
 )
 
@@ -107,6 +108,10 @@ func gatewayStatus(gr *gatewayResult, bindErr func(address string) error, now me
 			programmed++
 		}
 		want := []metav1.Condition{accepted.at(gen), prog.at(gen), l.resolved.at(gen), l.conflicted.at(gen)}
+		if l.overlapping != nil {
+			// A negative-polarity condition, present only when true.
+			want = append(want, l.overlapping.at(gen))
+		}
 		st.Listeners = append(st.Listeners, gatewayv1.ListenerStatus{
 			Name:           l.spec.Name,
 			SupportedKinds: l.kinds,

@@ -3,10 +3,15 @@ package proxy
 import (
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 
+	"k8s.io/apimachinery/pkg/types"
+
 	"github.com/capstan-dev/capstan/router/balance"
+	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/route"
 )
 
 // BenchmarkForward measures one small non-streamed request through the
@@ -22,6 +27,49 @@ func BenchmarkForward(b *testing.B) {
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			resp, err := c.Post(f.server.URL+"/v1/completions", "application/json", strings.NewReader(completion))
+			if err != nil {
+				b.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				b.Fatalf("status %d", resp.StatusCode)
+			}
+		}
+	})
+}
+
+// BenchmarkGatewayForward is BenchmarkForward through a Gateway listener: a
+// rule that selects the model by the x-capstan-model header, so the body is
+// decoded for the header before matching.
+func BenchmarkGatewayForward(b *testing.B) {
+	backends := []backend{upstream(b, "a", ok), upstream(b, "b", ok)}
+	g := &gatewayFixture{}
+	g.fixture = newFixture(b, "unused", nil, func(o *Options) {
+		o.AccessLog = false
+		o.Selector = balance.LeastRequestsSelection{}
+		o.Gateways = func() *route.HTTPTable { return g.table }
+	})
+	k := types.NamespacedName{Namespace: "ns", Name: "llama"}
+	var eps []discovery.Endpoint
+	for _, be := range backends {
+		eps = append(eps, discovery.Endpoint{Address: be.addr, Pod: types.NamespacedName{Namespace: "ns", Name: be.pod}, Ready: true})
+	}
+	g.builder.ServiceChanged(k, &discovery.Service{Key: k, Port: "http", Endpoints: eps, Ports: []discovery.Port{{Name: "http", Number: 80, Endpoints: eps}}})
+	be := g.builder.SyncBackends([]route.BackendKey{{Service: k, Port: 80}})[route.BackendKey{Service: k, Port: 80}]
+	l := &route.Listener{Gateway: types.NamespacedName{Namespace: "ns", Name: "gw"}, Name: "http", Port: 80, Scheme: "http"}
+	r := newRule(0, route.RuleBackend{Weight: 1, Backend: be})
+	l.AddHost("", []*route.Match{match(r, mustMatch(route.NewPathMatch(route.PathPrefix, "/v1")), mustMatch(route.NewHeaderMatch(ModelHeader, "llama", false)))})
+	g.table = route.NewHTTPTable([]*route.Port{route.NewPort(gatewayAddr, false, []*route.Listener{l})})
+	srv := httptest.NewServer(g.handler.GatewayHandler(gatewayAddr))
+	b.Cleanup(srv.Close)
+	tr := &http.Transport{MaxIdleConnsPerHost: 256}
+	c := &http.Client{Transport: tr}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := c.Post(srv.URL+"/v1/completions", "application/json", strings.NewReader(completion))
 			if err != nil {
 				b.Fatal(err)
 			}

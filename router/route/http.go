@@ -134,6 +134,7 @@ func (l *Listener) GatewayName() string { return l.gatewayName }
 func (l *Listener) AddHost(hostname string, matches []*Match) {
 	v := &VirtualHost{Hostname: hostname, Matches: slices.Clone(matches)}
 	slices.SortStableFunc(v.Matches, compareMatches)
+	v.indexRuns()
 	l.hosts.add(hostname, v)
 }
 
@@ -148,9 +149,18 @@ func (l *Listener) Route(r *http.Request, host string) *Match {
 	if !ok {
 		return nil
 	}
-	for _, m := range v.Matches {
-		if m.matches(r) {
-			return m
+	ms := v.Matches
+	for i := 0; i < len(ms); i++ {
+		if v.runOf != nil && v.runOf[i] >= 0 {
+			run := &v.runs[v.runOf[i]]
+			if j, ok := run.lookup(r.Header); ok && ms[j].matches(r) {
+				return ms[j]
+			}
+			i = run.end - 1
+			continue
+		}
+		if ms[i].matches(r) {
+			return ms[i]
 		}
 	}
 	return nil
@@ -160,6 +170,72 @@ func (l *Listener) Route(r *http.Request, host string) *Match {
 type VirtualHost struct {
 	Hostname string
 	Matches  []*Match
+	// runs index stretches of Matches that differ only in the value of one
+	// exact header match (a rule per model, selected by x-capstan-model):
+	// one map lookup replaces a scan of the stretch. runOf[i] is the run
+	// that starts at Matches[i], or -1; nil when there are no runs.
+	runs  []headerRun
+	runOf []int32
+}
+
+// headerRun is a stretch Matches[start:end] of equally specific matches
+// with the same path and method, no query match, and one exact match on the
+// same header each. Only the first of them with the request's header value
+// can be the one that matches, so it is found by value.
+type headerRun struct {
+	start, end int
+	header     string
+	first      map[string]int
+}
+
+// minRun is the shortest stretch worth a map: below it a scan is as fast.
+const minRun = 8
+
+func (r *headerRun) lookup(h http.Header) (int, bool) {
+	vv, ok := h[r.header]
+	if !ok {
+		return 0, false
+	}
+	v := vv[0]
+	if len(vv) > 1 {
+		v = strings.Join(vv, ",")
+	}
+	i, ok := r.first[v]
+	return i, ok
+}
+
+// indexRuns finds the header runs of the sorted matches.
+func (v *VirtualHost) indexRuns() {
+	runnable := func(m *Match) bool { return len(m.Headers) == 1 && m.Headers[0].re == nil && len(m.Query) == 0 }
+	same := func(a, b *Match) bool {
+		return a.Path.Type == b.Path.Type && a.Path.Value == b.Path.Value && a.Method == b.Method && a.Headers[0].Name == b.Headers[0].Name
+	}
+	ms := v.Matches
+	for i := 0; i < len(ms); {
+		j := i + 1
+		if runnable(ms[i]) {
+			for j < len(ms) && runnable(ms[j]) && same(ms[i], ms[j]) {
+				j++
+			}
+		}
+		if j-i >= minRun {
+			if v.runOf == nil {
+				v.runOf = make([]int32, len(ms))
+				for k := range v.runOf {
+					v.runOf[k] = -1
+				}
+			}
+			run := headerRun{start: i, end: j, header: ms[i].Headers[0].Name, first: make(map[string]int, j-i)}
+			for k := i; k < j; k++ {
+				if _, dup := run.first[ms[k].Headers[0].Value]; !dup {
+					run.first[ms[k].Headers[0].Value] = k
+				}
+			}
+			v.runOf[i] = int32(len(v.runs))
+			v.runs = append(v.runs, run)
+		}
+		i = j
+	}
 }
 
 // PathMatchType is how a Match compares paths.

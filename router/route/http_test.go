@@ -2,6 +2,7 @@ package route
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -407,5 +408,65 @@ func TestRedirectLocation(t *testing.T) {
 	}
 	if got := (&Redirect{Port: 8080}).Location("http", "[::1]", 80, "/", "", &m); got != "http://[::1]:8080/" {
 		t.Errorf("IPv6 host: %q", got)
+	}
+}
+
+// The header-run index answers exactly as a scan of the matches would.
+func TestHeaderRunsMatchAScan(t *testing.T) {
+	rnd := rand.New(rand.NewPCG(1, 2))
+	pick := func(xs ...string) string { return xs[rnd.IntN(len(xs))] }
+	runs := 0
+	defer func() {
+		if runs < 100 {
+			t.Errorf("only %d header runs in 200 rounds: the test proves little", runs)
+		}
+	}()
+	for round := range 200 {
+		var ms []*Match
+		for i := 0; i < 60; i++ {
+			if rnd.IntN(4) == 0 {
+				// A block of rules selecting models by one header.
+				path := must(NewPathMatch(PathMatchType(pick("PathPrefix", "Exact")), pick("/v1", "/")))
+				name := pick("x-capstan-model", "version")
+				for range minRun + rnd.IntN(8) {
+					ms = append(ms, &Match{Path: path, Rule: &Rule{Index: i}, Order: Order{Rule: i},
+						Headers: []HeaderMatch{must(NewHeaderMatch(name, pick("a", "b", "c", "d", "e", "f", "g", "h", "i", "j"), false))}})
+					i++
+				}
+				continue
+			}
+			m := &Match{Path: must(NewPathMatch(PathMatchType(pick("PathPrefix", "PathPrefix", "Exact")), pick("/v1", "/v1", "/v2", "/"))),
+				Rule: &Rule{Index: i}, Order: Order{Rule: i}}
+			if rnd.IntN(4) > 0 {
+				m.Headers = append(m.Headers, must(NewHeaderMatch(pick("x-capstan-model", "x-capstan-model", "version"), pick("a", "b", "c", "d", "e", "f", "g", "h", "i", "j"), false)))
+			}
+			if rnd.IntN(10) == 0 {
+				m.Method = "POST"
+			}
+			if rnd.IntN(10) == 0 {
+				m.Query = append(m.Query, must(NewQueryMatch("q", "1", false)))
+			}
+			ms = append(ms, m)
+		}
+		l := &Listener{}
+		l.AddHost("", ms)
+		v, _ := l.hosts.lookup("")
+		runs += len(v.runs)
+		for range 50 {
+			r := httptest.NewRequest(pick("GET", "POST"), pick("/v1/x", "/v2", "/v1", "/other")+pick("", "?q=1"), nil)
+			if rnd.IntN(5) > 0 {
+				r.Header.Set(pick("X-Capstan-Model", "Version"), pick("a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "zz"))
+			}
+			var scan *Match
+			for _, m := range v.Matches {
+				if m.matches(r) {
+					scan = m
+					break
+				}
+			}
+			if got := l.Route(r, ""); got != scan {
+				t.Fatalf("round %d: %s %s %v: indexed %v, scan %v", round, r.Method, r.URL, r.Header, got, scan)
+			}
+		}
 	}
 }

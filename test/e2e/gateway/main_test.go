@@ -90,9 +90,10 @@ var (
 	gwClient     gatewayclient.Interface
 )
 
-// setup installs the Gateway API CRDs and manifests/router (server-side
-// apply, so the API server validates every object), the GatewayClass, and
-// two kwok nodes.
+// setup installs the Gateway API CRDs and manifests/router/gateway
+// (server-side apply, so the API server validates every object: the router's
+// RBAC, its Deployment's arguments and the GatewayClass), and two kwok
+// nodes.
 func setup(t testing.TB) {
 	t.Helper()
 	setupOnce.Do(func() {
@@ -111,9 +112,9 @@ func setup(t testing.TB) {
 			if err != nil {
 				return err
 			}
-			resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join(root, "manifests", "router"))
+			resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join(root, "manifests", "router", "gateway"))
 			if err != nil {
-				return fmt.Errorf("kustomize build manifests/router: %w", err)
+				return fmt.Errorf("kustomize build manifests/router/gateway: %w", err)
 			}
 			var stream bytes.Buffer
 			for _, r := range resMap.Resources() {
@@ -132,9 +133,6 @@ func setup(t testing.TB) {
 				}
 			}
 			if err := c.Apply(ctx, systemNamespace, &stream); err != nil {
-				return err
-			}
-			if err := c.ApplyFile(ctx, "", filepath.Join(root, "manifests", "router", "gatewayclass.yaml")); err != nil {
 				return err
 			}
 			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {
@@ -193,9 +191,10 @@ type router struct {
 	url  string
 }
 
-// startRouter runs capstan-router with the manifests' arguments, Gateway
-// API support from the address pool, then extra arguments (later flags
-// win), and waits for /readyz.
+// startRouter runs capstan-router with the manifests' arguments, then with
+// Gateways given addresses of their own from the pool instead of the
+// manifests' LoadBalancer Service (which the test cluster cannot provide),
+// then extra arguments (later flags win), and waits for /readyz.
 func startRouter(t *testing.T, ctx context.Context, name string, extra ...string) *router {
 	t.Helper()
 	setup(t)
@@ -205,7 +204,7 @@ func startRouter(t *testing.T, ctx context.Context, name string, extra ...string
 	}
 	addr := freeAddr(t)
 	args := append(append([]string{}, routerArgs...), "--kubeconfig="+saKubeconfig, "--bind-address="+addr,
-		"--shutdown-delay=0s", "--shutdown-timeout=5s", "--v=2", "--gateway-address-pool="+addressPool)
+		"--shutdown-delay=0s", "--shutdown-timeout=5s", "--v=2", "--gateway-publish-service=", "--gateway-address-pool="+addressPool)
 	args = append(args, extra...)
 	proc, err := testCluster.Run(name, bin, args...)
 	if err != nil {
