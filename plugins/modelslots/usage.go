@@ -175,16 +175,27 @@ func (c *usageCache) walk(nodes []fwk.NodeInfo, start int, visit func(i int, u *
 }
 
 // get returns a node's usage for Filter and Score: by NodeInfo from the
-// walked list when it is current, else as byNameOrCompute does.
+// walked list when it is current, else as byNameOrCompute does, keeping the
+// result in the list for the nodes PreFilter's walk did not reach.
 func (c *usageCache) get(ni fwk.NodeInfo, remember func(fwk.NodeInfo) bool) *nodeUsage {
-	if l := c.list.Load(); l != nil {
-		if i, ok := l.index[ni]; ok {
+	l := c.list.Load()
+	var i int
+	inList := false
+	if l != nil {
+		i, inList = l.index[ni]
+		if inList {
 			if u := l.usage[i].Load(); u != nil && u.generation == ni.GetGeneration() {
 				return u
 			}
 		}
 	}
-	return c.byNameOrCompute(ni, remember)
+	u := c.byNameOrCompute(ni, remember)
+	if inList {
+		// The list holds the snapshot's own NodeInfos, never the copies
+		// made for preemption, so this is the node's current usage.
+		l.usage[i].Store(u)
+	}
+	return u
 }
 
 // byNameOrCompute returns a node's usage from byName when the node has not
