@@ -262,6 +262,9 @@ func (a Addresses) shared(gw *gatewayv1.Gateway) assignment {
 		typ = &ipAddressType
 	}
 	for _, sa := range gw.Spec.Addresses {
+		if sa.Type != nil && *sa.Type != gatewayv1.IPAddressType && *sa.Type != gatewayv1.HostnameAddressType {
+			return assignment{unsupported: fmt.Sprintf("address type %s is not supported: Gateways share the address %s", *sa.Type, a.Shared)}
+		}
 		if sa.Value != "" && sa.Value != a.Shared {
 			return assignment{problemReason: gatewayv1.GatewayReasonAddressNotUsable,
 				problem: fmt.Sprintf("address %s cannot be used: every Gateway of this router has the address %s", sa.Value, a.Shared)}

@@ -14,8 +14,10 @@ import (
 // its GatewayClasses report them and the conformance suite runs them.
 var SupportedFeatures = []features.FeatureName{
 	features.SupportGateway,
+	features.SupportGatewayAddressEmpty,
 	features.SupportGatewayHTTPListenerIsolation,
 	features.SupportGatewayPort8080,
+	features.SupportGatewayStaticAddresses,
 	features.SupportHTTPRoute,
 	features.SupportHTTPRoute303RedirectStatusCode,
 	features.SupportHTTPRoute307RedirectStatusCode,
@@ -24,6 +26,7 @@ var SupportedFeatures = []features.FeatureName{
 	features.SupportHTTPRouteDestinationPortMatching,
 	features.SupportHTTPRouteHostRewrite,
 	features.SupportHTTPRouteMethodMatching,
+	features.SupportHTTPRouteNamedRouteRule,
 	features.SupportHTTPRouteParentRefPort,
 	features.SupportHTTPRoutePathRedirect,
 	features.SupportHTTPRoutePathRewrite,

@@ -88,6 +88,10 @@ func TestConformance(t *testing.T) {
 			SupportedFeatures:    supported,
 			TimeoutConfig:        timeouts,
 			ConformanceProfiles:  []suite.ConformanceProfileName{suite.GatewayHTTPConformanceProfileName},
+			// For GatewayStaticAddresses: one address of the router's pool,
+			// one outside it.
+			UsableNetworkAddresses:   []gatewayv1.GatewaySpecAddress{{Type: ptrTo(gatewayv1.IPAddressType), Value: "198.18.254.200"}},
+			UnusableNetworkAddresses: []gatewayv1.GatewaySpecAddress{{Type: ptrTo(gatewayv1.IPAddressType), Value: "203.0.113.200"}},
 			Implementation: confv1.Implementation{
 				Organization: "capstan-dev",
 				Project:      "capstan",
@@ -196,3 +200,5 @@ func writeReport(t *testing.T, results map[string]string, report *confv1.Conform
 	}
 	t.Logf("conformance report written to %s", path)
 }
+
+func ptrTo[T any](v T) *T { return &v }
