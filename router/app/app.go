@@ -181,17 +181,20 @@ func Run(ctx context.Context, o *Options) error {
 	logger.Info("Draining in-flight requests", "timeout", o.ShutdownTimeout)
 	drainCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.ShutdownTimeout)
 	defer cancel()
-	if listeners != nil {
-		go listeners.Shutdown(drainCtx)
-	}
+	// Gateway listeners drain alongside the API.
+	gatewaysDrained := make(chan struct{})
+	go func() {
+		defer close(gatewaysDrained)
+		if listeners != nil {
+			listeners.Shutdown(drainCtx)
+		}
+	}()
 	err = srv.Shutdown(drainCtx)
 	if err != nil {
 		logger.Info("Requests still in flight after the shutdown timeout; closing their connections", "err", err)
 		_ = srv.Close()
 	}
-	if listeners != nil {
-		listeners.Shutdown(drainCtx)
-	}
+	<-gatewaysDrained
 	handler.CloseIdleConnections()
 	stopDiscovery()
 	<-discoveryDone

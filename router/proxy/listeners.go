@@ -31,6 +31,8 @@ type Listeners struct {
 	servers map[string]*gatewayServer
 	failed  map[string]error
 	closing sync.WaitGroup
+	// stopped is set by Shutdown: later reconciles open nothing.
+	stopped bool
 }
 
 type gatewayServer struct {
@@ -51,6 +53,9 @@ func NewListeners(h *Handler, table func() *route.HTTPTable, logger klog.Logger,
 func (l *Listeners) Reconcile(ctx context.Context, t *route.HTTPTable) map[string]error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.stopped {
+		return nil
+	}
 	want := map[string]bool{}
 	for _, p := range t.Ports() {
 		want[p.Address] = p.TLS
@@ -140,6 +145,7 @@ func (l *Listeners) Shutdown(ctx context.Context) {
 	l.mu.Lock()
 	servers := l.servers
 	l.servers = map[string]*gatewayServer{}
+	l.stopped = true
 	l.mu.Unlock()
 	var wg sync.WaitGroup
 	for _, s := range servers {

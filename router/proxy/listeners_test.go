@@ -1,0 +1,153 @@
+package proxy
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/klog/v2/ktesting"
+
+	"github.com/capstan-dev/capstan/router/route"
+)
+
+// certFor returns a self-signed certificate for a host and a pool that
+// trusts it.
+func certFor(t *testing.T, host string) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: host}, DNSNames: []string{host},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k, Leaf: leaf}, pool
+}
+
+func TestListenersServeTheTable(t *testing.T) {
+	logger, _ := ktesting.NewTestContext(t)
+	ctx := context.Background()
+	up := echoUpstream(t, "echo-0")
+	g := newGatewayFixture(t, map[string][]backend{"echo": {up}}, func(map[string]*route.Backend) map[string][]*route.Match { return nil })
+
+	aCert, aPool := certFor(t, "a.example.com")
+	bCert, bPool := certFor(t, "b.example.com")
+	httpAddr, httpsAddr := freeLoopback(t), freeLoopback(t)
+	be := g.builder.SyncBackends([]route.BackendKey{{Service: types.NamespacedName{Namespace: "ns", Name: "echo"}, Port: 80}})
+	var only *route.Backend
+	for _, b := range be {
+		only = b
+	}
+	listener := func(name, hostname, scheme string, certs ...tls.Certificate) *route.Listener {
+		l := &route.Listener{Gateway: types.NamespacedName{Namespace: "ns", Name: "gw"}, Name: name, Hostname: hostname, Scheme: scheme, Certificates: certs}
+		r := newRule(0, route.RuleBackend{Weight: 1, Backend: only})
+		r.ResponseHeaders = route.NewHeaderModifier([]route.Header{{Name: "X-Listener", Value: name}}, nil, nil)
+		l.AddHost("", []*route.Match{match(r, mustMatch(route.NewPathMatch(route.PathPrefix, "/")))})
+		return l
+	}
+	g.table = route.NewHTTPTable([]*route.Port{
+		route.NewPort(httpAddr, false, []*route.Listener{listener("http", "", "http")}),
+		route.NewPort(httpsAddr, true, []*route.Listener{listener("a", "a.example.com", "https", aCert), listener("b", "b.example.com", "https", bCert)}),
+	})
+	ls := NewListeners(g.handler, func() *route.HTTPTable { return g.table }, logger, time.Second)
+	t.Cleanup(func() { ls.Shutdown(context.Background()) })
+	if errs := ls.Reconcile(ctx, g.table); len(errs) != 0 {
+		t.Fatalf("binding: %v", errs)
+	}
+
+	resp, err := http.Get("http://" + httpAddr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("X-Listener") != "http" {
+		t.Errorf("HTTP: %d from %q", resp.StatusCode, resp.Header.Get("X-Listener"))
+	}
+	// Each HTTPS listener presents its own certificate (SNI) and serves
+	// HTTP/2 as well as HTTP/1.1.
+	for host, pool := range map[string]*x509.CertPool{"a.example.com": aPool, "b.example.com": bPool} {
+		c := &http.Client{Transport: &http.Transport{
+			TLSClientConfig:   &tls.Config{ServerName: host, RootCAs: pool},
+			ForceAttemptHTTP2: true,
+			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, network, httpsAddr)
+			},
+		}}
+		resp, err := c.Get("https://" + host + "/")
+		if err != nil {
+			t.Fatalf("%s: %v", host, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 || resp.Header.Get("X-Listener") != host[:1] || resp.ProtoMajor != 2 {
+			t.Errorf("%s: %d from listener %q over %s", host, resp.StatusCode, resp.Header.Get("X-Listener"), resp.Proto)
+		}
+	}
+
+	// An address held by someone else is reported, and taken once free.
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy := held.Addr().String()
+	next := route.NewHTTPTable([]*route.Port{route.NewPort(busy, false, []*route.Listener{listener("http", "", "http")})})
+	g.table = next
+	if errs := ls.Reconcile(ctx, next); errs[busy] == nil || len(errs) != 1 {
+		t.Errorf("binding a taken address: %v", errs)
+	}
+	// The dropped addresses are closed.
+	for _, addr := range []string{httpAddr, httpsAddr} {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err != nil {
+				break
+			}
+			c.Close()
+			if time.Now().After(deadline) {
+				t.Fatalf("%s still accepts connections after its port left the table", addr)
+			}
+			time.Sleep(10 * time.Millisecond) // polling for the drain, bounded above
+		}
+	}
+	held.Close()
+	if errs := ls.Reconcile(ctx, next); len(errs) != 0 {
+		t.Errorf("binding a freed address: %v", errs)
+	}
+	ls.Shutdown(context.Background())
+	if errs := ls.Reconcile(ctx, g.table); errs != nil {
+		t.Errorf("reconciling after Shutdown opened something: %v", errs)
+	}
+	if c, err := net.DialTimeout("tcp", busy, time.Second); err == nil {
+		c.Close()
+		t.Error("an address still accepts connections after Shutdown")
+	}
+}
+
+func freeLoopback(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
