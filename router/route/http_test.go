@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"testing"
 	"time"
 
@@ -469,4 +470,23 @@ func TestHeaderRunsMatchAScan(t *testing.T) {
 			}
 		}
 	}
+}
+
+// FuzzQueryValue checks the allocation-free query scan against the
+// standard library's parser.
+func FuzzQueryValue(f *testing.F) {
+	for _, seed := range []string{"animal=whale", "a=1&a=2", "x=%41&y", "k%3D=v%26", "+=+", "a=%zz&a=1", ""} {
+		f.Add(seed, "a")
+	}
+	f.Fuzz(func(t *testing.T, raw, name string) {
+		got, ok := queryValue(raw, name)
+		want, err := url.ParseQuery(raw)
+		if err != nil {
+			return // the standard library rejects it (bad escapes, semicolons)
+		}
+		vs, has := want[name]
+		if has != ok || (has && vs[0] != got) {
+			t.Errorf("queryValue(%q, %q) = %q, %v; url.ParseQuery: %q, %v", raw, name, got, ok, vs, has)
+		}
+	})
 }
