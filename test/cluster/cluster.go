@@ -89,6 +89,10 @@ type Cluster struct {
 
 	mu     sync.Mutex
 	others []*Process // stopped before the API server, newest first
+	// controllers are the control-plane processes among others, with the
+	// URL of their health check.
+	controllers map[*Process]string
+	kwok        *Process
 }
 
 // Start brings up a cluster and returns once pods can be created and
@@ -198,8 +202,9 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		"--kubeconfig="+c.Kubeconfig, "--config="+kwokConfig, "--manage-all-nodes=true",
 		"--server-address=127.0.0.1:"+strconv.Itoa(kwokPort), "--node-lease-duration-seconds=40")
 	c.others = append(c.others, kwok)
+	c.kwok = kwok
 
-	health := map[*Process]string{
+	c.controllers = map[*Process]string{
 		kcm:  "https://127.0.0.1:" + strconv.Itoa(kcmPort) + "/healthz",
 		kwok: "http://127.0.0.1:" + strconv.Itoa(kwokPort) + "/healthz",
 	}
@@ -207,17 +212,10 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		sched := newProcess("kube-scheduler", logDir, tool("kube-scheduler"), append(append(components,
 			"--secure-port="+strconv.Itoa(schedPort)), cfg.SchedulerArgs...)...)
 		c.others = append(c.others, sched)
-		health[sched] = "https://127.0.0.1:" + strconv.Itoa(schedPort) + "/healthz"
+		c.controllers[sched] = "https://127.0.0.1:" + strconv.Itoa(schedPort) + "/healthz"
 	}
-	for _, proc := range c.others {
-		if err := proc.start(); err != nil {
-			return nil, err
-		}
-	}
-	for proc, url := range health {
-		if err := waitHealthy(ctx, proc, url, 60*time.Second); err != nil {
-			return nil, err
-		}
+	if err := c.startControllers(ctx); err != nil {
+		return nil, err
 	}
 	// Pods cannot be created until the service-account controller has made
 	// the namespace's default ServiceAccount.
@@ -279,6 +277,22 @@ func (c *Cluster) startAPIServer(ctx context.Context) error {
 	return waitHealthy(ctx, c.apiserver, c.APIServerURL+"/readyz", 60*time.Second)
 }
 
+// startControllers starts kube-controller-manager, kwok and kube-scheduler and
+// waits until each reports healthy.
+func (c *Cluster) startControllers(ctx context.Context) error {
+	for proc := range c.controllers {
+		if err := proc.start(); err != nil {
+			return err
+		}
+	}
+	for proc, url := range c.controllers {
+		if err := waitHealthy(ctx, proc, url, 60*time.Second); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // StopAPIServer stops kube-apiserver and leaves everything else running, so a
 // test can see how a component behaves while the API is gone.
 func (c *Cluster) StopAPIServer() {
@@ -286,9 +300,30 @@ func (c *Cluster) StopAPIServer() {
 }
 
 // StartAPIServer starts kube-apiserver again after StopAPIServer, with the
-// same flags and data, and waits until it is ready.
+// same flags and data, and waits until it is ready. It also restarts
+// kube-controller-manager and kube-scheduler: after a long outage their
+// informers back off for up to 30 s before they watch again, and the next
+// test would wait on that instead of on the component it tests. kwok keeps
+// running, because it remembers which pod IPs it handed out only in memory.
+// Components the test started itself are left alone; how they recover is
+// what the test is about.
 func (c *Cluster) StartAPIServer(ctx context.Context) error {
-	return c.startAPIServer(ctx)
+	if err := c.startAPIServer(ctx); err != nil {
+		return err
+	}
+	for proc, url := range c.controllers {
+		if proc == c.kwok {
+			continue
+		}
+		proc.Stop(5 * time.Second)
+		if err := proc.start(); err != nil {
+			return err
+		}
+		if err := waitHealthy(ctx, proc, url, 60*time.Second); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Stop stops every process the cluster started, newest first, and removes its

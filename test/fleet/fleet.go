@@ -156,6 +156,16 @@ func (f *Fleet) Served(pod types.NamespacedName) int64 {
 	return 0
 }
 
+// Serving reports whether the fleet is serving the pod at its current IP. A
+// pod can be Ready before the fleet's own watch has caught up with it, after
+// an API server outage for example.
+func (f *Fleet) Serving(pod *corev1.Pod) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s, ok := f.servers[pod.UID]
+	return ok && s.ip == pod.Status.PodIP
+}
+
 // newServerLocked creates the server for a pod, keeping its request count
 // across pod restarts under the same name.
 func (f *Fleet) newServerLocked(pod *corev1.Pod) *podServer {

@@ -215,7 +215,12 @@ func (r *router) models(ctx context.Context) (map[string]modelEndpoints, error) 
 // waitReady waits until the router lists the model with n ready endpoints.
 func (r *router) waitReady(t *testing.T, ctx context.Context, modelName string, n int) {
 	t.Helper()
-	err := testCluster.WaitFor(ctx, 20*time.Second, fmt.Sprintf("the router to see %d ready endpoints of %s", n, modelName),
+	r.waitReadyWithin(t, ctx, modelName, n, 20*time.Second)
+}
+
+func (r *router) waitReadyWithin(t *testing.T, ctx context.Context, modelName string, n int, timeout time.Duration) {
+	t.Helper()
+	err := testCluster.WaitFor(ctx, timeout, fmt.Sprintf("the router to see %d ready endpoints of %s", n, modelName),
 		func(ctx context.Context) (bool, error) {
 			models, err := r.models(ctx)
 			return err == nil && models[modelName].Endpoints.Ready == n, nil

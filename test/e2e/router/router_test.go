@@ -567,7 +567,7 @@ func TestAPIServerOutage(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
 	ns := namespace(t, ctx, "outage")
 	var seen arrivals
-	simulate(t, ctx, ns, seen.add)
+	sim := simulate(t, ctx, ns, seen.add)
 	ms := cluster.ModelServer{Namespace: ns, Name: "steady", Model: "steady", Replicas: 2}
 	deploy(t, ctx, ms)
 	r := startRouter(t, ctx, "router-outage", "--namespaces="+ns)
@@ -624,8 +624,18 @@ func TestAPIServerOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	caughtUp := time.Now()
-	r.waitReady(t, ctx, "steady", 3)
+	// client-go's informers retry with a backoff that has grown to 30–60 s
+	// by the end of the outage, so that is how long catching up may take.
+	r.waitReadyWithin(t, ctx, "steady", 3, 90*time.Second)
 	t.Logf("the router saw the new replica %s after it was Ready", time.Since(caughtUp).Round(time.Millisecond))
+	// The simulator's own watch recovers from the outage at its own pace;
+	// a request to a pod it does not serve yet would be refused.
+	err = testCluster.WaitFor(ctx, 90*time.Second, "the simulator to serve every replica", func(context.Context) (bool, error) {
+		return !slices.ContainsFunc(pods, func(p corev1.Pod) bool { return !sim.Serving(&p) }), nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	for range 30 {
 		if res := r.post(ctx, "/v1/completions", completion("steady")); res.status != http.StatusOK {
 			t.Fatalf("after the outage: %d %s", res.status, res.body)
