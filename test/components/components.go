@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -55,6 +56,20 @@ func Render(name string) ([]*kresource.Resource, error) {
 		return nil, fmt.Errorf("kustomize build manifests/%s: %w", name, err)
 	}
 	return resMap.Resources(), nil
+}
+
+// YAML joins resources into one YAML stream, as kubectl apply reads it.
+func YAML(resources []*kresource.Resource) ([]byte, error) {
+	var b bytes.Buffer
+	for _, r := range resources {
+		y, err := r.AsYAML()
+		if err != nil {
+			return nil, err
+		}
+		b.WriteString("---\n")
+		b.Write(y)
+	}
+	return b.Bytes(), nil
 }
 
 // install applies the rendered resources except the kinds skipped, and
@@ -206,6 +221,22 @@ func StartAdapter(ctx context.Context, c *cluster.Cluster, extra ...string) (*Co
 	return &Component{Process: p, URL: url}, nil
 }
 
+// SchedulerConfig returns the KubeSchedulerConfiguration in the ConfigMap of
+// rendered manifests/scheduler, decoded strictly.
+func SchedulerConfig(resources []*kresource.Resource) (*schedv1.KubeSchedulerConfiguration, error) {
+	for _, r := range resources {
+		if r.GetKind() != "ConfigMap" || !strings.HasPrefix(r.GetName(), "capstan-scheduler-config") {
+			continue
+		}
+		var cfg schedv1.KubeSchedulerConfiguration
+		if err := yaml.UnmarshalStrict([]byte(r.GetDataMap()["config.yaml"]), &cfg); err != nil {
+			return nil, fmt.Errorf("ConfigMap %s config.yaml: %w", r.GetName(), err)
+		}
+		return &cfg, nil
+	}
+	return nil, fmt.Errorf("manifests/scheduler has no capstan-scheduler-config ConfigMap")
+}
+
 // StartScheduler runs capstan-scheduler with the configuration in the
 // manifests' ConfigMap, and returns once it holds its leader-election lease.
 func StartScheduler(ctx context.Context, c *cluster.Cluster, extra ...string) (*Component, error) {
@@ -217,17 +248,9 @@ func StartScheduler(ctx context.Context, c *cluster.Cluster, extra ...string) (*
 	if _, err := install(ctx, c, resources); err != nil {
 		return nil, err
 	}
-	var cfg *schedv1.KubeSchedulerConfiguration
-	for _, r := range resources {
-		if r.GetKind() == "ConfigMap" {
-			cfg = &schedv1.KubeSchedulerConfiguration{}
-			if err := yaml.UnmarshalStrict([]byte(r.GetDataMap()["config.yaml"]), cfg); err != nil {
-				return nil, fmt.Errorf("ConfigMap %s config.yaml: %w", r.GetName(), err)
-			}
-		}
-	}
-	if cfg == nil {
-		return nil, fmt.Errorf("manifests/scheduler has no ConfigMap with config.yaml")
+	cfg, err := SchedulerConfig(resources)
+	if err != nil {
+		return nil, err
 	}
 	kubeconfig, err := c.ServiceAccountKubeconfig(ctx, Namespace, name)
 	if err != nil {

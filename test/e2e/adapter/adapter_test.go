@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -22,68 +20,18 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	yamlutil "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2/ktesting"
 	"k8s.io/metrics/pkg/apis/custom_metrics/v1beta1"
 	cmv1beta2 "k8s.io/metrics/pkg/apis/custom_metrics/v1beta2"
-	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/components"
 	"github.com/capstan-dev/capstan/test/fleet"
 )
-
-// render builds manifests/metricsadapter the way a user applies it: with
-// kubectl kustomize when kubectl is installed, otherwise by concatenating
-// the resources its kustomization.yaml lists (it uses no transformer that
-// changes them beyond labels and the image tag, which is already set).
-func render(t *testing.T, dir string) []byte {
-	t.Helper()
-	if out, err := kubectl("kustomize", dir); err == nil {
-		return out
-	} else {
-		t.Logf("rendering without kustomize (%v)", err)
-	}
-	var k struct {
-		Resources []string `json:"resources"`
-	}
-	data, err := os.ReadFile(filepath.Join(dir, "kustomization.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := yaml.Unmarshal(data, &k); err != nil {
-		t.Fatal(err)
-	}
-	var out bytes.Buffer
-	for _, r := range k.Resources {
-		data, err := os.ReadFile(filepath.Join(dir, r))
-		if err != nil {
-			t.Fatal(err)
-		}
-		out.Write(data)
-		out.WriteString("\n---\n")
-	}
-	return out.Bytes()
-}
-
-func decodeAll(t *testing.T, data []byte) []*unstructured.Unstructured {
-	t.Helper()
-	var out []*unstructured.Unstructured
-	dec := yamlutil.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-	for {
-		u := &unstructured.Unstructured{}
-		if err := dec.Decode(&u.Object); err != nil {
-			break
-		}
-		if len(u.Object) > 0 {
-			out = append(out, u)
-		}
-	}
-	return out
-}
 
 // The manifests are accepted by a real API server (schema, RBAC references,
 // APIService validation), and hold what a production install needs.
@@ -92,20 +40,37 @@ func TestManifests(t *testing.T) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	c := testCluster
-	dir := manifestsDir(t)
-	// The namespace must exist for a dry run of the objects inside it.
-	if err := c.ApplyFile(ctx, "", filepath.Join(dir, "namespace.yaml")); err != nil {
+	resources, err := components.Render("metricsadapter")
+	if err != nil {
 		t.Fatal(err)
 	}
-	rendered := render(t, dir)
-	if err := c.DryRunApply(ctx, adapterNamespace, bytes.NewReader(rendered)); err != nil {
+	// The namespace must exist for a dry run of the objects inside it.
+	var namespace, rest bytes.Buffer
+	kinds := map[string]*unstructured.Unstructured{}
+	for _, r := range resources {
+		y, err := r.AsYAML()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := &rest
+		if r.GetKind() == "Namespace" {
+			out = &namespace
+		}
+		out.WriteString("---\n")
+		out.Write(y)
+		obj, err := r.Map()
+		if err != nil {
+			t.Fatal(err)
+		}
+		kinds[r.GetKind()+"/"+r.GetName()] = &unstructured.Unstructured{Object: obj}
+	}
+	if err := c.Apply(ctx, "", &namespace); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DryRunApply(ctx, adapterNamespace, &rest); err != nil {
 		t.Fatalf("the API server rejects the manifests: %v", err)
 	}
 
-	kinds := map[string]*unstructured.Unstructured{}
-	for _, u := range decodeAll(t, rendered) {
-		kinds[u.GetKind()+"/"+u.GetName()] = u
-	}
 	for _, want := range []string{"Namespace/capstan-system", "ServiceAccount/" + adapterName, "Deployment/" + adapterName,
 		"Service/" + adapterName, "APIService/v1beta1.custom.metrics.k8s.io", "APIService/v1beta2.custom.metrics.k8s.io",
 		"ClusterRoleBinding/capstan-metrics-adapter:system:auth-delegator", "RoleBinding/capstan-metrics-adapter-auth-reader",
@@ -144,24 +109,6 @@ func TestManifests(t *testing.T) {
 			t.Error("no resource requests or memory limit")
 		case pod.ServiceAccountName != adapterName:
 			t.Errorf("service account %q", pod.ServiceAccountName)
-		}
-	}
-
-	// The cert-manager component renders over the base.
-	if _, err := kubectl("version", "--client"); err == nil {
-		overlay := t.TempDir()
-		rel, _ := filepath.Rel(overlay, dir)
-		os.WriteFile(filepath.Join(overlay, "kustomization.yaml"),
-			fmt.Appendf(nil, "resources: [%s]\ncomponents: [%s/cert-manager]\n", rel, rel), 0o644)
-		out, err := kubectl("kustomize", "--load-restrictor=LoadRestrictionsNone", overlay)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if n := strings.Count(string(out), "cert-manager.io/inject-ca-from: capstan-system/capstan-metrics-adapter"); n != 2 {
-			t.Errorf("the cert-manager component annotates %d APIServices, want 2", n)
-		}
-		if !strings.Contains(string(out), "secretName: capstan-metrics-adapter-tls") {
-			t.Error("the cert-manager component issues no capstan-metrics-adapter-tls Secret")
 		}
 	}
 }

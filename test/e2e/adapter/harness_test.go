@@ -7,7 +7,6 @@
 package adapter
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -18,9 +17,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -29,12 +25,11 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	corev1 "k8s.io/api/core/v1"
-	yamlutil "k8s.io/apimachinery/pkg/util/yaml"
 	apiregistrationv1 "k8s.io/kube-aggregator/pkg/apis/apiregistration/v1"
 	"k8s.io/metrics/pkg/apis/custom_metrics/v1beta2"
-	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/components"
 )
 
 var testCluster *cluster.Cluster
@@ -68,20 +63,10 @@ var (
 	nodesErr  error
 )
 
-// manifestsDir is manifests/metricsadapter in the checkout under test.
-func manifestsDir(t *testing.T) string {
-	t.Helper()
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return filepath.Join(root, "manifests", "metricsadapter")
-}
-
-// startAdapter starts capstan-metrics-adapter once: its namespace,
-// ServiceAccount and RBAC come from the manifests, it authenticates as that
-// ServiceAccount, and the manifests' APIServices point at it through an
-// ExternalName Service, with the cluster CA as their caBundle.
+// startAdapter starts capstan-metrics-adapter once, as components.StartAdapter
+// installs it from manifests/metricsadapter: as its ServiceAccount with the
+// manifests' RBAC, reached by the aggregator through the manifests'
+// APIServices with the cluster CA as their caBundle.
 func startAdapter(t *testing.T) *running {
 	t.Helper()
 	// The defaults, but a shorter window so that rates and quantiles
@@ -93,7 +78,7 @@ func startAdapter(t *testing.T) *running {
 // started it.
 func startAdapterWith(t *testing.T, flags ...string) *running {
 	t.Helper()
-	adapterOnce.Do(func() { theAdapter, adapterErr = doStartAdapter(t, manifestsDir(t), flags) })
+	adapterOnce.Do(func() { theAdapter, adapterErr = doStartAdapter(flags) })
 	if adapterErr != nil {
 		t.Fatal(adapterErr)
 	}
@@ -103,76 +88,14 @@ func startAdapterWith(t *testing.T, flags ...string) *running {
 	return theAdapter
 }
 
-func doStartAdapter(t *testing.T, dir string, flags []string) (*running, error) {
+func doStartAdapter(flags []string) (*running, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	c := testCluster
-	for _, f := range []string{"namespace.yaml", "serviceaccount.yaml", "rbac.yaml"} {
-		if err := c.ApplyFile(ctx, adapterNamespace, filepath.Join(dir, f)); err != nil {
-			return nil, err
-		}
-	}
-	certFile, keyFile, err := c.IssueServingCert(adapterName, adapterName+"."+adapterNamespace+".svc", "localhost", "127.0.0.1")
+	a, err := components.StartAdapter(ctx, c, append([]string{"--scrape-interval=" + scrapeInterval.String(), "--v=2"}, flags...)...)
 	if err != nil {
 		return nil, err
 	}
-	port, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	kubeconfig, err := c.ServiceAccountKubeconfig(ctx, adapterNamespace, adapterName)
-	if err != nil {
-		return nil, err
-	}
-	bin, err := cluster.Binary(adapterName)
-	if err != nil {
-		return nil, err
-	}
-	proc, err := c.Run(adapterName, bin, append([]string{
-		"--kubeconfig=" + kubeconfig,
-		"--bind-address=127.0.0.1", "--secure-port=" + strconv.Itoa(port),
-		"--tls-cert-file=" + certFile, "--tls-private-key-file=" + keyFile,
-		"--scrape-interval=" + scrapeInterval.String(), "--v=2"}, flags...)...)
-	if err != nil {
-		return nil, err
-	}
-	base := "https://127.0.0.1:" + strconv.Itoa(port)
-	if err := proc.WaitHealthy(ctx, base+"/readyz", time.Minute); err != nil {
-		return nil, err
-	}
-
-	// The aggregator reaches the process through an ExternalName Service
-	// of the manifests' name, and checks it against the cluster CA.
-	svc := fmt.Sprintf(`apiVersion: v1
-kind: Service
-metadata: {name: %s, namespace: %s}
-spec: {type: ExternalName, externalName: localhost}
-`, adapterName, adapterNamespace)
-	if err := c.Apply(ctx, adapterNamespace, strings.NewReader(svc)); err != nil {
-		return nil, err
-	}
-	services, err := apiServices(dir)
-	if err != nil {
-		return nil, err
-	}
-	for _, s := range services {
-		s.Spec.CABundle = c.CABundle()
-		p := int32(port)
-		s.Spec.Service.Port = &p
-		obj, err := yaml.Marshal(s)
-		if err != nil {
-			return nil, err
-		}
-		if err := c.Apply(ctx, "", bytes.NewReader(obj)); err != nil {
-			return nil, err
-		}
-	}
-	for _, s := range services {
-		if err := waitAvailable(ctx, s.Name); err != nil {
-			return nil, fmt.Errorf("%w\nadapter log:\n%s", err, proc.LogTail(30))
-		}
-	}
-
 	// An HTTPS client for the adapter itself, as the cluster admin.
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(c.CABundle())
@@ -183,41 +106,7 @@ spec: {type: ExternalName, externalName: localhost}
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}},
 	}}
-	return &running{proc: proc, url: base, client: client}, nil
-}
-
-// apiServices reads the manifests' APIServices.
-func apiServices(dir string) ([]*apiregistrationv1.APIService, error) {
-	data, err := os.ReadFile(filepath.Join(dir, "apiservice.yaml"))
-	if err != nil {
-		return nil, err
-	}
-	var out []*apiregistrationv1.APIService
-	dec := yamlutil.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-	for {
-		s := &apiregistrationv1.APIService{}
-		if err := dec.Decode(s); err != nil {
-			if err == io.EOF {
-				return out, nil
-			}
-			return nil, err
-		}
-		if s.Name != "" {
-			s.APIVersion, s.Kind = "apiregistration.k8s.io/v1", "APIService"
-			out = append(out, s)
-		}
-	}
-}
-
-func waitAvailable(ctx context.Context, name string) error {
-	c := testCluster
-	return c.WaitFor(ctx, time.Minute, "APIService "+name+" to be Available", func(ctx context.Context) (bool, error) {
-		s, err := getAPIService(ctx, name)
-		if err != nil {
-			return false, err
-		}
-		return availableCondition(s) == "True", nil
-	})
+	return &running{proc: a.Process, url: a.URL, client: client}, nil
 }
 
 func getAPIService(ctx context.Context, name string) (*apiregistrationv1.APIService, error) {
@@ -359,21 +248,6 @@ func load(ctx context.Context, t *testing.T, ip, modelName string, n int) *sync.
 		})
 	}
 	return &wg
-}
-
-// kubectl runs the kubectl on PATH, if there is one.
-func kubectl(args ...string) ([]byte, error) {
-	if _, err := exec.LookPath("kubectl"); err != nil {
-		return nil, err
-	}
-	cmd := exec.Command("kubectl", args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return nil, fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, stderr.String())
-	}
-	return out, nil
 }
 
 // podIPs returns each pod's IP by name.

@@ -15,26 +15,21 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
-	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
-	apiextensionsclient "k8s.io/apiextensions-apiserver/pkg/client/clientset/clientset"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/klog/v2/ktesting"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
-	"sigs.k8s.io/kustomize/api/krusty"
-	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/components"
 	"github.com/capstan-dev/capstan/test/fleet"
 )
 
@@ -51,34 +46,12 @@ const (
 
 var testCluster *cluster.Cluster
 
-// crdDirEnv carries the Gateway API CRD folder into the network namespace,
-// where the go command is better left alone.
-const crdDirEnv = "CAPSTAN_GATEWAY_API_CRDS"
-
 func TestMain(m *testing.M) {
-	if os.Getenv(crdDirEnv) == "" {
-		dir, err := gatewayAPICRDs()
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "FAIL:", err)
-			os.Exit(1)
-		}
-		os.Setenv(crdDirEnv, dir)
+	if err := components.LocateGatewayAPICRDs(); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL:", err)
+		os.Exit(1)
 	}
 	os.Exit(cluster.RunTests(m, cluster.Config{}, &testCluster))
-}
-
-// gatewayAPICRDs finds the standard-channel CRDs of the gateway-api module
-// version go.mod pins, in the module cache.
-func gatewayAPICRDs() (string, error) {
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
-	if err != nil {
-		return "", fmt.Errorf("locating the sigs.k8s.io/gateway-api module: %w", err)
-	}
-	dir := filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "standard")
-	if _, err := os.Stat(dir); err != nil {
-		return "", fmt.Errorf("the gateway-api module has no standard CRDs: %w", err)
-	}
-	return dir, nil
 }
 
 // The cluster is prepared once, by the first test that needs it.
@@ -105,19 +78,15 @@ func setup(t testing.TB) {
 			if gwClient, err = gatewayclient.NewForConfig(c.RESTConfig); err != nil {
 				return err
 			}
-			if err := installCRDs(ctx); err != nil {
+			if err := components.InstallGatewayAPICRDs(ctx, c); err != nil {
 				return err
 			}
-			root, err := cluster.RepoRoot()
+			resources, err := components.Render("router/gateway")
 			if err != nil {
 				return err
-			}
-			resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join(root, "manifests", "router", "gateway"))
-			if err != nil {
-				return fmt.Errorf("kustomize build manifests/router/gateway: %w", err)
 			}
 			var stream bytes.Buffer
-			for _, r := range resMap.Resources() {
+			for _, r := range resources {
 				y, err := r.AsYAML()
 				if err != nil {
 					return err
@@ -144,44 +113,6 @@ func setup(t testing.TB) {
 	if setupErr != nil {
 		t.Fatalf("setting up: %v", setupErr)
 	}
-}
-
-// installCRDs applies the standard-channel CRDs and waits until they are
-// established.
-func installCRDs(ctx context.Context) error {
-	dir := os.Getenv(crdDirEnv)
-	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
-	if err != nil || len(files) == 0 {
-		return fmt.Errorf("no CRDs in %s: %v", dir, err)
-	}
-	for _, f := range files {
-		if err := testCluster.ApplyFile(ctx, "", f); err != nil {
-			return err
-		}
-	}
-	ext, err := apiextensionsclient.NewForConfig(testCluster.RESTConfig)
-	if err != nil {
-		return err
-	}
-	return testCluster.WaitFor(ctx, time.Minute, "the Gateway API CRDs to be established", func(ctx context.Context) (bool, error) {
-		list, err := ext.ApiextensionsV1().CustomResourceDefinitions().List(ctx, metav1.ListOptions{})
-		if err != nil {
-			return false, err
-		}
-		n := 0
-		for _, crd := range list.Items {
-			if crd.Spec.Group != gatewayv1.GroupName {
-				continue
-			}
-			for _, c := range crd.Status.Conditions {
-				if c.Type != apiextensionsv1.Established || c.Status != apiextensionsv1.ConditionTrue {
-					continue
-				}
-				n++
-			}
-		}
-		return n >= 4, nil
-	})
 }
 
 // router is one capstan-router process.

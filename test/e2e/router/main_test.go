@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,12 +23,10 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	appsv1 "k8s.io/api/apps/v1"
-	"sigs.k8s.io/kustomize/api/krusty"
-	kresource "sigs.k8s.io/kustomize/api/resource"
-	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/components"
 	"github.com/capstan-dev/capstan/test/fleet"
 )
 
@@ -41,20 +38,6 @@ const (
 var testCluster *cluster.Cluster
 
 func TestMain(m *testing.M) { os.Exit(cluster.RunTests(m, cluster.Config{}, &testCluster)) }
-
-// renderManifests builds manifests/router with kustomize, as
-// `kubectl apply -k` would.
-func renderManifests() ([]*kresource.Resource, error) {
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		return nil, err
-	}
-	resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join(root, "manifests", "router"))
-	if err != nil {
-		return nil, fmt.Errorf("kustomize build manifests/router: %w", err)
-	}
-	return resMap.Resources(), nil
-}
 
 // The manifests are applied once, by the first test that starts a router.
 var (
@@ -77,7 +60,7 @@ func setup(t testing.TB) {
 		defer cancel()
 		setupErr = func() error {
 			c := testCluster
-			resources, err := renderManifests()
+			resources, err := components.Render("router")
 			if err != nil {
 				return err
 			}

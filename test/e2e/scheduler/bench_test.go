@@ -26,6 +26,7 @@ import (
 
 	"github.com/capstan-dev/capstan/plugins/modelslots"
 	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/components"
 )
 
 // baselineProfile is the benchmark's profile without ModelSlots: the same
@@ -120,11 +121,11 @@ func (r roundResult) fromStart() float64 {
 // throttled by its API client.
 func benchConfig(t *testing.T) string {
 	t.Helper()
-	resources, err := renderManifests()
+	resources, err := components.Render("scheduler")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := manifestConfig(resources)
+	cfg, err := components.SchedulerConfig(resources)
 	if err != nil {
 		t.Fatal(err)
 	}

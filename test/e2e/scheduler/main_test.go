@@ -5,7 +5,6 @@
 package scheduler
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -13,7 +12,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -24,14 +22,12 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	schedv1 "k8s.io/kube-scheduler/config/v1"
 	"k8s.io/utils/ptr"
-	"sigs.k8s.io/kustomize/api/krusty"
-	kresource "sigs.k8s.io/kustomize/api/resource"
-	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/plugins/modelslots"
 	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/components"
 )
 
 const (
@@ -53,149 +49,25 @@ func TestMain(m *testing.M) {
 	os.Exit(cluster.RunTests(m, cluster.Config{WithoutScheduler: os.Getenv(benchEnv) != ""}, &testCluster))
 }
 
-// renderManifests builds manifests/scheduler with kustomize, as
-// `kubectl apply -k` would.
-func renderManifests() ([]*kresource.Resource, error) {
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		return nil, err
-	}
-	resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join(root, "manifests", "scheduler"))
-	if err != nil {
-		return nil, fmt.Errorf("kustomize build manifests/scheduler: %w", err)
-	}
-	return resMap.Resources(), nil
-}
-
-// asYAML joins resources into one YAML stream.
-func asYAML(resources []*kresource.Resource) ([]byte, error) {
-	var buf bytes.Buffer
-	for _, r := range resources {
-		y, err := r.AsYAML()
-		if err != nil {
-			return nil, err
-		}
-		buf.WriteString("---\n")
-		buf.Write(y)
-	}
-	return buf.Bytes(), nil
-}
-
-// manifestConfig returns the KubeSchedulerConfiguration in the manifests'
-// ConfigMap, decoded strictly.
-func manifestConfig(resources []*kresource.Resource) (*schedv1.KubeSchedulerConfiguration, error) {
-	for _, r := range resources {
-		if r.GetKind() != "ConfigMap" || !strings.HasPrefix(r.GetName(), "capstan-scheduler-config") {
-			continue
-		}
-		var cfg schedv1.KubeSchedulerConfiguration
-		if err := yaml.UnmarshalStrict([]byte(r.GetDataMap()["config.yaml"]), &cfg); err != nil {
-			return nil, fmt.Errorf("the ConfigMap's config.yaml: %w", err)
-		}
-		return &cfg, nil
-	}
-	return nil, fmt.Errorf("manifests/scheduler has no capstan-scheduler-config ConfigMap")
-}
-
-// runningScheduler is the capstan-scheduler all tests share, started on
-// first use.
-type runningScheduler struct {
-	*cluster.Process
-	// URL is where it serves /healthz, /readyz, /livez and /metrics.
-	URL string
-}
-
 var (
 	schedulerOnce sync.Once
-	schedulerProc *runningScheduler
+	schedulerProc *components.Component
 	schedulerErr  error
 )
 
-// startScheduler runs capstan-scheduler the way manifests/scheduler does,
-// once for the package: it applies the manifests (all but the Deployment,
-// whose pod kwok would only pretend to run), then starts the freshly built
-// binary with the ConfigMap's configuration, authenticated as the
-// ServiceAccount, so it has exactly the manifests' RBAC. It returns once the
-// scheduler holds its leader-election lease.
-func startScheduler(t testing.TB) *runningScheduler {
+// startScheduler runs capstan-scheduler the way manifests/scheduler does
+// (components.StartScheduler), once for the package.
+func startScheduler(t testing.TB) *components.Component {
 	t.Helper()
 	schedulerOnce.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		schedulerProc, schedulerErr = runFromManifests(ctx)
+		schedulerProc, schedulerErr = components.StartScheduler(ctx, testCluster, "-v=4")
 	})
 	if schedulerErr != nil {
 		t.Fatalf("starting capstan-scheduler: %v", schedulerErr)
 	}
 	return schedulerProc
-}
-
-func runFromManifests(ctx context.Context) (*runningScheduler, error) {
-	c := testCluster
-	resources, err := renderManifests()
-	if err != nil {
-		return nil, err
-	}
-	var apply []*kresource.Resource
-	for _, r := range resources {
-		if r.GetKind() != "Deployment" {
-			apply = append(apply, r)
-		}
-	}
-	stream, err := asYAML(apply)
-	if err != nil {
-		return nil, err
-	}
-	if err := c.Apply(ctx, "", bytes.NewReader(stream)); err != nil {
-		return nil, fmt.Errorf("applying manifests/scheduler: %w", err)
-	}
-	kubeconfig, err := c.ServiceAccountKubeconfig(ctx, systemNamespace, "capstan-scheduler")
-	if err != nil {
-		return nil, err
-	}
-	cfg, err := manifestConfig(resources)
-	if err != nil {
-		return nil, err
-	}
-	// In a pod the scheduler uses its mounted token; here, the same
-	// ServiceAccount's token in a kubeconfig.
-	cfg.ClientConnection.Kubeconfig = kubeconfig
-	configPath, err := writeConfig(cfg, "capstan-scheduler.yaml")
-	if err != nil {
-		return nil, err
-	}
-	port, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	bin, err := cluster.Binary("capstan-scheduler")
-	if err != nil {
-		return nil, err
-	}
-	p, err := c.Run("capstan-scheduler", bin,
-		"--config="+configPath,
-		"--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(port),
-		"--authentication-kubeconfig="+kubeconfig, "--authorization-kubeconfig="+kubeconfig,
-		"-v=4")
-	if err != nil {
-		return nil, err
-	}
-	url := fmt.Sprintf("https://127.0.0.1:%d", port)
-	if err := p.WaitHealthy(ctx, url+"/readyz", time.Minute); err != nil {
-		return nil, err
-	}
-	leaseName := cfg.LeaderElection.ResourceName
-	err = c.WaitFor(ctx, time.Minute, "capstan-scheduler to hold its lease", func(ctx context.Context) (bool, error) {
-		lease, err := c.Client.CoordinationV1().Leases(systemNamespace).Get(ctx, leaseName, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			return false, nil
-		}
-		return err == nil && ptr.Deref(lease.Spec.HolderIdentity, "") != "", err
-	})
-	if err != nil {
-		return nil, p.Failure(err.Error())
-	}
-	return &runningScheduler{Process: p, URL: url}, nil
 }
 
 // writeConfig writes a KubeSchedulerConfiguration into the cluster's folder.

@@ -32,6 +32,7 @@ import (
 	"github.com/capstan-dev/capstan/plugins/apis/config/scheme"
 	"github.com/capstan-dev/capstan/plugins/apis/config/validation"
 	"github.com/capstan-dev/capstan/plugins/modelslots"
+	"github.com/capstan-dev/capstan/test/components"
 )
 
 // manifests/scheduler builds with kustomize, every object passes the API
@@ -46,11 +47,11 @@ func TestManifests(t *testing.T) {
 	sched := startScheduler(t)
 	c := testCluster
 
-	resources, err := renderManifests()
+	resources, err := components.Render("scheduler")
 	if err != nil {
 		t.Fatal(err)
 	}
-	stream, err := asYAML(resources)
+	stream, err := components.YAML(resources)
 	if err != nil {
 		t.Fatal(err)
 	}

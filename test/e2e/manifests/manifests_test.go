@@ -1,0 +1,251 @@
+// Package manifests checks the kustomize folders a user installs from:
+// manifests/default and the examples are applied to a real API server, which
+// validates every object (RBAC, APIServices, the Gateway API objects against
+// their CRDs), and the folders are checked against each other and against
+// what the components read.
+package manifests
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	autoscalingv2 "k8s.io/api/autoscaling/v2"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
+	"sigs.k8s.io/kustomize/api/krusty"
+	kresource "sigs.k8s.io/kustomize/api/resource"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
+
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/components"
+)
+
+var testCluster *cluster.Cluster
+
+func TestMain(m *testing.M) {
+	if err := components.LocateGatewayAPICRDs(); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL:", err)
+		os.Exit(1)
+	}
+	os.Exit(cluster.RunTests(m, cluster.Config{WithoutScheduler: true}, &testCluster))
+}
+
+// render builds a manifests folder, failing the test if kustomize cannot.
+func render(t *testing.T, dir string) []*kresource.Resource {
+	t.Helper()
+	resources, err := components.Render(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resources
+}
+
+func stream(t *testing.T, resources []*kresource.Resource) *bytes.Buffer {
+	t.Helper()
+	y, err := components.YAML(resources)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.NewBuffer(y)
+}
+
+// decode unmarshals every resource of a kind into T, strictly, so a field
+// the API does not have (a typo in a manifest) fails the test.
+func decode[T any](t *testing.T, resources []*kresource.Resource, kind string) []T {
+	t.Helper()
+	var out []T
+	for _, r := range resources {
+		if r.GetKind() != kind {
+			continue
+		}
+		y, err := r.AsYAML()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var obj T
+		if err := yaml.UnmarshalStrict(y, &obj); err != nil {
+			t.Fatalf("%s %s: %v", kind, r.GetName(), err)
+		}
+		out = append(out, obj)
+	}
+	return out
+}
+
+func ids(resources []*kresource.Resource) []string {
+	var out []string
+	for _, r := range resources {
+		out = append(out, r.CurId().String())
+	}
+	slices.Sort(out)
+	return out
+}
+
+// manifests/default is exactly the three standalone installs together, and
+// every installable folder brings the namespace once.
+func TestDefaultIsTheThreeComponents(t *testing.T) {
+	def := render(t, "default")
+	var union []*kresource.Resource
+	seen := map[string]bool{}
+	for _, dir := range []string{"router", "metricsadapter", "scheduler"} {
+		for _, r := range render(t, dir) {
+			id := r.CurId().String()
+			if !seen[id] {
+				seen[id] = true
+				union = append(union, r)
+			}
+		}
+	}
+	if got, want := ids(def), ids(union); !slices.Equal(got, want) {
+		t.Errorf("manifests/default has\n  %v\nthe standalone folders together have\n  %v", got, want)
+	}
+	byID := map[string]string{}
+	for _, r := range union {
+		y, _ := r.AsYAML()
+		byID[r.CurId().String()] = string(y)
+	}
+	for _, r := range def {
+		y, _ := r.AsYAML()
+		if want := byID[r.CurId().String()]; want != "" && string(y) != want {
+			t.Errorf("%s differs between manifests/default and its component folder:\n%s\nvs\n%s", r.CurId(), y, want)
+		}
+	}
+	for _, dir := range []string{"default", "router", "router/gateway", "metricsadapter", "scheduler"} {
+		namespaces := decode[corev1.Namespace](t, render(t, dir), "Namespace")
+		if len(namespaces) != 1 || namespaces[0].Name != components.Namespace {
+			t.Errorf("manifests/%s: want the one Namespace %s, got %d", dir, components.Namespace, len(namespaces))
+		}
+	}
+	for _, d := range decode[appsv1.Deployment](t, def, "Deployment") {
+		image := d.Spec.Template.Spec.Containers[0].Image
+		if !strings.HasPrefix(image, "ghcr.io/capstan-dev/"+d.Name+":v") {
+			t.Errorf("Deployment %s runs image %s", d.Name, image)
+		}
+		if d.Labels["app.kubernetes.io/part-of"] != "capstan" {
+			t.Errorf("Deployment %s lacks app.kubernetes.io/part-of=capstan", d.Name)
+		}
+	}
+}
+
+// The cert-manager component, added to manifests/default as its comment says,
+// issues the adapter's serving certificate and has the CA injected into both
+// APIServices.
+func TestCertManagerComponent(t *testing.T) {
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	overlay := t.TempDir()
+	// kustomize takes relative paths only.
+	base, err := filepath.Rel(overlay, filepath.Join(root, "manifests"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kustomization := fmt.Sprintf("resources: [%s]\ncomponents: [%s]\n",
+		filepath.Join(base, "default"), filepath.Join(base, "metricsadapter", "cert-manager"))
+	if err := os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(kustomization), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), overlay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resources := resMap.Resources()
+	const inject = "cert-manager.io/inject-ca-from"
+	for _, r := range resources {
+		if r.GetKind() == "APIService" && r.GetAnnotations()[inject] != components.Namespace+"/capstan-metrics-adapter" {
+			t.Errorf("APIService %s: %s=%q", r.GetName(), inject, r.GetAnnotations()[inject])
+		}
+	}
+	if !slices.ContainsFunc(resources, func(r *kresource.Resource) bool {
+		if r.GetKind() != "Certificate" || r.GetNamespace() != components.Namespace {
+			return false
+		}
+		secret, _ := r.GetString("spec.secretName")
+		return secret == "capstan-metrics-adapter-tls"
+	}) {
+		t.Error("the cert-manager component issues no certificate into the Secret capstan-metrics-adapter-tls")
+	}
+}
+
+// The API server accepts all of manifests/default and the examples, and the
+// examples fit together: each model Service selects its Deployment's pods
+// and carries their model, each Deployment asks for capstan-scheduler, each
+// HPA targets a Deployment and asks for metrics the adapter serves, and each
+// HTTPRoute sends to a Service that exists.
+func TestDefaultAndExamplesApply(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := components.InstallGatewayAPICRDs(ctx, testCluster); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range []string{"default", "router/gateway", "examples"} {
+		if err := testCluster.Apply(ctx, "default", stream(t, render(t, dir))); err != nil {
+			t.Fatalf("applying manifests/%s: %v", dir, err)
+		}
+	}
+
+	examples := render(t, "examples")
+	deployments := decode[appsv1.Deployment](t, examples, "Deployment")
+	services := decode[corev1.Service](t, examples, "Service")
+	if len(deployments) == 0 || len(services) == 0 {
+		t.Fatal("the examples have no Deployment or no Service")
+	}
+	byName := map[string]appsv1.Deployment{}
+	for _, d := range deployments {
+		byName[d.Name] = d
+		pod := d.Spec.Template
+		if pod.Spec.SchedulerName != "capstan-scheduler" {
+			t.Errorf("Deployment %s: schedulerName %q", d.Name, pod.Spec.SchedulerName)
+		}
+		if modelserver.Model(pod.Labels) == "" {
+			t.Errorf("Deployment %s: pods have no %s label", d.Name, modelserver.ModelLabel)
+		}
+		if !slices.ContainsFunc(services, func(s corev1.Service) bool {
+			return labels.SelectorFromSet(s.Spec.Selector).Matches(labels.Set(pod.Labels)) &&
+				modelserver.Model(s.Labels) == modelserver.Model(pod.Labels)
+		}) {
+			t.Errorf("Deployment %s: no Service labelled with its model selects its pods", d.Name)
+		}
+	}
+	served := catalogue.Builtin()
+	for _, hpa := range decode[autoscalingv2.HorizontalPodAutoscaler](t, examples, "HorizontalPodAutoscaler") {
+		if _, ok := byName[hpa.Spec.ScaleTargetRef.Name]; !ok || hpa.Spec.ScaleTargetRef.Kind != "Deployment" {
+			t.Errorf("HPA %s targets %s %s, not an example Deployment", hpa.Name, hpa.Spec.ScaleTargetRef.Kind, hpa.Spec.ScaleTargetRef.Name)
+		}
+		for _, m := range hpa.Spec.Metrics {
+			var name string
+			switch m.Type {
+			case autoscalingv2.ObjectMetricSourceType:
+				name = m.Object.Metric.Name
+			case autoscalingv2.PodsMetricSourceType:
+				name = m.Pods.Metric.Name
+			default:
+				continue
+			}
+			if _, ok := served.Lookup(name); !ok {
+				t.Errorf("HPA %s asks for %q, which the metrics adapter does not serve", hpa.Name, name)
+			}
+		}
+	}
+	for _, route := range decode[gatewayv1.HTTPRoute](t, examples, "HTTPRoute") {
+		for _, rule := range route.Spec.Rules {
+			for _, ref := range rule.BackendRefs {
+				if !slices.ContainsFunc(services, func(s corev1.Service) bool { return s.Name == string(ref.Name) }) {
+					t.Errorf("HTTPRoute %s sends to Service %s, which the examples lack", route.Name, ref.Name)
+				}
+			}
+		}
+	}
+}
