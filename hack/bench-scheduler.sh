@@ -29,7 +29,9 @@ for tool in unshare ip; do
 done
 
 cd "${CAPSTAN_ROOT}"
-export CAPSTAN_TOOLS_DIR="${CAPSTAN_TOOLS_DIR:-$(hack/build-control-plane.sh)}"
+# lib.sh names the cache folder; build-control-plane.sh fills it when empty.
+tools="$(hack/build-control-plane.sh)"
+export CAPSTAN_TOOLS_DIR="${tools}"
 export CAPSTAN_BIN_DIR="${CAPSTAN_BIN_DIR:-${CAPSTAN_ROOT}/bin}"
 go build -o "${CAPSTAN_BIN_DIR}/" ./plugins/cmd/capstan-scheduler
 
