@@ -50,21 +50,23 @@ func TestReplicasBeyondSlotsWaitWithReason(t *testing.T) {
 		}
 	}
 	// A replica turned away while others were still being bound may have got
-	// a per-node reason first; once the slots are all taken, each says so.
+	// a per-node reason first; once the slots are all taken, each says so,
+	// and preemption (which ran, and found nothing to evict) says why not.
 	const reason = "model llama-3-8b: all 8 model slots on 4 nodes are in use"
+	const condition = "0/4 nodes are available: " + reason + ". " +
+		"preemption: 0/4 nodes are available: 4 Preemption is not helpful for scheduling."
 	err := c.WaitFor(ctx, 30*time.Second, "every waiting replica to name the cap", func(ctx context.Context) (bool, error) {
 		p = placementOf(mustPods(ctx, t, ns, "app=llama"))
 		for _, msg := range p.unschedulable {
-			if !strings.Contains(msg, reason) {
+			if msg != condition {
 				return false, nil
 			}
 		}
 		return len(p.unschedulable) == 3, nil
 	})
 	if err != nil {
-		t.Fatalf("%v; PodScheduled=False messages: %v", err, p.unschedulable)
+		t.Fatalf("%v; want every PodScheduled=False message to be %q, got %q", err, condition, p.unschedulable)
 	}
-	t.Logf("a waiting replica's PodScheduled condition: %s", p.unschedulable[sortedKeys(p.unschedulable)[0]])
 
 	// Every waiting replica has an event from capstan-scheduler naming the cap.
 	waiting := sortedKeys(p.unschedulable)

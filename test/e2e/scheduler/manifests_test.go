@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -90,13 +91,17 @@ func TestManifests(t *testing.T) {
 			t.Error("ModelSlots is not enabled in the profile")
 		}
 		// The running scheduler reports the order it calls plugins in: a
-		// full node or cluster should be turned away by ModelSlots before
-		// the default plugins spend time on it.
+		// full node should be turned away by ModelSlots before the default
+		// plugins spend time on it. Its PreFilter must come after
+		// DynamicResources', whose PostFilter fails when its PreFilter did
+		// not run (TestReplicasBeyondSlotsWaitWithReason shows the effect).
 		order := pluginOrder(t, sched.LogPath)
-		for _, point := range []string{"PreFilter", "Filter"} {
-			if names := order[point]; len(names) == 0 || names[0] != modelslots.Name {
-				t.Errorf("%s plugins run in the order %v, want %s first", point, names, modelslots.Name)
-			}
+		if names := order["Filter"]; len(names) == 0 || names[0] != modelslots.Name {
+			t.Errorf("Filter plugins run in the order %v, want %s first", names, modelslots.Name)
+		}
+		pre := order["PreFilter"]
+		if i, dra := slices.Index(pre, modelslots.Name), slices.Index(pre, "DynamicResources"); i < 0 || i < dra {
+			t.Errorf("PreFilter plugins run in the order %v, want %s after DynamicResources", pre, modelslots.Name)
 		}
 	})
 
