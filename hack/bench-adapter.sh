@@ -2,7 +2,7 @@
 # Benchmarks capstan-metrics-adapter on a local cluster (in the private
 # network namespace hack/netns.sh makes) and, when they can be installed,
 # Prometheus + prometheus-adapter at their default settings on the same pods.
-# Prints a results table; writes it to _output/bench-adapter.md too.
+# Prints a results table; writes it to _output/bench/adapter.md too.
 #
 # usage: hack/bench-adapter.sh            (make bench-adapter builds first)
 #   CAPSTAN_BENCH_PODS=2000      simulated vLLM pods, scraped every second
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$(pwd)"
-out="${root}/_output"
+out="${root}/_output/bench"
 mkdir -p "${out}"
 
 tools="$(hack/build-control-plane.sh)"
@@ -37,7 +37,7 @@ if [[ "${CAPSTAN_BENCH_PEERS:-1}" != 0 ]]; then
   # reads for deprecations), so the module is downloaded and built from its
   # own go.mod.
   pa_version=v0.12.0
-  prometheus_adapter="${out}/tools/prometheus-adapter-${pa_version}/prometheus-adapter"
+  prometheus_adapter="${root}/_output/tools/prometheus-adapter-${pa_version}/prometheus-adapter"
   if [[ -z "${peer_reason}" && ! -x "${prometheus_adapter}" ]]; then
     echo "building prometheus-adapter ${pa_version} (once; a few minutes)..." >&2
     if moddir="$(cd "${TMPDIR:-/tmp}" && GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/prometheus-adapter@${pa_version}" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')" &&
@@ -64,11 +64,11 @@ fi
 # re-runs itself in hack/netns.sh and starts the cluster there.
 go test -c -o "${out}/bench-adapter.test" ./test/e2e/adapter/
 CAPSTAN_TOOLS_DIR="${tools}" CAPSTAN_BIN_DIR="${root}/bin" \
-  CAPSTAN_BENCH_ADAPTER=1 CAPSTAN_BENCH_OUT="${out}/bench-adapter.md" \
+  CAPSTAN_BENCH_ADAPTER=1 CAPSTAN_BENCH_OUT="${out}/adapter.md" \
   CAPSTAN_PROMETHEUS="${prometheus}" CAPSTAN_PROMETHEUS_ADAPTER="${prometheus_adapter}" CAPSTAN_PEER_SKIPPED="${peer_reason}" \
   timeout "${CAPSTAN_BENCH_TIMEOUT:-40m}" \
   "${out}/bench-adapter.test" -test.run '^TestBenchmarkAdapter$' -test.v -test.timeout "${CAPSTAN_BENCH_TIMEOUT:-40m}" \
   | awk '!/^    / || /^    [a-z_]+_test\.go:/' >&2
 echo
 echo "capstan-metrics-adapter benchmark ($(date -u '+%Y-%m-%d'), $(nproc) CPUs, $(uname -m)):"
-cat "${out}/bench-adapter.md"
+cat "${out}/adapter.md"
