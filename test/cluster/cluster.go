@@ -229,6 +229,9 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 	if err != nil {
 		return nil, c.withProcessState(err)
 	}
+	if err := c.warmUpPodIPs(ctx); err != nil {
+		return nil, c.withProcessState(err)
+	}
 	c.StartupTime = time.Since(t0)
 	return c, nil
 }
