@@ -4,7 +4,7 @@
 // Deployment (kwok would only pretend to run its pod), and starts the freshly
 // built binary with the Deployment's arguments, authenticated as the
 // manifests' ServiceAccount so it has exactly their RBAC. The demo and the
-// closed-loop e2e suite use it.
+// e2e suites use it, and its Render, YAML and Decode to read the manifests.
 package components
 
 import (
@@ -72,33 +72,59 @@ func YAML(resources []*kresource.Resource) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// install applies the rendered resources except the kinds skipped, and
-// returns the Deployment's container arguments.
-func install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Resource, skip ...string) (args []string, err error) {
-	var stream bytes.Buffer
+// Decode unmarshals every rendered resource of a kind into T, strictly, so
+// a field the API does not have (a typo in a manifest) is an error.
+func Decode[T any](resources []*kresource.Resource, kind string) ([]T, error) {
+	var out []T
 	for _, r := range resources {
+		if r.GetKind() != kind {
+			continue
+		}
 		y, err := r.AsYAML()
 		if err != nil {
 			return nil, err
 		}
-		if r.GetKind() == "Deployment" {
-			var d appsv1.Deployment
-			if err := yaml.UnmarshalStrict(y, &d); err != nil {
-				return nil, fmt.Errorf("Deployment %s: %w", r.GetName(), err)
-			}
-			args = d.Spec.Template.Spec.Containers[0].Args
-			continue
+		var obj T
+		if err := yaml.UnmarshalStrict(y, &obj); err != nil {
+			return nil, fmt.Errorf("%s %s: %w", kind, r.GetName(), err)
 		}
-		if slices.Contains(skip, r.GetKind()) {
-			continue
-		}
-		stream.WriteString("---\n")
-		stream.Write(y)
+		out = append(out, obj)
 	}
-	if err := c.Apply(ctx, Namespace, &stream); err != nil {
+	return out, nil
+}
+
+// DeploymentArgs returns the container arguments of the one Deployment in
+// rendered manifests: what the component runs with.
+func DeploymentArgs(resources []*kresource.Resource) ([]string, error) {
+	ds, err := Decode[appsv1.Deployment](resources, "Deployment")
+	if err != nil {
 		return nil, err
 	}
-	return args, nil
+	if len(ds) != 1 {
+		return nil, fmt.Errorf("the manifests have %d Deployments, want 1", len(ds))
+	}
+	return ds[0].Spec.Template.Spec.Containers[0].Args, nil
+}
+
+// install applies the rendered resources but the Deployment and the kinds
+// skipped, and returns the Deployment's container arguments.
+func install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Resource, skip ...string) ([]string, error) {
+	args, err := DeploymentArgs(resources)
+	if err != nil {
+		return nil, err
+	}
+	skip = append(skip, "Deployment")
+	var keep []*kresource.Resource
+	for _, r := range resources {
+		if !slices.Contains(skip, r.GetKind()) {
+			keep = append(keep, r)
+		}
+	}
+	stream, err := YAML(keep)
+	if err != nil {
+		return nil, err
+	}
+	return args, c.Apply(ctx, Namespace, bytes.NewReader(stream))
 }
 
 // StartRouter runs capstan-router on addr (host:port) with the manifests'
@@ -181,18 +207,11 @@ func StartAdapter(ctx context.Context, c *cluster.Cluster, extra ...string) (*Co
 	if err != nil {
 		return nil, err
 	}
-	for _, r := range resources {
-		if r.GetKind() != "APIService" {
-			continue
-		}
-		y, err := r.AsYAML()
-		if err != nil {
-			return nil, err
-		}
-		var s apiregistrationv1.APIService
-		if err := yaml.UnmarshalStrict(y, &s); err != nil {
-			return nil, fmt.Errorf("APIService %s: %w", r.GetName(), err)
-		}
+	apiServices, err := Decode[apiregistrationv1.APIService](resources, "APIService")
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range apiServices {
 		s.Spec.CABundle = c.CABundle()
 		s.Spec.Service.Port = ptr.To(int32(port))
 		out, err := yaml.Marshal(&s)

@@ -20,13 +20,11 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/klog/v2/ktesting"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
-	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/test/cluster"
 	"github.com/capstan-dev/capstan/test/components"
@@ -85,23 +83,14 @@ func setup(t testing.TB) {
 			if err != nil {
 				return err
 			}
-			var stream bytes.Buffer
-			for _, r := range resources {
-				y, err := r.AsYAML()
-				if err != nil {
-					return err
-				}
-				stream.WriteString("---\n")
-				stream.Write(y)
-				if r.GetKind() == "Deployment" {
-					var d appsv1.Deployment
-					if err := yaml.UnmarshalStrict(y, &d); err != nil {
-						return fmt.Errorf("the Deployment: %w", err)
-					}
-					routerArgs = d.Spec.Template.Spec.Containers[0].Args
-				}
+			if routerArgs, err = components.DeploymentArgs(resources); err != nil {
+				return err
 			}
-			if err := c.Apply(ctx, systemNamespace, &stream); err != nil {
+			stream, err := components.YAML(resources)
+			if err != nil {
+				return err
+			}
+			if err := c.Apply(ctx, systemNamespace, bytes.NewReader(stream)); err != nil {
 				return err
 			}
 			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {

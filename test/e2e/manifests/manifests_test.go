@@ -24,7 +24,6 @@ import (
 	"sigs.k8s.io/kustomize/api/krusty"
 	kresource "sigs.k8s.io/kustomize/api/resource"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
-	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
@@ -61,24 +60,12 @@ func stream(t *testing.T, resources []*kresource.Resource) *bytes.Buffer {
 	return bytes.NewBuffer(y)
 }
 
-// decode unmarshals every resource of a kind into T, strictly, so a field
-// the API does not have (a typo in a manifest) fails the test.
+// decode is components.Decode, failing the test on an error.
 func decode[T any](t *testing.T, resources []*kresource.Resource, kind string) []T {
 	t.Helper()
-	var out []T
-	for _, r := range resources {
-		if r.GetKind() != kind {
-			continue
-		}
-		y, err := r.AsYAML()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var obj T
-		if err := yaml.UnmarshalStrict(y, &obj); err != nil {
-			t.Fatalf("%s %s: %v", kind, r.GetName(), err)
-		}
-		out = append(out, obj)
+	out, err := components.Decode[T](resources, kind)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return out
 }

@@ -22,8 +22,6 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
-	appsv1 "k8s.io/api/apps/v1"
-	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/test/cluster"
 	"github.com/capstan-dev/capstan/test/components"
@@ -64,26 +62,14 @@ func setup(t testing.TB) {
 			if err != nil {
 				return err
 			}
-			var stream bytes.Buffer
-			for _, r := range resources {
-				y, err := r.AsYAML()
-				if err != nil {
-					return err
-				}
-				stream.WriteString("---\n")
-				stream.Write(y)
-				if r.GetKind() == "Deployment" {
-					var d appsv1.Deployment
-					if err := yaml.UnmarshalStrict(y, &d); err != nil {
-						return fmt.Errorf("the Deployment: %w", err)
-					}
-					routerArgs = d.Spec.Template.Spec.Containers[0].Args
-				}
+			if routerArgs, err = components.DeploymentArgs(resources); err != nil {
+				return err
 			}
-			if routerArgs == nil {
-				return fmt.Errorf("manifests/router has no Deployment")
+			stream, err := components.YAML(resources)
+			if err != nil {
+				return err
 			}
-			if err := c.Apply(ctx, systemNamespace, &stream); err != nil {
+			if err := c.Apply(ctx, systemNamespace, bytes.NewReader(stream)); err != nil {
 				return err
 			}
 			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {

@@ -20,14 +20,12 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2/ktesting"
 	schedconfig "k8s.io/kubernetes/pkg/scheduler/apis/config"
 	schedvalidation "k8s.io/kubernetes/pkg/scheduler/apis/config/validation"
 	kresource "sigs.k8s.io/kustomize/api/resource"
-	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/plugins/apis/config"
 	"github.com/capstan-dev/capstan/plugins/apis/config/scheme"
@@ -106,8 +104,11 @@ func TestManifests(t *testing.T) {
 	})
 
 	t.Run("deployment", func(t *testing.T) {
-		var d appsv1.Deployment
-		decodeResource(t, resources, "Deployment", &d)
+		ds, err := components.Decode[appsv1.Deployment](resources, "Deployment")
+		if err != nil || len(ds) != 1 {
+			t.Fatalf("want one Deployment in manifests/scheduler, got %d: %v", len(ds), err)
+		}
+		d := ds[0]
 		spec := d.Spec.Template.Spec
 		if d.Namespace != systemNamespace || spec.ServiceAccountName != "capstan-scheduler" {
 			t.Errorf("Deployment %s/%s runs as %q", d.Namespace, d.Name, spec.ServiceAccountName)
@@ -305,23 +306,6 @@ func decodedConfig(t *testing.T, resources []*kresource.Resource) *schedconfig.K
 	}
 	t.Fatal("no ConfigMap in manifests/scheduler")
 	return nil
-}
-
-func decodeResource(t *testing.T, resources []*kresource.Resource, kind string, into runtime.Object) {
-	t.Helper()
-	for _, r := range resources {
-		if r.GetKind() == kind {
-			data, err := r.AsYAML()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := yaml.UnmarshalStrict(data, into); err != nil {
-				t.Fatalf("decoding the %s: %v", kind, err)
-			}
-			return
-		}
-	}
-	t.Fatalf("no %s in manifests/scheduler", kind)
 }
 
 func hasResource(resources []*kresource.Resource, kind, name string) bool {
