@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -22,8 +23,10 @@ type Node struct {
 	Taints      []corev1.Taint
 }
 
-// CreateNodes creates the nodes and waits until kwok has marked every one
-// Ready.
+// CreateNodes creates the nodes and waits until each can take pods: kwok has
+// marked it Ready and the node lifecycle controller has lifted the not-ready
+// taint every new node starts with. Until then the scheduler passes it over,
+// and pods created at once would all land on the nodes that were quicker.
 func (c *Cluster) CreateNodes(ctx context.Context, nodes ...Node) error {
 	for _, n := range nodes {
 		if _, err := c.Client.CoreV1().Nodes().Create(ctx, kwokNode(n), metav1.CreateOptions{}); err != nil {
@@ -31,12 +34,14 @@ func (c *Cluster) CreateNodes(ctx context.Context, nodes ...Node) error {
 		}
 	}
 	for _, n := range nodes {
-		err := c.WaitFor(ctx, 30*time.Second, "node "+n.Name+" to be Ready", func(ctx context.Context) (bool, error) {
+		err := c.WaitFor(ctx, 30*time.Second, "node "+n.Name+" to be Ready without the not-ready taint", func(ctx context.Context) (bool, error) {
 			node, err := c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
 			if err != nil {
 				return false, err
 			}
-			return NodeReady(node), nil
+			return NodeReady(node) && !slices.ContainsFunc(node.Spec.Taints, func(t corev1.Taint) bool {
+				return t.Key == corev1.TaintNodeNotReady
+			}), nil
 		})
 		if err != nil {
 			return err

