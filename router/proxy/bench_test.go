@@ -18,7 +18,7 @@ import (
 // handler over loopback HTTP with keep-alive on both sides: the router's own
 // cost per request, plus the Go HTTP stacks on both sides of it.
 func BenchmarkForward(b *testing.B) {
-	backends := []backend{upstream(b, "a", ok), upstream(b, "b", ok)}
+	backends := []backend{startBackend(b, "a", ok), startBackend(b, "b", ok)}
 	f := newFixture(b, "llama", backends, func(o *Options) { o.AccessLog = false; o.Selector = balance.LeastRequestsSelection{} })
 	tr := &http.Transport{MaxIdleConnsPerHost: 256}
 	c := &http.Client{Transport: tr}
@@ -43,7 +43,7 @@ func BenchmarkForward(b *testing.B) {
 // rule that selects the model by the x-capstan-model header, so the body is
 // decoded for the header before matching.
 func BenchmarkGatewayForward(b *testing.B) {
-	backends := []backend{upstream(b, "a", ok), upstream(b, "b", ok)}
+	backends := []backend{startBackend(b, "a", ok), startBackend(b, "b", ok)}
 	g := &gatewayFixture{}
 	g.fixture = newFixture(b, "unused", nil, func(o *Options) {
 		o.AccessLog = false

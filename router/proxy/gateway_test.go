@@ -23,7 +23,7 @@ type seen struct {
 }
 
 func echoUpstream(t testing.TB, pod string) backend {
-	return upstream(t, pod, func(w http.ResponseWriter, r *http.Request) {
+	return startBackend(t, pod, func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("X-Upstream", pod)

@@ -35,6 +35,7 @@ import (
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/route"
+	"github.com/capstan-dev/capstan/router/upstream"
 )
 
 // Routes gives the current routing table.
@@ -87,7 +88,7 @@ type Options struct {
 type Handler struct {
 	routes    Routes
 	opts      Options
-	upstreams *upstreams
+	upstreams *upstream.Pool
 	metrics   *metrics.Metrics
 	logger    klog.Logger
 	balancer  string
@@ -105,12 +106,16 @@ const maxPooledBody = 1 << 20
 // New returns a Handler that routes with routes and records into m.
 func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *Handler {
 	h := &Handler{
-		routes:    routes,
-		opts:      opts,
-		metrics:   m,
-		logger:    logger,
-		upstreams: newUpstreams(opts.ConnectTimeout, opts.MaxIdleConnsPerEndpoint, idleConnTimeout),
-		balancer:  string(opts.Balancer),
+		routes:  routes,
+		opts:    opts,
+		metrics: m,
+		logger:  logger,
+		upstreams: upstream.New(upstream.Options{
+			ConnectTimeout: opts.ConnectTimeout,
+			MaxIdlePerAddr: opts.MaxIdleConnsPerEndpoint,
+			IdleTimeout:    idleConnTimeout,
+		}),
+		balancer: string(opts.Balancer),
 	}
 	h.bodies.New = func() any { return new(bytes.Buffer) }
 	h.copies.New = func() any { b := make([]byte, 32<<10); return &b }
@@ -122,10 +127,10 @@ const idleConnTimeout = 90 * time.Second
 
 // Run closes upstream connections that have been idle too long, until ctx
 // ends; then it closes every idle one.
-func (h *Handler) Run(ctx context.Context) { h.upstreams.sweep(ctx) }
+func (h *Handler) Run(ctx context.Context) { h.upstreams.Run(ctx) }
 
 // CloseIdleConnections closes idle upstream connections (at shutdown).
-func (h *Handler) CloseIdleConnections() { h.upstreams.closeIdle(0) }
+func (h *Handler) CloseIdleConnections() { h.upstreams.CloseIdle(0) }
 
 // exchange is what the access log and metrics record about one request.
 type exchange struct {
@@ -387,7 +392,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		}
 		x.attempts++
 		x.pod, x.endpoint = e.Pod, e.Address
-		up, err := h.upstreams.roundTrip(ctx, outboundRequest(r, t, e.Address, body), e.Address, h.opts.FirstByteTimeout)
+		up, err := h.upstreams.RoundTrip(ctx, outboundRequest(r, t, e.Address, body), e.Address, h.opts.FirstByteTimeout)
 		if err != nil {
 			pool.Release(e)
 			if ctx.Err() != nil {
@@ -410,7 +415,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		// Deferred: respond aborts a broken response by panicking.
 		defer pool.Release(e)
 		complete := false
-		defer func() { h.upstreams.release(up, complete) }()
+		defer func() { h.upstreams.Release(up, complete) }()
 		complete = h.respond(w, x, t, e, up)
 		return
 	}
@@ -436,8 +441,8 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 // whether it read the response to its end. From here on the request is never
 // retried: a failure mid-body aborts the client's connection so that it sees
 // an incomplete response, not a short one.
-func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *balance.Endpoint, up *upstreamResponse) (complete bool) {
-	resp := up.resp
+func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *balance.Endpoint, up *upstream.Response) (complete bool) {
+	resp := up.Response
 	dst := w.Header()
 	copyHeader(dst, resp.Header)
 	for _, m := range t.responseHeaders {
@@ -473,7 +478,7 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *bala
 	for {
 		if now := time.Now(); deadline.Sub(now) < idle-idle/4 {
 			deadline = now.Add(idle)
-			if err := up.conn.SetReadDeadline(deadline); err != nil {
+			if err := up.SetReadDeadline(deadline); err != nil {
 				x.err = err
 				return false
 			}
@@ -502,7 +507,7 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *bala
 			x.err = fmt.Errorf("reading the response after %d bytes: %w", x.written, rerr)
 			h.logger.Info("Aborting a response the model server did not finish", "requestID", x.id, "pod", e.Pod, "endpoint", e.Address, "err", rerr)
 			// Bytes reached the client, so no retry: abort the connection.
-			up.conn.Close()
+			up.Abort()
 			panic(http.ErrAbortHandler)
 		}
 	}

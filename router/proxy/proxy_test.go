@@ -38,8 +38,8 @@ type backend struct {
 	hits  *atomic.Int64
 }
 
-// upstream starts a model server stand-in that counts requests.
-func upstream(t testing.TB, pod string, handler http.HandlerFunc) backend {
+// startBackend starts a model server stand-in that counts requests.
+func startBackend(t testing.TB, pod string, handler http.HandlerFunc) backend {
 	t.Helper()
 	hits := new(atomic.Int64)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -199,7 +199,7 @@ func TestForwardsBodyAndHeaders(t *testing.T) {
 		header http.Header
 		uri    string
 	}
-	b := upstream(t, "llama-0", func(w http.ResponseWriter, r *http.Request) {
+	b := startBackend(t, "llama-0", func(w http.ResponseWriter, r *http.Request) {
 		data, _ := io.ReadAll(r.Body)
 		got.body, got.header, got.uri = string(data), r.Header.Clone(), r.RequestURI
 		w.Header().Set("X-Engine", "sim")
@@ -260,7 +260,7 @@ type apiError struct {
 }
 
 func TestErrors(t *testing.T) {
-	b := upstream(t, "llama-0", ok)
+	b := startBackend(t, "llama-0", ok)
 	f := newFixture(t, "llama", []backend{b})
 	f.setBackends("loading", []backend{{addr: "198.18.0.1:8000", pod: "l0"}, {addr: "198.18.0.2:8000", pod: "l1"}})
 	key := types.NamespacedName{Namespace: "ns", Name: "draining"}
@@ -328,7 +328,7 @@ func TestErrors(t *testing.T) {
 // A chunked body over the limit (no Content-Length to check up front) is
 // refused too.
 func TestTooLargeChunkedBody(t *testing.T) {
-	b := upstream(t, "llama-0", ok)
+	b := startBackend(t, "llama-0", ok)
 	f := newFixture(t, "llama", []backend{b})
 	pr, pw := io.Pipe()
 	go func() {
@@ -349,7 +349,7 @@ func TestTooLargeChunkedBody(t *testing.T) {
 
 func TestRetriesRefusedConnectionsAndEjects(t *testing.T) {
 	dead := backend{addr: deadAddr(t), pod: "dead", ready: true}
-	good := upstream(t, "good", ok)
+	good := startBackend(t, "good", ok)
 	f := newFixture(t, "llama", []backend{dead, good}, ordered("dead", "good"))
 	for i := range 10 {
 		resp, data := f.post("/v1/completions", completion)
@@ -394,8 +394,8 @@ func hijackClose(partial string) http.HandlerFunc {
 }
 
 func TestRetriesAConnectionClosedBeforeAnyResponse(t *testing.T) {
-	broken := upstream(t, "broken", hijackClose(""))
-	good := upstream(t, "good", ok)
+	broken := startBackend(t, "broken", hijackClose(""))
+	good := startBackend(t, "good", ok)
 	f := newFixture(t, "llama", []backend{broken, good}, ordered("broken", "good"))
 	resp, data := f.post("/v1/completions", completion)
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("X-Capstan-Pod") != "ns/good" {
@@ -410,8 +410,8 @@ func TestRetriesAConnectionClosedBeforeAnyResponse(t *testing.T) {
 }
 
 func TestNeverRetriesAfterBytesReachedTheClient(t *testing.T) {
-	partial := upstream(t, "partial", hijackClose(`{"object":"text_comp`))
-	other := upstream(t, "other", ok)
+	partial := startBackend(t, "partial", hijackClose(`{"object":"text_comp`))
+	other := startBackend(t, "other", ok)
 	f := newFixture(t, "llama", []backend{partial, other}, ordered("partial", "other"))
 	req, _ := http.NewRequest(http.MethodPost, f.server.URL+"/v1/completions", strings.NewReader(completion))
 	// The router has committed to the response (status and headers), but
@@ -450,7 +450,7 @@ func TestFirstByteTimeout(t *testing.T) {
 	short := func(o *Options) { o.FirstByteTimeout = 100 * time.Millisecond }
 
 	t.Run("retried on another endpoint", func(t *testing.T) {
-		s, fast := upstream(t, "slow", slow), upstream(t, "fast", ok)
+		s, fast := startBackend(t, "slow", slow), startBackend(t, "fast", ok)
 		f := newFixture(t, "llama", []backend{s, fast}, short, ordered("slow", "fast"))
 		resp, data := f.post("/v1/completions", completion)
 		if resp.StatusCode != http.StatusOK || resp.Header.Get("X-Capstan-Pod") != "ns/fast" {
@@ -461,7 +461,7 @@ func TestFirstByteTimeout(t *testing.T) {
 		}
 	})
 	t.Run("504 when every endpoint times out", func(t *testing.T) {
-		f := newFixture(t, "llama", []backend{upstream(t, "a", slow), upstream(t, "b", slow)}, short)
+		f := newFixture(t, "llama", []backend{startBackend(t, "a", slow), startBackend(t, "b", slow)}, short)
 		start := time.Now()
 		resp, data := f.post("/v1/completions", completion)
 		var e apiError
@@ -501,7 +501,7 @@ func TestAllAttemptsRefusedIs502(t *testing.T) {
 
 func TestStreamsChunkByChunk(t *testing.T) {
 	next := make(chan struct{})
-	b := upstream(t, "llama-0", func(w http.ResponseWriter, r *http.Request) {
+	b := startBackend(t, "llama-0", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		rc := http.NewResponseController(w)
 		for i := range 3 {
@@ -544,7 +544,7 @@ func TestStreamsChunkByChunk(t *testing.T) {
 }
 
 func TestIdleStreamTimeoutAbortsTheResponse(t *testing.T) {
-	b := upstream(t, "llama-0", func(w http.ResponseWriter, r *http.Request) {
+	b := startBackend(t, "llama-0", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		io.WriteString(w, "data: {\"chunk\":0}\n\n")
 		http.NewResponseController(w).Flush()
@@ -573,7 +573,7 @@ func TestIdleStreamTimeoutAbortsTheResponse(t *testing.T) {
 
 func TestClientDisconnectCancelsUpstream(t *testing.T) {
 	started, cancelled := make(chan struct{}), make(chan struct{})
-	b := upstream(t, "llama-0", func(w http.ResponseWriter, r *http.Request) {
+	b := startBackend(t, "llama-0", func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body) // lets the server notice the router hanging up
 		close(started)
 		select {
@@ -635,7 +635,7 @@ func TestConcurrencyLimits(t *testing.T) {
 			f := newFixture(t, "llama", nil)
 			f.builder = route.NewBuilder(health.NewRegistry(health.EjectionPolicy{}), tc.opts)
 			f.handler.routes = f.builder
-			f.setBackends("llama", []backend{upstream(t, "a", blocking), upstream(t, "b", blocking)})
+			f.setBackends("llama", []backend{startBackend(t, "a", blocking), startBackend(t, "b", blocking)})
 			// Two requests take both slots (either limit allows two).
 			results := make(chan int, 2)
 			for range 2 {
@@ -668,7 +668,7 @@ func TestConcurrencyLimits(t *testing.T) {
 }
 
 func TestListModels(t *testing.T) {
-	f := newFixture(t, "llama", []backend{upstream(t, "a", ok), {addr: "198.18.0.9:8000", pod: "b"}})
+	f := newFixture(t, "llama", []backend{startBackend(t, "a", ok), {addr: "198.18.0.9:8000", pod: "b"}})
 	resp, err := http.Get(f.server.URL + "/v1/models")
 	if err != nil {
 		t.Fatal(err)
@@ -705,7 +705,7 @@ func TestListModels(t *testing.T) {
 }
 
 func TestAffinityHeadersReachTheSelector(t *testing.T) {
-	a, b, c := upstream(t, "a", ok), upstream(t, "b", ok), upstream(t, "c", ok)
+	a, b, c := startBackend(t, "a", ok), startBackend(t, "b", ok), startBackend(t, "c", ok)
 	t.Run("session", func(t *testing.T) {
 		f := newFixture(t, "llama", []backend{a, b, c}, func(o *Options) {
 			o.Selector, o.Balancer, o.SessionHeader = balance.SessionAffinitySelection{}, balance.SessionAffinity, "X-Session-Id"
@@ -740,7 +740,7 @@ func TestAffinityHeadersReachTheSelector(t *testing.T) {
 // Until discovery has synced, the router does not call models unknown.
 func TestNotSyncedIs503(t *testing.T) {
 	var synced atomic.Bool
-	f := newFixture(t, "llama", []backend{upstream(t, "a", ok)}, func(o *Options) { o.Synced = synced.Load })
+	f := newFixture(t, "llama", []backend{startBackend(t, "a", ok)}, func(o *Options) { o.Synced = synced.Load })
 	resp, data := f.post("/v1/completions", `{"model":"anything"}`)
 	var e apiError
 	json.Unmarshal([]byte(data), &e)

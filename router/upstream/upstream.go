@@ -1,0 +1,293 @@
+// Package upstream keeps idle keep-alive HTTP/1.1 connections to servers, per
+// address, and makes one exchange at a time on a connection, in the caller's
+// goroutine. The router forwards requests to model servers with it and the
+// metrics adapter's scraper fetches metrics pages with it.
+//
+// Why not net/http.Transport: it runs two goroutines per connection
+// (writeLoop, readLoop) and hands every request and response between them and
+// the caller over channels. Profiling the router under load (see
+// docs/benchmarks/router.md) put a third of its CPU in that machinery; for
+// the scraper, which keeps one connection to each of thousands of pods, the
+// goroutines' stacks and per-connection buffers were a tenth of its memory.
+// Here the caller writes the request and reads the response itself, timeouts
+// are connection deadlines instead of timers, a cancelled context aborts the
+// connection's I/O through context.AfterFunc, and an idle connection holds no
+// buffer: the buffers are pooled and lent to an exchange. The HTTP/1.1
+// framing is still the standard library's: http.Request.Write and
+// http.ReadResponse.
+package upstream
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Options configure a Pool. The zero value of each field means its default.
+type Options struct {
+	// ConnectTimeout bounds dialling (the context's deadline may end it
+	// sooner). Default 5s.
+	ConnectTimeout time.Duration
+	// MaxIdlePerAddr is how many idle connections are kept per address.
+	// Default 2.
+	MaxIdlePerAddr int
+	// IdleTimeout is how long an idle connection is kept. Default 90s.
+	IdleTimeout time.Duration
+	// BufferSize is the size of the read and write buffers an exchange
+	// borrows. Default 16 KiB.
+	BufferSize int
+}
+
+// Pool is a set of idle connections per address. It is safe for concurrent
+// use.
+type Pool struct {
+	opts    Options
+	dialer  net.Dialer
+	buffers sync.Pool // *buffers
+
+	mu   sync.Mutex
+	idle map[string][]*conn
+}
+
+// conn is one connection to a server.
+type conn struct {
+	net.Conn
+	addr      string
+	reused    bool
+	idleSince time.Time
+	buf       *buffers // lent while an exchange runs, nil while idle
+}
+
+type buffers struct {
+	r *bufio.Reader
+	w *bufio.Writer
+}
+
+// New returns an empty pool.
+func New(opts Options) *Pool {
+	if opts.ConnectTimeout == 0 {
+		opts.ConnectTimeout = 5 * time.Second
+	}
+	if opts.MaxIdlePerAddr == 0 {
+		opts.MaxIdlePerAddr = 2
+	}
+	if opts.IdleTimeout == 0 {
+		opts.IdleTimeout = 90 * time.Second
+	}
+	if opts.BufferSize == 0 {
+		opts.BufferSize = 16 << 10
+	}
+	p := &Pool{
+		opts:   opts,
+		dialer: net.Dialer{Timeout: opts.ConnectTimeout, KeepAlive: 30 * time.Second},
+		idle:   map[string][]*conn{},
+	}
+	p.buffers.New = func() any {
+		return &buffers{r: bufio.NewReaderSize(nil, opts.BufferSize), w: bufio.NewWriterSize(nil, opts.BufferSize)}
+	}
+	return p
+}
+
+// get returns an idle connection to addr, or dials a new one, with buffers.
+func (p *Pool) get(ctx context.Context, addr string) (*conn, error) {
+	now := time.Now()
+	var c *conn
+	p.mu.Lock()
+	for list := p.idle[addr]; len(list) > 0 && c == nil; list = p.idle[addr] {
+		last := list[len(list)-1]
+		list[len(list)-1] = nil
+		p.idle[addr] = list[:len(list)-1]
+		if now.Sub(last.idleSince) < p.opts.IdleTimeout {
+			c = last
+			c.reused = true
+		} else {
+			last.Close()
+		}
+	}
+	p.mu.Unlock()
+	if c == nil {
+		nc, err := p.dialer.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		c = &conn{Conn: nc, addr: addr}
+	}
+	c.buf = p.buffers.Get().(*buffers)
+	c.buf.r.Reset(c.Conn)
+	c.buf.w.Reset(c.Conn)
+	return c, nil
+}
+
+// returnBuffers takes c's buffers back. A reader holding bytes the response
+// did not account for means the connection cannot be reused.
+func (p *Pool) returnBuffers(c *conn) (clean bool) {
+	b := c.buf
+	if b == nil {
+		return false
+	}
+	c.buf = nil
+	clean = b.r.Buffered() == 0 && b.w.Buffered() == 0
+	b.r.Reset(nil)
+	b.w.Reset(nil)
+	p.buffers.Put(b)
+	return clean
+}
+
+// put returns a connection whose exchange finished cleanly to the idle pool.
+// Its deadlines stay as they were: every exchange sets its own.
+func (p *Pool) put(c *conn) {
+	c.idleSince = time.Now()
+	p.mu.Lock()
+	if list := p.idle[c.addr]; len(list) < p.opts.MaxIdlePerAddr {
+		p.idle[c.addr] = append(list, c)
+		p.mu.Unlock()
+		return
+	}
+	p.mu.Unlock()
+	c.Close()
+}
+
+// CloseIdle closes connections that have been idle for at least age (all of
+// them for 0).
+func (p *Pool) CloseIdle(age time.Duration) {
+	now := time.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for addr, list := range p.idle {
+		kept := list[:0]
+		for _, c := range list {
+			if now.Sub(c.idleSince) >= age {
+				c.Close()
+			} else {
+				kept = append(kept, c)
+			}
+		}
+		clear(list[len(kept):])
+		if len(kept) == 0 {
+			delete(p.idle, addr)
+		} else {
+			p.idle[addr] = kept
+		}
+	}
+}
+
+// Run closes connections idle for longer than the idle timeout until ctx
+// ends, so that servers that went away do not keep file descriptors; then
+// it closes every idle one.
+func (p *Pool) Run(ctx context.Context) {
+	t := time.NewTicker(p.opts.IdleTimeout / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			p.CloseIdle(0)
+			return
+		case <-t.C:
+			p.CloseIdle(p.opts.IdleTimeout)
+		}
+	}
+}
+
+// aLongTimeAgo is a deadline in the past, to abort a connection's I/O.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// Response is a response being read from a connection. Its Body reads from
+// the connection; Release ends the exchange.
+type Response struct {
+	*http.Response
+	conn *conn
+	// stop unregisters the abort on the context; false means it fired.
+	stop func() bool
+}
+
+// SetReadDeadline bounds the next reads of the body.
+func (r *Response) SetReadDeadline(t time.Time) error { return r.conn.SetReadDeadline(t) }
+
+// Abort closes the connection, so that the server sees the exchange end
+// early. Release must still be called.
+func (r *Response) Abort() { r.conn.Close() }
+
+// RoundTrip sends req to addr and reads the response headers; the deadline
+// for all of that, and for reading the body until SetReadDeadline moves it,
+// is now+timeout. A stale keep-alive connection (closed by the server while
+// idle, so the exchange fails before any response byte) is replaced by a
+// fresh one once; a request with a body must have GetBody for that. Release
+// must be called once the response has been dealt with.
+func (p *Pool) RoundTrip(ctx context.Context, req *http.Request, addr string, timeout time.Duration) (*Response, error) {
+	for fresh := false; ; fresh = true {
+		c, err := p.get(ctx, addr)
+		if err != nil {
+			return nil, err
+		}
+		stop := context.AfterFunc(ctx, func() { c.SetDeadline(aLongTimeAgo) })
+		resp, err := c.send(req, timeout)
+		if err == nil {
+			return &Response{Response: resp, conn: c, stop: stop}, nil
+		}
+		stop()
+		p.returnBuffers(c)
+		c.Close()
+		if !c.reused || fresh || ctx.Err() != nil || !staleConn(err) {
+			return nil, err
+		}
+		if req.GetBody != nil {
+			if req.Body, err = req.GetBody(); err != nil {
+				return nil, err
+			}
+		} else if req.Body != nil && req.Body != http.NoBody {
+			return nil, err // the body cannot be sent again
+		}
+	}
+}
+
+func (c *conn) send(req *http.Request, timeout time.Duration) (*http.Response, error) {
+	if err := c.SetDeadline(time.Now().Add(timeout)); err != nil {
+		return nil, err
+	}
+	if err := req.Write(c.buf.w); err != nil {
+		return nil, err
+	}
+	if err := c.buf.w.Flush(); err != nil {
+		return nil, err
+	}
+	for {
+		resp, err := http.ReadResponse(c.buf.r, req)
+		if err != nil {
+			return nil, err
+		}
+		// Skip interim responses (103 Early Hints); the request sent no
+		// Expect, so no 100 Continue is due.
+		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+			continue
+		}
+		return resp, nil
+	}
+}
+
+// staleConn reports whether an exchange on a reused connection failed the
+// way a connection the server closed while idle fails: EOF or a reset
+// before any response.
+func staleConn(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// Release ends an exchange. complete says the body was read to its end
+// (io.EOF); the connection is then kept for reuse, unless the response
+// asked to close it or the context aborted it. Otherwise it is closed.
+// The body must not be read after Release.
+func (p *Pool) Release(r *Response, complete bool) {
+	stopped := r.stop()
+	clean := p.returnBuffers(r.conn)
+	if complete && stopped && clean && !r.Close {
+		p.put(r.conn)
+		return
+	}
+	r.conn.Close()
+}

@@ -1,0 +1,267 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// server starts an HTTP server with handler and counts the connections
+// clients open to it.
+func server(t *testing.T, idleTimeout time.Duration, handler http.HandlerFunc) (addr string, conns *atomic.Int64) {
+	addr, conns, _ = serverCountingClosed(t, idleTimeout, handler)
+	return addr, conns
+}
+
+// serverCountingClosed is server that also counts the connections it closed.
+func serverCountingClosed(t *testing.T, idleTimeout time.Duration, handler http.HandlerFunc) (addr string, opened, closed *atomic.Int64) {
+	t.Helper()
+	opened, closed = new(atomic.Int64), new(atomic.Int64)
+	srv := httptest.NewUnstartedServer(handler)
+	srv.Config.IdleTimeout = idleTimeout
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		switch s {
+		case http.StateNew:
+			opened.Add(1)
+		case http.StateClosed:
+			closed.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv.Listener.Addr().String(), opened, closed
+}
+
+func get(t *testing.T, addr string) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, "http://"+addr+"/metrics", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return req
+}
+
+// exchange makes one GET and reads the body to its end.
+func exchange(t *testing.T, p *Pool, addr string) string {
+	t.Helper()
+	r, err := p.RoundTrip(context.Background(), get(t, addr), addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(r.Body)
+	p.Release(r, err == nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(body)
+}
+
+func hello(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "hello") }
+
+func idleConns(p *Pool) (n int, buffered int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, list := range p.idle {
+		for _, c := range list {
+			n++
+			if c.buf != nil {
+				buffered++
+			}
+		}
+	}
+	return n, buffered
+}
+
+func TestConnectionsAreKeptAliveWithoutBuffers(t *testing.T) {
+	addr, conns := server(t, time.Minute, hello)
+	p := New(Options{})
+	for i := range 10 {
+		if got := exchange(t, p, addr); got != "hello" {
+			t.Fatalf("exchange %d: body %q", i, got)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("10 sequential exchanges opened %d connections, want 1", n)
+	}
+	// An idle connection lends its buffers back: a scraper keeping
+	// thousands of connections must not keep thousands of buffers.
+	if n, buffered := idleConns(p); n != 1 || buffered != 0 {
+		t.Errorf("%d idle connections, %d holding buffers; want 1 and 0", n, buffered)
+	}
+	p.CloseIdle(0)
+	exchange(t, p, addr)
+	if n := conns.Load(); n != 2 {
+		t.Errorf("after CloseIdle(0): %d connections, want a second one", n)
+	}
+}
+
+func TestStaleConnectionIsRedialed(t *testing.T) {
+	addr, conns, closed := serverCountingClosed(t, 20*time.Millisecond, hello)
+	p := New(Options{})
+	for i := range 3 {
+		// The exchange goes out on the connection the server closed
+		// while it was idle, fails before any response, and is made
+		// again on a new connection without an error.
+		if got := exchange(t, p, addr); got != "hello" {
+			t.Fatalf("exchange %d: body %q", i, got)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for closed.Load() < int64(i+1) {
+			if time.Now().After(deadline) {
+				t.Fatal("the server never closed the idle connection")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	if n := conns.Load(); n != 3 {
+		t.Errorf("%d connections, want 3 (one per exchange after each idle close)", n)
+	}
+}
+
+func TestIncompleteOrClosingExchangesDoNotKeepTheConnection(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		handler  http.HandlerFunc
+		complete bool
+	}{
+		{"body not read to its end", hello, false},
+		{"server asks to close", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Connection", "close")
+			hello(w, r)
+		}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr, conns := server(t, time.Minute, tc.handler)
+			p := New(Options{})
+			for range 2 {
+				r, err := p.RoundTrip(context.Background(), get(t, addr), addr, 5*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if tc.complete {
+					io.Copy(io.Discard, r.Body)
+				}
+				p.Release(r, tc.complete)
+			}
+			if n := conns.Load(); n != 2 {
+				t.Errorf("%d connections for 2 exchanges, want 2", n)
+			}
+			if n, _ := idleConns(p); n != 0 {
+				t.Errorf("%d idle connections kept, want 0", n)
+			}
+		})
+	}
+}
+
+// Bytes after a complete response (a server that sent more than it
+// declared) mean the connection's framing is lost: it is not reused.
+func TestExtraBytesAfterTheResponseCloseTheConnection(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 4096)
+		c.Read(buf)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokGARBAGE")
+		c.Read(buf) // until the client closes
+	}()
+	p := New(Options{})
+	addr := l.Addr().String()
+	r, err := p.RoundTrip(context.Background(), get(t, addr), addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body, err := io.ReadAll(r.Body); err != nil || string(body) != "ok" {
+		t.Fatalf("body %q, %v", body, err)
+	}
+	p.Release(r, true)
+	if n, _ := idleConns(p); n != 0 {
+		t.Errorf("%d idle connections kept after a response followed by stray bytes, want 0", n)
+	}
+}
+
+func TestCancelAbortsTheExchange(t *testing.T) {
+	release := make(chan struct{})
+	addr, _ := server(t, time.Minute, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	t.Cleanup(func() { close(release) })
+	p := New(Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(50*time.Millisecond, cancel)
+	start := time.Now()
+	_, err := p.RoundTrip(ctx, get(t, addr), addr, time.Minute)
+	if err == nil {
+		t.Fatal("RoundTrip succeeded; want it aborted by the cancelled context")
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("the cancelled exchange took %s", took)
+	}
+}
+
+func TestTimeoutBoundsTheResponseHeaders(t *testing.T) {
+	release := make(chan struct{})
+	addr, _ := server(t, time.Minute, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	t.Cleanup(func() { close(release) })
+	p := New(Options{})
+	_, err := p.RoundTrip(context.Background(), get(t, addr), addr, 100*time.Millisecond)
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("err = %v, want a timeout", err)
+	}
+}
+
+func TestRequestBodyIsSent(t *testing.T) {
+	addr, _ := server(t, time.Minute, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(w, r.Body)
+	})
+	p := New(Options{})
+	req, err := http.NewRequest(http.MethodPost, "http://"+addr+"/", strings.NewReader(`{"model":"m"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := p.RoundTrip(context.Background(), req, addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Release(r, false)
+	if body, _ := io.ReadAll(r.Body); string(body) != `{"model":"m"}` {
+		t.Errorf("echoed body %q", body)
+	}
+}
+
+func TestRunClosesIdleConnectionsWhenDone(t *testing.T) {
+	addr, _ := server(t, time.Minute, hello)
+	p := New(Options{IdleTimeout: time.Hour})
+	exchange(t, p, addr)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p.Run(ctx); close(done) }()
+	cancel()
+	<-done
+	if n, _ := idleConns(p); n != 0 {
+		t.Errorf("%d idle connections after Run returned, want 0", n)
+	}
+}
