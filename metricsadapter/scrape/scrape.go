@@ -63,6 +63,7 @@ import (
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/exposition"
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/router/upstream"
 )
 
 // Target is one metrics endpoint to scrape.
@@ -151,13 +152,6 @@ type Options struct {
 	Catalogue *catalogue.Catalogue
 	// Observer, if set, receives every good sample.
 	Observer Observer
-	// Client fetches pages. Default: a client that keeps one connection
-	// per target alive (opening one per scrape costs a third more CPU; an
-	// idle connection costs some 25 KiB), uses no proxy and does not ask for
-	// compression: a page crosses the cluster network in microseconds, and
-	// compressing it every second costs the engine and the scraper more CPU
-	// than it saves. A gzip-encoded page is read all the same.
-	Client *http.Client
 	// Registerer, if set, gets the scraper's Prometheus metrics (see
 	// metrics.go).
 	Registerer prometheus.Registerer
@@ -196,21 +190,6 @@ func SetDefaults(o *Options) {
 	}
 	if o.UserAgent == "" {
 		o.UserAgent = "capstan-scraper"
-	}
-	if o.Client == nil {
-		o.Client = &http.Client{Transport: &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: o.Timeout, KeepAlive: 30 * time.Second}).DialContext,
-			MaxIdleConnsPerHost: 1,
-			// A scrape request is a hundred bytes; the default 4 KiB
-			// write buffer per connection would be most of its memory.
-			WriteBufferSize: 512,
-			// Long enough to be reused by the next scrape, short enough
-			// that a gone pod's connection does not linger.
-			IdleConnTimeout:    3 * o.Interval,
-			DisableCompression: true,
-			// Pod IPs are never reached through a proxy from the environment.
-			Proxy: nil,
-		}}
 	}
 }
 
@@ -260,6 +239,12 @@ type Scraper struct {
 	filters map[modelserver.Engine]filters
 	metrics *metrics
 	logger  klog.Logger
+	// conns keeps one connection per target alive: opening one per
+	// scrape costs a third more CPU. Pages are fetched without asking for
+	// compression: a page crosses the cluster network in microseconds, and
+	// compressing it every second costs the engine and the scraper more
+	// CPU than it saves (a gzip-encoded page is read all the same).
+	conns *upstream.Pool
 
 	mu      sync.RWMutex
 	targets map[types.NamespacedName]*state
@@ -311,6 +296,17 @@ func New(opts Options) (*Scraper, error) {
 		filters: map[modelserver.Engine]filters{},
 		targets: map[types.NamespacedName]*state{},
 		logger:  klog.Background(),
+		conns: upstream.New(upstream.Options{
+			ConnectTimeout: opts.Timeout,
+			MaxIdlePerAddr: 1,
+			// Long enough to be reused by the next scrape, short enough
+			// that a gone pod's connection does not linger.
+			IdleTimeout: 3 * opts.Interval,
+			// A request is a hundred bytes and a page is read into the
+			// worker's own buffer: small buffers, one pair per scrape in
+			// flight, do.
+			BufferSize: 4 << 10,
+		}),
 	}
 	c := opts.Catalogue
 	for _, e := range modelserver.Engines {
@@ -428,6 +424,7 @@ func (s *Scraper) Run(ctx context.Context) error {
 	for range s.opts.Concurrency {
 		wg.Go(func() { s.work(ctx, queue) })
 	}
+	wg.Go(func() { s.conns.Run(ctx) })
 	// Forget the backoff of targets that recovered long ago.
 	wg.Go(func() { wait.UntilWithContext(ctx, func(context.Context) { s.backoff.GC() }, time.Minute) })
 	<-ctx.Done()
@@ -578,13 +575,21 @@ func (s *Scraper) fetch(ctx context.Context, w *worker, t Target, filter *exposi
 	if err != nil {
 		return time.Time{}, NetworkError, err
 	}
+	if req.URL.Scheme != "http" {
+		return time.Time{}, NetworkError, fmt.Errorf("URL scheme %q: metrics are scraped over plain HTTP", req.URL.Scheme)
+	}
+	addr := req.URL.Host
+	if req.URL.Port() == "" {
+		addr = net.JoinHostPort(req.URL.Hostname(), "80")
+	}
 	req.Header.Set("Accept", exposition.Accept)
 	req.Header.Set("User-Agent", s.opts.UserAgent)
-	resp, err := s.opts.Client.Do(req)
+	resp, err := s.conns.RoundTrip(ctx, req, addr, s.opts.Timeout)
 	if err != nil {
 		return time.Time{}, transportResult(ctx, err), err
 	}
-	defer resp.Body.Close()
+	complete := false // the page was read to its end: the connection may be kept
+	defer func() { s.conns.Release(resp, complete) }()
 	if resp.StatusCode != http.StatusOK {
 		return time.Time{}, HTTPError, fmt.Errorf("HTTP status %s", resp.Status)
 	}
@@ -611,6 +616,7 @@ func (s *Scraper) fetch(ctx context.Context, w *worker, t Target, filter *exposi
 	if n > s.opts.MaxPageBytes {
 		return time.Time{}, TooLarge, fmt.Errorf("page larger than %d bytes", s.opts.MaxPageBytes)
 	}
+	complete = true
 	at := time.Now()
 	if result, err := w.read(s.opts.Catalogue, t.Engine, format, w.body.Bytes(), filter); result != Success {
 		return time.Time{}, result, err

@@ -41,11 +41,18 @@ type engineServer struct {
 	inFlight    atomic.Int64
 	maxInFlight atomic.Int64
 	delay       time.Duration
+	conns       atomic.Int64 // connections opened to it
 }
 
 func newEngineServer(t *testing.T, page string) *engineServer {
 	s := &engineServer{page: page, contentType: textType, status: http.StatusOK}
-	s.Server = httptest.NewServer(http.HandlerFunc(s.serve))
+	s.Server = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
+	s.Config.ConnState = func(_ net.Conn, state http.ConnState) {
+		if state == http.StateNew {
+			s.conns.Add(1)
+		}
+	}
+	s.Start()
 	t.Cleanup(s.Close)
 	return s
 }
@@ -521,6 +528,31 @@ func TestConcurrencyIsBounded(t *testing.T) {
 	}
 }
 
+func TestOneKeptAliveConnectionPerTarget(t *testing.T) {
+	for _, gz := range []bool{false, true} {
+		srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+		srv.set(func(s *engineServer) { s.gzip = gz })
+		rec := newRecorder()
+		opts := fastOptions()
+		opts.Observer = rec
+		s, err := New(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		target := srv.target("p", modelserver.VLLM)
+		s.Upsert(target)
+		run(t, s)
+		waitFor(t, 5*time.Second, "five samples", func() bool {
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			return rec.observed[target.Key] >= 5
+		})
+		if n := srv.conns.Load(); n != 1 {
+			t.Errorf("gzip=%v: %d scrapes opened %d connections, want 1", gz, srv.requests.Load(), n)
+		}
+	}
+}
+
 func TestLoadDoesNotAllocate(t *testing.T) {
 	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
 	s, err := New(fastOptions())
@@ -595,5 +627,18 @@ func TestRunTwiceIsAnError(t *testing.T) {
 	waitFor(t, time.Second, "Run to start", func() bool { s.mu.RLock(); defer s.mu.RUnlock(); return s.started })
 	if err := s.Run(context.Background()); err == nil {
 		t.Error("a second Run did not fail")
+	}
+}
+
+func TestOnlyPlainHTTPIsScraped(t *testing.T) {
+	s, err := New(fastOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &worker{values: s.opts.Catalogue.NewValues()}
+	target := Target{Key: key("p"), URL: "https://127.0.0.1:1/metrics", Engine: modelserver.VLLM}
+	_, result, err := s.fetch(context.Background(), w, target, s.filters[modelserver.VLLM].load)
+	if result != NetworkError || err == nil || !strings.Contains(err.Error(), "plain HTTP") {
+		t.Errorf("scraping %s: %v, %v; want a network_error saying metrics are scraped over plain HTTP", target.URL, result, err)
 	}
 }
