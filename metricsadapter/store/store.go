@@ -13,6 +13,7 @@
 package store
 
 import (
+	"encoding/binary"
 	"math"
 	"slices"
 	"sync"
@@ -75,7 +76,15 @@ type Store struct {
 
 	mu   sync.RWMutex // guards pods (the map); each pod has its own lock
 	pods map[types.NamespacedName]*pod
+
+	layoutsMu sync.Mutex
+	layouts   map[string]*layout // interned, by layoutKey
 }
+
+// maxLayouts bounds the interned layouts; a fleet has a handful (one per
+// engine version), so more means bounds that keep changing, and the cache
+// starts afresh rather than grow.
+const maxLayouts = 256
 
 var _ scrape.Observer = &Store{}
 
@@ -86,7 +95,7 @@ func New(opts Options) (*Store, error) {
 		return nil, err
 	}
 	return &Store{cat: opts.Catalogue, window: opts.Window, step: opts.Window / checkpointsPerWindow,
-		maxAge: opts.MaxAge, pods: map[types.NamespacedName]*pod{}}, nil
+		maxAge: opts.MaxAge, pods: map[types.NamespacedName]*pod{}, layouts: map[string]*layout{}}, nil
 }
 
 // pod is one pod's samples.
@@ -99,28 +108,50 @@ type pod struct {
 	gauges []float64
 	has    []bool
 
-	// Cumulative series (counters and histograms), laid out in one vector:
-	// a counter takes one slot, a histogram one per bucket then its count
-	// and sum.
-	layout map[int]slot
+	// Cumulative series (counters and histograms), laid out in one vector
+	// by layout.
+	layout *layout
+	raw    []float64 // latest raw values, for reset detection
+	cur    latest
+	ring   []checkpoint // oldest first, at least step apart
+	// since is what each series grew by from the newest checkpoint to the
+	// latest sample; it becomes the next checkpoint's growth.
+	since []float32
+}
+
+// layout is where each cumulative series is in a pod's vectors: a counter
+// takes one slot, a histogram one per bucket (its count is the +Inf bucket's,
+// and its sum is not served). It
+// depends only on the histogram bounds the pod's engine reports, so pods
+// with the same bounds share one (see Store.intern): with thousands of pods,
+// per-pod copies of the maps and bounds were a tenth of the store.
+type layout struct {
+	slots  map[int]slot
 	bounds map[int][]float64 // histogram bucket bounds by metric ID
 	size   int
-	raw    []float64 // latest raw values, for reset detection
-	offset []float64 // added to raw values for each reset seen
-	cur    checkpoint
-	ring   []checkpoint // oldest first, at least step apart
 }
 
 // slot is where a series is in a checkpoint: v[off:off+n], present[idx].
 type slot struct{ off, n, idx int }
 
-// checkpoint is the reset-corrected cumulative vector at one time; present
-// says which series the sample had. Histograms are not read on every scrape
-// (see scrape.Options.HistogramInterval): their values in a checkpoint are
-// those read at histAt.
+// latest is when the latest sample was taken, when its histograms were read
+// (they are not read on every scrape, see scrape.Options.HistogramInterval)
+// and which series it had.
+type latest struct {
+	t, histAt time.Time
+	present   []bool // by slot
+}
+
+// checkpoint is the history at one time: when it was taken, when its
+// histograms were read, which series it had, and how much each
+// reset-corrected series grew since the checkpoint before it (for the
+// oldest, since nothing: unused). The growth over one step fits a float32
+// (counts are exact up to 2^24 per step, anything else within a relative
+// 6e-8), half the size of a cumulative value; with thousands of pods the
+// history is most of the store's memory.
 type checkpoint struct {
 	t, histAt time.Time
-	v         []float64
+	grew      []float32
 	present   []bool // by slot
 }
 
@@ -176,7 +207,7 @@ func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
 	if !v.HistogramsSkipped {
 		p.histAt, cur.histAt = at, at
 	}
-	for id, sl := range p.layout {
+	for id, sl := range p.layout.slots {
 		kind := metrics[id].Kind
 		if kind == catalogue.Histogram && v.HistogramsSkipped {
 			continue // not read this time: the last values stand
@@ -185,48 +216,44 @@ func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
 			cur.present[sl.idx] = false
 			continue
 		}
+		// A series grows by its raw value's increase, or, after a reset
+		// (the engine restarted and counts from zero again), by the whole
+		// new raw value.
 		raw := p.raw[sl.off : sl.off+sl.n]
-		off := p.offset[sl.off : sl.off+sl.n]
-		next := cur.v[sl.off : sl.off+sl.n]
+		since := p.since[sl.off : sl.off+sl.n]
 		if kind == catalogue.Rate {
 			x := v.Scalar[id]
-			if x < raw[0] { // counter reset
-				off[0] += raw[0]
-			}
+			since[0] += float32(increase(x, raw[0], x < raw[0]))
 			raw[0] = x
 		} else {
-			h := &v.Hist[id]
-			n := len(h.Counts)
-			reset := h.Count < raw[n]
-			for i, c := range h.Counts {
+			counts := v.Hist[id].Counts
+			reset := false
+			for i, c := range counts {
 				reset = reset || c < raw[i]
 			}
-			if reset {
-				for i := range off {
-					off[i] += raw[i]
-				}
+			for i, c := range counts {
+				since[i] += float32(increase(c, raw[i], reset))
 			}
-			copy(raw, h.Counts)
-			raw[n], raw[n+1] = h.Count, h.Sum
-		}
-		for i := range next {
-			next[i] = raw[i] + off[i]
+			copy(raw, counts)
 		}
 		cur.present[sl.idx] = true
 	}
 	if len(p.ring) == 0 || at.Sub(p.ring[len(p.ring)-1].t) >= s.step {
 		// Drop the checkpoints no query needs (all but the newest one at
-		// least a window old), recycling one for the new checkpoint.
+		// least a window old), recycling one's vectors: the new
+		// checkpoint takes the growth so far, and growth starts again
+		// from zero.
 		var c checkpoint
 		for len(p.ring) >= 2 && at.Sub(p.ring[1].t) >= s.window {
 			c = p.ring[0]
 			p.ring = append(p.ring[:0], p.ring[1:]...)
 		}
-		if len(c.v) != p.size || len(c.present) != len(p.layout) {
-			c = checkpoint{v: make([]float64, p.size), present: make([]bool, len(p.layout))}
+		if len(c.grew) != p.layout.size || len(c.present) != len(p.layout.slots) {
+			c = checkpoint{grew: make([]float32, p.layout.size), present: make([]bool, len(p.layout.slots))}
 		}
+		clear(c.grew)
+		c.grew, p.since = p.since, c.grew
 		c.t, c.histAt = at, cur.histAt
-		copy(c.v, cur.v)
 		copy(c.present, cur.present)
 		p.ring = append(p.ring, c)
 	}
@@ -240,48 +267,93 @@ func (s *Store) sameLayout(p *pod, v *catalogue.Values) bool {
 	if v.HistogramsSkipped {
 		return true
 	}
-	for id, b := range p.bounds {
+	for id, b := range p.layout.bounds {
 		if v.Has[id] && !slices.Equal(b, v.Hist[id].Bounds) {
 			return false
 		}
 	}
 	for id, m := range s.cat.Metrics() {
-		if m.Kind == catalogue.Histogram && v.Has[id] && p.bounds[id] == nil {
+		if m.Kind == catalogue.Histogram && v.Has[id] && p.layout.bounds[id] == nil {
 			return false
 		}
 	}
 	return true
 }
 
+// increase is how much a cumulative series grew from prev to x: all of x
+// after a reset.
+func increase(x, prev float64, reset bool) float64 {
+	if reset {
+		return x
+	}
+	return x - prev
+}
+
 // relayout starts p's cumulative history afresh, for v's histogram bounds
 // (or, when v did not read histograms, the bounds p had).
 func (s *Store) relayout(p *pod, v *catalogue.Values) {
-	old := p.bounds
-	p.layout, p.bounds, p.size = map[int]slot{}, map[int][]float64{}, 0
+	bounds := map[int][]float64{}
 	for id, m := range s.cat.Metrics() {
-		var b []float64
-		switch {
-		case m.Kind == catalogue.Rate:
-			p.layout[id] = slot{p.size, 1, len(p.layout)}
-			p.size++
-			continue
-		case m.Kind != catalogue.Histogram:
-			continue
-		case !v.HistogramsSkipped && v.Has[id]:
-			b = slices.Clone(v.Hist[id].Bounds)
-		case v.HistogramsSkipped && old[id] != nil:
-			b = old[id]
-		default:
+		if m.Kind != catalogue.Histogram {
 			continue
 		}
-		p.bounds[id] = b
-		p.layout[id] = slot{p.size, len(b) + 2, len(p.layout)}
-		p.size += len(b) + 2
+		switch {
+		case !v.HistogramsSkipped && v.Has[id]:
+			bounds[id] = v.Hist[id].Bounds
+		case v.HistogramsSkipped && p.layout != nil && p.layout.bounds[id] != nil:
+			bounds[id] = p.layout.bounds[id]
+		}
 	}
-	p.raw, p.offset = make([]float64, p.size), make([]float64, p.size)
-	p.cur = checkpoint{v: make([]float64, p.size), present: make([]bool, len(p.layout))}
+	p.layout = s.intern(bounds)
+	size := p.layout.size
+	p.raw = make([]float64, size)
+	p.cur = latest{present: make([]bool, len(p.layout.slots))}
+	p.since = make([]float32, size)
 	p.ring = p.ring[:0]
 	p.histAt = time.Time{}
+}
+
+// intern returns the shared layout for these histogram bounds (which it
+// does not keep: it copies them).
+func (s *Store) intern(bounds map[int][]float64) *layout {
+	metrics := s.cat.Metrics()
+	// The key lists every laid-out metric in ID order with its bounds.
+	var key []byte
+	for id, m := range metrics {
+		if b, ok := bounds[id]; ok || m.Kind == catalogue.Rate {
+			key = binary.AppendUvarint(key, uint64(id))
+			key = binary.AppendUvarint(key, uint64(len(b)))
+			for _, x := range b {
+				key = binary.LittleEndian.AppendUint64(key, math.Float64bits(x))
+			}
+		}
+	}
+	s.layoutsMu.Lock()
+	defer s.layoutsMu.Unlock()
+	if l, ok := s.layouts[string(key)]; ok {
+		return l
+	}
+	l := &layout{slots: map[int]slot{}, bounds: map[int][]float64{}}
+	for id, m := range metrics {
+		n := 1
+		if m.Kind == catalogue.Histogram {
+			b, ok := bounds[id]
+			if !ok {
+				continue
+			}
+			l.bounds[id] = slices.Clone(b)
+			n = len(b)
+		} else if m.Kind != catalogue.Rate {
+			continue
+		}
+		l.slots[id] = slot{l.size, n, len(l.slots)}
+		l.size += n
+	}
+	if len(s.layouts) >= maxLayouts {
+		clear(s.layouts)
+	}
+	s.layouts[string(key)] = l
+	return l
 }
 
 // Value is a served value with its timestamp and window.
@@ -332,7 +404,7 @@ func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, no
 		if !ok {
 			return Value{}, false
 		}
-		q, ok := Quantile(name.Quantile, p.bounds[name.Metric], d[:len(d)-2])
+		q, ok := Quantile(name.Quantile, p.layout.bounds[name.Metric], d)
 		if !ok {
 			return Value{}, false
 		}
@@ -346,35 +418,43 @@ func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, no
 // are timed by when they were read. The increase is written to *buf, grown
 // as needed.
 func (s *Store) delta(p *pod, id int, histogram bool, buf *[]float64) ([]float64, time.Duration, bool) {
-	sl, ok := p.layout[id]
+	sl, ok := p.layout.slots[id]
 	if !ok || !p.cur.present[sl.idx] {
 		return nil, 0, false
 	}
 	when := func(c *checkpoint) time.Time { return c.t }
+	end := p.cur.t
 	if histogram {
 		when = func(c *checkpoint) time.Time { return c.histAt }
+		end = p.cur.histAt
 	}
-	end := when(&p.cur)
-	var base *checkpoint
+	base := -1
 	for i := len(p.ring) - 1; i >= 0; i-- {
 		c := &p.ring[i]
 		if !when(c).Before(end) || !c.present[sl.idx] {
 			continue
 		}
-		base = c
+		base = i
 		if end.Sub(when(c)) >= s.window {
 			break
 		}
 	}
-	if base == nil {
+	if base < 0 {
 		return nil, 0, false
 	}
+	// What the checkpoints after the base grew by, and the growth since
+	// the newest one.
 	d := slices.Grow((*buf)[:0], sl.n)[:sl.n]
 	*buf = d
-	for i := range d {
-		d[i] = p.cur.v[sl.off+i] - base.v[sl.off+i]
+	for i, g := range p.since[sl.off : sl.off+sl.n] {
+		d[i] = float64(g)
 	}
-	return d, end.Sub(when(base)), true
+	for _, c := range p.ring[base+1:] {
+		for i, g := range c.grew[sl.off : sl.off+sl.n] {
+			d[i] += float64(g)
+		}
+	}
+	return d, end.Sub(when(&p.ring[base])), true
 }
 
 // Aggregate pools a served name over pods: gauges and rates are summed over
@@ -416,10 +496,10 @@ func (s *Store) Aggregate(keys []types.NamespacedName, name catalogue.ServedName
 		p.mu.Lock()
 		if now.Sub(p.at) <= s.maxAge {
 			if d, w, ok := s.delta(p, name.Metric, true, &buf); ok {
-				b := p.bounds[name.Metric]
+				b := p.layout.bounds[name.Metric]
 				switch {
 				case bounds == nil:
-					bounds, pooled = b, slices.Clone(d[:len(d)-2])
+					bounds, pooled = b, slices.Clone(d)
 					add(Value{Time: p.histAt, Window: w})
 				case slices.Equal(bounds, b):
 					for i := range pooled {

@@ -121,6 +121,9 @@ func TestRateOverTheWindow(t *testing.T) {
 			return float64(10 * (sec - 50))
 		}, seconds: 65, wantRate: 10},
 		"two resets": {counter: func(sec int) float64 { return float64(10 * (sec % 12)) }, seconds: 65, wantRate: 10 * 11.0 / 12},
+		// The history keeps growth in float32s: a large cumulative value
+		// must not lose what it grew by.
+		"an engine up for long": {counter: func(sec int) float64 { return 1e12 + float64(7*sec) }, seconds: 60, wantRate: 7},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -309,6 +312,35 @@ func TestHistoryIsBounded(t *testing.T) {
 	p := s.pods[podKey("a")]
 	if n := len(p.ring); n > checkpointsPerWindow+2 {
 		t.Errorf("%d checkpoints kept for a %s window", n, s.window)
+	}
+}
+
+// Thousands of pods of one engine version keep one layout between them,
+// not a copy each.
+func TestPodsWithTheSameBoundsShareALayout(t *testing.T) {
+	s := newStore(t)
+	for _, pod := range []string{"a", "b", "c"} {
+		observe(t, s, pod, epoch, sample{prompt: 1, ttft: []float64{1, 2, 3, 4}})
+	}
+	h := id(t, "time_to_first_token_seconds")
+	vals := sample{ttft: []float64{0, 5, 5, 5}}.values(t)
+	other := []float64{0.2, 0.4, 2, inf}
+	vals.Hist[h].Bounds = other
+	s.Observe(scrape.Target{Key: podKey("d")}, epoch, vals)
+	other[0] = 99 // the scraper reuses its buffers; the store must not see this
+
+	a, b, c, d := s.pods[podKey("a")].layout, s.pods[podKey("b")].layout, s.pods[podKey("c")].layout, s.pods[podKey("d")].layout
+	if a != b || b != c {
+		t.Error("pods with the same histogram bounds have separate layouts")
+	}
+	if a == d {
+		t.Error("pods with different histogram bounds share a layout")
+	}
+	if got := d.bounds[h][0]; got != 0.2 {
+		t.Errorf("the layout's bounds changed with the caller's slice: first bound %v, want 0.2", got)
+	}
+	if len(s.layouts) != 2 {
+		t.Errorf("%d layouts interned, want 2", len(s.layouts))
 	}
 }
 
