@@ -25,7 +25,14 @@ import (
 // Run starts a program against the cluster (a Capstan component under test)
 // with its output in the cluster's log folder. Cluster.Stop stops it too.
 func (c *Cluster) Run(name, path string, args ...string) (*Process, error) {
+	return c.RunWithEnv(name, path, nil, args...)
+}
+
+// RunWithEnv is Run with environment variables ("NAME=value") added to the
+// harness's own.
+func (c *Cluster) RunWithEnv(name, path string, env []string, args ...string) (*Process, error) {
 	p := newProcess(name, filepath.Join(c.Dir, "logs"), path, args...)
+	p.env = env
 	if err := p.start(); err != nil {
 		return nil, err
 	}

@@ -21,6 +21,7 @@ type Process struct {
 	name string
 	path string
 	args []string
+	env  []string // added to the harness's environment
 	// LogPath is where the process's stdout and stderr go.
 	LogPath string
 
@@ -47,6 +48,9 @@ func (p *Process) start() error {
 		return err
 	}
 	cmd := exec.Command(p.path, p.args...)
+	if len(p.env) > 0 {
+		cmd.Env = append(os.Environ(), p.env...)
+	}
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}

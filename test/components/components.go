@@ -20,6 +20,7 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	apiregistrationv1 "k8s.io/kube-aggregator/pkg/apis/apiregistration/v1"
@@ -96,22 +97,47 @@ func Decode[T any](resources []*kresource.Resource, kind string) ([]T, error) {
 // DeploymentArgs returns the container arguments of the one Deployment in
 // rendered manifests: what the component runs with.
 func DeploymentArgs(resources []*kresource.Resource) ([]string, error) {
-	ds, err := Decode[appsv1.Deployment](resources, "Deployment")
+	c, err := deploymentContainer(resources)
+	return c.Args, err
+}
+
+// DeploymentEnv returns the environment variables the one Deployment in
+// rendered manifests sets with a value (such as the Go runtime's GOGC), as
+// NAME=value.
+func DeploymentEnv(resources []*kresource.Resource) ([]string, error) {
+	c, err := deploymentContainer(resources)
 	if err != nil {
 		return nil, err
 	}
-	if len(ds) != 1 {
-		return nil, fmt.Errorf("the manifests have %d Deployments, want 1", len(ds))
+	var env []string
+	for _, e := range c.Env {
+		if e.ValueFrom != nil {
+			return nil, fmt.Errorf("container %s: env %s comes from a source the harness does not resolve", c.Name, e.Name)
+		}
+		env = append(env, e.Name+"="+e.Value)
 	}
-	return ds[0].Spec.Template.Spec.Containers[0].Args, nil
+	return env, nil
+}
+
+func deploymentContainer(resources []*kresource.Resource) (corev1.Container, error) {
+	ds, err := Decode[appsv1.Deployment](resources, "Deployment")
+	if err != nil {
+		return corev1.Container{}, err
+	}
+	if len(ds) != 1 {
+		return corev1.Container{}, fmt.Errorf("the manifests have %d Deployments, want 1", len(ds))
+	}
+	return ds[0].Spec.Template.Spec.Containers[0], nil
 }
 
 // install applies the rendered resources but the Deployment and the kinds
-// skipped, and returns the Deployment's container arguments.
-func install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Resource, skip ...string) ([]string, error) {
-	args, err := DeploymentArgs(resources)
-	if err != nil {
-		return nil, err
+// skipped, and returns the Deployment's container arguments and environment.
+func install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Resource, skip ...string) (args, env []string, err error) {
+	if args, err = DeploymentArgs(resources); err != nil {
+		return nil, nil, err
+	}
+	if env, err = DeploymentEnv(resources); err != nil {
+		return nil, nil, err
 	}
 	skip = append(skip, "Deployment")
 	var keep []*kresource.Resource
@@ -122,9 +148,9 @@ func install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Res
 	}
 	stream, err := YAML(keep)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return args, c.Apply(ctx, Namespace, bytes.NewReader(stream))
+	return args, env, c.Apply(ctx, Namespace, bytes.NewReader(stream))
 }
 
 // StartRouter runs capstan-router on addr (host:port) with the manifests'
@@ -134,7 +160,7 @@ func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, ext
 	if err != nil {
 		return nil, err
 	}
-	args, err := install(ctx, c, resources)
+	args, env, err := install(ctx, c, resources)
 	if err != nil {
 		return nil, err
 	}
@@ -147,7 +173,7 @@ func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, ext
 		return nil, err
 	}
 	args = append(append(args, "--kubeconfig="+kubeconfig, "--bind-address="+addr, "--shutdown-delay=0s"), extra...)
-	p, err := c.Run(name, bin, args...)
+	p, err := c.RunWithEnv(name, bin, env, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -168,7 +194,7 @@ func StartAdapter(ctx context.Context, c *cluster.Cluster, extra ...string) (*Co
 	if err != nil {
 		return nil, err
 	}
-	args, err := install(ctx, c, resources, "Service", "APIService")
+	args, env, err := install(ctx, c, resources, "Service", "APIService")
 	if err != nil {
 		return nil, err
 	}
@@ -190,7 +216,7 @@ func StartAdapter(ctx context.Context, c *cluster.Cluster, extra ...string) (*Co
 	}
 	args = append(append(args, "--kubeconfig="+kubeconfig, "--bind-address=127.0.0.1",
 		"--secure-port="+strconv.Itoa(port), "--tls-cert-file="+certFile, "--tls-private-key-file="+keyFile), extra...)
-	p, err := c.Run(name, bin, args...)
+	p, err := c.RunWithEnv(name, bin, env, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -264,7 +290,8 @@ func StartScheduler(ctx context.Context, c *cluster.Cluster, extra ...string) (*
 	if err != nil {
 		return nil, err
 	}
-	if _, err := install(ctx, c, resources); err != nil {
+	_, env, err := install(ctx, c, resources)
+	if err != nil {
 		return nil, err
 	}
 	cfg, err := SchedulerConfig(resources)
@@ -294,7 +321,7 @@ func StartScheduler(ctx context.Context, c *cluster.Cluster, extra ...string) (*
 	if err != nil {
 		return nil, err
 	}
-	p, err := c.Run(name, bin, append([]string{"--config=" + configPath,
+	p, err := c.RunWithEnv(name, bin, env, append([]string{"--config=" + configPath,
 		"--bind-address=127.0.0.1", "--secure-port=" + strconv.Itoa(port),
 		"--authentication-kubeconfig=" + kubeconfig, "--authorization-kubeconfig=" + kubeconfig}, extra...)...)
 	if err != nil {

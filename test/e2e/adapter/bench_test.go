@@ -111,6 +111,7 @@ func TestBenchmarkAdapter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	logRSS(t, pid, "start-up")
 	idleRSS, err := currentRSS(pid)
 	if err != nil {
 		t.Fatal(err)
@@ -170,6 +171,7 @@ func TestBenchmarkAdapter(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("every pod served by the adapter %s after creation began", time.Since(start).Round(time.Second))
+	logRSS(t, pid, "every pod served")
 
 	// Steady state: scraping only.
 	scrapesBefore, failuresBefore := scrapeCounts(ctx, t, a)
@@ -192,6 +194,7 @@ func TestBenchmarkAdapter(t *testing.T) {
 	scrapesAfter, failuresAfter := scrapeCounts(ctx, t, a)
 	rate := (scrapesAfter - scrapesBefore) / time.Since(wall0).Seconds()
 	t.Logf("steady state: %.3f cores, %.0f scrapes/s, %.0f failed scrapes", cores, rate, failuresAfter-failuresBefore)
+	logRSS(t, pid, "steady state")
 	res.capstan[rowCPU] = fmt.Sprintf("%.3f (scraping, over %s)", cores, steady)
 	res.capstan[rowScrapes] = fmt.Sprintf("%.0f (%d pods every %s; %.0f failed)", rate, nPods, scrapeInterval, failuresAfter-failuresBefore)
 
@@ -220,6 +223,7 @@ func TestBenchmarkAdapter(t *testing.T) {
 		}
 		direct = append(direct, time.Since(t0).Seconds()*1000)
 	}
+	logRSS(t, pid, "selector queries")
 	res.capstan[rowViaAPI] = fmt.Sprintf("%.1f / %.1f ms", quantile(viaAPI, 0.5), quantile(viaAPI, 0.99))
 	res.capstan[rowDirect] = fmt.Sprintf("%.1f / %.1f ms", quantile(direct, 0.5), quantile(direct, 0.99))
 	res.capstan[rowAge] = fmt.Sprintf("%.2f / %.2f s", quantile(trueAges, 0.5), quantile(trueAges, 0.99))
@@ -557,6 +561,21 @@ func cpuSeconds(t *testing.T, pid int) float64 {
 
 // peakRSS is the process's high-water resident set, in MiB.
 func peakRSS(pid int) (float64, error) { return procStatus(pid, "VmHWM:") }
+
+// logRSS logs the adapter's resident set, what of it is anonymous memory
+// (the Go heap and stacks) and what mapped from the binary, and its peak so
+// far, at the end of a phase, so that a report's peak can be placed.
+func logRSS(t *testing.T, pid int, phase string) {
+	t.Helper()
+	var v [4]float64
+	for i, field := range []string{"VmRSS:", "RssAnon:", "RssFile:", "VmHWM:"} {
+		var err error
+		if v[i], err = procStatus(pid, field); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("adapter RSS after %s: %.0f MiB (%.0f anonymous, %.0f from the binary; peak so far %.0f MiB)", phase, v[0], v[1], v[2], v[3])
+}
 
 // currentRSS is the process's resident set now, in MiB.
 func currentRSS(pid int) (float64, error) { return procStatus(pid, "VmRSS:") }
