@@ -54,9 +54,11 @@ func TestMain(m *testing.M) {
 
 // The cluster is prepared once, by the first test that needs it.
 var (
-	setupOnce    sync.Once
-	setupErr     error
-	routerArgs   []string
+	setupOnce  sync.Once
+	setupErr   error
+	routerArgs []string
+	// routerEnv is the environment the Deployment sets.
+	routerEnv    []string
 	saKubeconfig string
 	gwClient     gatewayclient.Interface
 )
@@ -84,6 +86,9 @@ func setup(t testing.TB) {
 				return err
 			}
 			if routerArgs, err = components.DeploymentArgs(resources); err != nil {
+				return err
+			}
+			if routerEnv, err = components.DeploymentEnv(resources); err != nil {
 				return err
 			}
 			stream, err := components.YAML(resources)
@@ -126,7 +131,7 @@ func startRouter(t *testing.T, ctx context.Context, name string, extra ...string
 	args := append(append([]string{}, routerArgs...), "--kubeconfig="+saKubeconfig, "--bind-address="+addr,
 		"--shutdown-delay=0s", "--shutdown-timeout=5s", "--v=2", "--gateway-publish-service=", "--gateway-address-pool="+addressPool)
 	args = append(args, extra...)
-	proc, err := testCluster.Run(name, bin, args...)
+	proc, err := testCluster.RunWithEnv(name, bin, routerEnv, args...)
 	if err != nil {
 		t.Fatal(err)
 	}

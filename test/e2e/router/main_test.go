@@ -43,6 +43,8 @@ var (
 	setupErr  error
 	// routerArgs are the container args of the manifests' Deployment.
 	routerArgs []string
+	// routerEnv is the environment the Deployment sets.
+	routerEnv []string
 	// saKubeconfig authenticates as the router's ServiceAccount.
 	saKubeconfig string
 )
@@ -63,6 +65,9 @@ func setup(t testing.TB) {
 				return err
 			}
 			if routerArgs, err = components.DeploymentArgs(resources); err != nil {
+				return err
+			}
+			if routerEnv, err = components.DeploymentEnv(resources); err != nil {
 				return err
 			}
 			stream, err := components.YAML(resources)
@@ -101,7 +106,7 @@ func startRouter(t *testing.T, ctx context.Context, name string, extra ...string
 	addr := freeAddr(t)
 	args := append(append([]string{}, routerArgs...), "--kubeconfig="+saKubeconfig, "--bind-address="+addr, "--shutdown-delay=0s", "--v=2")
 	args = append(args, extra...)
-	proc, err := testCluster.Run(name, bin, args...)
+	proc, err := testCluster.RunWithEnv(name, bin, routerEnv, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
