@@ -78,7 +78,7 @@ type Store struct {
 	pods map[types.NamespacedName]*pod
 
 	layoutsMu sync.Mutex
-	layouts   map[string]*layout // interned, by layoutKey
+	layouts   map[string]*layout // shared by pods, keyed by their bounds (see intern)
 }
 
 // maxLayouts bounds the interned layouts; a fleet has a handful (one per
@@ -120,11 +120,11 @@ type pod struct {
 }
 
 // layout is where each cumulative series is in a pod's vectors: a counter
-// takes one slot, a histogram one per bucket (its count is the +Inf bucket's,
-// and its sum is not served). It
-// depends only on the histogram bounds the pod's engine reports, so pods
-// with the same bounds share one (see Store.intern): with thousands of pods,
-// per-pod copies of the maps and bounds were a tenth of the store.
+// takes one slot, a histogram one per bucket (its count is the +Inf
+// bucket's, and its sum is not served). It depends only on the histogram
+// bounds the pod's engine reports, so pods with the same bounds share one
+// (see Store.intern): with thousands of pods, per-pod copies of the maps and
+// bounds were a tenth of the store.
 type layout struct {
 	slots  map[int]slot
 	bounds map[int][]float64 // histogram bucket bounds by metric ID
