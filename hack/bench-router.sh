@@ -14,7 +14,9 @@
 # wrk from Debian if they are missing.
 #
 # Environment: CAPSTAN_BENCH_DURATION (default 10s per measurement),
-# CAPSTAN_BENCH_CONNECTIONS (default 64).
+# CAPSTAN_BENCH_CONNECTIONS (default 64), CAPSTAN_BENCH_PROFILE=<file> (the
+# router's CPU profile under wrk), CAPSTAN_BENCH_TRACE=<file> (its execution
+# trace under the open loop, for go tool trace).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "${CAPSTAN_ROOT}"

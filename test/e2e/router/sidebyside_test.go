@@ -117,7 +117,21 @@ func TestSideBySide(t *testing.T) {
 	rate := router.rps / 2
 	open := map[string]openResult{}
 	for _, tg := range targets {
+		var trace chan []byte
+		if out := os.Getenv("CAPSTAN_BENCH_TRACE"); out != "" && tg.comm == "capstan-router" {
+			// An execution trace of the router under the open loop, to
+			// see where its tail latency comes from (go tool trace).
+			trace = make(chan []byte, 1)
+			go func() {
+				trace <- fetch(t, fmt.Sprintf("%s/debug/pprof/trace?seconds=%d", r.url, int(duration.Seconds())-1))
+			}()
+		}
 		open[tg.name] = openLoop(t, tg.url, body, rate, duration)
+		if trace != nil {
+			if err := os.WriteFile(os.Getenv("CAPSTAN_BENCH_TRACE"), <-trace, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
 		t.Logf("open loop %-22s at %.0f/s: p50 %s p99 %s errors %d", tg.name, rate, open[tg.name].p50, open[tg.name].p99, open[tg.name].errors)
 	}
 	added := open["capstan-router"].p99 - open["direct (one backend)"].p99
