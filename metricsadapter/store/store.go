@@ -100,9 +100,7 @@ func New(opts Options) (*Store, error) {
 
 // pod is one pod's samples.
 type pod struct {
-	mu     sync.Mutex
-	at     time.Time // time of the latest sample
-	histAt time.Time // time of the latest sample that read histograms
+	mu sync.Mutex
 
 	// gauges and has hold the latest sample's gauge values by metric ID.
 	gauges []float64
@@ -198,14 +196,13 @@ func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
 	}
 	// A pod silent for longer than MaxAge starts a new history: a rate
 	// across the gap would describe a time no sample saw.
-	if !p.at.IsZero() && at.Sub(p.at) > s.maxAge || !s.sameLayout(p, v) {
+	if !p.cur.t.IsZero() && at.Sub(p.cur.t) > s.maxAge || !s.sameLayout(p, v) {
 		s.relayout(p, v)
 	}
-	p.at = at
 	cur := &p.cur
 	cur.t = at
 	if !v.HistogramsSkipped {
-		p.histAt, cur.histAt = at, at
+		cur.histAt = at
 	}
 	for id, sl := range p.layout.slots {
 		kind := metrics[id].Kind
@@ -310,7 +307,6 @@ func (s *Store) relayout(p *pod, v *catalogue.Values) {
 	p.cur = latest{present: make([]bool, len(p.layout.slots))}
 	p.since = make([]float32, size)
 	p.ring = p.ring[:0]
-	p.histAt = time.Time{}
 }
 
 // intern returns the shared layout for these histogram bounds (which it
@@ -383,7 +379,7 @@ func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, no
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if now.Sub(p.at) > s.maxAge {
+	if now.Sub(p.cur.t) > s.maxAge {
 		return Value{}, false
 	}
 	m := s.cat.Metrics()[name.Metric]
@@ -392,13 +388,13 @@ func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, no
 		if !p.has[name.Metric] {
 			return Value{}, false
 		}
-		return Value{Value: p.gauges[name.Metric], Time: p.at}, true
+		return Value{Value: p.gauges[name.Metric], Time: p.cur.t}, true
 	case catalogue.Rate:
 		d, w, ok := s.delta(p, name.Metric, false, buf)
 		if !ok {
 			return Value{}, false
 		}
-		return Value{Value: d[0] / w.Seconds(), Time: p.at, Window: w}, true
+		return Value{Value: d[0] / w.Seconds(), Time: p.cur.t, Window: w}, true
 	default:
 		d, w, ok := s.delta(p, name.Metric, true, buf)
 		if !ok {
@@ -408,7 +404,7 @@ func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, no
 		if !ok {
 			return Value{}, false
 		}
-		return Value{Value: q, Time: p.histAt, Window: w}, true
+		return Value{Value: q, Time: p.cur.histAt, Window: w}, true
 	}
 }
 
@@ -494,18 +490,18 @@ func (s *Store) Aggregate(keys []types.NamespacedName, name catalogue.ServedName
 			continue
 		}
 		p.mu.Lock()
-		if now.Sub(p.at) <= s.maxAge {
+		if now.Sub(p.cur.t) <= s.maxAge {
 			if d, w, ok := s.delta(p, name.Metric, true, &buf); ok {
 				b := p.layout.bounds[name.Metric]
 				switch {
 				case bounds == nil:
 					bounds, pooled = b, slices.Clone(d)
-					add(Value{Time: p.histAt, Window: w})
+					add(Value{Time: p.cur.histAt, Window: w})
 				case slices.Equal(bounds, b):
 					for i := range pooled {
 						pooled[i] += d[i]
 					}
-					add(Value{Time: p.histAt, Window: w})
+					add(Value{Time: p.cur.histAt, Window: w})
 				}
 			}
 		}
