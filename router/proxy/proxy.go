@@ -113,7 +113,6 @@ func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *H
 		upstreams: upstream.New(upstream.Options{
 			ConnectTimeout: opts.ConnectTimeout,
 			MaxIdlePerAddr: opts.MaxIdleConnsPerEndpoint,
-			IdleTimeout:    idleConnTimeout,
 		}),
 		balancer: string(opts.Balancer),
 	}
@@ -121,9 +120,6 @@ func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *H
 	h.copies.New = func() any { b := make([]byte, 32<<10); return &b }
 	return h
 }
-
-// idleConnTimeout is how long an idle upstream connection is kept.
-const idleConnTimeout = 90 * time.Second
 
 // Run closes upstream connections that have been idle too long, until ctx
 // ends; then it closes every idle one.
