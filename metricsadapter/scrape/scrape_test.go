@@ -147,6 +147,19 @@ func (r *recorder) Observe(t Target, _ time.Time, v *catalogue.Values) {
 
 var cat = catalogue.Builtin()
 
+// observedScraper returns a scraper with opts and a recorder as its
+// Observer.
+func observedScraper(t *testing.T, opts Options) (*Scraper, *recorder) {
+	t.Helper()
+	rec := newRecorder()
+	opts.Observer = rec
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, rec
+}
+
 func (r *recorder) Forget(key types.NamespacedName) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -202,13 +215,8 @@ func TestLoadFromEachEngine(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			srv := newEngineServer(t, testdata(t, tc.page))
 			srv.set(func(s *engineServer) { s.contentType, s.gzip = tc.contentType, tc.gzip })
-			rec := newRecorder()
 			opts := fastOptions()
-			opts.Observer = rec
-			s, err := New(opts)
-			if err != nil {
-				t.Fatal(err)
-			}
+			s, rec := observedScraper(t, opts)
 			target := srv.target("p", tc.engine)
 			s.Upsert(target)
 			before := time.Now()
@@ -411,13 +419,8 @@ func TestLastGoodSampleUntilMaxAge(t *testing.T) {
 
 func TestRemoveForgetsAtOnce(t *testing.T) {
 	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
-	rec := newRecorder()
 	opts := fastOptions()
-	opts.Observer = rec
-	s, err := New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, rec := observedScraper(t, opts)
 	a, b := srv.target("a", modelserver.VLLM), srv.target("b", modelserver.VLLM)
 	s.SetTargets([]Target{a, b})
 	run(t, s)
@@ -467,14 +470,9 @@ func TestUpsertWithNewURLRestartsTheTarget(t *testing.T) {
 // histograms first and then every HistogramInterval.
 func TestHistogramsAreReadEveryHistogramInterval(t *testing.T) {
 	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
-	rec := newRecorder()
 	opts := fastOptions()
-	opts.Observer = rec
 	opts.HistogramInterval = 3 * opts.Interval
-	s, err := New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, rec := observedScraper(t, opts)
 	s.Upsert(srv.target("p", modelserver.VLLM))
 	run(t, s)
 	waitFor(t, 5*time.Second, "ten samples", func() bool {
@@ -532,13 +530,7 @@ func TestOneKeptAliveConnectionPerTarget(t *testing.T) {
 	for _, gz := range []bool{false, true} {
 		srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
 		srv.set(func(s *engineServer) { s.gzip = gz })
-		rec := newRecorder()
-		opts := fastOptions()
-		opts.Observer = rec
-		s, err := New(opts)
-		if err != nil {
-			t.Fatal(err)
-		}
+		s, rec := observedScraper(t, fastOptions())
 		target := srv.target("p", modelserver.VLLM)
 		s.Upsert(target)
 		run(t, s)
