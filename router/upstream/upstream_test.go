@@ -65,6 +65,12 @@ func exchange(t *testing.T, p *Pool, addr string) string {
 
 func hello(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "hello") }
 
+// hangingServer never answers; a handler returns when its client goes away.
+func hangingServer(t *testing.T) string {
+	addr, _ := server(t, time.Minute, func(_ http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	return addr
+}
+
 func idleConns(p *Pool) (n int, buffered int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -195,14 +201,7 @@ func TestExtraBytesAfterTheResponseCloseTheConnection(t *testing.T) {
 }
 
 func TestCancelAbortsTheExchange(t *testing.T) {
-	release := make(chan struct{})
-	addr, _ := server(t, time.Minute, func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-release:
-		case <-r.Context().Done():
-		}
-	})
-	t.Cleanup(func() { close(release) })
+	addr := hangingServer(t)
 	p := New(Options{})
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(50*time.Millisecond, cancel)
@@ -217,14 +216,7 @@ func TestCancelAbortsTheExchange(t *testing.T) {
 }
 
 func TestTimeoutBoundsTheResponseHeaders(t *testing.T) {
-	release := make(chan struct{})
-	addr, _ := server(t, time.Minute, func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-release:
-		case <-r.Context().Done():
-		}
-	})
-	t.Cleanup(func() { close(release) })
+	addr := hangingServer(t)
 	p := New(Options{})
 	_, err := p.RoundTrip(context.Background(), get(t, addr), addr, 100*time.Millisecond)
 	var ne net.Error
