@@ -94,29 +94,21 @@ func Decode[T any](resources []*kresource.Resource, kind string) ([]T, error) {
 	return out, nil
 }
 
-// DeploymentArgs returns the container arguments of the one Deployment in
-// rendered manifests: what the component runs with.
-func DeploymentArgs(resources []*kresource.Resource) ([]string, error) {
-	c, err := deploymentContainer(resources)
-	return c.Args, err
-}
-
-// DeploymentEnv returns the environment variables the one Deployment in
-// rendered manifests sets with a value (such as the Go runtime's GOGC), as
-// NAME=value.
-func DeploymentEnv(resources []*kresource.Resource) ([]string, error) {
+// DeploymentCommand returns what the one Deployment in rendered manifests
+// runs its container with: the arguments, and the environment variables it
+// sets with a value (such as the Go runtime's GOGC) as NAME=value.
+func DeploymentCommand(resources []*kresource.Resource) (args, env []string, err error) {
 	c, err := deploymentContainer(resources)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	var env []string
 	for _, e := range c.Env {
 		if e.ValueFrom != nil {
-			return nil, fmt.Errorf("container %s: env %s comes from a source the harness does not resolve", c.Name, e.Name)
+			return nil, nil, fmt.Errorf("container %s: env %s comes from a source the harness does not resolve", c.Name, e.Name)
 		}
 		env = append(env, e.Name+"="+e.Value)
 	}
-	return env, nil
+	return c.Args, env, nil
 }
 
 func deploymentContainer(resources []*kresource.Resource) (corev1.Container, error) {
@@ -133,10 +125,7 @@ func deploymentContainer(resources []*kresource.Resource) (corev1.Container, err
 // install applies the rendered resources but the Deployment and the kinds
 // skipped, and returns the Deployment's container arguments and environment.
 func install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Resource, skip ...string) (args, env []string, err error) {
-	if args, err = DeploymentArgs(resources); err != nil {
-		return nil, nil, err
-	}
-	if env, err = DeploymentEnv(resources); err != nil {
+	if args, env, err = DeploymentCommand(resources); err != nil {
 		return nil, nil, err
 	}
 	skip = append(skip, "Deployment")

@@ -64,10 +64,7 @@ func setup(t testing.TB) {
 			if err != nil {
 				return err
 			}
-			if routerArgs, err = components.DeploymentArgs(resources); err != nil {
-				return err
-			}
-			if routerEnv, err = components.DeploymentEnv(resources); err != nil {
+			if routerArgs, routerEnv, err = components.DeploymentCommand(resources); err != nil {
 				return err
 			}
 			stream, err := components.YAML(resources)
