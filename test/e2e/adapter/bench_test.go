@@ -107,7 +107,7 @@ func TestBenchmarkAdapter(t *testing.T) {
 	defer cancel()
 	c := testCluster
 	a := startAdapterWith(t) // with its default flags
-	pid, err := pidOf(mustBinary(t, adapterName))
+	pid, err := cluster.PidOf(mustBinary(t, adapterName))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -521,29 +521,6 @@ func mustBinary(t *testing.T, name string) string {
 	return p
 }
 
-// pidOf finds the process running a binary. The tests run in their own PID
-// namespace, so only the harness's processes are there.
-func pidOf(binary string) (int, error) {
-	dirs, err := os.ReadDir("/proc")
-	if err != nil {
-		return 0, err
-	}
-	for _, d := range dirs {
-		pid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		if argv0, _, _ := bytes.Cut(cmdline, []byte{0}); string(argv0) == binary {
-			return pid, nil
-		}
-	}
-	return 0, fmt.Errorf("no process runs %s", binary)
-}
-
 // cpuSeconds is the user and system CPU time a process has used. Linux
 // reports it in clock ticks of 1/100 s (USER_HZ).
 func cpuSeconds(t *testing.T, pid int) float64 {
@@ -560,7 +537,7 @@ func cpuSeconds(t *testing.T, pid int) float64 {
 }
 
 // peakRSS is the process's high-water resident set, in MiB.
-func peakRSS(pid int) (float64, error) { return procStatus(pid, "VmHWM:") }
+func peakRSS(pid int) (float64, error) { return cluster.MemoryMiB(pid, "VmHWM") }
 
 // logRSS logs the adapter's resident set, what of it is anonymous memory
 // (the Go heap and stacks) and what mapped from the binary, and its peak so
@@ -568,9 +545,9 @@ func peakRSS(pid int) (float64, error) { return procStatus(pid, "VmHWM:") }
 func logRSS(t *testing.T, pid int, phase string) {
 	t.Helper()
 	var v [4]float64
-	for i, field := range []string{"VmRSS:", "RssAnon:", "RssFile:", "VmHWM:"} {
+	for i, field := range []string{"VmRSS", "RssAnon", "RssFile", "VmHWM"} {
 		var err error
-		if v[i], err = procStatus(pid, field); err != nil {
+		if v[i], err = cluster.MemoryMiB(pid, field); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -578,21 +555,7 @@ func logRSS(t *testing.T, pid int, phase string) {
 }
 
 // currentRSS is the process's resident set now, in MiB.
-func currentRSS(pid int) (float64, error) { return procStatus(pid, "VmRSS:") }
-
-func procStatus(pid int, field string) (float64, error) {
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(status), "\n") {
-		if rest, ok := strings.CutPrefix(line, field); ok {
-			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
-			return kb / 1024, err
-		}
-	}
-	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
-}
+func currentRSS(pid int) (float64, error) { return cluster.MemoryMiB(pid, "VmRSS") }
 
 // benchPrometheus runs Prometheus and prometheus-adapter at their default
 // settings over the same pods and measures the same things.
@@ -722,11 +685,11 @@ func benchPrometheus(ctx context.Context, t *testing.T, res *benchResult, ns str
 	res.peer[rowScrapes] = fmt.Sprintf("%.0f (%d pods every 1m)", float64(nPods)/60, nPods)
 	res.peer[rowAge] = "not reported (values carry the query time)"
 
-	promPid, err := pidOf(promBin)
+	promPid, err := cluster.PidOf(promBin)
 	if err != nil {
 		t.Fatal(err)
 	}
-	paPid, err := pidOf(paBin)
+	paPid, err := cluster.PidOf(paBin)
 	if err != nil {
 		t.Fatal(err)
 	}

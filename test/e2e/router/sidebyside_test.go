@@ -158,8 +158,20 @@ func TestSideBySide(t *testing.T) {
 		fmt.Fprintf(&b, "| %s | %d | %s | %s | %d |\n", tg.name, o.sent, o.p50, o.p99, o.errors)
 	}
 	fmt.Fprintf(&b, "\np99 added by the router: **%s** (target ≤ 1ms)\n", added.Round(10*time.Microsecond))
+	routerBin, err := cluster.Binary("capstan-router")
+	if err != nil {
+		t.Fatal(err)
+	}
+	routerPid, err := cluster.PidOf(routerBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	routerRSS, err := cluster.MemoryMiB(routerPid, "VmHWM")
+	if err != nil {
+		t.Fatal(err)
+	}
 	fmt.Fprintf(&b, "\ncapstan-router peak RSS over the run: %.0f MiB (environment from the manifests: %s)\n",
-		processPeakRSS(t, "capstan-router"), strings.Join(routerEnv, " "))
+		routerRSS, strings.Join(routerEnv, " "))
 	t.Log("\n" + b.String())
 	if out := os.Getenv("CAPSTAN_BENCH_OUT"); out != "" {
 		if err := os.WriteFile(out, []byte(b.String()), 0o644); err != nil {
@@ -443,30 +455,6 @@ func processCPU(t *testing.T, comm string) time.Duration {
 	}
 	const clockTicks = 100 // USER_HZ on Linux
 	return time.Duration(ticks) * time.Second / clockTicks
-}
-
-// processPeakRSS is the largest high-water resident set (VmHWM) of the
-// processes named comm, in MiB.
-func processPeakRSS(t *testing.T, comm string) float64 {
-	t.Helper()
-	statuses, err := filepath.Glob("/proc/[0-9]*/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	peak := 0.0
-	for _, path := range statuses {
-		data, err := os.ReadFile(path)
-		if err != nil || !strings.Contains(string(data), "Name:\t"+comm+"\n") {
-			continue
-		}
-		for line := range strings.Lines(string(data)) {
-			if f := strings.Fields(line); len(f) == 3 && f[0] == "VmHWM:" {
-				kb, _ := strconv.ParseFloat(f[1], 64)
-				peak = max(peak, kb/1024)
-			}
-		}
-	}
-	return peak
 }
 
 func fetch(t *testing.T, url string) []byte {
