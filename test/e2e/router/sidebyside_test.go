@@ -423,8 +423,9 @@ func openLoop(t *testing.T, url, body string, rate float64, d time.Duration) ope
 }
 
 // processCPU sums the user and system CPU time of every process named comm
-// (nginx's and HAProxy's workers included). The benchmark runs in its own
-// PID namespace, so these are the benchmark's processes.
+// (nginx's and HAProxy's workers included). netns.sh gives the benchmark a
+// PID namespace but not a /proc of its own, so a process of the same name
+// elsewhere on the machine would count too; the benchmark machine runs none.
 func processCPU(t *testing.T, comm string) time.Duration {
 	t.Helper()
 	if comm == "" {
