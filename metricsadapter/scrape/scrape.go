@@ -45,6 +45,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -571,19 +572,19 @@ func (r Result) String() string { return resultNames[r] }
 func (s *Scraper) fetch(ctx context.Context, w *worker, t Target, filter *exposition.Filter) (time.Time, Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, t.URL, nil)
+	u, err := url.Parse(t.URL)
 	if err != nil {
 		return time.Time{}, NetworkError, err
 	}
-	if req.URL.Scheme != "http" {
-		return time.Time{}, NetworkError, fmt.Errorf("URL scheme %q: metrics are scraped over plain HTTP", req.URL.Scheme)
+	if u.Scheme != "http" {
+		return time.Time{}, NetworkError, fmt.Errorf("URL scheme %q: metrics are scraped over plain HTTP", u.Scheme)
 	}
-	addr := req.URL.Host
-	if req.URL.Port() == "" {
-		addr = net.JoinHostPort(req.URL.Hostname(), "80")
+	addr := u.Host
+	if u.Port() == "" {
+		addr = net.JoinHostPort(u.Hostname(), "80")
 	}
-	req.Header.Set("Accept", exposition.Accept)
-	req.Header.Set("User-Agent", s.opts.UserAgent)
+	req := &upstream.Request{Method: http.MethodGet, Target: u.RequestURI(), Host: u.Host,
+		Header: http.Header{"Accept": {exposition.Accept}, "User-Agent": {s.opts.UserAgent}}}
 	resp, err := s.conns.RoundTrip(ctx, req, addr, s.opts.Timeout)
 	if err != nil {
 		return time.Time{}, transportResult(ctx, err), err

@@ -12,7 +12,7 @@
 // byte" in one visible place, lets every error be OpenAI-shaped with the
 // right status, names the endpoint that served the response, and avoids
 // ReverseProxy's per-attempt request cloning. The connection pooling,
-// keep-alive and HTTP/1.1 framing all still come from net/http.Transport.
+// keep-alive and HTTP/1.1 exchanges are router/upstream's.
 package proxy
 
 import (
@@ -366,6 +366,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		lastErr  error
 		lastFail failure
 	)
+	req := upstream.Request{Method: r.Method, Target: requestURI(r, t), Header: t.header, Body: body}
 	// Picks that lose an endpoint's last slot to a concurrent request pick
 	// again; the guard bounds those, attempts bound the round trips.
 	for guard := 0; x.attempts < h.opts.MaxAttempts && guard < h.opts.MaxAttempts+16; guard++ {
@@ -388,7 +389,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		}
 		x.attempts++
 		x.pod, x.endpoint = e.Pod, e.Address
-		up, err := h.upstreams.RoundTrip(ctx, outboundRequest(r, t, e.Address, body), e.Address, h.opts.FirstByteTimeout)
+		req.Host = t.host
+		if req.Host == "" {
+			req.Host = e.Address
+		}
+		up, err := h.upstreams.RoundTrip(ctx, &req, e.Address, h.opts.FirstByteTimeout)
 		if err != nil {
 			pool.Release(e)
 			if ctx.Err() != nil {
@@ -509,25 +514,14 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *bala
 	}
 }
 
-// outboundRequest builds one attempt's request to addr. The header map is
-// shared by all attempts (writing a request does not modify it).
-func outboundRequest(in *http.Request, t *target, addr string, body []byte) *http.Request {
-	host := t.host
-	if host == "" {
-		host = addr
+// requestURI is the request target sent upstream: the client's own when the
+// path is not rewritten, as nginx forwards it.
+func requestURI(in *http.Request, t *target) string {
+	if t.path == in.URL.Path && t.rawPath == in.URL.RawPath && strings.HasPrefix(in.RequestURI, "/") {
+		return in.RequestURI
 	}
-	return &http.Request{
-		Method:        in.Method,
-		URL:           &url.URL{Scheme: "http", Host: addr, Path: t.path, RawPath: t.rawPath, RawQuery: in.URL.RawQuery},
-		Proto:         "HTTP/1.1",
-		ProtoMajor:    1,
-		ProtoMinor:    1,
-		Header:        t.header,
-		Body:          io.NopCloser(bytes.NewReader(body)),
-		GetBody:       func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil },
-		ContentLength: int64(len(body)),
-		Host:          host,
-	}
+	u := url.URL{Path: t.path, RawPath: t.rawPath, RawQuery: in.URL.RawQuery}
+	return u.RequestURI()
 }
 
 // outboundHeader copies the client's headers minus hop-by-hop ones, and adds

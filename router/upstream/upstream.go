@@ -12,9 +12,10 @@
 // Here the caller writes the request and reads the response itself, timeouts
 // are connection deadlines instead of timers, a cancelled context aborts the
 // connection's I/O through context.AfterFunc, and an idle connection holds no
-// buffer: the buffers are pooled and lent to an exchange. The HTTP/1.1
-// framing is still the standard library's: http.Request.Write and
-// http.ReadResponse.
+// buffer: the buffers are pooled and lent to an exchange. Responses are
+// parsed by the standard library (http.ReadResponse); a request's head is
+// written here from a Request, which costs a few fields instead of building
+// an http.Request and its URL for http.Request.Write to take apart again.
 package upstream
 
 import (
@@ -24,9 +25,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/capstan-dev/capstan/router/wire"
 )
 
 // Options configure a Pool. The zero value of each field means its default.
@@ -213,13 +217,58 @@ func (r *Response) SetReadDeadline(t time.Time) error { return r.conn.SetReadDea
 // early. Release must still be called.
 func (r *Response) Abort() { r.conn.Close() }
 
+// Request is a request to send.
+type Request struct {
+	Method string
+	// Target is the request target as sent: the path and the query.
+	Target string
+	// Host is the Host field.
+	Host string
+	// Header is sent as it is, without Host, Content-Length and
+	// Transfer-Encoding, which the exchange writes itself; the caller has
+	// left out hop-by-hop fields.
+	Header http.Header
+	// Body is sent with its Content-Length; nil means no body.
+	Body []byte
+}
+
+// write writes the request's head and body.
+func (r *Request) write(w *bufio.Writer) error {
+	w.WriteString(r.Method)
+	w.WriteByte(' ')
+	w.WriteString(r.Target)
+	w.WriteString(" HTTP/1.1\r\n")
+	wire.WriteField(w, "Host", r.Host)
+	wire.WriteFields(w, r.Header, framing)
+	if r.Body != nil {
+		w.WriteString("Content-Length: ")
+		w.WriteString(strconv.Itoa(len(r.Body)))
+		w.WriteString("\r\n")
+	}
+	w.WriteString("\r\n")
+	_, err := w.Write(r.Body)
+	return err
+}
+
+func framing(name string) bool {
+	switch name {
+	case "Host", "Content-Length", "Transfer-Encoding":
+		return true
+	}
+	return false
+}
+
+// headRequest tells http.ReadResponse that a response has no body; for
+// every other method it is given nil.
+var headRequest = &http.Request{Method: http.MethodHead}
+
 // RoundTrip sends req to addr and reads the response headers; the deadline
 // for all of that, and for reading the body until SetReadDeadline moves it,
 // is now+timeout. A stale keep-alive connection (closed by the server while
 // idle, so the exchange fails before any response byte) is replaced by a
-// fresh one once; a request with a body must have GetBody for that. Release
-// must be called once the response has been dealt with.
-func (p *Pool) RoundTrip(ctx context.Context, req *http.Request, addr string, timeout time.Duration) (*Response, error) {
+// fresh one once. Release must be called once the response has been dealt
+// with.
+func (p *Pool) RoundTrip(ctx context.Context, req *Request, addr string, timeout time.Duration) (*Response, error) {
 	for fresh := false; ; fresh = true {
 		c, err := p.get(ctx, addr)
 		if err != nil {
@@ -236,28 +285,25 @@ func (p *Pool) RoundTrip(ctx context.Context, req *http.Request, addr string, ti
 		if !c.reused || fresh || ctx.Err() != nil || !staleConn(err) {
 			return nil, err
 		}
-		if req.GetBody != nil {
-			if req.Body, err = req.GetBody(); err != nil {
-				return nil, err
-			}
-		} else if req.Body != nil && req.Body != http.NoBody {
-			return nil, err // the body cannot be sent again
-		}
 	}
 }
 
-func (c *conn) send(req *http.Request, timeout time.Duration) (*http.Response, error) {
+func (c *conn) send(req *Request, timeout time.Duration) (*http.Response, error) {
 	if err := c.SetDeadline(time.Now().Add(timeout)); err != nil {
 		return nil, err
 	}
-	if err := req.Write(c.buf.w); err != nil {
+	if err := req.write(c.buf.w); err != nil {
 		return nil, err
 	}
 	if err := c.buf.w.Flush(); err != nil {
 		return nil, err
 	}
+	var asked *http.Request
+	if req.Method == http.MethodHead {
+		asked = headRequest
+	}
 	for {
-		resp, err := http.ReadResponse(c.buf.r, req)
+		resp, err := http.ReadResponse(c.buf.r, asked)
 		if err != nil {
 			return nil, err
 		}

@@ -7,7 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"strings"
+	"reflect"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -39,13 +39,9 @@ func serverCountingClosed(t *testing.T, idleTimeout time.Duration, handler http.
 	return srv.Listener.Addr().String(), opened, closed
 }
 
-func get(t *testing.T, addr string) *http.Request {
+func get(t *testing.T, addr string) *Request {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, "http://"+addr+"/metrics", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return req
+	return &Request{Method: http.MethodGet, Target: "/metrics", Host: addr}
 }
 
 // exchange makes one GET and reads the body to its end.
@@ -225,22 +221,58 @@ func TestTimeoutBoundsTheResponseHeaders(t *testing.T) {
 	}
 }
 
-func TestRequestBodyIsSent(t *testing.T) {
+func TestRequestIsSentAsGiven(t *testing.T) {
+	type seen struct {
+		method, uri, host, contentLength, ua, custom, body string
+		transferEncoding                                   []string
+	}
+	got := make(chan seen, 1)
 	addr, _ := server(t, time.Minute, func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(w, r.Body)
+		b, _ := io.ReadAll(r.Body)
+		got <- seen{r.Method, r.RequestURI, r.Host, r.Header.Get("Content-Length"), r.Header.Get("User-Agent"),
+			r.Header.Get("X-Custom"), string(b), r.TransferEncoding}
 	})
 	p := New(Options{})
-	req, err := http.NewRequest(http.MethodPost, "http://"+addr+"/", strings.NewReader(`{"model":"m"}`))
+	r, err := p.RoundTrip(context.Background(), &Request{
+		Method: http.MethodPost, Target: "/v1/completions?x=%2F", Host: "model.example",
+		Header: http.Header{"X-Custom": {"a\r\nInjected: yes"}, "Content-Length": {"999"}, "User-Agent": {"client/1"}},
+		Body:   []byte(`{"model":"m"}`),
+	}, addr, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := p.RoundTrip(context.Background(), req, addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
+	p.Release(r, false)
+	want := seen{"POST", "/v1/completions?x=%2F", "model.example", "13", "client/1", "a  Injected: yes", `{"model":"m"}`, nil}
+	if s := <-got; !reflect.DeepEqual(s, want) {
+		t.Errorf("the server saw %+v, want %+v", s, want)
 	}
-	defer p.Release(r, false)
-	if body, _ := io.ReadAll(r.Body); string(body) != `{"model":"m"}` {
-		t.Errorf("echoed body %q", body)
+}
+
+// A request with a body goes out again on a fresh connection when the
+// kept-alive one turns out stale, body and all.
+func TestStaleConnectionResendsTheBody(t *testing.T) {
+	addr, conns, closed := serverCountingClosed(t, 20*time.Millisecond, func(w http.ResponseWriter, r *http.Request) { io.Copy(w, r.Body) })
+	p := New(Options{})
+	for i := range 2 {
+		r, err := p.RoundTrip(context.Background(), &Request{Method: http.MethodPost, Target: "/", Host: addr, Body: []byte("prompt")}, addr, 5*time.Second)
+		if err != nil {
+			t.Fatalf("exchange %d: %v", i, err)
+		}
+		body, err := io.ReadAll(r.Body)
+		p.Release(r, err == nil)
+		if string(body) != "prompt" {
+			t.Fatalf("exchange %d: echoed %q", i, body)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for closed.Load() < int64(i+1) {
+			if time.Now().After(deadline) {
+				t.Fatal("the server never closed the idle connection")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	if n := conns.Load(); n != 2 {
+		t.Errorf("%d connections, want 2", n)
 	}
 }
 
