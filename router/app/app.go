@@ -30,6 +30,7 @@ import (
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/proxy"
 	"github.com/capstan-dev/capstan/router/route"
+	"github.com/capstan-dev/capstan/router/server"
 )
 
 // userAgent identifies the router to the API server.
@@ -129,10 +130,11 @@ func Run(ctx context.Context, o *Options) error {
 		}
 		return nil
 	}
-	srv := &http.Server{
+	srv := &server.Server{
 		Handler:           newMux(handler, reg, ready, o.Profiling),
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       120 * time.Second,
+		Logger:            logger.WithName("server"),
 	}
 	listener, err := net.Listen("tcp", o.BindAddress)
 	if err != nil {

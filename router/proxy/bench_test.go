@@ -3,7 +3,6 @@ package proxy
 import (
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -26,7 +25,7 @@ func BenchmarkForward(b *testing.B) {
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			resp, err := c.Post(f.server.URL+"/v1/completions", "application/json", strings.NewReader(completion))
+			resp, err := c.Post(f.url+"/v1/completions", "application/json", strings.NewReader(completion))
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -61,15 +60,14 @@ func BenchmarkGatewayForward(b *testing.B) {
 	r := newRule(0, route.RuleBackend{Weight: 1, Backend: be})
 	l.AddHost("", []*route.Match{match(r, mustMatch(route.NewPathMatch(route.PathPrefix, "/v1")), mustMatch(route.NewHeaderMatch(ModelHeader, "llama", false)))})
 	g.table = route.NewHTTPTable([]*route.Port{route.NewPort(gatewayAddr, false, []*route.Listener{l})})
-	srv := httptest.NewServer(g.handler.GatewayHandler(gatewayAddr))
-	b.Cleanup(srv.Close)
+	url := serveRouter(b, g.handler.GatewayHandler(gatewayAddr))
 	tr := &http.Transport{MaxIdleConnsPerHost: 256}
 	c := &http.Client{Transport: tr}
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			resp, err := c.Post(srv.URL+"/v1/completions", "application/json", strings.NewReader(completion))
+			resp, err := c.Post(url+"/v1/completions", "application/json", strings.NewReader(completion))
 			if err != nil {
 				b.Fatal(err)
 			}

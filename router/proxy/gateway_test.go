@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -35,8 +34,8 @@ func echoUpstream(t testing.TB, pod string) backend {
 // test builds, with the router's handler.
 type gatewayFixture struct {
 	*fixture
-	table  *route.HTTPTable
-	server *httptest.Server
+	table *route.HTTPTable
+	url   string // the Gateway listener's
 }
 
 const gatewayAddr = "gw:80"
@@ -67,14 +66,13 @@ func newGatewayFixture(t *testing.T, services map[string][]backend, rules func(b
 		l.AddHost(host, ms)
 	}
 	g.table = route.NewHTTPTable([]*route.Port{route.NewPort(gatewayAddr, false, []*route.Listener{l})})
-	g.server = httptest.NewServer(g.handler.GatewayHandler(gatewayAddr))
-	t.Cleanup(g.server.Close)
+	g.url = serveRouter(t, g.handler.GatewayHandler(gatewayAddr))
 	return g
 }
 
 func (g *gatewayFixture) do(method, host, path, contentType, body string, header ...string) (*http.Response, string) {
 	g.t.Helper()
-	req, err := http.NewRequest(method, g.server.URL+path, strings.NewReader(body))
+	req, err := http.NewRequest(method, g.url+path, strings.NewReader(body))
 	if err != nil {
 		g.t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/capstan-dev/capstan/router/route"
+	"github.com/capstan-dev/capstan/router/server"
 )
 
 // Listeners keeps one HTTP server on each listen address of the Gateway
@@ -37,7 +38,10 @@ type Listeners struct {
 
 type gatewayServer struct {
 	tls bool
-	srv *http.Server
+	srv interface {
+		Shutdown(context.Context) error
+		Close() error
+	}
 }
 
 // NewListeners returns a Listeners serving h for the table that table
@@ -91,13 +95,19 @@ func (l *Listeners) open(ctx context.Context, addr string, useTLS bool) (*gatewa
 	if err != nil {
 		return nil, err
 	}
-	srv := &http.Server{
-		Handler:           l.handler.GatewayHandler(addr),
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       120 * time.Second,
+	handler := l.handler.GatewayHandler(addr)
+	if !useTLS {
+		srv := &server.Server{Handler: handler, ReadHeaderTimeout: readHeaderTimeout, IdleTimeout: idleTimeout, Logger: l.logger}
+		go l.serve(addr, func() error { return srv.Serve(ln) })
+		l.logger.Info("Listening for Gateways", "address", addr, "tls", false)
+		return &gatewayServer{srv: srv}, nil
 	}
-	if useTLS {
-		srv.TLSConfig = &tls.Config{
+	// TLS, and with it HTTP/2, is net/http's.
+	srv := &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       idleTimeout,
+		TLSConfig: &tls.Config{
 			MinVersion: tls.VersionTLS12,
 			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 				if p := l.table().Port(addr); p != nil {
@@ -107,21 +117,23 @@ func (l *Listeners) open(ctx context.Context, addr string, useTLS bool) (*gatewa
 				}
 				return nil, fmt.Errorf("no certificate for %q on %s", hello.ServerName, addr)
 			},
-		}
+		},
 	}
-	go func() {
-		var err error
-		if useTLS {
-			err = srv.ServeTLS(ln, "", "")
-		} else {
-			err = srv.Serve(ln)
-		}
-		if err != nil && !errors.Is(err, http.ErrServerClosed) {
-			l.logger.Error(err, "Gateway listener stopped", "address", addr)
-		}
-	}()
-	l.logger.Info("Listening for Gateways", "address", addr, "tls", useTLS)
-	return &gatewayServer{tls: useTLS, srv: srv}, nil
+	go l.serve(addr, func() error { return srv.ServeTLS(ln, "", "") })
+	l.logger.Info("Listening for Gateways", "address", addr, "tls", true)
+	return &gatewayServer{tls: true, srv: srv}, nil
+}
+
+// The timeouts of a Gateway listener's connections.
+const (
+	readHeaderTimeout = 30 * time.Second
+	idleTimeout       = 120 * time.Second
+)
+
+func (l *Listeners) serve(addr string, serve func() error) {
+	if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		l.logger.Error(err, "Gateway listener stopped", "address", addr)
+	}
 }
 
 // close stops accepting on an address and lets its requests finish within

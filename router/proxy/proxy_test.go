@@ -28,6 +28,7 @@ import (
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/route"
+	"github.com/capstan-dev/capstan/router/server"
 )
 
 // backend is one upstream of a test: an httptest server, or a dead address.
@@ -91,7 +92,7 @@ type fixture struct {
 	builder *route.Builder
 	reg     *prometheus.Registry
 	handler *Handler
-	server  *httptest.Server
+	url     string // the router's
 }
 
 type option func(*Options)
@@ -118,8 +119,7 @@ func newFixture(t testing.TB, model string, backends []backend, opts ...option) 
 		opt(&o)
 	}
 	f.handler = New(b, metrics.New(f.reg, b.Table), logger, o)
-	f.server = httptest.NewServer(f.handler)
-	t.Cleanup(f.server.Close)
+	f.url = serveRouter(t, f.handler)
 	t.Cleanup(f.handler.CloseIdleConnections)
 	return f
 }
@@ -137,7 +137,7 @@ func (f *fixture) setBackends(model string, backends []backend) {
 
 func (f *fixture) post(path, body string, header ...string) (*http.Response, string) {
 	f.t.Helper()
-	req, err := http.NewRequest(http.MethodPost, f.server.URL+path, strings.NewReader(body))
+	req, err := http.NewRequest(http.MethodPost, f.url+path, strings.NewReader(body))
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -292,7 +292,7 @@ func TestErrors(t *testing.T) {
 			"model llama-3-8b has 0 ready of 3 endpoints: 2 not ready, 1 terminating", map[string]string{"Retry-After": "2"}},
 	} {
 		t.Run(name, func(t *testing.T) {
-			req, _ := http.NewRequest(tc.method, f.server.URL+tc.path, strings.NewReader(tc.body))
+			req, _ := http.NewRequest(tc.method, f.url+tc.path, strings.NewReader(tc.body))
 			resp, err := http.DefaultClient.Do(req)
 			if err != nil {
 				t.Fatal(err)
@@ -336,7 +336,7 @@ func TestTooLargeChunkedBody(t *testing.T) {
 		pw.Write([]byte(strings.Repeat("y", 4000)))
 		pw.Close()
 	}()
-	req, _ := http.NewRequest(http.MethodPost, f.server.URL+"/v1/completions", pr)
+	req, _ := http.NewRequest(http.MethodPost, f.url+"/v1/completions", pr)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -413,7 +413,7 @@ func TestNeverRetriesAfterBytesReachedTheClient(t *testing.T) {
 	partial := startBackend(t, "partial", hijackClose(`{"object":"text_comp`))
 	other := startBackend(t, "other", ok)
 	f := newFixture(t, "llama", []backend{partial, other}, ordered("partial", "other"))
-	req, _ := http.NewRequest(http.MethodPost, f.server.URL+"/v1/completions", strings.NewReader(completion))
+	req, _ := http.NewRequest(http.MethodPost, f.url+"/v1/completions", strings.NewReader(completion))
 	// The router has committed to the response (status and headers), but
 	// may not have flushed them before the model server died: the client
 	// sees the connection close, before or after the headers, never a
@@ -516,7 +516,7 @@ func TestStreamsChunkByChunk(t *testing.T) {
 		io.WriteString(w, "data: [DONE]\n\n")
 	})
 	f := newFixture(t, "llama", []backend{b})
-	req, _ := http.NewRequest(http.MethodPost, f.server.URL+"/v1/chat/completions", strings.NewReader(`{"model":"llama","stream":true}`))
+	req, _ := http.NewRequest(http.MethodPost, f.url+"/v1/chat/completions", strings.NewReader(`{"model":"llama","stream":true}`))
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -552,7 +552,7 @@ func TestIdleStreamTimeoutAbortsTheResponse(t *testing.T) {
 	})
 	f := newFixture(t, "llama", []backend{b}, func(o *Options) { o.IdleStreamTimeout = 200 * time.Millisecond })
 	start := time.Now()
-	req, _ := http.NewRequest(http.MethodPost, f.server.URL+"/v1/completions", strings.NewReader(`{"model":"llama","stream":true}`))
+	req, _ := http.NewRequest(http.MethodPost, f.url+"/v1/completions", strings.NewReader(`{"model":"llama","stream":true}`))
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -584,7 +584,7 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 	})
 	f := newFixture(t, "llama", []backend{b})
 	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, f.server.URL+"/v1/completions", strings.NewReader(completion))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, f.url+"/v1/completions", strings.NewReader(completion))
 	go func() {
 		<-started
 		cancel()
@@ -669,7 +669,7 @@ func TestConcurrencyLimits(t *testing.T) {
 
 func TestListModels(t *testing.T) {
 	f := newFixture(t, "llama", []backend{startBackend(t, "a", ok), {addr: "198.18.0.9:8000", pod: "b"}})
-	resp, err := http.Get(f.server.URL + "/v1/models")
+	resp, err := http.Get(f.url + "/v1/models")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -686,7 +686,7 @@ func TestListModels(t *testing.T) {
 	if diff := cmp.Diff(want, list.Data); diff != "" || list.Object != "list" {
 		t.Errorf("models (-want +got):\n%s", diff)
 	}
-	resp, err = http.Get(f.server.URL + "/v1/models/llama")
+	resp, err = http.Get(f.url + "/v1/models/llama")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -694,7 +694,7 @@ func TestListModels(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("GET /v1/models/llama: %d", resp.StatusCode)
 	}
-	resp, err = http.Get(f.server.URL + "/v1/models/nope")
+	resp, err = http.Get(f.url + "/v1/models/nope")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -807,4 +807,24 @@ func TestStaleKeepAliveConnectionIsRedialed(t *testing.T) {
 	if v := f.metric("capstan_router_retries_total", map[string]string{"model": "llama", "reason": "transport"}); v != 0 {
 		t.Errorf("a stale keep-alive connection counted as a retry (%v)", v)
 	}
+}
+
+// serveRouter serves h the way the router does (server.Server) on a
+// loopback port until the test ends, and returns its URL.
+func serveRouter(t testing.TB, h http.Handler) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &server.Server{Handler: h}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	t.Cleanup(func() {
+		srv.Close()
+		if err := <-done; !errors.Is(err, server.ErrServerClosed) {
+			t.Errorf("serving: %v", err)
+		}
+	})
+	return "http://" + ln.Addr().String()
 }

@@ -1,0 +1,496 @@
+// Package server serves cleartext HTTP/1.1 to an http.Handler with one
+// goroutine per connection and nothing else per request.
+//
+// Why not net/http.Server: for every request it starts a background read of
+// the client's connection once the body has been read (to notice a client
+// that goes away), and when the handler returns it aborts that read and waits
+// for the reading goroutine to finish — a goroutine start, two deadline
+// changes and a hand-off between goroutines per request. Sorting the response
+// headers and a context per request add to it. For the router, whose own work
+// per request is a few microseconds, that machinery was about a third of its
+// CPU (docs/benchmarks/router.md). Here the connection's goroutine reads a
+// request, runs the handler and writes the response; the client's connection
+// is watched only for requests still running after WatchDelay, which model
+// requests that matter to cancel always are.
+//
+// The request parsing is the standard library's (http.ReadRequest), as are
+// the request bodies (Content-Length and chunked) and http.Handler. TLS
+// listeners, and with them HTTP/2, stay with net/http.Server.
+package server
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// Server serves HTTP/1.1 on listeners. Set its fields before the first call
+// to Serve and do not change them after.
+type Server struct {
+	// Handler answers every request.
+	Handler http.Handler
+	// ReadHeaderTimeout bounds reading a request's head and body, from its
+	// first byte. Default 30s.
+	ReadHeaderTimeout time.Duration
+	// IdleTimeout bounds the wait for the next request on a kept-alive
+	// connection. Default 120s.
+	IdleTimeout time.Duration
+	// MaxHeaderBytes bounds a request's head. Default 1 MiB.
+	MaxHeaderBytes int
+	// WatchDelay is how long a request runs before the server starts
+	// watching its client's connection, to cancel the request's context
+	// when the client goes away. Default 10ms.
+	WatchDelay time.Duration
+	// Logger logs handler panics. Default klog's.
+	Logger klog.Logger
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	closing   atomic.Bool
+}
+
+// ErrServerClosed is what Serve returns after Shutdown or Close, the same
+// value as net/http's so that callers treat both servers alike.
+var ErrServerClosed = http.ErrServerClosed
+
+// discardLimit is how much of a request body the handler left unread the
+// server reads past to keep the connection; beyond it, it closes instead.
+const discardLimit = 256 << 10
+
+func (s *Server) readHeaderTimeout() time.Duration {
+	return orDefault(s.ReadHeaderTimeout, 30*time.Second)
+}
+func (s *Server) idleTimeout() time.Duration { return orDefault(s.IdleTimeout, 120*time.Second) }
+func (s *Server) watchDelay() time.Duration  { return orDefault(s.WatchDelay, 10*time.Millisecond) }
+
+func (s *Server) maxHeaderBytes() int64 {
+	if s.MaxHeaderBytes > 0 {
+		return int64(s.MaxHeaderBytes)
+	}
+	return http.DefaultMaxHeaderBytes
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
+
+// Serve accepts connections on ln until ln fails or the server is shut
+// down; it then returns ErrServerClosed. It closes ln.
+func (s *Server) Serve(ln net.Listener) error {
+	if !s.track(ln) {
+		ln.Close()
+		return ErrServerClosed
+	}
+	defer s.untrack(ln)
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if s.closing.Load() {
+				return ErrServerClosed
+			}
+			// Running out of file descriptors passes; back off as
+			// net/http does rather than spin or stop serving.
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.logger().Error(err, "Accepting a connection failed; retrying", "in", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		c := s.newConn(nc)
+		if c == nil {
+			nc.Close()
+			continue
+		}
+		go c.serve()
+	}
+}
+
+func (s *Server) logger() klog.Logger {
+	if s.Logger.GetSink() == nil {
+		return klog.Background()
+	}
+	return s.Logger
+}
+
+func (s *Server) track(ln net.Listener) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing.Load() {
+		return false
+	}
+	if s.listeners == nil {
+		s.listeners = map[net.Listener]struct{}{}
+	}
+	s.listeners[ln] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(ln net.Listener) {
+	s.mu.Lock()
+	delete(s.listeners, ln)
+	s.mu.Unlock()
+	ln.Close()
+}
+
+// Shutdown stops accepting, closes idle connections, and waits for the
+// requests in flight to finish (each connection closes after its response)
+// until ctx ends, when it returns ctx's error; Close then ends the rest.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.closeListeners()
+	tick := 5 * time.Millisecond
+	for {
+		if s.closeIdle() == 0 {
+			return nil
+		}
+		t := time.NewTimer(tick)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+		tick = min(2*tick, 500*time.Millisecond)
+	}
+}
+
+// Close stops accepting and closes every connection, in flight or not.
+func (s *Server) Close() error {
+	s.closeListeners()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.conns {
+		c.rwc.Close()
+	}
+	return nil
+}
+
+func (s *Server) closeListeners() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closing.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+}
+
+// closeIdle closes the connections between requests and returns how many
+// connections are left.
+func (s *Server) closeIdle() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.conns {
+		if c.idle {
+			c.rwc.Close()
+			delete(s.conns, c)
+		}
+	}
+	return len(s.conns)
+}
+
+func (s *Server) newConn(nc net.Conn) *conn {
+	c := &conn{srv: s, rwc: nc, remoteAddr: nc.RemoteAddr().String(), idle: true}
+	c.lr = io.LimitedReader{R: nc, N: math.MaxInt64}
+	c.br = bufio.NewReaderSize(&c.lr, 4<<10)
+	c.bw = bufio.NewWriterSize(nc, 4<<10)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing.Load() {
+		return nil
+	}
+	if s.conns == nil {
+		s.conns = map[*conn]struct{}{}
+	}
+	s.conns[c] = struct{}{}
+	return c
+}
+
+// setIdle marks c as between requests (Shutdown may close it) or not, and
+// reports false when the server is shutting down.
+func (s *Server) setIdle(c *conn, idle bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c.idle = idle
+	return !s.closing.Load()
+}
+
+func (s *Server) forget(c *conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
+
+// conn is one client connection and what its goroutine reuses from one
+// request to the next.
+type conn struct {
+	srv        *Server
+	rwc        net.Conn
+	remoteAddr string
+	lr         io.LimitedReader // bounds a request's head
+	br         *bufio.Reader
+	bw         *bufio.Writer
+	idle       bool // guarded by srv.mu
+	resp       response
+
+	// The watch on the client's connection while a request runs.
+	watch      *time.Timer
+	watchMu    sync.Mutex
+	watchState watchState
+	watchDone  chan struct{}
+	watchBody  *requestBody
+	cancel     context.CancelCauseFunc
+}
+
+type watchState int
+
+const (
+	watchOff      watchState = iota // no request is being watched
+	watchArmed                      // the timer is set for the running request
+	watchReading                    // a goroutine is reading the connection
+	watchStopping                   // the request ended; the reader is being stopped
+)
+
+// ErrClientGone is the cause of a request context the server cancelled
+// because its client closed the connection.
+var ErrClientGone = errors.New("the client closed the connection")
+
+func (c *conn) serve() {
+	defer func() {
+		c.rwc.Close()
+		c.srv.forget(c)
+	}()
+	idle, readHeader := c.srv.idleTimeout(), c.srv.readHeaderTimeout()
+	for {
+		if !c.srv.setIdle(c, true) {
+			return
+		}
+		if c.rwc.SetReadDeadline(time.Now().Add(idle)) != nil {
+			return
+		}
+		if _, err := c.br.Peek(1); err != nil {
+			return
+		}
+		if !c.srv.setIdle(c, false) {
+			return
+		}
+		if c.rwc.SetReadDeadline(time.Now().Add(readHeader)) != nil {
+			return
+		}
+		c.lr.N = c.srv.maxHeaderBytes() + int64(c.br.Buffered()) + 4096 // as net/http allows
+		req, err := http.ReadRequest(c.br)
+		headTooLarge := c.lr.N <= 0
+		c.lr.N = math.MaxInt64
+		if err != nil {
+			c.badRequest(err, headTooLarge)
+			return
+		}
+		if !c.handle(req) {
+			return
+		}
+	}
+}
+
+// badRequest answers a request that could not be read, when there is
+// anyone to answer.
+func (c *conn) badRequest(err error, headTooLarge bool) {
+	var ne net.Error
+	switch {
+	case headTooLarge:
+		c.bw.WriteString("HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n431 Request Header Fields Too Large")
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &ne):
+		return // the client went away or timed out
+	default:
+		c.bw.WriteString("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request")
+	}
+	if c.bw.Flush() == nil {
+		c.closeWriteAndDrain()
+	}
+}
+
+// closeWriteAndDrain ends a connection whose client may still be sending
+// (a rejected or unread body, a bad request): closing with unread bytes
+// would reset the connection, and the reset can destroy the response
+// before the client reads it. So the server half-closes and reads what
+// comes until the client closes too, for a bounded time.
+func (c *conn) closeWriteAndDrain() {
+	if cw, ok := c.rwc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		c.rwc.SetReadDeadline(time.Now().Add(lingerTimeout))
+		io.CopyN(io.Discard, c.rwc, discardLimit)
+	}
+}
+
+// lingerTimeout bounds closeWriteAndDrain; net/http waits as long.
+const lingerTimeout = 500 * time.Millisecond
+
+// handle serves one request and reports whether the connection can take
+// another.
+func (c *conn) handle(req *http.Request) (keep bool) {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(context.Canceled)
+	req = req.WithContext(ctx)
+	req.RemoteAddr = c.remoteAddr
+	body := &requestBody{ReadCloser: req.Body, c: c,
+		expectContinue: req.ProtoAtLeast(1, 1) && req.Header.Get("Expect") == "100-continue" && req.ContentLength != 0}
+	req.Body = body
+	w := &c.resp
+	w.reset(c, req)
+
+	if req.ProtoAtLeast(1, 1) && req.Host == "" && len(req.Header["Host"]) == 0 && req.URL.Host == "" {
+		w.closeAfter = true
+		http.Error(w, "missing required Host header", http.StatusBadRequest)
+	} else if !c.serveHandler(w, req, body, cancel) {
+		return false
+	}
+	if body.expectContinue && !body.sentContinue || !body.drain() {
+		// The client may still be sending a body nobody reads.
+		w.closeAfter = true
+	}
+	if err := w.finish(); err != nil {
+		return false
+	}
+	if w.closeAfter {
+		c.closeWriteAndDrain()
+		return false
+	}
+	return true
+}
+
+// serveHandler runs the handler with the client's connection watched once
+// the request has run for WatchDelay. It reports false when the handler
+// aborted the response by panicking.
+func (c *conn) serveHandler(w *response, req *http.Request, body *requestBody, cancel context.CancelCauseFunc) (ok bool) {
+	c.startWatch(body, cancel)
+	defer c.stopWatch()
+	defer func() {
+		if p := recover(); p != nil {
+			if p != http.ErrAbortHandler {
+				buf := make([]byte, 64<<10)
+				buf = buf[:runtime.Stack(buf, false)]
+				c.srv.logger().Error(nil, "Panic serving a request", "remote", c.remoteAddr, "panic", p, "stack", string(buf))
+			}
+			ok = false
+		}
+	}()
+	c.srv.Handler.ServeHTTP(w, req)
+	return true
+}
+
+func (c *conn) startWatch(body *requestBody, cancel context.CancelCauseFunc) {
+	c.watchMu.Lock()
+	c.watchState, c.watchBody, c.cancel = watchArmed, body, cancel
+	if c.watch == nil {
+		c.watch = time.AfterFunc(c.srv.watchDelay(), c.watchClient)
+	} else {
+		c.watch.Reset(c.srv.watchDelay())
+	}
+	c.watchMu.Unlock()
+}
+
+// watchClient runs (in the timer's goroutine) once a request has run for
+// WatchDelay: it waits for the client's connection to end or to bring more
+// bytes. An end cancels the request; bytes (a pipelined request) stay
+// buffered for the next one.
+func (c *conn) watchClient() {
+	c.watchMu.Lock()
+	if c.watchState != watchArmed {
+		c.watchMu.Unlock()
+		return
+	}
+	if !c.watchBody.sawEOF.Load() {
+		// The handler may still read the body: the connection is its.
+		// Look again later.
+		c.watch.Reset(c.srv.watchDelay())
+		c.watchMu.Unlock()
+		return
+	}
+	c.watchState = watchReading
+	c.watchDone = make(chan struct{})
+	cancel, done := c.cancel, c.watchDone
+	c.watchMu.Unlock()
+
+	defer close(done)
+	_, err := c.br.Peek(1)
+	var ne net.Error
+	if err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+		cancel(ErrClientGone)
+	}
+}
+
+// stopWatch ends the watch of a finished request, waiting for a reader it
+// started so that the connection is the connection goroutine's again.
+func (c *conn) stopWatch() {
+	c.watchMu.Lock()
+	state, done := c.watchState, c.watchDone
+	c.watchState, c.watchBody, c.cancel = watchOff, nil, nil
+	if state == watchArmed {
+		c.watch.Stop()
+	}
+	c.watchMu.Unlock()
+	if state != watchReading {
+		return
+	}
+	c.rwc.SetReadDeadline(aLongTimeAgo)
+	<-done
+}
+
+var aLongTimeAgo = time.Unix(1, 0)
+
+// requestBody is a request's body as the handler sees it: it sends
+// 100 Continue on the first read when the client asked for it, and records
+// the end of the body, after which the connection may be watched.
+type requestBody struct {
+	io.ReadCloser
+	c              *conn
+	expectContinue bool
+	sentContinue   bool
+	sawEOF         atomic.Bool
+}
+
+func (b *requestBody) Read(p []byte) (int, error) {
+	if b.expectContinue && !b.sentContinue {
+		b.sentContinue = true
+		if _, err := b.c.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
+			return 0, err
+		}
+		if err := b.c.bw.Flush(); err != nil {
+			return 0, err
+		}
+	}
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.sawEOF.Store(true)
+	}
+	return n, err
+}
+
+// drain reads what the handler left of the body, up to a limit, and
+// reports whether the connection is positioned at the next request.
+func (b *requestBody) drain() bool {
+	if b.sawEOF.Load() {
+		return true
+	}
+	if b.expectContinue && !b.sentContinue {
+		return false
+	}
+	n, err := io.CopyN(io.Discard, b.ReadCloser, discardLimit+1)
+	return err == io.EOF && n <= discardLimit
+}

@@ -1,0 +1,378 @@
+package server
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// start serves h until the test ends and returns the server and its
+// address. configure, if any, sets the server's fields.
+func start(t *testing.T, h http.HandlerFunc, configure ...func(*Server)) (*Server, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &Server{Handler: h}
+	for _, f := range configure {
+		f(srv)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	t.Cleanup(func() {
+		srv.Close()
+		if err := <-done; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
+	})
+	return srv, ln.Addr().String()
+}
+
+// dial opens a raw connection for tests that need to see the bytes.
+func dial(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return c, bufio.NewReader(c)
+}
+
+func readResponse(t *testing.T, br *bufio.Reader, method string) (*http.Response, string) {
+	t.Helper()
+	resp, err := http.ReadResponse(br, &http.Request{Method: method})
+	if err != nil {
+		t.Fatalf("reading a response: %v", err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("reading a response body: %v", err)
+	}
+	return resp, string(body)
+}
+
+func TestFraming(t *testing.T) {
+	long := strings.Repeat("x", 3*bufferedBody)
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/small":
+			io.WriteString(w, "hello")
+		case "/long":
+			io.WriteString(w, long)
+		case "/declared":
+			w.Header().Set("Content-Length", "5")
+			io.WriteString(w, "hel")
+			io.WriteString(w, "lo")
+		case "/empty":
+			w.WriteHeader(http.StatusNoContent)
+			if _, err := io.WriteString(w, "x"); !errors.Is(err, http.ErrBodyNotAllowed) {
+				t.Errorf("writing a 204's body: %v", err)
+			}
+		case "/too-long":
+			w.Header().Set("Content-Length", "2")
+			if _, err := io.WriteString(w, "abc"); !errors.Is(err, http.ErrContentLength) {
+				t.Errorf("writing past Content-Length: %v", err)
+			}
+			io.WriteString(w, "ab")
+		}
+	})
+	c, br := dial(t, addr)
+	for _, tc := range []struct {
+		method, path   string
+		status         int
+		body           string
+		length         int64
+		chunked        bool
+		noContentLengt bool
+	}{
+		{method: "GET", path: "/small", status: 200, body: "hello", length: 5},
+		{method: "GET", path: "/long", status: 200, body: long, length: -1, chunked: true},
+		{method: "GET", path: "/declared", status: 200, body: "hello", length: 5},
+		{method: "HEAD", path: "/small", status: 200, length: 5},
+		{method: "GET", path: "/empty", status: 204, length: 0, noContentLengt: true},
+		{method: "GET", path: "/too-long", status: 200, body: "ab", length: 2},
+	} {
+		// Every request on the one connection: keep-alive holds.
+		fmt.Fprintf(c, "%s %s HTTP/1.1\r\nHost: test\r\n\r\n", tc.method, tc.path)
+		resp, body := readResponse(t, br, tc.method)
+		if resp.StatusCode != tc.status || body != tc.body || resp.ContentLength != tc.length || resp.Close {
+			t.Errorf("%s %s: status %d, %d-byte body, Content-Length %d, close %v; want %d, %d bytes, %d, false",
+				tc.method, tc.path, resp.StatusCode, len(body), resp.ContentLength, resp.Close, tc.status, len(tc.body), tc.length)
+		}
+		if chunked := len(resp.TransferEncoding) > 0; chunked != tc.chunked {
+			t.Errorf("%s %s: chunked %v, want %v", tc.method, tc.path, chunked, tc.chunked)
+		}
+		if tc.noContentLengt && resp.Header.Get("Content-Length") != "" {
+			t.Errorf("%s %s: Content-Length %q on a response without a body", tc.method, tc.path, resp.Header.Get("Content-Length"))
+		}
+		if resp.Header.Get("Date") == "" {
+			t.Errorf("%s %s: no Date header", tc.method, tc.path)
+		}
+	}
+}
+
+func TestShortBodyClosesConnection(t *testing.T) {
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "10")
+		io.WriteString(w, "short")
+	})
+	c, br := dial(t, addr)
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(resp.Body); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("reading a body shorter than declared: %v, want the connection closed early", err)
+	}
+}
+
+func TestFlushStreamsBeforeTheHandlerReturns(t *testing.T) {
+	release := make(chan struct{})
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: 1\n\n")
+		if err := http.NewResponseController(w).Flush(); err != nil {
+			t.Errorf("flush: %v", err)
+		}
+		<-release
+		io.WriteString(w, "data: 2\n\n")
+	})
+	resp, err := http.Get("http://" + addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	first := make([]byte, len("data: 1\n\n"))
+	if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "data: 1\n\n" {
+		t.Fatalf("first chunk %q, %v", first, err)
+	}
+	close(release)
+	rest, err := io.ReadAll(resp.Body)
+	if err != nil || string(rest) != "data: 2\n\n" {
+		t.Fatalf("rest %q, %v", rest, err)
+	}
+}
+
+func TestClientGoneCancelsContext(t *testing.T) {
+	cause := make(chan error, 1)
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		select {
+		case <-r.Context().Done():
+			cause <- context.Cause(r.Context())
+		case <-time.After(10 * time.Second):
+			cause <- errors.New("not cancelled")
+		}
+	})
+	c, _ := dial(t, addr)
+	io.WriteString(c, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
+	time.Sleep(50 * time.Millisecond) // past WatchDelay: the watch is what is tested
+	c.Close()
+	if err := <-cause; !errors.Is(err, ErrClientGone) {
+		t.Fatalf("context ended with %v, want ErrClientGone", err)
+	}
+}
+
+// A request that arrives while the previous one still runs (pipelining)
+// must neither cancel it nor be lost.
+func TestPipelinedRequestWhileWatched(t *testing.T) {
+	var cancelled atomic.Bool
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		if r.URL.Path == "/slow" {
+			select {
+			case <-r.Context().Done():
+				cancelled.Store(true)
+			case <-time.After(100 * time.Millisecond): // several WatchDelays
+			}
+		}
+		io.WriteString(w, r.URL.Path)
+	})
+	c, br := dial(t, addr)
+	io.WriteString(c, "POST /slow HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
+	time.Sleep(30 * time.Millisecond) // the first request is being watched
+	io.WriteString(c, "GET /next HTTP/1.1\r\nHost: test\r\n\r\n")
+	for _, want := range []string{"/slow", "/next"} {
+		if _, body := readResponse(t, br, "GET"); body != want {
+			t.Fatalf("response %q, want %q", body, want)
+		}
+	}
+	if cancelled.Load() {
+		t.Fatal("a pipelined request cancelled the running one")
+	}
+}
+
+func TestExpectContinue(t *testing.T) {
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/reject" {
+			http.Error(w, "no", http.StatusRequestEntityTooLarge)
+			return
+		}
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	})
+	t.Run("read", func(t *testing.T) {
+		c, br := dial(t, addr)
+		io.WriteString(c, "POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+		line, err := br.ReadString('\n')
+		if err != nil || line != "HTTP/1.1 100 Continue\r\n" {
+			t.Fatalf("first line %q, %v; want 100 Continue", line, err)
+		}
+		br.ReadString('\n')
+		io.WriteString(c, "hello")
+		if resp, body := readResponse(t, br, "POST"); resp.StatusCode != 200 || body != "hello" {
+			t.Fatalf("%d %q", resp.StatusCode, body)
+		}
+	})
+	t.Run("rejected unread", func(t *testing.T) {
+		c, br := dial(t, addr)
+		io.WriteString(c, "POST /reject HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+		resp, _ := readResponse(t, br, "POST")
+		if resp.StatusCode != http.StatusRequestEntityTooLarge || !resp.Close {
+			t.Fatalf("status %d, close %v; want 413 and the connection closed (the body was never asked for)", resp.StatusCode, resp.Close)
+		}
+	})
+}
+
+func TestUnreadBody(t *testing.T) {
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	for _, tc := range []struct {
+		size  int
+		close bool
+	}{{size: 1 << 10, close: false}, {size: discardLimit + 1<<10, close: true}} {
+		c, br := dial(t, addr)
+		go func() {
+			fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n%s", tc.size, strings.Repeat("x", tc.size))
+		}()
+		if resp, _ := readResponse(t, br, "POST"); resp.Close != tc.close {
+			t.Errorf("%d unread bytes: close %v, want %v", tc.size, resp.Close, tc.close)
+		}
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") },
+		func(s *Server) { s.MaxHeaderBytes = 1 << 10 })
+	for name, tc := range map[string]struct {
+		request string
+		status  int
+	}{
+		"garbage":        {"\x16\x03\x01 hello\r\n\r\n", http.StatusBadRequest},
+		"no Host":        {"GET / HTTP/1.1\r\n\r\n", http.StatusBadRequest},
+		"head too large": {"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + strings.Repeat("x", 64<<10) + "\r\n\r\n", http.StatusRequestHeaderFieldsTooLarge},
+	} {
+		c, br := dial(t, addr)
+		io.WriteString(c, tc.request)
+		resp, _ := readResponse(t, br, "GET")
+		if resp.StatusCode != tc.status || !resp.Close {
+			t.Errorf("%s: status %d, close %v; want %d and close", name, resp.StatusCode, resp.Close, tc.status)
+		}
+	}
+}
+
+func TestPanics(t *testing.T) {
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "10")
+		io.WriteString(w, "part")
+		http.NewResponseController(w).Flush()
+		if r.URL.Path == "/abort" {
+			panic(http.ErrAbortHandler)
+		}
+		panic("a bug")
+	})
+	for _, path := range []string{"/abort", "/bug"} {
+		c, br := dial(t, addr)
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: test\r\n\r\n", path)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadAll(resp.Body); !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Errorf("%s: body read ended with %v, want the connection closed mid-body", path, err)
+		}
+	}
+}
+
+func TestShutdown(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	srv, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(entered)
+			<-release
+		}
+		io.WriteString(w, "done")
+	})
+	idle, idleBr := dial(t, addr)
+	io.WriteString(idle, "GET /fast HTTP/1.1\r\nHost: test\r\n\r\n")
+	readResponse(t, idleBr, "GET")
+	busy, busyBr := dial(t, addr)
+	io.WriteString(busy, "GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+	<-entered
+
+	// A deadline that passes with the request still running.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := srv.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown with a request in flight past its deadline: %v", err)
+	}
+	if _, err := idleBr.ReadByte(); err != io.EOF {
+		t.Errorf("the idle connection was not closed: %v", err)
+	}
+	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		t.Error("the server still accepts connections")
+	}
+
+	shutdown := make(chan error, 1)
+	go func() { shutdown <- srv.Shutdown(context.Background()) }()
+	close(release)
+	if resp, body := readResponse(t, busyBr, "GET"); body != "done" || !resp.Close {
+		t.Fatalf("in-flight response %q, close %v; want it completed with Connection: close", body, resp.Close)
+	}
+	if err := <-shutdown; err != nil {
+		t.Fatalf("Shutdown after the last request: %v", err)
+	}
+}
+
+// net/http's client keeps using one connection for request after request.
+func TestKeepAliveWithNetHTTPClient(t *testing.T) {
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok")
+	})
+	tr := &http.Transport{}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr}
+	var reused atomic.Int32
+	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		if info.Reused {
+			reused.Add(1)
+		}
+	}}
+	for range 100 {
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "POST", "http://"+addr, strings.NewReader("{}"))
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := io.ReadAll(resp.Body); string(b) != "ok" {
+			t.Fatalf("body %q", b)
+		}
+		resp.Body.Close()
+	}
+	if got := reused.Load(); got != 99 {
+		t.Fatalf("%d of 99 requests reused the connection", got)
+	}
+}
