@@ -472,17 +472,13 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *bala
 	defer h.copies.Put(bp)
 	buf := *bp
 	// Each read may wait at most the idle timeout: a deadline on the
-	// connection, not a timer, moved forward only when a quarter of it has
-	// passed, so a fast stream does not pay for it on every chunk.
+	// connection, not a timer, moved forward only now and then (see
+	// upstream's arm), so a fast stream does not pay for it on every chunk.
 	idle := h.opts.IdleStreamTimeout
-	var deadline time.Time
 	for {
-		if now := time.Now(); deadline.Sub(now) < idle-idle/4 {
-			deadline = now.Add(idle)
-			if err := up.SetReadDeadline(deadline); err != nil {
-				x.err = err
-				return false
-			}
+		if err := up.Extend(idle); err != nil {
+			x.err = err
+			return false
 		}
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {

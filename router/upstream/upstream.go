@@ -66,6 +66,22 @@ type conn struct {
 	reused    bool
 	idleSince time.Time
 	buf       *buffers // lent while an exchange runs, nil while idle
+	// deadline is the read and write deadline last set.
+	deadline time.Time
+}
+
+// arm makes the connection's deadline about now+timeout: it keeps the one
+// set when that lies within the last eighth of the timeout, and sets a new
+// one otherwise. Setting a deadline changes a runtime timer; on a busy
+// connection with the proxy's long timeouts this skips two or three of
+// those per exchange, for a timeout that may end up an eighth shorter.
+func (c *conn) arm(timeout time.Duration) error {
+	want := time.Now().Add(timeout)
+	if !c.deadline.After(want) && c.deadline.After(want.Add(-timeout/8)) {
+		return nil
+	}
+	c.deadline = want
+	return c.SetDeadline(want)
 }
 
 type buffers struct {
@@ -144,7 +160,7 @@ func (p *Pool) returnBuffers(c *conn) (clean bool) {
 }
 
 // put returns a connection whose exchange finished cleanly to the idle pool.
-// Its deadlines stay as they were: every exchange sets its own.
+// Its deadlines stay as they were: every exchange arms its own.
 func (p *Pool) put(c *conn) {
 	c.idleSince = time.Now()
 	p.mu.Lock()
@@ -210,8 +226,9 @@ type Response struct {
 	stop func() bool
 }
 
-// SetReadDeadline bounds the next reads of the body.
-func (r *Response) SetReadDeadline(t time.Time) error { return r.conn.SetReadDeadline(t) }
+// Extend bounds the next reads of the body to about timeout from now (see
+// arm).
+func (r *Response) Extend(timeout time.Duration) error { return r.conn.arm(timeout) }
 
 // Abort closes the connection, so that the server sees the exchange end
 // early. Release must still be called.
@@ -263,8 +280,8 @@ func framing(name string) bool {
 var headRequest = &http.Request{Method: http.MethodHead}
 
 // RoundTrip sends req to addr and reads the response headers; the deadline
-// for all of that, and for reading the body until SetReadDeadline moves it,
-// is now+timeout. A stale keep-alive connection (closed by the server while
+// for all of that, and for reading the body until Extend moves it, is
+// now+timeout (at least seven eighths of it, see arm). A stale keep-alive connection (closed by the server while
 // idle, so the exchange fails before any response byte) is replaced by a
 // fresh one once. Release must be called once the response has been dealt
 // with.
@@ -289,7 +306,7 @@ func (p *Pool) RoundTrip(ctx context.Context, req *Request, addr string, timeout
 }
 
 func (c *conn) send(req *Request, timeout time.Duration) (*http.Response, error) {
-	if err := c.SetDeadline(time.Now().Add(timeout)); err != nil {
+	if err := c.arm(timeout); err != nil {
 		return nil, err
 	}
 	if err := req.write(c.buf.w); err != nil {

@@ -221,6 +221,38 @@ func TestTimeoutBoundsTheResponseHeaders(t *testing.T) {
 	}
 }
 
+// A connection kept from an exchange with a long timeout still holds a
+// later exchange to its shorter one: deadlines are kept only when they are
+// about right, never when they are too late.
+func TestShorterTimeoutOnAReusedConnection(t *testing.T) {
+	addr, conns := server(t, time.Minute, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hang" {
+			<-r.Context().Done()
+			return
+		}
+		io.WriteString(w, "hello")
+	})
+	p := New(Options{})
+	r, err := p.RoundTrip(context.Background(), get(t, addr), addr, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.ReadAll(r.Body)
+	p.Release(r, err == nil)
+	start := time.Now()
+	_, err = p.RoundTrip(context.Background(), &Request{Method: http.MethodGet, Target: "/hang", Host: addr}, addr, 100*time.Millisecond)
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("err = %v, want a timeout", err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("timed out after %v, want about 100ms", took)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("%d connections, want the second exchange on the first one", n)
+	}
+}
+
 func TestRequestIsSentAsGiven(t *testing.T) {
 	type seen struct {
 		method, uri, host, contentLength, ua, custom, body string
