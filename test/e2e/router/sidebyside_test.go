@@ -1,9 +1,11 @@
 package router
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -13,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -126,7 +129,7 @@ func TestSideBySide(t *testing.T) {
 				trace <- fetch(t, fmt.Sprintf("%s/debug/pprof/trace?seconds=%d", r.url, int(duration.Seconds())-1))
 			}()
 		}
-		open[tg.name] = openLoop(t, tg.url, body, rate, duration)
+		open[tg.name] = openLoop(t, tg.url, body, rate, duration, connections)
 		if trace != nil {
 			if err := os.WriteFile(os.Getenv("CAPSTAN_BENCH_TRACE"), <-trace, 0o644); err != nil {
 				t.Fatal(err)
@@ -151,7 +154,7 @@ func TestSideBySide(t *testing.T) {
 	}
 	fmt.Fprintf(&b, "\nrouter/nginx throughput: **%.2f** (target ≥ 0.80); router/haproxy: %.2f; router/direct: %.2f\n\n",
 		router.rps/nginx.rps, router.rps/results["haproxy"].rps, router.rps/direct.rps)
-	fmt.Fprintf(&b, "Open loop at %.0f requests/s (half the router's maximum) for %s, latency from each request's scheduled start:\n\n", rate, duration)
+	fmt.Fprintf(&b, "Open loop at %.0f requests/s (half the router's maximum) for %s over %d keep-alive connections, latency from each request's scheduled start:\n\n", rate, duration, connections)
 	fmt.Fprintf(&b, "| target | sent | p50 | p99 | errors |\n|---|---:|---:|---:|---:|\n")
 	for _, tg := range targets {
 		o := open[tg.name]
@@ -372,41 +375,82 @@ type openResult struct {
 	p50, p99     time.Duration
 }
 
-// openLoop sends requests at a fixed rate for d, each from its own goroutine
-// at its scheduled time, and measures latency from the scheduled time, so a
-// stall delays the clock of every request it holds up (no coordinated
-// omission, unlike a closed loop such as wrk's or hey's -q). wrk2, which does
-// this, is not packaged in Debian.
-func openLoop(t *testing.T, url, body string, rate float64, d time.Duration) openResult {
+// openLoop sends requests at a fixed rate for d over a fixed set of
+// keep-alive connections, the way wrk2 does (it is not packaged in Debian):
+// request k is due at start + k/rate; each connection takes the next due
+// request, waits for its time, sends it and reads the response, and the
+// latency is measured from the due time. A stall therefore counts against
+// every request it delays, including those that wait for a free connection
+// (no coordinated omission, unlike a closed loop such as wrk's). Requests
+// are written from a prepared buffer and responses read with
+// http.ReadResponse: the generator shares the machine with what it
+// measures, so it must cost little per request.
+func openLoop(t *testing.T, url, body string, rate float64, d time.Duration, connections int) openResult {
 	t.Helper()
-	// A bounded number of connections: a stall queues requests in the
-	// client (and counts against their latency) instead of opening
-	// connections without end.
-	tr := &http.Transport{MaxIdleConnsPerHost: 256, MaxConnsPerHost: 256, Proxy: nil}
-	defer tr.CloseIdleConnections()
-	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	host := strings.TrimPrefix(url, "http://")
+	request := []byte(fmt.Sprintf("POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+		host, len(body), body))
 	interval := time.Duration(float64(time.Second) / rate)
 	n := int(d / interval)
 	latencies := make([]time.Duration, n)
 	failed := make([]bool, n)
+	var next atomic.Int64
+	start := time.Now().Add(10 * time.Millisecond) // every connection is ready for the first
 	var wg sync.WaitGroup
-	start := time.Now()
-	for i := range n {
-		at := start.Add(time.Duration(i) * interval)
-		time.Sleep(time.Until(at))
+	for range connections {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			resp, err := c.Post(url+"/v1/completions", "application/json", strings.NewReader(body))
-			if err == nil {
-				_, err = io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
-					err = fmt.Errorf("status %d", resp.StatusCode)
+			var conn net.Conn
+			var br *bufio.Reader
+			defer func() {
+				if conn != nil {
+					conn.Close()
+				}
+			}()
+			for {
+				k := int(next.Add(1) - 1)
+				if k >= n {
+					return
+				}
+				at := start.Add(time.Duration(k) * interval)
+				time.Sleep(time.Until(at))
+				err := func() error {
+					if conn == nil {
+						c, err := net.DialTimeout("tcp", host, 10*time.Second)
+						if err != nil {
+							return err
+						}
+						conn, br = c, bufio.NewReader(c)
+					}
+					conn.SetDeadline(time.Now().Add(10 * time.Second))
+					if _, err := conn.Write(request); err != nil {
+						return err
+					}
+					resp, err := http.ReadResponse(br, nil)
+					if err != nil {
+						return err
+					}
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if err == nil && resp.StatusCode != http.StatusOK {
+						err = fmt.Errorf("status %d", resp.StatusCode)
+					}
+					if resp.Close {
+						conn.Close()
+						conn = nil
+					}
+					return err
+				}()
+				latencies[k] = time.Since(at)
+				if err != nil {
+					failed[k] = true
+					if conn != nil {
+						conn.Close()
+						conn = nil
+					}
 				}
 			}
-			latencies[i] = time.Since(at)
-			failed[i] = err != nil
 		}()
 	}
 	wg.Wait()
