@@ -6,6 +6,7 @@ package metrics
 
 import (
 	"strconv"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -23,6 +24,28 @@ type Metrics struct {
 	ejections  *prometheus.CounterVec
 	gateway    *prometheus.CounterVec
 	codeLabels [600]string
+	// perModel holds each model's most used series (*modelSeries), so that
+	// a request does not hash its labels to find them.
+	perModel sync.Map
+}
+
+// modelSeries are the series a successful request of one model updates.
+type modelSeries struct {
+	balancer            string
+	ok                  prometheus.Counter
+	duration, firstByte prometheus.Observer
+}
+
+func (m *Metrics) series(model, balancer string) *modelSeries {
+	if v, ok := m.perModel.Load(model); ok {
+		if s := v.(*modelSeries); s.balancer == balancer {
+			return s
+		}
+	}
+	s := &modelSeries{balancer: balancer, ok: m.requests.WithLabelValues(model, m.code(200), balancer),
+		duration: m.duration.WithLabelValues(model), firstByte: m.ttfb.WithLabelValues(model)}
+	m.perModel.Store(model, s)
+	return s
 }
 
 // Retry reasons.
@@ -73,10 +96,17 @@ func New(reg prometheus.Registerer, table func() *route.Table) *Metrics {
 // Request records a finished request. model is "" for requests that named
 // no known model, so clients cannot grow the label set.
 func (m *Metrics) Request(model string, code int, balancer string, seconds float64) {
-	m.requests.WithLabelValues(model, m.code(code), balancer).Inc()
-	if model != "" {
-		m.duration.WithLabelValues(model).Observe(seconds)
+	if model == "" {
+		m.requests.WithLabelValues(model, m.code(code), balancer).Inc()
+		return
 	}
+	s := m.series(model, balancer)
+	if code == 200 {
+		s.ok.Inc()
+	} else {
+		m.requests.WithLabelValues(model, m.code(code), balancer).Inc()
+	}
+	s.duration.Observe(seconds)
 }
 
 // GatewayRequest records a finished request received on a Gateway
@@ -94,6 +124,10 @@ func (m *Metrics) code(code int) string {
 
 // FirstByte records the time to the model server's response headers.
 func (m *Metrics) FirstByte(model string, seconds float64) {
+	if v, ok := m.perModel.Load(model); ok {
+		v.(*modelSeries).firstByte.Observe(seconds)
+		return
+	}
 	m.ttfb.WithLabelValues(model).Observe(seconds)
 }
 

@@ -28,7 +28,8 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 	if x.id == "" {
 		x.id = newRequestID()
 	}
-	w.Header()["X-Request-Id"] = []string{x.id}
+	x.idField = []string{x.id}
+	w.Header()["X-Request-Id"] = x.idField
 	x.viaGateway = true
 	defer h.finish(r, &x)
 
@@ -109,7 +110,7 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 	defer pool.Done()
 
 	t := target{kind: "backend", name: x.backend, model: st.Model, pool: pool,
-		path: r.URL.Path, rawPath: r.URL.RawPath, host: r.Host, header: outboundHeader(r, x.id),
+		path: r.URL.Path, rawPath: r.URL.RawPath, host: r.Host, header: outboundHeader(r, x.idField),
 		responseHeaders: [2]*route.HeaderModifier{rule.ResponseHeaders, rb.ResponseHeaders}}
 	if rw := rule.Rewrite; rw != nil {
 		if rw.Path != nil {

@@ -130,8 +130,11 @@ func (h *Handler) CloseIdleConnections() { h.upstreams.CloseIdle(0) }
 
 // exchange is what the access log and metrics record about one request.
 type exchange struct {
-	start    time.Time
-	id       string
+	start time.Time
+	id    string
+	// idField is the X-Request-Id field's value, shared by the request
+	// sent upstream and the response (neither modifies it).
+	idField  []string
 	model    string // a known model, or "" (bounded metric labels)
 	asked    string // what the client asked for, for the log
 	status   int
@@ -151,7 +154,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if x.id == "" {
 		x.id = newRequestID()
 	}
-	w.Header()["X-Request-Id"] = []string{x.id}
+	x.idField = []string{x.id}
+	w.Header()["X-Request-Id"] = x.idField
 	defer h.finish(r, &x)
 
 	path := r.URL.Path
@@ -281,7 +285,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 
 	br := h.balanceRequest(r, req.Prefix)
 	t := target{kind: "model", name: m.Name, model: m.Name, pool: pool,
-		path: r.URL.Path, rawPath: r.URL.RawPath, header: outboundHeader(r, x.id)}
+		path: r.URL.Path, rawPath: r.URL.RawPath, header: outboundHeader(r, x.idField)}
 	h.forward(w, r, x, &t, body, &br)
 }
 
@@ -453,7 +457,7 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *bala
 		dst["X-Capstan-Pod"] = []string{e.Pod}
 	}
 	dst["X-Capstan-Endpoint"] = []string{e.Address}
-	dst["X-Request-Id"] = []string{x.id}
+	dst["X-Request-Id"] = x.idField
 	x.status = resp.StatusCode
 	w.WriteHeader(resp.StatusCode)
 
@@ -522,12 +526,12 @@ func requestURI(in *http.Request, t *target) string {
 
 // outboundHeader copies the client's headers minus hop-by-hop ones, and adds
 // the request id and the client's address.
-func outboundHeader(in *http.Request, id string) http.Header {
+func outboundHeader(in *http.Request, id []string) http.Header {
 	out := make(http.Header, len(in.Header)+2)
 	copyHeader(out, in.Header)
 	// The body has been read: nothing to continue.
 	delete(out, "Expect")
-	out["X-Request-Id"] = []string{id}
+	out["X-Request-Id"] = id
 	if ip, _, err := net.SplitHostPort(in.RemoteAddr); err == nil {
 		if prior := in.Header["X-Forwarded-For"]; len(prior) > 0 {
 			ip = strings.Join(prior, ", ") + ", " + ip
@@ -547,7 +551,11 @@ func copyHeader(dst, src http.Header) {
 		}
 	}
 	for _, v := range src["Connection"] {
-		for f := range strings.SplitSeq(v, ",") {
+		// strings.Cut rather than SplitSeq: no allocation for the
+		// "keep-alive" almost every response carries.
+		for v != "" {
+			var f string
+			f, v, _ = strings.Cut(v, ",")
 			if f = strings.TrimSpace(f); f != "" {
 				delete(dst, http.CanonicalHeaderKey(f))
 			}

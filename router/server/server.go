@@ -249,7 +249,10 @@ type conn struct {
 	br         *bufio.Reader
 	bw         *bufio.Writer
 	idle       bool // guarded by srv.mu
-	resp       response
+	// resp and body are the current request's response and body, reused
+	// from one request to the next.
+	resp response
+	body requestBody
 
 	// The watch on the client's connection while a request runs.
 	watch      *time.Timer
@@ -348,7 +351,8 @@ func (c *conn) handle(req *http.Request) (keep bool) {
 	defer cancel(context.Canceled)
 	req = req.WithContext(ctx)
 	req.RemoteAddr = c.remoteAddr
-	body := &requestBody{ReadCloser: req.Body, c: c,
+	body := &c.body
+	*body = requestBody{ReadCloser: req.Body, c: c,
 		expectContinue: req.ProtoAtLeast(1, 1) && req.Header.Get("Expect") == "100-continue" && req.ContentLength != 0}
 	req.Body = body
 	w := &c.resp
