@@ -346,10 +346,14 @@ func TestShutdown(t *testing.T) {
 	}
 }
 
-// net/http's client keeps using one connection for request after request.
+// net/http's client keeps using one connection for request after request,
+// and each request's context is live.
 func TestKeepAliveWithNetHTTPClient(t *testing.T) {
 	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
+		if err := r.Context().Err(); err != nil {
+			t.Errorf("a request's context has ended before it is served: %v", err)
+		}
 		io.WriteString(w, "ok")
 	})
 	tr := &http.Transport{}
