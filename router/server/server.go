@@ -27,6 +27,7 @@ package server
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -206,7 +207,7 @@ func (s *Server) closeIdle() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for c := range s.conns {
-		if c.idle {
+		if c.state.CompareAndSwap(stateIdle, stateClosed) {
 			c.rwc.Close()
 			delete(s.conns, c)
 		}
@@ -215,7 +216,7 @@ func (s *Server) closeIdle() int {
 }
 
 func (s *Server) newConn(nc net.Conn) *conn {
-	c := &conn{srv: s, rwc: nc, remoteAddr: nc.RemoteAddr().String(), idle: true}
+	c := &conn{srv: s, rwc: nc, remoteAddr: nc.RemoteAddr().String()}
 	c.lr = io.LimitedReader{R: nc, N: math.MaxInt64}
 	c.br = bufio.NewReaderSize(&c.lr, 4<<10)
 	c.bw = bufio.NewWriterSize(nc, 4<<10)
@@ -231,20 +232,20 @@ func (s *Server) newConn(nc net.Conn) *conn {
 	return c
 }
 
-// setIdle marks c as between requests (Shutdown may close it) or not, and
-// reports false when the server is shutting down.
-func (s *Server) setIdle(c *conn, idle bool) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	c.idle = idle
-	return !s.closing.Load()
-}
-
 func (s *Server) forget(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
 	s.mu.Unlock()
 }
+
+// A connection's states, for Shutdown: only an idle connection (between
+// requests) is closed under a request's feet, and the connection takes a
+// request only if it was not.
+const (
+	stateIdle int32 = iota
+	stateActive
+	stateClosed
+)
 
 // conn is one client connection and what its goroutine reuses from one
 // request to the next.
@@ -255,7 +256,9 @@ type conn struct {
 	lr         io.LimitedReader // bounds a request's head
 	br         *bufio.Reader
 	bw         *bufio.Writer
-	idle       bool // guarded by srv.mu
+	state      atomic.Int32 // stateIdle, stateActive or stateClosed
+	// readDeadline is the read deadline last set.
+	readDeadline time.Time
 	// resp and body are the current request's response and body, reused
 	// from one request to the next.
 	resp response
@@ -298,19 +301,23 @@ func (c *conn) serve() {
 	}()
 	idle, readHeader := c.srv.idleTimeout(), c.srv.readHeaderTimeout()
 	for {
-		if !c.srv.setIdle(c, true) {
+		c.state.Store(stateIdle)
+		if c.srv.closing.Load() {
 			return
 		}
-		if c.rwc.SetReadDeadline(time.Now().Add(idle)) != nil {
+		if c.armRead(idle) != nil {
 			return
 		}
 		if _, err := c.br.Peek(1); err != nil {
 			return
 		}
-		if !c.srv.setIdle(c, false) {
-			return
+		if !c.state.CompareAndSwap(stateIdle, stateActive) {
+			return // Shutdown closed it
 		}
-		if c.rwc.SetReadDeadline(time.Now().Add(readHeader)) != nil {
+		// The head and the body must arrive within ReadHeaderTimeout;
+		// when they came with the first read, as a small request does,
+		// there is nothing to wait for and no deadline to set.
+		if !c.headBuffered() && c.armRead(readHeader) != nil {
 			return
 		}
 		c.lr.N = c.srv.maxHeaderBytes() + int64(c.br.Buffered()) + 4096 // as net/http allows
@@ -321,10 +328,32 @@ func (c *conn) serve() {
 			c.badRequest(err, headTooLarge)
 			return
 		}
+		if (req.ContentLength < 0 || req.ContentLength > int64(c.br.Buffered())) && c.armRead(readHeader) != nil {
+			return
+		}
 		if !c.handle(req) {
 			return
 		}
 	}
+}
+
+// headBuffered reports whether the reader holds a whole request head.
+func (c *conn) headBuffered() bool {
+	b, _ := c.br.Peek(c.br.Buffered())
+	return bytes.Contains(b, []byte("\r\n\r\n"))
+}
+
+// armRead makes the connection's read deadline about now+timeout: it keeps
+// the one set when that lies within the last eighth of the timeout, and
+// sets a new one otherwise, so that a busy connection does not change a
+// runtime timer on every request.
+func (c *conn) armRead(timeout time.Duration) error {
+	want := time.Now().Add(timeout)
+	if !c.readDeadline.After(want) && c.readDeadline.After(want.Add(-timeout/8)) {
+		return nil
+	}
+	c.readDeadline = want
+	return c.rwc.SetReadDeadline(want)
 }
 
 // badRequest answers a request that could not be read, when there is
@@ -470,6 +499,7 @@ func (c *conn) stopWatch() {
 		return
 	}
 	c.rwc.SetReadDeadline(aLongTimeAgo)
+	c.readDeadline = aLongTimeAgo
 	<-done
 }
 

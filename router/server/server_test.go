@@ -380,3 +380,35 @@ func TestKeepAliveWithNetHTTPClient(t *testing.T) {
 		t.Fatalf("%d of 99 requests reused the connection", got)
 	}
 }
+
+func TestTimeouts(t *testing.T) {
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		if _, err := io.ReadAll(r.Body); err != nil {
+			return // a slow body: the read timed out
+		}
+		io.WriteString(w, "ok")
+	}, func(s *Server) { s.IdleTimeout, s.ReadHeaderTimeout = time.Second, 50*time.Millisecond })
+	for name, tc := range map[string]struct {
+		send string
+		// answered: a whole first request is answered before the close.
+		answered bool
+		min, max time.Duration
+	}{
+		"idle after a request": {send: "GET / HTTP/1.1\r\nHost: test\r\n\r\n", answered: true, min: 800 * time.Millisecond, max: 3 * time.Second},
+		// Well before IdleTimeout: ReadHeaderTimeout applies.
+		"head cut short": {send: "GET / HTTP/1.1\r\nHost: te", min: 40 * time.Millisecond, max: 600 * time.Millisecond},
+		"body cut short": {send: "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n{}", min: 40 * time.Millisecond, max: 600 * time.Millisecond},
+	} {
+		c, br := dial(t, addr)
+		start := time.Now()
+		io.WriteString(c, tc.send)
+		if tc.answered {
+			readResponse(t, br, "GET")
+		}
+		_, err := io.ReadAll(br)
+		took := time.Since(start)
+		if err != nil || took < tc.min || took > tc.max {
+			t.Errorf("%s: connection closed after %v (%v), want between %v and %v", name, took, err, tc.min, tc.max)
+		}
+	}
+}
