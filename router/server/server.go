@@ -280,10 +280,9 @@ type conn struct {
 type watchState int
 
 const (
-	watchOff      watchState = iota // no request is being watched
-	watchArmed                      // the timer is set for the running request
-	watchReading                    // a goroutine is reading the connection
-	watchStopping                   // the request ended; the reader is being stopped
+	watchOff     watchState = iota // no request is being watched
+	watchArmed                     // the timer is set for the running request
+	watchReading                   // a goroutine is reading the connection
 )
 
 // ErrClientGone is the cause of a request context the server cancelled
