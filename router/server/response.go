@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httputil"
@@ -59,6 +60,9 @@ func (w *response) Header() http.Header { return w.header }
 // bytes that must reach the client. Informational (1xx) statuses are not
 // forwarded.
 func (w *response) WriteHeader(code int) {
+	if code < 100 || code > 999 {
+		panic(fmt.Sprintf("invalid WriteHeader code %v", code)) // as net/http
+	}
 	if w.status != 0 || code < 200 {
 		return
 	}
@@ -186,9 +190,11 @@ func (w *response) writeHead() error {
 		bw.WriteString(strconv.FormatInt(w.contentLength, 10))
 		bw.WriteString("\r\n")
 	case w.req.Method == http.MethodHead:
-	case w.closeAfter:
-		// An HTTP/1.0 client, or a connection ending anyway: the body
-		// ends with it.
+	case !w.req.ProtoAtLeast(1, 1):
+		// An HTTP/1.0 client knows no chunks: the body ends with the
+		// connection. (An HTTP/1.1 one gets chunks even when the
+		// connection closes after, so that an aborted body shows.)
+		w.closeAfter = true
 	default:
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
 		w.chunked = httputil.NewChunkedWriter(bw)

@@ -18,7 +18,10 @@
 // ErrClientGone) or the connection closes, not when ServeHTTP returns, so a
 // handler must not leave work behind that waits for it to end. Creating,
 // and subscribing to, a fresh context for every request cost the router
-// more than a microsecond per request.
+// more than a microsecond per request. The response writer and the body
+// reader are reused by the connection's next request, so, as net/http's
+// documentation already demands, neither may be used after ServeHTTP
+// returns.
 //
 // The request parsing is the standard library's (http.ReadRequest), as are
 // the request bodies (Content-Length and chunked) and http.Handler. TLS
@@ -35,11 +38,13 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"golang.org/x/net/http/httpguts"
 	"k8s.io/klog/v2"
 )
 
@@ -187,6 +192,7 @@ func (s *Server) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for c := range s.conns {
+		c.cancel(errConnClosed)
 		c.rwc.Close()
 	}
 	return nil
@@ -217,6 +223,7 @@ func (s *Server) closeIdle() int {
 
 func (s *Server) newConn(nc net.Conn) *conn {
 	c := &conn{srv: s, rwc: nc, remoteAddr: nc.RemoteAddr().String()}
+	c.ctx, c.cancel = context.WithCancelCause(context.Background())
 	c.lr = io.LimitedReader{R: nc, N: math.MaxInt64}
 	c.br = bufio.NewReaderSize(&c.lr, 4<<10)
 	c.bw = bufio.NewWriterSize(nc, 4<<10)
@@ -292,7 +299,6 @@ var ErrClientGone = errors.New("the client closed the connection")
 var errConnClosed = errors.New("the connection is closed")
 
 func (c *conn) serve() {
-	c.ctx, c.cancel = context.WithCancelCause(context.Background())
 	defer func() {
 		c.cancel(errConnClosed)
 		c.rwc.Close()
@@ -394,19 +400,31 @@ func (c *conn) handle(req *http.Request) (keep bool) {
 	req.RemoteAddr = c.remoteAddr
 	body := &c.body
 	*body = requestBody{ReadCloser: req.Body, c: c,
-		expectContinue: req.ProtoAtLeast(1, 1) && req.Header.Get("Expect") == "100-continue" && req.ContentLength != 0}
+		expectContinue: req.ProtoAtLeast(1, 1) && strings.EqualFold(req.Header.Get("Expect"), "100-continue") && req.ContentLength != 0}
+	// A request without a body has read it all: it can be watched.
+	body.sawEOF.Store(req.Body == http.NoBody)
 	req.Body = body
 	w := &c.resp
 	w.reset(c, req)
 
-	if req.ProtoAtLeast(1, 1) && req.Host == "" && len(req.Header["Host"]) == 0 && req.URL.Host == "" {
+	switch {
+	case req.ProtoMajor != 1:
+		w.closeAfter = true
+		http.Error(w, "HTTP/1.0 and HTTP/1.1 only", http.StatusHTTPVersionNotSupported)
+	case req.ProtoAtLeast(1, 1) && req.Host == "" && req.URL.Host == "":
 		w.closeAfter = true
 		http.Error(w, "missing required Host header", http.StatusBadRequest)
-	} else if !c.serveHandler(w, req, body) {
+	case !httpguts.ValidHostHeader(req.Host):
+		w.closeAfter = true
+		http.Error(w, "malformed Host header", http.StatusBadRequest)
+	case !c.serveHandler(w, req, body):
 		return false
 	}
 	if c.ctx.Err() != nil {
-		// The client went away while the handler ran.
+		// The client stopped sending (it may only have half-closed and
+		// still read): answer, then close.
+		w.closeAfter = true
+		w.finish()
 		return false
 	}
 	if body.expectContinue && !body.sentContinue || !body.drain() {
@@ -474,6 +492,10 @@ func (c *conn) watchClient() {
 	c.watchState = watchReading
 	c.watchDone = make(chan struct{})
 	done := c.watchDone
+	// The read deadline left from reading the request (idle or head and
+	// body) must not end the watch of a long request; stopWatch, which
+	// takes the lock after this, ends it with a deadline in the past.
+	c.rwc.SetReadDeadline(time.Time{})
 	c.watchMu.Unlock()
 
 	defer close(done)
@@ -518,6 +540,11 @@ type requestBody struct {
 func (b *requestBody) Read(p []byte) (int, error) {
 	if b.expectContinue && !b.sentContinue {
 		b.sentContinue = true
+		if b.c.resp.headWritten {
+			// Too late for an interim response: the client sends the
+			// body once it tires of waiting for one.
+			return b.read(p)
+		}
 		if _, err := b.c.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
 			return 0, err
 		}
@@ -525,6 +552,10 @@ func (b *requestBody) Read(p []byte) (int, error) {
 			return 0, err
 		}
 	}
+	return b.read(p)
+}
+
+func (b *requestBody) read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	if err == io.EOF {
 		b.sawEOF.Store(true)

@@ -168,8 +168,59 @@ func TestFlushStreamsBeforeTheHandlerReturns(t *testing.T) {
 
 func TestClientGoneCancelsContext(t *testing.T) {
 	cause := make(chan error, 1)
+	handler := func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet {
+			io.Copy(io.Discard, r.Body) // a GET's handler does not touch its empty body
+		}
+		select {
+		case <-r.Context().Done():
+			cause <- context.Cause(r.Context())
+		case <-time.After(10 * time.Second):
+			cause <- errors.New("not cancelled")
+		}
+	}
+	// Short timeouts: the watch must outlive the deadlines the request
+	// was read under.
+	_, addr := start(t, handler, func(s *Server) { s.IdleTimeout, s.ReadHeaderTimeout = 100*time.Millisecond, 50*time.Millisecond })
+	for name, tc := range map[string]struct {
+		request string
+		after   time.Duration
+	}{
+		"with a body":                    {"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}", 50 * time.Millisecond},
+		"without a body":                 {"GET / HTTP/1.1\r\nHost: test\r\n\r\n", 50 * time.Millisecond},
+		"chunked":                        {"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 50 * time.Millisecond},
+		"past the connection's timeouts": {"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}", 300 * time.Millisecond},
+	} {
+		c, _ := dial(t, addr)
+		io.WriteString(c, tc.request)
+		time.Sleep(tc.after) // past WatchDelay: the watch is what is tested
+		c.Close()
+		if err := <-cause; !errors.Is(err, ErrClientGone) {
+			t.Errorf("%s: context ended with %v, want ErrClientGone", name, err)
+		}
+	}
+}
+
+// A client that only half-closes (it has sent everything and still reads)
+// gets its answer.
+func TestHalfClosedClientGetsTheResponse(t *testing.T) {
 	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
+		time.Sleep(100 * time.Millisecond) // watched by then
+		io.WriteString(w, "ok")
+	})
+	c, br := dial(t, addr)
+	io.WriteString(c, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
+	c.(*net.TCPConn).CloseWrite()
+	if _, body := readResponse(t, br, "POST"); body != "ok" {
+		t.Fatalf("body %q, want ok", body)
+	}
+}
+
+func TestCloseCancelsRequestsInFlight(t *testing.T) {
+	entered, cause := make(chan struct{}), make(chan error, 1)
+	srv, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		close(entered)
 		select {
 		case <-r.Context().Done():
 			cause <- context.Cause(r.Context())
@@ -178,11 +229,37 @@ func TestClientGoneCancelsContext(t *testing.T) {
 		}
 	})
 	c, _ := dial(t, addr)
-	io.WriteString(c, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
-	time.Sleep(50 * time.Millisecond) // past WatchDelay: the watch is what is tested
-	c.Close()
-	if err := <-cause; !errors.Is(err, ErrClientGone) {
-		t.Fatalf("context ended with %v, want ErrClientGone", err)
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+	<-entered
+	srv.Close()
+	if err := <-cause; err == nil || err.Error() == "not cancelled" {
+		t.Fatalf("context ended with %v, want it cancelled by Close", err)
+	}
+}
+
+// Once the response has started, a handler reading a body whose client
+// asked for 100 Continue must not put the interim response into it.
+func TestNoContinueAfterTheResponseStarted(t *testing.T) {
+	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "partial ")
+		http.NewResponseController(w).Flush()
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	})
+	c, br := dial(t, addr)
+	io.WriteString(c, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, len("partial "))
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "hello") // the client gave up waiting for 100
+	rest, err := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || string(first)+string(rest) != "partial hello" || err != nil {
+		t.Fatalf("status %d, body %q, %v; want 200 \"partial hello\"", resp.StatusCode, string(first)+string(rest), err)
 	}
 }
 
@@ -272,6 +349,8 @@ func TestBadRequests(t *testing.T) {
 	}{
 		"garbage":        {"\x16\x03\x01 hello\r\n\r\n", http.StatusBadRequest},
 		"no Host":        {"GET / HTTP/1.1\r\n\r\n", http.StatusBadRequest},
+		"bad Host":       {"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", http.StatusBadRequest},
+		"HTTP/2 line":    {"GET / HTTP/2.0\r\nHost: test\r\n\r\n", http.StatusHTTPVersionNotSupported},
 		"head too large": {"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + strings.Repeat("x", 64<<10) + "\r\n\r\n", http.StatusRequestHeaderFieldsTooLarge},
 	} {
 		c, br := dial(t, addr)
@@ -283,9 +362,14 @@ func TestBadRequests(t *testing.T) {
 	}
 }
 
+// A handler that panics mid-body leaves the client an incomplete body,
+// never one that looks complete: with a declared length, and streamed
+// (chunked) even when the connection closes after the response anyway.
 func TestPanics(t *testing.T) {
 	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Length", "10")
+		if r.URL.Query().Has("declared") {
+			w.Header().Set("Content-Length", "10")
+		}
 		io.WriteString(w, "part")
 		http.NewResponseController(w).Flush()
 		if r.URL.Path == "/abort" {
@@ -293,15 +377,17 @@ func TestPanics(t *testing.T) {
 		}
 		panic("a bug")
 	})
-	for _, path := range []string{"/abort", "/bug"} {
-		c, br := dial(t, addr)
-		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: test\r\n\r\n", path)
-		resp, err := http.ReadResponse(br, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadAll(resp.Body); !errors.Is(err, io.ErrUnexpectedEOF) {
-			t.Errorf("%s: body read ended with %v, want the connection closed mid-body", path, err)
+	for _, target := range []string{"/abort?declared", "/bug?declared", "/abort", "/bug"} {
+		for _, connection := range []string{"keep-alive", "close"} {
+			c, br := dial(t, addr)
+			fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: test\r\nConnection: %s\r\n\r\n", target, connection)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadAll(resp.Body); !errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Errorf("%s, Connection: %s: body read ended with %v, want the connection closed mid-body", target, connection, err)
+			}
 		}
 	}
 }
