@@ -122,13 +122,14 @@ func deploymentContainer(resources []*kresource.Resource) (corev1.Container, err
 	return ds[0].Spec.Template.Spec.Containers[0], nil
 }
 
-// install applies the rendered resources but the Deployment and the kinds
-// skipped, and returns the Deployment's container arguments and environment.
-func install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Resource, skip ...string) (args, env []string, err error) {
+// Install applies the rendered resources into Namespace, but those of the
+// kinds skipped, and returns the Deployment's container arguments and
+// environment, so that a test can run the binary the way the Deployment
+// would.
+func Install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Resource, skip ...string) (args, env []string, err error) {
 	if args, env, err = DeploymentCommand(resources); err != nil {
 		return nil, nil, err
 	}
-	skip = append(skip, "Deployment")
 	var keep []*kresource.Resource
 	for _, r := range resources {
 		if !slices.Contains(skip, r.GetKind()) {
@@ -149,7 +150,7 @@ func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, ext
 	if err != nil {
 		return nil, err
 	}
-	args, env, err := install(ctx, c, resources)
+	args, env, err := Install(ctx, c, resources, "Deployment")
 	if err != nil {
 		return nil, err
 	}
@@ -183,7 +184,7 @@ func StartAdapter(ctx context.Context, c *cluster.Cluster, extra ...string) (*Co
 	if err != nil {
 		return nil, err
 	}
-	args, env, err := install(ctx, c, resources, "Service", "APIService")
+	args, env, err := Install(ctx, c, resources, "Deployment", "Service", "APIService")
 	if err != nil {
 		return nil, err
 	}
@@ -279,7 +280,7 @@ func StartScheduler(ctx context.Context, c *cluster.Cluster, extra ...string) (*
 	if err != nil {
 		return nil, err
 	}
-	_, env, err := install(ctx, c, resources)
+	_, env, err := Install(ctx, c, resources, "Deployment")
 	if err != nil {
 		return nil, err
 	}

@@ -7,7 +7,6 @@
 package gateway
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -32,7 +31,7 @@ import (
 )
 
 const (
-	systemNamespace = "capstan-system"
+	systemNamespace = components.Namespace
 	serviceAccount  = "capstan-router"
 	className       = "capstan"
 	controllerName  = "capstan.dev/gateway-controller"
@@ -85,14 +84,7 @@ func setup(t testing.TB) {
 			if err != nil {
 				return err
 			}
-			if routerArgs, routerEnv, err = components.DeploymentCommand(resources); err != nil {
-				return err
-			}
-			stream, err := components.YAML(resources)
-			if err != nil {
-				return err
-			}
-			if err := c.Apply(ctx, systemNamespace, bytes.NewReader(stream)); err != nil {
+			if routerArgs, routerEnv, err = components.Install(ctx, c, resources); err != nil {
 				return err
 			}
 			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {

@@ -5,7 +5,6 @@
 package router
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -29,7 +28,7 @@ import (
 )
 
 const (
-	systemNamespace = "capstan-system"
+	systemNamespace = components.Namespace
 	serviceAccount  = "capstan-router"
 )
 
@@ -64,14 +63,7 @@ func setup(t testing.TB) {
 			if err != nil {
 				return err
 			}
-			if routerArgs, routerEnv, err = components.DeploymentCommand(resources); err != nil {
-				return err
-			}
-			stream, err := components.YAML(resources)
-			if err != nil {
-				return err
-			}
-			if err := c.Apply(ctx, systemNamespace, bytes.NewReader(stream)); err != nil {
+			if routerArgs, routerEnv, err = components.Install(ctx, c, resources); err != nil {
 				return err
 			}
 			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {
