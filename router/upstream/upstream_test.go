@@ -67,6 +67,18 @@ func hangingServer(t *testing.T) string {
 	return addr
 }
 
+// waitClosed waits until the server has closed n connections.
+func waitClosed(t *testing.T, closed *atomic.Int64, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for closed.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatal("the server never closed the idle connection")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func idleConns(p *Pool) (n int, buffered int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -114,13 +126,7 @@ func TestStaleConnectionIsRedialed(t *testing.T) {
 		if got := exchange(t, p, addr); got != "hello" {
 			t.Fatalf("exchange %d: body %q", i, got)
 		}
-		deadline := time.Now().Add(5 * time.Second)
-		for closed.Load() < int64(i+1) {
-			if time.Now().After(deadline) {
-				t.Fatal("the server never closed the idle connection")
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+		waitClosed(t, closed, int64(i+1))
 	}
 	if n := conns.Load(); n != 3 {
 		t.Errorf("%d connections, want 3 (one per exchange after each idle close)", n)
@@ -295,13 +301,7 @@ func TestStaleConnectionResendsTheBody(t *testing.T) {
 		if string(body) != "prompt" {
 			t.Fatalf("exchange %d: echoed %q", i, body)
 		}
-		deadline := time.Now().Add(5 * time.Second)
-		for closed.Load() < int64(i+1) {
-			if time.Now().After(deadline) {
-				t.Fatal("the server never closed the idle connection")
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+		waitClosed(t, closed, int64(i+1))
 	}
 	if n := conns.Load(); n != 2 {
 		t.Errorf("%d connections, want 2", n)
