@@ -46,6 +46,8 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 	"k8s.io/klog/v2"
+
+	"github.com/capstan-dev/capstan/router/wire"
 )
 
 // Server serves HTTP/1.1 on listeners. Set its fields before the first call
@@ -264,8 +266,8 @@ type conn struct {
 	br         *bufio.Reader
 	bw         *bufio.Writer
 	state      atomic.Int32 // stateIdle, stateActive or stateClosed
-	// readDeadline is the read deadline last set.
-	readDeadline time.Time
+	// readDeadline is the connection's read deadline.
+	readDeadline wire.Deadline
 	// resp and body are the current request's response and body, reused
 	// from one request to the next.
 	resp response
@@ -276,7 +278,6 @@ type conn struct {
 	watchMu    sync.Mutex
 	watchState watchState
 	watchDone  chan struct{}
-	watchBody  *requestBody
 
 	// ctx is every request's context on this connection; cancel ends it
 	// when the client goes away or the connection closes.
@@ -348,17 +349,10 @@ func (c *conn) headBuffered() bool {
 	return bytes.Contains(b, []byte("\r\n\r\n"))
 }
 
-// armRead makes the connection's read deadline about now+timeout: it keeps
-// the one set when that lies within the last eighth of the timeout, and
-// sets a new one otherwise, so that a busy connection does not change a
-// runtime timer on every request.
+// armRead bounds the connection's reads to about now+timeout
+// (wire.Deadline.Arm: kept when about right).
 func (c *conn) armRead(timeout time.Duration) error {
-	want := time.Now().Add(timeout)
-	if !c.readDeadline.After(want) && c.readDeadline.After(want.Add(-timeout/8)) {
-		return nil
-	}
-	c.readDeadline = want
-	return c.rwc.SetReadDeadline(want)
+	return c.readDeadline.Arm(timeout, c.rwc.SetReadDeadline)
 }
 
 // badRequest answers a request that could not be read, when there is
@@ -417,7 +411,7 @@ func (c *conn) handle(req *http.Request) (keep bool) {
 	case !httpguts.ValidHostHeader(req.Host):
 		w.closeAfter = true
 		http.Error(w, "malformed Host header", http.StatusBadRequest)
-	case !c.serveHandler(w, req, body):
+	case !c.serveHandler(w, req):
 		return false
 	}
 	if c.ctx.Err() != nil {
@@ -444,8 +438,8 @@ func (c *conn) handle(req *http.Request) (keep bool) {
 // serveHandler runs the handler with the client's connection watched once
 // the request has run for WatchDelay. It reports false when the handler
 // aborted the response by panicking.
-func (c *conn) serveHandler(w *response, req *http.Request, body *requestBody) (ok bool) {
-	c.startWatch(body)
+func (c *conn) serveHandler(w *response, req *http.Request) (ok bool) {
+	c.startWatch()
 	defer c.stopWatch()
 	defer func() {
 		if p := recover(); p != nil {
@@ -461,9 +455,9 @@ func (c *conn) serveHandler(w *response, req *http.Request, body *requestBody) (
 	return true
 }
 
-func (c *conn) startWatch(body *requestBody) {
+func (c *conn) startWatch() {
 	c.watchMu.Lock()
-	c.watchState, c.watchBody = watchArmed, body
+	c.watchState = watchArmed
 	if c.watch == nil {
 		c.watch = time.AfterFunc(c.srv.watchDelay(), c.watchClient)
 	} else {
@@ -482,7 +476,7 @@ func (c *conn) watchClient() {
 		c.watchMu.Unlock()
 		return
 	}
-	if !c.watchBody.sawEOF.Load() {
+	if !c.body.sawEOF.Load() {
 		// The handler may still read the body: the connection is its.
 		// Look again later.
 		c.watch.Reset(c.srv.watchDelay())
@@ -511,7 +505,7 @@ func (c *conn) watchClient() {
 func (c *conn) stopWatch() {
 	c.watchMu.Lock()
 	state, done := c.watchState, c.watchDone
-	c.watchState, c.watchBody = watchOff, nil
+	c.watchState = watchOff
 	if state == watchArmed {
 		c.watch.Stop()
 	}
@@ -520,7 +514,7 @@ func (c *conn) stopWatch() {
 		return
 	}
 	c.rwc.SetReadDeadline(aLongTimeAgo)
-	c.readDeadline = aLongTimeAgo
+	c.readDeadline.Forget()
 	<-done
 }
 

@@ -66,23 +66,13 @@ type conn struct {
 	reused    bool
 	idleSince time.Time
 	buf       *buffers // lent while an exchange runs, nil while idle
-	// deadline is the read and write deadline last set.
-	deadline time.Time
+	// deadline is the read and write deadline.
+	deadline wire.Deadline
 }
 
-// arm makes the connection's deadline about now+timeout: it keeps the one
-// set when that lies within the last eighth of the timeout, and sets a new
-// one otherwise. Setting a deadline changes a runtime timer; on a busy
-// connection with the proxy's long timeouts this skips two or three of
-// those per exchange, for a timeout that may end up an eighth shorter.
-func (c *conn) arm(timeout time.Duration) error {
-	want := time.Now().Add(timeout)
-	if !c.deadline.After(want) && c.deadline.After(want.Add(-timeout/8)) {
-		return nil
-	}
-	c.deadline = want
-	return c.SetDeadline(want)
-}
+// arm bounds the connection's reads and writes to about now+timeout
+// (wire.Deadline.Arm: kept when about right).
+func (c *conn) arm(timeout time.Duration) error { return c.deadline.Arm(timeout, c.SetDeadline) }
 
 type buffers struct {
 	r *bufio.Reader
