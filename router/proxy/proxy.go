@@ -25,7 +25,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -572,10 +571,16 @@ func hopByHop(k string) bool {
 	return false
 }
 
-// newRequestID returns 128 random bits in hex.
+// newRequestID returns 128 random bits as 32 lower-case hex digits, with
+// one allocation: the string.
 func newRequestID() string {
+	const digits = "0123456789abcdef"
 	var b [32]byte
-	hex := strconv.AppendUint(b[:0], rand.Uint64()|1<<63, 16)
-	hex = strconv.AppendUint(hex, rand.Uint64()|1<<63, 16)
-	return string(hex)
+	for i, u := range [2]uint64{rand.Uint64(), rand.Uint64()} {
+		for j := 16*i + 15; j >= 16*i; j-- {
+			b[j] = digits[u&0xf]
+			u >>= 4
+		}
+	}
+	return string(b[:])
 }

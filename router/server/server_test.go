@@ -10,19 +10,35 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
-// start serves h until the test ends and returns the server and its
-// address. configure, if any, sets the server's fields.
+// start serves h on a loopback port until the test ends and returns the
+// server and its address. configure, if any, sets the server's fields.
 func start(t *testing.T, h http.HandlerFunc, configure ...func(*Server)) (*Server, string) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serve(t, ln, h, configure...), ln.Addr().String()
+}
+
+// startPiped is start for a test in a synctest bubble: the server takes
+// in-memory connections from the returned listener, so that it runs on the
+// bubble's clock and the test sees time pass only once every goroutine
+// waits.
+func startPiped(t *testing.T, h http.HandlerFunc, configure ...func(*Server)) (*Server, *pipeListener) {
+	t.Helper()
+	ln := &pipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
+	return serve(t, ln, h, configure...), ln
+}
+
+func serve(t *testing.T, ln net.Listener, h http.HandlerFunc, configure ...func(*Server)) *Server {
 	srv := &Server{Handler: h}
 	for _, f := range configure {
 		f(srv)
@@ -35,8 +51,74 @@ func start(t *testing.T, h http.HandlerFunc, configure ...func(*Server)) (*Serve
 			t.Errorf("Serve returned %v, want ErrServerClosed", err)
 		}
 	})
-	return srv, ln.Addr().String()
+	return srv
 }
+
+// pipeListener is a net.Listener whose connections are pipeConns.
+type pipeListener struct {
+	conns     chan net.Conn
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+func (l *pipeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *pipeListener) Close() error {
+	l.closeOnce.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *pipeListener) Addr() net.Addr { return pipeAddr{} }
+
+type pipeAddr struct{}
+
+func (pipeAddr) Network() string { return "pipe" }
+func (pipeAddr) String() string  { return "pipe" }
+
+// dial is dial over a pipeListener: it hands the server one end of a new
+// pipeConn and returns the other, closed when the test ends.
+func (l *pipeListener) dial(t *testing.T) (*pipeConn, *bufio.Reader) {
+	t.Helper()
+	up, upServer := net.Pipe()     // the client's bytes to the server
+	downServer, down := net.Pipe() // the server's to the client
+	c := &pipeConn{in: down, out: up}
+	select {
+	case l.conns <- &pipeConn{in: upServer, out: downServer}:
+	case <-l.done:
+		t.Fatal("dialing a closed listener")
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return c, bufio.NewReader(c)
+}
+
+// pipeConn is one end of an in-memory connection made of a net.Pipe each
+// way, so that, as over TCP, an end can close its sending side and go on
+// reading (CloseWrite), which net.Pipe alone cannot. Like net.Pipe it has
+// no buffer: a write waits for the peer to read it.
+type pipeConn struct {
+	in, out net.Conn // what the peer sends; what this end sends
+}
+
+func (c *pipeConn) Read(p []byte) (int, error)  { return c.in.Read(p) }
+func (c *pipeConn) Write(p []byte) (int, error) { return c.out.Write(p) }
+func (c *pipeConn) CloseWrite() error           { return c.out.Close() }
+func (c *pipeConn) Close() error                { return errors.Join(c.out.Close(), c.in.Close()) }
+func (c *pipeConn) LocalAddr() net.Addr         { return pipeAddr{} }
+func (c *pipeConn) RemoteAddr() net.Addr        { return pipeAddr{} }
+
+func (c *pipeConn) SetDeadline(t time.Time) error {
+	return errors.Join(c.in.SetReadDeadline(t), c.out.SetWriteDeadline(t))
+}
+func (c *pipeConn) SetReadDeadline(t time.Time) error  { return c.in.SetReadDeadline(t) }
+func (c *pipeConn) SetWriteDeadline(t time.Time) error { return c.out.SetWriteDeadline(t) }
 
 // dial opens a raw connection for tests that need to see the bytes.
 func dial(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
@@ -167,54 +249,62 @@ func TestFlushStreamsBeforeTheHandlerReturns(t *testing.T) {
 }
 
 func TestClientGoneCancelsContext(t *testing.T) {
-	cause := make(chan error, 1)
-	handler := func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet {
-			io.Copy(io.Discard, r.Body) // a GET's handler does not touch its empty body
+	synctest.Test(t, func(t *testing.T) {
+		cause := make(chan error, 1)
+		handler := func(w http.ResponseWriter, r *http.Request) {
+			if r.Method != http.MethodGet {
+				io.Copy(io.Discard, r.Body) // a GET's handler does not touch its empty body
+			}
+			select {
+			case <-r.Context().Done():
+				cause <- context.Cause(r.Context())
+			case <-time.After(10 * time.Second):
+				cause <- errors.New("not cancelled")
+			}
 		}
-		select {
-		case <-r.Context().Done():
-			cause <- context.Cause(r.Context())
-		case <-time.After(10 * time.Second):
-			cause <- errors.New("not cancelled")
+		// Short timeouts: the watch must outlive the deadlines the request
+		// was read under.
+		_, ln := startPiped(t, handler, func(s *Server) { s.IdleTimeout, s.ReadHeaderTimeout = 100*time.Millisecond, 50*time.Millisecond })
+		for name, tc := range map[string]struct {
+			request string
+			after   time.Duration
+		}{
+			"with a body":                    {"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}", 50 * time.Millisecond},
+			"without a body":                 {"GET / HTTP/1.1\r\nHost: test\r\n\r\n", 50 * time.Millisecond},
+			"chunked":                        {"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 50 * time.Millisecond},
+			"past the connection's timeouts": {"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}", 300 * time.Millisecond},
+		} {
+			c, _ := ln.dial(t)
+			io.WriteString(c, tc.request)
+			// On the bubble's clock, which moves once the server waits: the
+			// request runs past WatchDelay, so the watch is what is tested.
+			time.Sleep(tc.after)
+			c.Close()
+			if err := <-cause; !errors.Is(err, ErrClientGone) {
+				t.Errorf("%s: context ended with %v, want ErrClientGone", name, err)
+			}
 		}
-	}
-	// Short timeouts: the watch must outlive the deadlines the request
-	// was read under.
-	_, addr := start(t, handler, func(s *Server) { s.IdleTimeout, s.ReadHeaderTimeout = 100*time.Millisecond, 50*time.Millisecond })
-	for name, tc := range map[string]struct {
-		request string
-		after   time.Duration
-	}{
-		"with a body":                    {"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}", 50 * time.Millisecond},
-		"without a body":                 {"GET / HTTP/1.1\r\nHost: test\r\n\r\n", 50 * time.Millisecond},
-		"chunked":                        {"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 50 * time.Millisecond},
-		"past the connection's timeouts": {"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}", 300 * time.Millisecond},
-	} {
-		c, _ := dial(t, addr)
-		io.WriteString(c, tc.request)
-		time.Sleep(tc.after) // past WatchDelay: the watch is what is tested
-		c.Close()
-		if err := <-cause; !errors.Is(err, ErrClientGone) {
-			t.Errorf("%s: context ended with %v, want ErrClientGone", name, err)
-		}
-	}
+	})
 }
 
 // A client that only half-closes (it has sent everything and still reads)
 // gets its answer.
 func TestHalfClosedClientGetsTheResponse(t *testing.T) {
-	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		time.Sleep(100 * time.Millisecond) // watched by then
-		io.WriteString(w, "ok")
+	synctest.Test(t, func(t *testing.T) {
+		_, ln := startPiped(t, func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(io.Discard, r.Body)
+			// On the bubble's clock: several WatchDelays, so the watch has
+			// seen the half-close before the handler answers.
+			time.Sleep(100 * time.Millisecond)
+			io.WriteString(w, "ok")
+		})
+		c, br := ln.dial(t)
+		io.WriteString(c, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
+		c.CloseWrite()
+		if _, body := readResponse(t, br, "POST"); body != "ok" {
+			t.Fatalf("body %q, want ok", body)
+		}
 	})
-	c, br := dial(t, addr)
-	io.WriteString(c, "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
-	c.(*net.TCPConn).CloseWrite()
-	if _, body := readResponse(t, br, "POST"); body != "ok" {
-		t.Fatalf("body %q, want ok", body)
-	}
 }
 
 func TestCloseCancelsRequestsInFlight(t *testing.T) {
@@ -266,30 +356,32 @@ func TestNoContinueAfterTheResponseStarted(t *testing.T) {
 // A request that arrives while the previous one still runs (pipelining)
 // must neither cancel it nor be lost.
 func TestPipelinedRequestWhileWatched(t *testing.T) {
-	var cancelled atomic.Bool
-	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		if r.URL.Path == "/slow" {
-			select {
-			case <-r.Context().Done():
-				cancelled.Store(true)
-			case <-time.After(100 * time.Millisecond): // several WatchDelays
+	synctest.Test(t, func(t *testing.T) {
+		var cancelled atomic.Bool
+		_, ln := startPiped(t, func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(io.Discard, r.Body)
+			if r.URL.Path == "/slow" {
+				select {
+				case <-r.Context().Done():
+					cancelled.Store(true)
+				case <-time.After(100 * time.Millisecond): // several WatchDelays
+				}
+			}
+			io.WriteString(w, r.URL.Path)
+		})
+		c, br := ln.dial(t)
+		io.WriteString(c, "POST /slow HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
+		time.Sleep(30 * time.Millisecond) // on the bubble's clock: the first request is being watched
+		io.WriteString(c, "GET /next HTTP/1.1\r\nHost: test\r\n\r\n")
+		for _, want := range []string{"/slow", "/next"} {
+			if _, body := readResponse(t, br, "GET"); body != want {
+				t.Fatalf("response %q, want %q", body, want)
 			}
 		}
-		io.WriteString(w, r.URL.Path)
-	})
-	c, br := dial(t, addr)
-	io.WriteString(c, "POST /slow HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
-	time.Sleep(30 * time.Millisecond) // the first request is being watched
-	io.WriteString(c, "GET /next HTTP/1.1\r\nHost: test\r\n\r\n")
-	for _, want := range []string{"/slow", "/next"} {
-		if _, body := readResponse(t, br, "GET"); body != want {
-			t.Fatalf("response %q, want %q", body, want)
+		if cancelled.Load() {
+			t.Fatal("a pipelined request cancelled the running one")
 		}
-	}
-	if cancelled.Load() {
-		t.Fatal("a pipelined request cancelled the running one")
-	}
+	})
 }
 
 func TestExpectContinue(t *testing.T) {
@@ -467,34 +559,39 @@ func TestKeepAliveWithNetHTTPClient(t *testing.T) {
 	}
 }
 
+// On the bubble's clock each timeout is exact, and a connection closes no
+// earlier than an eighth before it (wire.Deadline keeps a deadline set that
+// close to the wanted one) and no later.
 func TestTimeouts(t *testing.T) {
-	_, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
-		if _, err := io.ReadAll(r.Body); err != nil {
-			return // a slow body: the read timed out
+	synctest.Test(t, func(t *testing.T) {
+		_, ln := startPiped(t, func(w http.ResponseWriter, r *http.Request) {
+			if _, err := io.ReadAll(r.Body); err != nil {
+				return // a slow body: the read timed out
+			}
+			io.WriteString(w, "ok")
+		}, func(s *Server) { s.IdleTimeout, s.ReadHeaderTimeout = time.Second, 50*time.Millisecond })
+		for name, tc := range map[string]struct {
+			send string
+			// answered: a whole first request is answered before the close.
+			answered bool
+			timeout  time.Duration
+		}{
+			"idle after a request": {send: "GET / HTTP/1.1\r\nHost: test\r\n\r\n", answered: true, timeout: time.Second},
+			// Well before IdleTimeout: ReadHeaderTimeout applies.
+			"head cut short": {send: "GET / HTTP/1.1\r\nHost: te", timeout: 50 * time.Millisecond},
+			"body cut short": {send: "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n{}", timeout: 50 * time.Millisecond},
+		} {
+			c, br := ln.dial(t)
+			start := time.Now()
+			io.WriteString(c, tc.send)
+			if tc.answered {
+				readResponse(t, br, "GET")
+			}
+			_, err := io.ReadAll(br)
+			took := time.Since(start)
+			if min := tc.timeout - tc.timeout/8; err != nil || took < min || took > tc.timeout {
+				t.Errorf("%s: connection closed after %v (%v), want between %v and %v", name, took, err, min, tc.timeout)
+			}
 		}
-		io.WriteString(w, "ok")
-	}, func(s *Server) { s.IdleTimeout, s.ReadHeaderTimeout = time.Second, 50*time.Millisecond })
-	for name, tc := range map[string]struct {
-		send string
-		// answered: a whole first request is answered before the close.
-		answered bool
-		min, max time.Duration
-	}{
-		"idle after a request": {send: "GET / HTTP/1.1\r\nHost: test\r\n\r\n", answered: true, min: 800 * time.Millisecond, max: 3 * time.Second},
-		// Well before IdleTimeout: ReadHeaderTimeout applies.
-		"head cut short": {send: "GET / HTTP/1.1\r\nHost: te", min: 40 * time.Millisecond, max: 600 * time.Millisecond},
-		"body cut short": {send: "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n{}", min: 40 * time.Millisecond, max: 600 * time.Millisecond},
-	} {
-		c, br := dial(t, addr)
-		start := time.Now()
-		io.WriteString(c, tc.send)
-		if tc.answered {
-			readResponse(t, br, "GET")
-		}
-		_, err := io.ReadAll(br)
-		took := time.Since(start)
-		if err != nil || took < tc.min || took > tc.max {
-			t.Errorf("%s: connection closed after %v (%v), want between %v and %v", name, took, err, tc.min, tc.max)
-		}
-	}
+	})
 }

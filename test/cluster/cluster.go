@@ -8,14 +8,12 @@ package cluster
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	_ "embed"
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -26,8 +24,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 )
 
 // AdvertiseAddress is the address kube-apiserver advertises. hack/netns.sh
@@ -180,10 +176,10 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 	}
 	c.APIServerReadyTime = time.Since(t0)
 
-	components := []string{"--kubeconfig=" + c.Kubeconfig,
+	controllerFlags := []string{"--kubeconfig=" + c.Kubeconfig,
 		"--authentication-kubeconfig=" + c.Kubeconfig, "--authorization-kubeconfig=" + c.Kubeconfig,
 		"--bind-address=127.0.0.1", "--leader-elect=false"}
-	kcm := newProcess("kube-controller-manager", logDir, tool("kube-controller-manager"), append(append(components,
+	kcm := newProcess("kube-controller-manager", logDir, tool("kube-controller-manager"), append(append(controllerFlags,
 		"--secure-port="+strconv.Itoa(kcmPort),
 		// kwok assigns pod IPs itself; nothing allocates node CIDRs.
 		"--controllers=*,-node-ipam-controller",
@@ -209,7 +205,7 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		kwok: "http://127.0.0.1:" + strconv.Itoa(kwokPort) + "/healthz",
 	}
 	if !cfg.WithoutScheduler {
-		sched := newProcess("kube-scheduler", logDir, tool("kube-scheduler"), append(append(components,
+		sched := newProcess("kube-scheduler", logDir, tool("kube-scheduler"), append(append(controllerFlags,
 			"--secure-port="+strconv.Itoa(schedPort)), cfg.SchedulerArgs...)...)
 		c.others = append(c.others, sched)
 		c.controllers[sched] = "https://127.0.0.1:" + strconv.Itoa(schedPort) + "/healthz"
@@ -277,7 +273,7 @@ func (c *Cluster) startAPIServer(ctx context.Context) error {
 	if err := c.apiserver.start(); err != nil {
 		return err
 	}
-	return waitHealthy(ctx, c.apiserver, c.APIServerURL+"/readyz", 60*time.Second)
+	return c.apiserver.WaitHealthy(ctx, c.APIServerURL+"/readyz", 60*time.Second)
 }
 
 // startControllers starts kube-controller-manager, kwok and kube-scheduler and
@@ -289,7 +285,7 @@ func (c *Cluster) startControllers(ctx context.Context) error {
 		}
 	}
 	for proc, url := range c.controllers {
-		if err := waitHealthy(ctx, proc, url, 60*time.Second); err != nil {
+		if err := proc.WaitHealthy(ctx, url, 60*time.Second); err != nil {
 			return err
 		}
 	}
@@ -322,7 +318,7 @@ func (c *Cluster) StartAPIServer(ctx context.Context) error {
 		if err := proc.start(); err != nil {
 			return err
 		}
-		if err := waitHealthy(ctx, proc, url, 60*time.Second); err != nil {
+		if err := proc.WaitHealthy(ctx, url, 60*time.Second); err != nil {
 			return err
 		}
 	}
@@ -382,29 +378,6 @@ func (c *Cluster) withProcessState(err error) error {
 	return err
 }
 
-func (c *Cluster) writeKubeconfig() error {
-	p := c.pki
-	kc := clientcmdapi.NewConfig()
-	kc.Clusters["capstan"] = &clientcmdapi.Cluster{Server: c.APIServerURL, CertificateAuthority: p.CAFile}
-	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificate: p.AdminCert, ClientKey: p.AdminKey}
-	kc.Contexts["capstan"] = &clientcmdapi.Context{Cluster: "capstan", AuthInfo: "admin"}
-	kc.CurrentContext = "capstan"
-	c.Kubeconfig = filepath.Join(c.Dir, "kubeconfig")
-	if err := clientcmd.WriteToFile(*kc, c.Kubeconfig); err != nil {
-		return err
-	}
-	cfg, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
-	if err != nil {
-		return err
-	}
-	// Tests create hundreds of objects at once; the client default (5 QPS)
-	// would make them measure client-side throttling.
-	cfg.QPS, cfg.Burst = 500, 1000
-	c.RESTConfig = cfg
-	c.Client, err = kubernetes.NewForConfig(cfg)
-	return err
-}
-
 // IssueServingCert signs a serving certificate for hosts with the cluster CA
 // and writes it into the cluster's folder, for servers the API server must
 // trust (an aggregated APIService with caBundle, a webhook).
@@ -414,64 +387,6 @@ func (c *Cluster) IssueServingCert(name string, hosts ...string) (certFile, keyF
 
 // CABundle returns the cluster CA certificate in PEM.
 func (c *Cluster) CABundle() []byte { return c.pki.ca.certPEM }
-
-// waitHealthy polls url until it answers 200, failing early with the end of
-// the process's log if the process exits.
-func waitHealthy(ctx context.Context, p *Process, url string, timeout time.Duration) error {
-	client := &http.Client{
-		Timeout: 2 * time.Second,
-		// Loopback health checks of processes this harness started; the
-		// certificate would be the component's self-signed one.
-		Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, //nolint:gosec
-	}
-	defer client.CloseIdleConnections()
-	deadline := time.Now().Add(timeout)
-	var last string
-	for {
-		if exited, err := p.Exited(); exited {
-			return p.Failure("exited during start-up (" + err.Error() + ")")
-		}
-		resp, err := client.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			last = resp.Status
-		} else {
-			last = err.Error()
-		}
-		if time.Now().After(deadline) {
-			return p.Failure(fmt.Sprintf("was not healthy after %s (%s: %s)", timeout, url, last))
-		}
-		select {
-		case <-ctx.Done():
-			return p.Failure("did not start before the context ended: " + ctx.Err().Error())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-}
-
-// freePorts reserves n distinct loopback ports. Inside the private namespace
-// nothing else competes for them between this call and the bind.
-func freePorts(n int) ([]int, error) {
-	var ports []int
-	var listeners []net.Listener
-	defer func() {
-		for _, l := range listeners {
-			l.Close()
-		}
-	}()
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		listeners = append(listeners, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
 
 func kwokConfiguration(podCIDR string) []byte {
 	// kwok v0.8.0 refuses a partial configuration: every parallelism field is set.

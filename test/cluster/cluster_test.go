@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,9 +36,9 @@ func TestProcessFailureShowsLog(t *testing.T) {
 	if err := p.start(); err != nil {
 		t.Fatal(err)
 	}
-	err := waitHealthy(context.Background(), p, "http://127.0.0.1:1/healthz", 5e9)
+	err := p.WaitHealthy(context.Background(), "http://127.0.0.1:1/healthz", 5e9)
 	if err == nil {
-		t.Fatal("waitHealthy succeeded for a process that exited")
+		t.Fatal("WaitHealthy succeeded for a process that exited")
 	}
 	for _, want := range []string{"false-server", "exit status 3", "listening failed: address in use"} {
 		if !strings.Contains(err.Error(), want) {
@@ -71,5 +72,30 @@ func TestNamespaceScriptWithoutRoot(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "needs root") {
 		t.Errorf("output %q does not say root is needed", out)
+	}
+}
+
+// The free ports are distinct and bindable, and FreeAddr is one of them on
+// loopback.
+func TestFreePorts(t *testing.T) {
+	ports, err := freePorts(7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	for _, p := range ports {
+		if p <= 0 || seen[p] {
+			t.Fatalf("ports %v: want 7 distinct ones", ports)
+		}
+		seen[p] = true
+	}
+	addr := FreeAddr(t)
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatalf("binding FreeAddr's %s: %v", addr, err)
+	}
+	l.Close()
+	if host, _, _ := net.SplitHostPort(addr); host != "127.0.0.1" {
+		t.Errorf("FreeAddr returned %s, want a loopback address", addr)
 	}
 }

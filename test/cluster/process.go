@@ -2,8 +2,11 @@ package cluster
 
 import (
 	"bytes"
+	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -72,6 +75,9 @@ func (p *Process) start() error {
 	return nil
 }
 
+// Name is what the harness calls the process, and its log file.
+func (p *Process) Name() string { return p.name }
+
 // Exited reports whether the process has exited, and how it ended.
 func (p *Process) Exited() (exited bool, err error) {
 	p.mu.Lock()
@@ -130,4 +136,61 @@ func (p *Process) LogTail(lines int) string {
 		all = all[len(all)-lines:]
 	}
 	return "    " + strings.Join(all, "\n    ")
+}
+
+// Run starts a program against the cluster (a Capstan component under test)
+// with its output in the cluster's log folder. Cluster.Stop stops it too.
+func (c *Cluster) Run(name, path string, args ...string) (*Process, error) {
+	return c.RunWithEnv(name, path, nil, args...)
+}
+
+// RunWithEnv is Run with environment variables ("NAME=value") added to the
+// harness's own.
+func (c *Cluster) RunWithEnv(name, path string, env []string, args ...string) (*Process, error) {
+	p := newProcess(name, filepath.Join(c.Dir, "logs"), path, args...)
+	p.env = env
+	if err := p.start(); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	c.others = append(c.others, p)
+	c.mu.Unlock()
+	return p, nil
+}
+
+// WaitHealthy polls url until it answers 200, failing early with the end of the
+// process's log if it exits. TLS certificates are not verified.
+func (p *Process) WaitHealthy(ctx context.Context, url string, timeout time.Duration) error {
+	client := &http.Client{
+		Timeout: 2 * time.Second,
+		// Loopback health checks of processes this harness started; the
+		// certificate would be the component's self-signed one.
+		Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, //nolint:gosec
+	}
+	defer client.CloseIdleConnections()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for {
+		if exited, err := p.Exited(); exited {
+			return p.Failure("exited during start-up (" + err.Error() + ")")
+		}
+		resp, err := client.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = resp.Status
+		} else {
+			last = err.Error()
+		}
+		if time.Now().After(deadline) {
+			return p.Failure(fmt.Sprintf("was not healthy after %s (%s: %s)", timeout, url, last))
+		}
+		select {
+		case <-ctx.Done():
+			return p.Failure("did not start before the context ended: " + ctx.Err().Error())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }

@@ -11,7 +11,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -143,37 +142,6 @@ func Install(ctx context.Context, c *cluster.Cluster, resources []*kresource.Res
 	return args, env, c.Apply(ctx, Namespace, bytes.NewReader(stream))
 }
 
-// StartRouter runs capstan-router on addr (host:port) with the manifests'
-// arguments followed by extra ones (later flags win).
-func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, extra ...string) (*Component, error) {
-	resources, err := Render("router")
-	if err != nil {
-		return nil, err
-	}
-	args, env, err := Install(ctx, c, resources, "Deployment")
-	if err != nil {
-		return nil, err
-	}
-	kubeconfig, err := c.ServiceAccountKubeconfig(ctx, Namespace, "capstan-router")
-	if err != nil {
-		return nil, err
-	}
-	bin, err := cluster.Binary("capstan-router")
-	if err != nil {
-		return nil, err
-	}
-	args = append(append(args, "--kubeconfig="+kubeconfig, "--bind-address="+addr, "--shutdown-delay=0s"), extra...)
-	p, err := c.RunWithEnv(name, bin, env, args...)
-	if err != nil {
-		return nil, err
-	}
-	url := "http://" + addr
-	if err := p.WaitHealthy(ctx, url+"/readyz", time.Minute); err != nil {
-		return nil, err
-	}
-	return &Component{Process: p, URL: url}, nil
-}
-
 // StartAdapter runs capstan-metrics-adapter on a loopback port with a serving
 // certificate from the cluster CA, and points the manifests' APIServices at
 // it through an ExternalName Service with that CA as their caBundle. It
@@ -192,7 +160,7 @@ func StartAdapter(ctx context.Context, c *cluster.Cluster, extra ...string) (*Co
 	if err != nil {
 		return nil, err
 	}
-	port, err := freePort()
+	port, err := cluster.FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -303,7 +271,7 @@ func StartScheduler(ctx context.Context, c *cluster.Cluster, extra ...string) (*
 	if err := os.WriteFile(configPath, data, 0o600); err != nil {
 		return nil, err
 	}
-	port, err := freePort()
+	port, err := cluster.FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -333,13 +301,4 @@ func StartScheduler(ctx context.Context, c *cluster.Cluster, extra ...string) (*
 		return nil, p.Failure(err.Error())
 	}
 	return &Component{Process: p, URL: url}, nil
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }

@@ -563,7 +563,7 @@ func benchPrometheus(ctx context.Context, t *testing.T, res *benchResult, ns str
 	t.Helper()
 	c := testCluster
 	dir := t.TempDir()
-	promPort, err := freePort()
+	promPort, err := cluster.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -631,7 +631,7 @@ func benchPrometheus(ctx context.Context, t *testing.T, res *benchResult, ns str
 	if err != nil {
 		t.Fatal(err)
 	}
-	paPort, err := freePort()
+	paPort, err := cluster.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,7 +13,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -126,15 +125,6 @@ func availableCondition(s *apiregistrationv1.APIService) string {
 		}
 	}
 	return "Unknown"
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // getRaw is kubectl get --raw: a GET through kube-apiserver (and so the

@@ -11,7 +11,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -31,10 +30,8 @@ import (
 )
 
 const (
-	systemNamespace = components.Namespace
-	serviceAccount  = "capstan-router"
-	className       = "capstan"
-	controllerName  = "capstan.dev/gateway-controller"
+	className      = "capstan"
+	controllerName = "capstan.dev/gateway-controller"
 	// addressPool is where the routers under test give Gateways their
 	// addresses: local inside the test's network namespace, apart from the
 	// pod IPs (198.18.0.0/17) and the API server (198.18.255.1).
@@ -53,13 +50,12 @@ func TestMain(m *testing.M) {
 
 // The cluster is prepared once, by the first test that needs it.
 var (
-	setupOnce  sync.Once
-	setupErr   error
-	routerArgs []string
-	// routerEnv is the environment the Deployment sets.
-	routerEnv    []string
-	saKubeconfig string
-	gwClient     gatewayclient.Interface
+	setupOnce sync.Once
+	setupErr  error
+	// installed is manifests/router/gateway applied, with the Deployment's
+	// arguments and environment and a kubeconfig for the ServiceAccount.
+	installed *components.Router
+	gwClient  gatewayclient.Interface
 )
 
 // setup installs the Gateway API CRDs and manifests/router/gateway
@@ -80,14 +76,7 @@ func setup(t testing.TB) {
 			if err := components.InstallGatewayAPICRDs(ctx, c); err != nil {
 				return err
 			}
-			resources, err := components.Render("router/gateway")
-			if err != nil {
-				return err
-			}
-			if routerArgs, routerEnv, err = components.Install(ctx, c, resources); err != nil {
-				return err
-			}
-			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {
+			if installed, err = components.InstallRouter(ctx, c, "router/gateway"); err != nil {
 				return err
 			}
 			return c.CreateNodes(ctx, cluster.Node{Name: "gateway-0"}, cluster.Node{Name: "gateway-1"})
@@ -108,43 +97,14 @@ type router struct {
 // startRouter runs capstan-router with the manifests' arguments, then with
 // Gateways given addresses of their own from the pool instead of the
 // manifests' LoadBalancer Service (which the test cluster cannot provide),
-// then extra arguments (later flags win), and waits for /readyz.
+// then extra arguments (later flags win), waits for /readyz, and stops it
+// when the test ends.
 func startRouter(t *testing.T, ctx context.Context, name string, extra ...string) *router {
 	t.Helper()
 	setup(t)
-	bin, err := cluster.Binary("capstan-router")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := freeAddr(t)
-	args := append(append([]string{}, routerArgs...), "--kubeconfig="+saKubeconfig, "--bind-address="+addr,
-		"--shutdown-delay=0s", "--shutdown-timeout=5s", "--v=2", "--gateway-publish-service=", "--gateway-address-pool="+addressPool)
-	args = append(args, extra...)
-	proc, err := testCluster.RunWithEnv(name, bin, routerEnv, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := &router{name: name, proc: proc, url: "http://" + addr}
-	t.Cleanup(func() {
-		r.proc.Stop(10 * time.Second)
-		if t.Failed() {
-			t.Logf("%s log:\n%s", name, proc.LogTail(60))
-		}
-	})
-	if err := proc.WaitHealthy(ctx, r.url+"/readyz", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	args := append([]string{"--shutdown-timeout=5s", "--v=2", "--gateway-publish-service=", "--gateway-address-pool=" + addressPool}, extra...)
+	c := installed.StartTest(t, ctx, components.RouterOptions{Name: name, Args: args})
+	return &router{name: name, proc: c.Process, url: c.URL}
 }
 
 func testContext(t *testing.T, timeout time.Duration) context.Context {

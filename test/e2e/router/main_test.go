@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -40,12 +39,9 @@ func TestMain(m *testing.M) { os.Exit(cluster.RunTests(m, cluster.Config{}, &tes
 var (
 	setupOnce sync.Once
 	setupErr  error
-	// routerArgs are the container args of the manifests' Deployment.
-	routerArgs []string
-	// routerEnv is the environment the Deployment sets.
-	routerEnv []string
-	// saKubeconfig authenticates as the router's ServiceAccount.
-	saKubeconfig string
+	// installed is manifests/router applied, with the Deployment's
+	// arguments and environment and a kubeconfig for the ServiceAccount.
+	installed *components.Router
 )
 
 // setup applies manifests/router to the cluster (server-side apply, so the
@@ -59,14 +55,8 @@ func setup(t testing.TB) {
 		defer cancel()
 		setupErr = func() error {
 			c := testCluster
-			resources, err := components.Render("router")
-			if err != nil {
-				return err
-			}
-			if routerArgs, routerEnv, err = components.Install(ctx, c, resources); err != nil {
-				return err
-			}
-			if saKubeconfig, err = c.ServiceAccountKubeconfig(ctx, systemNamespace, serviceAccount); err != nil {
+			var err error
+			if installed, err = components.InstallRouter(ctx, c, "router"); err != nil {
 				return err
 			}
 			return c.CreateNodes(ctx, cluster.Node{Name: "router-0"}, cluster.Node{Name: "router-1"})
@@ -84,42 +74,13 @@ type router struct {
 }
 
 // startRouter runs capstan-router with the manifests' arguments, then extra
-// ones (later flags win), on a free loopback port, and waits for /readyz.
+// ones (later flags win), on a free loopback port, waits for /readyz, and
+// stops it when the test ends.
 func startRouter(t *testing.T, ctx context.Context, name string, extra ...string) *router {
 	t.Helper()
 	setup(t)
-	bin, err := cluster.Binary("capstan-router")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := freeAddr(t)
-	args := append(append([]string{}, routerArgs...), "--kubeconfig="+saKubeconfig, "--bind-address="+addr, "--shutdown-delay=0s", "--v=2")
-	args = append(args, extra...)
-	proc, err := testCluster.RunWithEnv(name, bin, routerEnv, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := &router{proc: proc, url: "http://" + addr}
-	t.Cleanup(func() {
-		proc.Stop(10 * time.Second)
-		if t.Failed() {
-			t.Logf("%s log:\n%s", name, proc.LogTail(40))
-		}
-	})
-	if err := proc.WaitHealthy(ctx, r.url+"/readyz", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	c := installed.StartTest(t, ctx, components.RouterOptions{Name: name, Args: append([]string{"--v=2"}, extra...)})
+	return &router{proc: c.Process, url: c.URL}
 }
 
 // simulate starts the fleet simulator for a namespace and stops it at the

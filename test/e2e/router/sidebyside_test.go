@@ -174,7 +174,7 @@ func TestSideBySide(t *testing.T) {
 		t.Fatal(err)
 	}
 	fmt.Fprintf(&b, "\ncapstan-router peak RSS over the run: %.0f MiB (environment from the manifests: %s)\n",
-		routerRSS, strings.Join(routerEnv, " "))
+		routerRSS, strings.Join(installed.Env, " "))
 	t.Log("\n" + b.String())
 	if out := os.Getenv("CAPSTAN_BENCH_OUT"); out != "" {
 		if err := os.WriteFile(out, []byte(b.String()), 0o644); err != nil {
@@ -221,7 +221,7 @@ func envInt(t *testing.T, name string, def int) int {
 // startNginx runs nginx as a keep-alive reverse proxy in front of upstreams.
 func startNginx(t *testing.T, dir string, upstreams []string) string {
 	t.Helper()
-	addr := freeAddr(t)
+	addr := cluster.FreeAddr(t)
 	var servers strings.Builder
 	for _, u := range upstreams {
 		fmt.Fprintf(&servers, "    server %s;\n", u)
@@ -267,7 +267,7 @@ http {
 // upstreams.
 func startHAProxy(t *testing.T, dir string, upstreams []string) string {
 	t.Helper()
-	addr := freeAddr(t)
+	addr := cluster.FreeAddr(t)
 	var servers strings.Builder
 	for i, u := range upstreams {
 		fmt.Fprintf(&servers, "  server s%d %s\n", i, u)

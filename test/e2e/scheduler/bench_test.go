@@ -173,7 +173,7 @@ func benchRound(ctx context.Context, t *testing.T, ns, profile, configPath strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	port, err := freePort()
+	port, err := cluster.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}

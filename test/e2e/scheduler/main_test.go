@@ -7,7 +7,6 @@ package scheduler
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -79,17 +78,6 @@ func writeConfig(cfg *schedv1.KubeSchedulerConfiguration, name string) (string, 
 	}
 	path := filepath.Join(testCluster.Dir, name)
 	return path, os.WriteFile(path, data, 0o600)
-}
-
-// freePort returns a loopback port nothing listens on; inside the test's
-// private network namespace nothing else takes it before the scheduler binds.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // slotNodes creates kwok nodes named <group>-<i> in the node group, with

@@ -72,7 +72,7 @@ profiles:
       %s
 `, testCluster.Kubeconfig, i, tc.args)
 			path := writeFile(t, fmt.Sprintf("bad-args-%d.yaml", i), config)
-			port, err := freePort()
+			port, err := cluster.FreePort()
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -1,0 +1,132 @@
+package components
+
+import (
+	"context"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/capstan-dev/capstan/test/cluster"
+)
+
+// Router is capstan-router installed in a cluster from a kustomization
+// under manifests/: its objects applied, a kubeconfig for its
+// ServiceAccount made, and its Deployment's command read, so that Start can
+// run the binary the way the Deployment would, as many times as a test
+// needs.
+type Router struct {
+	// Args and Env are the Deployment's container arguments and the
+	// environment it sets ("NAME=value").
+	Args, Env []string
+	// Kubeconfig authenticates as the router's ServiceAccount.
+	Kubeconfig string
+
+	cluster *cluster.Cluster
+}
+
+// InstallRouter applies manifests/<dir> ("router", "router/gateway") to
+// the cluster but the kinds skipped, as Install does, and makes a kubeconfig
+// for the router's ServiceAccount.
+func InstallRouter(ctx context.Context, c *cluster.Cluster, dir string, skip ...string) (*Router, error) {
+	resources, err := Render(dir)
+	if err != nil {
+		return nil, err
+	}
+	args, env, err := Install(ctx, c, resources, skip...)
+	if err != nil {
+		return nil, err
+	}
+	kubeconfig, err := c.ServiceAccountKubeconfig(ctx, Namespace, "capstan-router")
+	if err != nil {
+		return nil, err
+	}
+	return &Router{Args: args, Env: env, Kubeconfig: kubeconfig, cluster: c}, nil
+}
+
+// RouterOptions says how Start runs one capstan-router. The zero value runs
+// it as the Deployment would, on a free loopback port.
+type RouterOptions struct {
+	// Name names the process and its log file. Default "capstan-router".
+	Name string
+	// Addr is the host:port it serves on (--bind-address). Default a free
+	// loopback port.
+	Addr string
+	// Args follow the Deployment's arguments and the harness's own
+	// (--kubeconfig, --bind-address, --shutdown-delay=0s); later flags win.
+	Args []string
+	// Env is added to the environment the Deployment sets ("NAME=value").
+	Env []string
+}
+
+// routerReadyTimeout bounds the wait for a started router's /readyz.
+const routerReadyTimeout = time.Minute
+
+// Start runs capstan-router and returns once it is ready. Cluster.Stop
+// stops it, if the caller does not before.
+func (r *Router) Start(ctx context.Context, opts RouterOptions) (*Component, error) {
+	c, err := r.start(opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.WaitHealthy(ctx, c.URL+"/readyz", routerReadyTimeout); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// StartTest is Start for a test: it fails t if the router does not become
+// ready, and stops the router when the test ends, showing the end of its log
+// if the test failed.
+func (r *Router) StartTest(t testing.TB, ctx context.Context, opts RouterOptions) *Component {
+	t.Helper()
+	c, err := r.start(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.Stop(10 * time.Second)
+		if t.Failed() {
+			t.Logf("%s log:\n%s", c.Name(), c.LogTail(60))
+		}
+	})
+	if err := c.WaitHealthy(ctx, c.URL+"/readyz", routerReadyTimeout); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// start launches the router without waiting for it.
+func (r *Router) start(opts RouterOptions) (*Component, error) {
+	if opts.Name == "" {
+		opts.Name = "capstan-router"
+	}
+	if opts.Addr == "" {
+		port, err := cluster.FreePort()
+		if err != nil {
+			return nil, err
+		}
+		opts.Addr = "127.0.0.1:" + strconv.Itoa(port)
+	}
+	bin, err := cluster.Binary("capstan-router")
+	if err != nil {
+		return nil, err
+	}
+	args := append(slices.Clone(r.Args), "--kubeconfig="+r.Kubeconfig, "--bind-address="+opts.Addr, "--shutdown-delay=0s")
+	p, err := r.cluster.RunWithEnv(opts.Name, bin, append(slices.Clone(r.Env), opts.Env...), append(args, opts.Args...)...)
+	if err != nil {
+		return nil, err
+	}
+	return &Component{Process: p, URL: "http://" + opts.Addr}, nil
+}
+
+// StartRouter installs manifests/router but its Deployment and runs
+// capstan-router on addr (host:port) with the manifests' arguments followed
+// by extra ones (later flags win). It returns once the router is ready.
+func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, extra ...string) (*Component, error) {
+	r, err := InstallRouter(ctx, c, "router", "Deployment")
+	if err != nil {
+		return nil, err
+	}
+	return r.Start(ctx, RouterOptions{Name: name, Addr: addr, Args: extra})
+}
