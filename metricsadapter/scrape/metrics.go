@@ -83,8 +83,8 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(upDesc, prometheus.GaugeValue, up, ns, pod)
 		ch <- prometheus.MustNewConstMetric(lastDurationDesc, prometheus.GaugeValue, time.Duration(st.lastNano.Load()).Seconds(), ns, pod)
 		ch <- prometheus.MustNewConstMetric(failuresDesc, prometheus.GaugeValue, float64(st.failing.Load()), ns, pod)
-		if l := st.load.Load(); l != nil {
-			ch <- prometheus.MustNewConstMetric(sampleAgeDesc, prometheus.GaugeValue, now.Sub(l.Time).Seconds(), ns, pod)
+		if at := st.sampledAt.Load(); at != 0 {
+			ch <- prometheus.MustNewConstMetric(sampleAgeDesc, prometheus.GaugeValue, now.Sub(time.Unix(0, at)).Seconds(), ns, pod)
 		}
 	}
 }

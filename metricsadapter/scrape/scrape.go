@@ -1,37 +1,29 @@
-// Package scrape fetches inference engines' Prometheus metrics and keeps, for
-// each target, its latest load in engine-neutral terms. It is shared: the
-// metrics adapter drives it from a pod informer, and any other program (the
-// router's load-aware balancer) can drive it from its own view of the pods.
+// Package scrape fetches inference engines' Prometheus metrics and hands
+// each good sample, in engine-neutral terms, to an Observer. The metrics
+// adapter drives it from a pod informer (package targets) and its store
+// observes it; another program can drive and observe it the same way.
 //
-// Using it from another program:
-//
-//	s, err := scrape.New(scrape.Options{Interval: 500 * time.Millisecond})
+//	s, err := scrape.New(scrape.Options{Interval: time.Second, Observer: o})
 //	if err != nil { ... }
 //	go s.Run(ctx)                      // scrapes until ctx ends
 //	s.Upsert(scrape.Target{Key: podKey, URL: "http://10.0.0.7:8000/metrics", Engine: modelserver.VLLM})
 //	...
-//	if l, ok := s.Load(podKey); ok && l.HasRequestsWaiting {
-//		_ = l.RequestsWaiting          // fresh: no older than Options.MaxAge
-//	}
 //	s.Remove(podKey)                   // or s.SetTargets(all) to replace the set
 //
 // TargetForPod builds a Target from a pod the way DESIGN.md says (the
-// capstan.dev/engine label, the metrics port and path annotations). Load is
-// cheap and allocation-free, and every method is safe for concurrent use.
+// capstan.dev/engine label, the metrics port and path annotations). Every
+// method is safe for concurrent use.
 //
 // What a scrape does: every target is fetched once per Interval with a
 // deadline of Timeout, by at most Concurrency fetches at once, asking for the
-// text format (OpenMetrics and gzip are read too). Only the families the
-// metric catalogue maps are parsed (with expfmt): those behind Load when
-// there is no Observer; with one, every gauge and counter on each scrape and
-// the histograms, which are most of a page, every HistogramInterval. The
-// values are mapped to engine-neutral ones by the catalogue. A
-// failing target (refused, timed out, an HTTP error, a page that does not
-// parse or holds none of its engine's metrics) is retried with exponential
-// backoff and jitter, and keeps its last good sample, which Load serves until
-// it is older than MaxAge: a target without a fresh sample has no load, never
-// a zero one. An Observer, if set, sees every good sample in full (the
-// adapter's store computes rates and quantiles from them).
+// text format (OpenMetrics and gzip are read too), through Options.Transport
+// (by default one kept-alive connection per target). Only the families of the
+// catalogue metrics the observer wants are parsed (with expfmt): every gauge
+// and counter on each scrape, the histograms, which are most of a page,
+// every HistogramInterval. A failing target (refused, timed out, an HTTP
+// error, a page that does not parse or holds none of its engine's metrics) is
+// retried with exponential backoff and jitter; the observer sees nothing of
+// it until it recovers, and decides itself how old a sample may be.
 package scrape
 
 import (
@@ -45,7 +37,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/url"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -64,7 +55,6 @@ import (
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/exposition"
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
-	"github.com/capstan-dev/capstan/router/upstream"
 )
 
 // Target is one metrics endpoint to scrape.
@@ -99,21 +89,6 @@ func TargetForPod(pod *corev1.Pod) (Target, error) {
 	}, nil
 }
 
-// Load is a target's latest load in engine-neutral terms (the catalogue's
-// requests_waiting, requests_running and kv_cache_usage). A Has field is
-// false when the engine's page does not report that value (TGI has no
-// KV-cache usage).
-type Load struct {
-	RequestsWaiting    float64
-	RequestsRunning    float64
-	KVCacheUsage       float64 // 0-1
-	HasRequestsWaiting bool
-	HasRequestsRunning bool
-	HasKVCacheUsage    bool
-	// Time is when the sample was taken.
-	Time time.Time
-}
-
 // Observer receives every good sample, in the goroutine that scraped it.
 // Observe must be quick and must not keep v, which is reused. After Forget
 // for a key, Observe is not called for it again unless it is added anew.
@@ -132,16 +107,13 @@ type Options struct {
 	Timeout time.Duration
 	// Concurrency is how many scrapes may run at once. Default 64.
 	Concurrency int
-	// MaxAge is how old a sample may be and still be served by Load.
-	// Default 5 intervals.
-	MaxAge time.Duration
 	// BackoffInitial and BackoffMax bound the delay before a failing
 	// target is scraped again: it doubles from BackoffInitial (default
 	// Interval) up to BackoffMax (default 30s), with up to 20% jitter, and
 	// resets on success.
 	BackoffInitial, BackoffMax time.Duration
 	// HistogramInterval is how often a target's histogram families are
-	// read, when an Observer wants them: they are most of a page's lines
+	// read, when the observer wants any: they are most of a page's lines
 	// and of its parsing cost, and a store keeping a window of them needs
 	// them no more often than it keeps them. Gauges and counters are read
 	// on every scrape. At least Interval; default 5s.
@@ -151,8 +123,16 @@ type Options struct {
 	// Catalogue maps engine metrics to engine-neutral ones. Default
 	// catalogue.Builtin().
 	Catalogue *catalogue.Catalogue
-	// Observer, if set, receives every good sample.
+	// Observer receives every good sample. Required.
 	Observer Observer
+	// Wants picks the catalogue metrics the observer needs; only their
+	// families are parsed. Default: every metric.
+	Wants func(catalogue.Metric) bool
+	// Transport fetches the pages. Default: the scraper's own, which keeps
+	// one idle connection per target and no goroutine for it. A transport
+	// that decompresses on its own must be told not to (the scraper reads
+	// gzip itself).
+	Transport http.RoundTripper
 	// Registerer, if set, gets the scraper's Prometheus metrics (see
 	// metrics.go).
 	Registerer prometheus.Registerer
@@ -170,9 +150,6 @@ func SetDefaults(o *Options) {
 	}
 	if o.Concurrency == 0 {
 		o.Concurrency = 64
-	}
-	if o.MaxAge == 0 {
-		o.MaxAge = 5 * o.Interval
 	}
 	if o.BackoffInitial == 0 {
 		o.BackoffInitial = o.Interval
@@ -204,15 +181,10 @@ func Validate(path *field.Path, o *Options) error {
 	}
 	positive("interval", o.Interval)
 	positive("timeout", o.Timeout)
-	positive("maxAge", o.MaxAge)
 	positive("backoffInitial", o.BackoffInitial)
 	if o.Timeout >= o.Interval {
 		errs = append(errs, field.Invalid(path.Child("timeout"), o.Timeout.String(),
 			fmt.Sprintf("must be shorter than the interval (%s), so a hanging target cannot delay its next scrape", o.Interval)))
-	}
-	if o.MaxAge > 0 && o.MaxAge < o.Interval {
-		errs = append(errs, field.Invalid(path.Child("maxAge"), o.MaxAge.String(),
-			fmt.Sprintf("must be at least the interval (%s), or no sample would ever be fresh", o.Interval)))
 	}
 	if o.BackoffMax < o.BackoffInitial {
 		errs = append(errs, field.Invalid(path.Child("backoffMax"), o.BackoffMax.String(),
@@ -225,6 +197,9 @@ func Validate(path *field.Path, o *Options) error {
 	if o.Concurrency < 1 {
 		errs = append(errs, field.Invalid(path.Child("concurrency"), o.Concurrency, "must be at least 1"))
 	}
+	if o.Observer == nil {
+		errs = append(errs, field.Required(path.Child("observer"), "a scraper without an observer scrapes for nobody"))
+	}
 	if o.MaxPageBytes < 1 {
 		errs = append(errs, field.Invalid(path.Child("maxPageBytes"), o.MaxPageBytes, "must be at least 1"))
 	}
@@ -236,16 +211,12 @@ func Validate(path *field.Path, o *Options) error {
 type Scraper struct {
 	opts    Options
 	backoff *flowcontrol.Backoff
-	ids     loadIDs
 	filters map[modelserver.Engine]filters
 	metrics *metrics
 	logger  klog.Logger
-	// conns keeps one connection per target alive: opening one per
-	// scrape costs a third more CPU. Pages are fetched without asking for
-	// compression: a page crosses the cluster network in microseconds, and
-	// compressing it every second costs the engine and the scraper more
-	// CPU than it saves (a gzip-encoded page is read all the same).
-	conns *upstream.Pool
+	// idle is the default transport, whose idle connections Run closes
+	// once they outlive their target; nil with Options.Transport.
+	idle *keepAlive
 
 	mu      sync.RWMutex
 	targets map[types.NamespacedName]*state
@@ -253,13 +224,10 @@ type Scraper struct {
 	started bool
 }
 
-// loadIDs are the catalogue IDs of the metrics Load reports (-1 if absent).
-type loadIDs struct{ waiting, running, kvCache int }
-
-// filters are an engine's page filters: what a scrape parses.
+// filters are an engine's page filters: what a scrape parses of the
+// metrics the observer wants.
 type filters struct {
-	load    *exposition.Filter // what Load reports: without an Observer
-	scalars *exposition.Filter // every gauge and counter
+	scalars *exposition.Filter // the gauges and counters
 	all     *exposition.Filter // and the histograms
 }
 
@@ -267,7 +235,12 @@ type filters struct {
 // whose URL or engine changes gets a new state.
 type state struct {
 	target Target
-	load   atomic.Pointer[Load]
+	// req is the scrape request, built once; each scrape gives it its
+	// context.
+	req *http.Request
+	// sampledAt is when the last good sample was taken (unix
+	// nanoseconds, 0 before the first).
+	sampledAt atomic.Int64
 	// Operations data, for metrics and logs.
 	scrapes  [numResults]atomic.Int64
 	lastNano atomic.Int64 // duration of the last scrape
@@ -284,39 +257,26 @@ func New(opts Options) (*Scraper, error) {
 	if err := Validate(field.NewPath("scrape"), &opts); err != nil {
 		return nil, err
 	}
-	id := func(name string) int {
-		if id, ok := opts.Catalogue.ID(name); ok {
-			return id
-		}
-		return -1
-	}
 	s := &Scraper{
 		opts:    opts,
 		backoff: flowcontrol.NewBackOffWithJitter(opts.BackoffInitial, opts.BackoffMax, 0.2),
-		ids:     loadIDs{waiting: id(catalogue.RequestsWaiting), running: id(catalogue.RequestsRunning), kvCache: id(catalogue.KVCacheUsage)},
 		filters: map[modelserver.Engine]filters{},
 		targets: map[types.NamespacedName]*state{},
 		logger:  klog.Background(),
-		conns: upstream.New(upstream.Options{
-			ConnectTimeout: opts.Timeout,
-			MaxIdlePerAddr: 1,
-			// Long enough to be reused by the next scrape, short enough
-			// that a gone pod's connection does not linger.
-			IdleTimeout: 3 * opts.Interval,
-			// A request is a hundred bytes and a page is read into the
-			// worker's own buffer: small buffers, one pair per scrape in
-			// flight, do.
-			BufferSize: 4 << 10,
-		}),
+	}
+	if s.opts.Transport == nil {
+		s.idle = newKeepAlive()
+		s.opts.Transport = s.idle
 	}
 	c := opts.Catalogue
+	wants := opts.Wants
+	if wants == nil {
+		wants = func(catalogue.Metric) bool { return true }
+	}
 	for _, e := range modelserver.Engines {
 		s.filters[e] = filters{
-			load: c.Filter(e, func(m catalogue.Metric) bool {
-				return m.Name == catalogue.RequestsWaiting || m.Name == catalogue.RequestsRunning || m.Name == catalogue.KVCacheUsage
-			}),
-			scalars: c.Filter(e, func(m catalogue.Metric) bool { return m.Kind != catalogue.Histogram }),
-			all:     c.Filter(e, nil),
+			scalars: c.Filter(e, func(m catalogue.Metric) bool { return m.Kind != catalogue.Histogram && wants(m) }),
+			all:     c.Filter(e, wants),
 		}
 	}
 	if opts.Registerer != nil {
@@ -362,7 +322,7 @@ func (s *Scraper) Upsert(t Target) {
 		}
 		s.forgetLocked(t.Key)
 	}
-	st := &state{target: t}
+	st := &state{target: t, req: s.request(t)}
 	s.targets[t.Key] = st
 	if s.queue != nil {
 		// Spread new targets over an interval rather than scraping a
@@ -383,25 +343,19 @@ func (s *Scraper) Remove(key types.NamespacedName) {
 func (s *Scraper) forgetLocked(key types.NamespacedName) {
 	delete(s.targets, key)
 	s.backoff.DeleteEntry(key.String())
-	if s.opts.Observer != nil {
-		s.opts.Observer.Forget(key)
-	}
+	s.opts.Observer.Forget(key)
 }
 
-// Load returns the target's latest load if it has a sample younger than
-// MaxAge. It does not allocate.
-func (s *Scraper) Load(key types.NamespacedName) (Load, bool) {
-	s.mu.RLock()
-	st := s.targets[key]
-	s.mu.RUnlock()
-	if st == nil {
-		return Load{}, false
+// request returns the request that scrapes t, or nil when its URL is not
+// one (every scrape of it then fails, saying why).
+func (s *Scraper) request(t Target) *http.Request {
+	req, err := http.NewRequest(http.MethodGet, t.URL, nil)
+	if err != nil {
+		return nil
 	}
-	l := st.load.Load()
-	if l == nil || time.Since(l.Time) > s.opts.MaxAge {
-		return Load{}, false
-	}
-	return *l, true
+	req.Header.Set("Accept", exposition.Accept)
+	req.Header.Set("User-Agent", s.opts.UserAgent)
+	return req
 }
 
 // Run scrapes until ctx ends, then waits for scrapes in flight to stop. It
@@ -425,7 +379,14 @@ func (s *Scraper) Run(ctx context.Context) error {
 	for range s.opts.Concurrency {
 		wg.Go(func() { s.work(ctx, queue) })
 	}
-	wg.Go(func() { s.conns.Run(ctx) })
+	if s.idle != nil {
+		// Long enough to be reused by the next scrape, short enough
+		// that a gone pod's connection does not linger.
+		wg.Go(func() {
+			wait.UntilWithContext(ctx, func(context.Context) { s.idle.closeIdle(3 * s.opts.Interval) }, s.opts.Interval)
+			s.idle.closeIdle(0)
+		})
+	}
 	// Forget the backoff of targets that recovered long ago.
 	wg.Go(func() { wait.UntilWithContext(ctx, func(context.Context) { s.backoff.GC() }, time.Minute) })
 	<-ctx.Done()
@@ -475,15 +436,11 @@ func (s *Scraper) work(ctx context.Context, queue workqueue.TypedDelayingInterfa
 func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duration {
 	start := time.Now()
 	f := s.filters[st.target.Engine]
-	filter, skipped := f.load, true
-	switch {
-	case s.opts.Observer == nil:
-	case start.Sub(time.Unix(0, st.histogramsAt.Load())) >= s.opts.HistogramInterval:
+	filter, skipped := f.scalars, true
+	if start.Sub(time.Unix(0, st.histogramsAt.Load())) >= s.opts.HistogramInterval {
 		filter, skipped = f.all, false
-	default:
-		filter = f.scalars
 	}
-	at, result, err := s.fetch(ctx, w, st.target, filter)
+	at, result, err := s.fetch(ctx, w, st, filter)
 	w.values.HistogramsSkipped = skipped
 	elapsed := time.Since(start)
 	st.lastNano.Store(int64(elapsed))
@@ -515,29 +472,15 @@ func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duratio
 		st.histogramsAt.Store(at.UnixNano())
 	}
 	st.up.Store(true)
-	v := w.values
-	l := &Load{Time: at}
-	l.RequestsWaiting, l.HasRequestsWaiting = scalar(v, s.ids.waiting)
-	l.RequestsRunning, l.HasRequestsRunning = scalar(v, s.ids.running)
-	l.KVCacheUsage, l.HasKVCacheUsage = scalar(v, s.ids.kvCache)
 	s.mu.RLock()
-	// Recorded only while the target is current, so that nothing is
+	// Observed only while the target is current, so that nothing is
 	// observed for a key after Remove has forgotten it.
 	if s.targets[st.target.Key] == st {
-		st.load.Store(l)
-		if s.opts.Observer != nil {
-			s.opts.Observer.Observe(st.target, at, v)
-		}
+		st.sampledAt.Store(at.UnixNano())
+		s.opts.Observer.Observe(st.target, at, w.values)
 	}
 	s.mu.RUnlock()
 	return max(0, s.opts.Interval-elapsed)
-}
-
-func scalar(v *catalogue.Values, id int) (float64, bool) {
-	if id < 0 || !v.Has[id] {
-		return 0, false
-	}
-	return v.Scalar[id], true
 }
 
 // Result is the outcome of one scrape.
@@ -569,28 +512,24 @@ var resultNames = [numResults]string{"success", "refused", "timeout", "network_e
 func (r Result) String() string { return resultNames[r] }
 
 // fetch gets and parses one page into w.values and returns when it was read.
-func (s *Scraper) fetch(ctx context.Context, w *worker, t Target, filter *exposition.Filter) (time.Time, Result, error) {
+// Pages are fetched without asking for compression: a page crosses the
+// cluster network in microseconds, and compressing it every second costs the
+// engine and the scraper more CPU than it saves (a gzip-encoded page is read
+// all the same).
+func (s *Scraper) fetch(ctx context.Context, w *worker, st *state, filter *exposition.Filter) (time.Time, Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
-	u, err := url.Parse(t.URL)
-	if err != nil {
-		return time.Time{}, NetworkError, err
+	if st.req == nil {
+		return time.Time{}, NetworkError, fmt.Errorf("%q is not a URL", st.target.URL)
 	}
-	if u.Scheme != "http" {
-		return time.Time{}, NetworkError, fmt.Errorf("URL scheme %q: metrics are scraped over plain HTTP", u.Scheme)
+	if st.req.URL.Scheme != "http" {
+		return time.Time{}, NetworkError, fmt.Errorf("URL scheme %q: metrics are scraped over plain HTTP", st.req.URL.Scheme)
 	}
-	addr := u.Host
-	if u.Port() == "" {
-		addr = net.JoinHostPort(u.Hostname(), "80")
-	}
-	req := &upstream.Request{Method: http.MethodGet, Target: u.RequestURI(), Host: u.Host,
-		Header: http.Header{"Accept": {exposition.Accept}, "User-Agent": {s.opts.UserAgent}}}
-	resp, err := s.conns.RoundTrip(ctx, req, addr, s.opts.Timeout)
+	resp, err := s.opts.Transport.RoundTrip(st.req.WithContext(ctx))
 	if err != nil {
 		return time.Time{}, transportResult(ctx, err), err
 	}
-	complete := false // the page was read to its end: the connection may be kept
-	defer func() { s.conns.Release(resp, complete) }()
+	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		return time.Time{}, HTTPError, fmt.Errorf("HTTP status %s", resp.Status)
 	}
@@ -617,9 +556,8 @@ func (s *Scraper) fetch(ctx context.Context, w *worker, t Target, filter *exposi
 	if n > s.opts.MaxPageBytes {
 		return time.Time{}, TooLarge, fmt.Errorf("page larger than %d bytes", s.opts.MaxPageBytes)
 	}
-	complete = true
 	at := time.Now()
-	if result, err := w.read(s.opts.Catalogue, t.Engine, format, w.body.Bytes(), filter); result != Success {
+	if result, err := w.read(s.opts.Catalogue, st.target.Engine, format, w.body.Bytes(), filter); result != Success {
 		return time.Time{}, result, err
 	}
 	return at, Success, nil

@@ -44,9 +44,12 @@ type engineServer struct {
 	conns       atomic.Int64 // connections opened to it
 }
 
-func newEngineServer(t *testing.T, page string) *engineServer {
+func newEngineServer(t *testing.T, page string, configure ...func(*http.Server)) *engineServer {
 	s := &engineServer{page: page, contentType: textType, status: http.StatusOK}
 	s.Server = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
+	for _, f := range configure {
+		f(s.Config)
+	}
 	s.Config.ConnState = func(_ net.Conn, state http.ConnState) {
 		if state == http.StateNew {
 			s.conns.Add(1)
@@ -115,6 +118,7 @@ func testdata(t *testing.T, name string) string {
 type recorder struct {
 	mu       sync.Mutex
 	observed map[types.NamespacedName]int
+	latest   map[types.NamespacedName]sample
 	// histograms records, per observation, whether histograms were read
 	// and which ones the page had.
 	histograms []int
@@ -123,16 +127,51 @@ type recorder struct {
 }
 
 func newRecorder() *recorder {
-	return &recorder{observed: map[types.NamespacedName]int{}, forgot: map[types.NamespacedName]bool{}}
+	return &recorder{observed: map[types.NamespacedName]int{}, latest: map[types.NamespacedName]sample{},
+		forgot: map[types.NamespacedName]bool{}}
 }
 
-func (r *recorder) Observe(t Target, _ time.Time, v *catalogue.Values) {
+// sample is what a test compares of an observation: the load metrics, and
+// whether the page had them.
+type sample struct {
+	at                                 time.Time
+	waiting, running, kvCache          float64
+	hasWaiting, hasRunning, hasKVCache bool
+}
+
+func (r *recorder) sample(key types.NamespacedName) (sample, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l, ok := r.latest[key]
+	return l, ok
+}
+
+func (r *recorder) count(key types.NamespacedName) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.observed[key]
+}
+
+func scalar(v *catalogue.Values, name string) (float64, bool) {
+	id, ok := cat.ID(name)
+	if !ok || !v.Has[id] {
+		return 0, false
+	}
+	return v.Scalar[id], true
+}
+
+func (r *recorder) Observe(t Target, at time.Time, v *catalogue.Values) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.forgot[t.Key] {
 		r.late = append(r.late, t.Key)
 	}
 	r.observed[t.Key]++
+	l := sample{at: at}
+	l.waiting, l.hasWaiting = scalar(v, catalogue.RequestsWaiting)
+	l.running, l.hasRunning = scalar(v, catalogue.RequestsRunning)
+	l.kvCache, l.hasKVCache = scalar(v, catalogue.KVCacheUsage)
+	r.latest[t.Key] = l
 	n := -1 // not read
 	if !v.HistogramsSkipped {
 		n = 0
@@ -164,6 +203,7 @@ func (r *recorder) Forget(key types.NamespacedName) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.forgot[key] = true
+	delete(r.latest, key)
 }
 
 // run starts s until the test ends.
@@ -191,60 +231,54 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 }
 
 func fastOptions() Options {
-	return Options{Interval: 100 * time.Millisecond, Timeout: 50 * time.Millisecond, MaxAge: 400 * time.Millisecond,
+	return Options{Interval: 100 * time.Millisecond, Timeout: 50 * time.Millisecond,
 		BackoffInitial: 100 * time.Millisecond, BackoffMax: 800 * time.Millisecond}
 }
 
-func TestLoadFromEachEngine(t *testing.T) {
+func TestValuesFromEachEngine(t *testing.T) {
 	cases := map[string]struct {
 		engine      modelserver.Engine
 		page        string
 		contentType string
 		gzip        bool
-		want        Load
+		want        sample
 	}{
-		"vLLM text":           {modelserver.VLLM, "vllm-v1.prom", textType, false, Load{RequestsWaiting: 7, RequestsRunning: 7, KVCacheUsage: 0.5, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
-		"vLLM gzip":           {modelserver.VLLM, "vllm-v1.prom", textType, true, Load{RequestsWaiting: 7, RequestsRunning: 7, KVCacheUsage: 0.5, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
-		"vLLM OpenMetrics":    {modelserver.VLLM, "vllm-v1.openmetrics", "application/openmetrics-text; version=1.0.0; charset=utf-8", true, Load{RequestsWaiting: 7, RequestsRunning: 3, KVCacheUsage: 0.5, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
-		"vLLM V0":             {modelserver.VLLM, "vllm-v0.prom", "", false, Load{RequestsWaiting: 9, RequestsRunning: 6, KVCacheUsage: 0.875, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
-		"SGLang":              {modelserver.SGLang, "sglang.prom", textType, false, Load{RequestsWaiting: 2826, RequestsRunning: 12, KVCacheUsage: 0.28, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
-		"TGI has no KV":       {modelserver.TGI, "tgi.prom", textType, false, Load{RequestsWaiting: 4, RequestsRunning: 16, HasRequestsWaiting: true, HasRequestsRunning: true}},
-		"Triton TensorRT-LLM": {modelserver.Triton, "triton-trtllm.prom", textType, false, Load{RequestsWaiting: 4, RequestsRunning: 6, KVCacheUsage: 0.25, HasRequestsWaiting: true, HasRequestsRunning: true, HasKVCacheUsage: true}},
+		"vLLM text":           {modelserver.VLLM, "vllm-v1.prom", textType, false, sample{waiting: 7, running: 7, kvCache: 0.5, hasWaiting: true, hasRunning: true, hasKVCache: true}},
+		"vLLM gzip":           {modelserver.VLLM, "vllm-v1.prom", textType, true, sample{waiting: 7, running: 7, kvCache: 0.5, hasWaiting: true, hasRunning: true, hasKVCache: true}},
+		"vLLM OpenMetrics":    {modelserver.VLLM, "vllm-v1.openmetrics", "application/openmetrics-text; version=1.0.0; charset=utf-8", true, sample{waiting: 7, running: 3, kvCache: 0.5, hasWaiting: true, hasRunning: true, hasKVCache: true}},
+		"vLLM V0":             {modelserver.VLLM, "vllm-v0.prom", "", false, sample{waiting: 9, running: 6, kvCache: 0.875, hasWaiting: true, hasRunning: true, hasKVCache: true}},
+		"SGLang":              {modelserver.SGLang, "sglang.prom", textType, false, sample{waiting: 2826, running: 12, kvCache: 0.28, hasWaiting: true, hasRunning: true, hasKVCache: true}},
+		"TGI has no KV":       {modelserver.TGI, "tgi.prom", textType, false, sample{waiting: 4, running: 16, hasWaiting: true, hasRunning: true}},
+		"Triton TensorRT-LLM": {modelserver.Triton, "triton-trtllm.prom", textType, false, sample{waiting: 4, running: 6, kvCache: 0.25, hasWaiting: true, hasRunning: true, hasKVCache: true}},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
 			srv := newEngineServer(t, testdata(t, tc.page))
 			srv.set(func(s *engineServer) { s.contentType, s.gzip = tc.contentType, tc.gzip })
-			opts := fastOptions()
-			s, rec := observedScraper(t, opts)
+			s, rec := observedScraper(t, fastOptions())
 			target := srv.target("p", tc.engine)
 			s.Upsert(target)
 			before := time.Now()
 			run(t, s)
-			var got Load
+			var got sample
 			waitFor(t, 2*time.Second, "a sample", func() bool {
 				var ok bool
-				got, ok = s.Load(target.Key)
+				got, ok = rec.sample(target.Key)
 				return ok
 			})
-			if got.Time.Before(before) || time.Since(got.Time) > opts.MaxAge {
-				t.Errorf("sample time %s is not the time of a scrape made after %s", got.Time, before)
+			if got.at.Before(before) || got.at.After(time.Now()) {
+				t.Errorf("sample time %s is not the time of a scrape made after %s", got.at, before)
 			}
-			got.Time = time.Time{}
-			if diff := cmp.Diff(tc.want, got); diff != "" {
-				t.Errorf("Load (-want +got):\n%s", diff)
-			}
-			rec.mu.Lock()
-			defer rec.mu.Unlock()
-			if rec.observed[target.Key] == 0 {
-				t.Error("the observer saw no sample")
+			got.at = time.Time{}
+			if diff := cmp.Diff(tc.want, got, cmp.AllowUnexported(sample{})); diff != "" {
+				t.Errorf("observed (-want +got):\n%s", diff)
 			}
 		})
 	}
 }
 
-// Every way a target can fail is counted under its reason, never yields a
-// load, and never makes a scrape last longer than the timeout.
+// Every way a target can fail is counted under its reason, is never
+// observed, and never makes a scrape last longer than the timeout.
 func TestFailingTargets(t *testing.T) {
 	refusing, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -285,15 +319,12 @@ func TestFailingTargets(t *testing.T) {
 
 	// Slower than fastOptions: a loaded machine must not turn a page that
 	// is merely too large into a timeout.
-	opts := Options{Interval: 500 * time.Millisecond, Timeout: 250 * time.Millisecond, MaxAge: 2 * time.Second,
+	opts := Options{Interval: 500 * time.Millisecond, Timeout: 250 * time.Millisecond,
 		BackoffInitial: 500 * time.Millisecond, BackoffMax: 4 * time.Second}
 	opts.MaxPageBytes = 16 << 10
 	reg := prometheus.NewPedanticRegistry()
 	opts.Registerer = reg
-	s, err := New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, rec := observedScraper(t, opts)
 	s.SetTargets(targets)
 	run(t, s)
 
@@ -312,22 +343,24 @@ func TestFailingTargets(t *testing.T) {
 				t.Errorf("%s: %d scrapes counted as %s, want only %s", name, st.scrapes[other].Load(), other, r)
 			}
 		}
-		if l, ok := s.Load(key(name)); ok {
-			t.Errorf("%s has a load: %+v", name, l)
+		if n := rec.count(key(name)); n > 0 {
+			t.Errorf("%s was observed %d times", name, n)
 		}
 		if d := time.Duration(st.lastNano.Load()); d > opts.Timeout+50*time.Millisecond {
 			t.Errorf("%s: a scrape took %s, longer than the %s timeout", name, d, opts.Timeout)
 		}
 	}
-	if _, ok := s.Load(key("good")); !ok {
-		t.Error("the healthy target has no load beside failing ones")
+	if rec.count(key("good")) == 0 {
+		t.Error("the healthy target was not observed beside failing ones")
 	}
 
-	// Backoff: in the same time, a failing target is tried less often
-	// than a healthy one is scraped.
+	// Backoff: while the healthy target is scraped eight more times, the
+	// failing one is tried less than half as often.
 	healthy0 := s.state(key("good")).scrapes[Success].Load()
 	failed0 := s.state(key("refusing")).scrapes[Refused].Load()
-	time.Sleep(4 * time.Second) // the span compared
+	waitFor(t, 10*time.Second, "eight more scrapes of the healthy target", func() bool {
+		return s.state(key("good")).scrapes[Success].Load()-healthy0 >= 8
+	})
 	healthy := s.state(key("good")).scrapes[Success].Load() - healthy0
 	failed := s.state(key("refusing")).scrapes[Refused].Load() - failed0
 	if failed*2 > healthy {
@@ -372,7 +405,7 @@ capstan_scrape_targets 9
 				if labels["pod"] != "good" {
 					t.Errorf("pod %s has a sample age but never had a sample", labels["pod"])
 				}
-				sawAge = m.GetGauge().GetValue() < opts.MaxAge.Seconds()
+				sawAge = m.GetGauge().GetValue() < 2*opts.Interval.Seconds()
 			}
 		}
 	}
@@ -387,34 +420,24 @@ func (s *Scraper) state(key types.NamespacedName) *state {
 	return s.targets[key]
 }
 
-// A target that stops answering keeps its last good sample until MaxAge, and
-// then has none: never a zero.
-func TestLastGoodSampleUntilMaxAge(t *testing.T) {
+// A target that stops answering is not observed until it recovers: the
+// observer decides how long the last good sample stands.
+func TestFailingTargetIsObservedAgainOnRecovery(t *testing.T) {
 	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
-	opts := fastOptions()
-	s, err := New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, rec := observedScraper(t, fastOptions())
 	target := srv.target("p", modelserver.VLLM)
 	s.Upsert(target)
 	run(t, s)
-	waitFor(t, 2*time.Second, "a sample", func() bool { _, ok := s.Load(target.Key); return ok })
+	waitFor(t, 2*time.Second, "a sample", func() bool { return rec.count(target.Key) > 0 })
 	srv.set(func(s *engineServer) { s.hang = true })
-	l, _ := s.Load(target.Key)
-	last := l.Time
-	// While failing, the last good sample is served unchanged.
 	waitFor(t, 2*time.Second, "a failed scrape", func() bool { return s.state(target.Key).failing.Load() > 0 })
-	if l, ok := s.Load(target.Key); ok && (l.RequestsWaiting != 7 || l.Time.Before(last)) {
-		t.Errorf("while failing, Load = %+v, want the last good sample", l)
-	}
-	waitFor(t, 2*time.Second, "the sample to age out", func() bool { _, ok := s.Load(target.Key); return !ok })
-	l, _ = s.Load(target.Key)
-	if age := time.Since(l.Time); !l.Time.IsZero() {
-		t.Errorf("an aged-out target returned a sample %s old", age)
+	seen := rec.count(target.Key)
+	waitFor(t, 3*time.Second, "two more failed scrapes", func() bool { return s.state(target.Key).failing.Load() >= 3 })
+	if n := rec.count(target.Key); n != seen {
+		t.Errorf("observed %d times while failing", n-seen)
 	}
 	srv.set(func(s *engineServer) { s.hang = false })
-	waitFor(t, 3*time.Second, "recovery after backoff", func() bool { _, ok := s.Load(target.Key); return ok })
+	waitFor(t, 3*time.Second, "recovery after backoff", func() bool { return rec.count(target.Key) > seen })
 }
 
 func TestRemoveForgetsAtOnce(t *testing.T) {
@@ -424,20 +447,17 @@ func TestRemoveForgetsAtOnce(t *testing.T) {
 	a, b := srv.target("a", modelserver.VLLM), srv.target("b", modelserver.VLLM)
 	s.SetTargets([]Target{a, b})
 	run(t, s)
-	waitFor(t, 2*time.Second, "samples of both", func() bool {
-		_, okA := s.Load(a.Key)
-		_, okB := s.Load(b.Key)
-		return okA && okB
-	})
+	waitFor(t, 2*time.Second, "samples of both", func() bool { return rec.count(a.Key) > 0 && rec.count(b.Key) > 0 })
 	s.SetTargets([]Target{b})
-	if _, ok := s.Load(a.Key); ok {
-		t.Error("a removed target still has a load")
+	if s.state(a.Key) != nil {
+		t.Error("a removed target is still a target")
 	}
-	before := srv.requests.Load()
-	time.Sleep(3 * opts.Interval)
-	// Only b is scraped now: about one request per interval.
-	if n := srv.requests.Load() - before; n > 5 {
-		t.Errorf("%d scrapes in 3 intervals for one target: the removed one is still scraped", n)
+	before, seenB := srv.requests.Load(), rec.count(b.Key)
+	waitFor(t, 2*time.Second, "three more samples of b", func() bool { return rec.count(b.Key) >= seenB+3 })
+	// Only b is scraped now: one request per sample, give or take one
+	// in flight at each end.
+	if n := srv.requests.Load() - before; n > int64(rec.count(b.Key)-seenB)+2 {
+		t.Errorf("%d scrapes for %d samples of one target: the removed one is still scraped", n, rec.count(b.Key)-seenB)
 	}
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
@@ -452,18 +472,15 @@ func TestRemoveForgetsAtOnce(t *testing.T) {
 func TestUpsertWithNewURLRestartsTheTarget(t *testing.T) {
 	vllm := newEngineServer(t, testdata(t, "vllm-v1.prom"))
 	sglang := newEngineServer(t, testdata(t, "sglang.prom"))
-	s, err := New(fastOptions())
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, rec := observedScraper(t, fastOptions())
 	s.Upsert(vllm.target("p", modelserver.VLLM))
 	run(t, s)
-	waitFor(t, 2*time.Second, "the vLLM sample", func() bool { l, ok := s.Load(key("p")); return ok && l.RequestsWaiting == 7 })
+	waitFor(t, 2*time.Second, "the vLLM sample", func() bool { l, ok := rec.sample(key("p")); return ok && l.waiting == 7 })
 	s.Upsert(sglang.target("p", modelserver.SGLang))
-	if l, ok := s.Load(key("p")); ok {
-		t.Errorf("after a new URL, the old endpoint's sample is served: %+v", l)
+	if l, ok := rec.sample(key("p")); ok {
+		t.Errorf("after a new URL, the old endpoint's sample was not forgotten: %+v", l)
 	}
-	waitFor(t, 2*time.Second, "the SGLang sample", func() bool { l, ok := s.Load(key("p")); return ok && l.RequestsWaiting == 2826 })
+	waitFor(t, 2*time.Second, "the SGLang sample", func() bool { l, ok := rec.sample(key("p")); return ok && l.waiting == 2826 })
 }
 
 // With an observer, gauges and counters are read on every scrape and
@@ -503,10 +520,7 @@ func TestConcurrencyIsBounded(t *testing.T) {
 	srv.set(func(s *engineServer) { s.delay = 20 * time.Millisecond })
 	opts := fastOptions()
 	opts.Concurrency = 3
-	s, err := New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, rec := observedScraper(t, opts)
 	var ts []Target
 	for _, n := range []string{"a", "b", "c", "d", "e", "f", "g", "h", "i", "j"} {
 		ts = append(ts, srv.target(n, modelserver.VLLM))
@@ -515,7 +529,7 @@ func TestConcurrencyIsBounded(t *testing.T) {
 	run(t, s)
 	waitFor(t, 3*time.Second, "every target sampled", func() bool {
 		for _, target := range ts {
-			if _, ok := s.Load(target.Key); !ok {
+			if rec.count(target.Key) == 0 {
 				return false
 			}
 		}
@@ -545,18 +559,62 @@ func TestOneKeptAliveConnectionPerTarget(t *testing.T) {
 	}
 }
 
-func TestLoadDoesNotAllocate(t *testing.T) {
-	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
-	s, err := New(fastOptions())
-	if err != nil {
-		t.Fatal(err)
-	}
+// An idle connection the server closed is replaced without a failed scrape.
+func TestClosedIdleConnectionIsReplaced(t *testing.T) {
+	// The server closes each connection between scrapes.
+	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"), func(c *http.Server) { c.IdleTimeout = time.Millisecond })
+	s, rec := observedScraper(t, fastOptions())
 	target := srv.target("p", modelserver.VLLM)
 	s.Upsert(target)
 	run(t, s)
-	waitFor(t, 2*time.Second, "a sample", func() bool { _, ok := s.Load(target.Key); return ok })
-	if n := testing.AllocsPerRun(1000, func() { s.Load(target.Key) }); n != 0 {
-		t.Errorf("Load allocates %v times per call", n)
+	waitFor(t, 5*time.Second, "five samples", func() bool { return rec.count(target.Key) >= 5 })
+	st := s.state(target.Key)
+	for r := range numResults {
+		if n := st.scrapes[r].Load(); r != Success && n > 0 {
+			t.Errorf("%d scrapes failed as %s", n, r)
+		}
+	}
+	if n := srv.conns.Load(); n < 3 {
+		t.Errorf("%d connections for %d scrapes: the server's closing them was not seen", n, srv.requests.Load())
+	}
+}
+
+// Any http.RoundTripper can fetch the pages.
+func TestOptionsTransport(t *testing.T) {
+	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	var used atomic.Int64
+	opts := fastOptions()
+	opts.Transport = roundTripperFunc(func(r *http.Request) (*http.Response, error) {
+		used.Add(1)
+		return srv.Client().Transport.RoundTrip(r)
+	})
+	s, rec := observedScraper(t, opts)
+	target := srv.target("p", modelserver.VLLM)
+	s.Upsert(target)
+	run(t, s)
+	waitFor(t, 2*time.Second, "a sample", func() bool { return rec.count(target.Key) > 0 })
+	if used.Load() == 0 {
+		t.Error("Options.Transport was not used")
+	}
+}
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// Only the metrics the observer wants are parsed.
+func TestOptionsWants(t *testing.T) {
+	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
+	opts := fastOptions()
+	opts.Wants = func(m catalogue.Metric) bool { return m.Name == catalogue.RequestsWaiting }
+	s, rec := observedScraper(t, opts)
+	target := srv.target("p", modelserver.VLLM)
+	s.Upsert(target)
+	run(t, s)
+	var got sample
+	waitFor(t, 2*time.Second, "a sample", func() bool { var ok bool; got, ok = rec.sample(target.Key); return ok })
+	if !got.hasWaiting || got.hasRunning || got.hasKVCache {
+		t.Errorf("observed %+v; want requests_waiting only", got)
 	}
 }
 
@@ -566,13 +624,16 @@ func TestInvalidOptions(t *testing.T) {
 		errMatch string
 	}{
 		"timeout not below interval": {Options{Interval: time.Second, Timeout: time.Second}, "scrape.timeout: Invalid value: \"1s\": must be shorter than the interval"},
-		"max age below interval":     {Options{Interval: time.Second, MaxAge: 500 * time.Millisecond}, "scrape.maxAge"},
 		"negative interval":          {Options{Interval: -time.Second, Timeout: -2 * time.Second}, "scrape.interval: Invalid value: \"-1s\": must be positive"},
 		"backoff max below initial":  {Options{BackoffInitial: 10 * time.Second, BackoffMax: time.Second}, "scrape.backoffMax"},
 		"negative concurrency":       {Options{Concurrency: -1}, "scrape.concurrency"},
+		"no observer":                {Options{}, "scrape.observer: Required value"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
+			if tc.opts.Observer == nil && tc.errMatch != "scrape.observer: Required value" {
+				tc.opts.Observer = newRecorder()
+			}
 			_, err := New(tc.opts)
 			if err == nil || !strings.Contains(err.Error(), tc.errMatch) {
 				t.Fatalf("New: %v; want an error containing %q", err, tc.errMatch)
@@ -611,10 +672,7 @@ func TestTargetForPod(t *testing.T) {
 }
 
 func TestRunTwiceIsAnError(t *testing.T) {
-	s, err := New(fastOptions())
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, _ := observedScraper(t, fastOptions())
 	run(t, s)
 	waitFor(t, time.Second, "Run to start", func() bool { s.mu.RLock(); defer s.mu.RUnlock(); return s.started })
 	if err := s.Run(context.Background()); err == nil {
@@ -623,13 +681,11 @@ func TestRunTwiceIsAnError(t *testing.T) {
 }
 
 func TestOnlyPlainHTTPIsScraped(t *testing.T) {
-	s, err := New(fastOptions())
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, _ := observedScraper(t, fastOptions())
 	w := &worker{values: s.opts.Catalogue.NewValues()}
 	target := Target{Key: key("p"), URL: "https://127.0.0.1:1/metrics", Engine: modelserver.VLLM}
-	_, result, err := s.fetch(context.Background(), w, target, s.filters[modelserver.VLLM].load)
+	st := &state{target: target, req: s.request(target)}
+	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].scalars)
 	if result != NetworkError || err == nil || !strings.Contains(err.Error(), "plain HTTP") {
 		t.Errorf("scraping %s: %v, %v; want a network_error saying metrics are scraped over plain HTTP", target.URL, result, err)
 	}

@@ -2,19 +2,21 @@ package app
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"k8s.io/apimachinery/pkg/types"
+	"golang.org/x/sync/errgroup"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -22,39 +24,50 @@ import (
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
-	"github.com/capstan-dev/capstan/metricsadapter/scrape"
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/gateway"
 	"github.com/capstan-dev/capstan/router/health"
-	"github.com/capstan-dev/capstan/router/load"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/proxy"
 	"github.com/capstan-dev/capstan/router/route"
 	"github.com/capstan-dev/capstan/router/server"
 )
 
-// userAgent identifies the router to the API server.
+// userAgent identifies the router to the API server and to the model
+// servers it scrapes.
 const userAgent = "capstan-router"
 
-// Run serves until ctx ends, then drains: /readyz fails at once, requests
-// keep being served for ShutdownDelay, then the server stops accepting and
-// waits up to ShutdownTimeout for in-flight requests. o must be valid.
-func Run(ctx context.Context, o *Options) error {
-	logger := klog.FromContext(ctx).WithValues("component", "capstan-router")
-	ctx = klog.NewContext(ctx, logger)
+// Router is capstan-router: New builds it from valid options, Run serves.
+type Router struct {
+	opts      *Options
+	logger    klog.Logger
+	discovery *discovery.Controller
+	// gateway and listeners are nil without the Gateway API.
+	gateway   *gateway.Controller
+	listeners *server.Listeners
+	// engineLoad is nil unless the balancer is load-aware.
+	engineLoad *engineLoadFeed
+	handler    *proxy.Handler
+	server     *server.Server
+	draining   atomic.Bool
+}
 
+// New builds a router from o, which must be valid: its clients, informers,
+// routing table, proxy and servers. It starts nothing.
+func New(ctx context.Context, o *Options) (*Router, error) {
+	logger := klog.FromContext(ctx).WithValues("component", "capstan-router")
 	cfg, err := restConfig(o.Kubeconfig)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	client, err := kubernetes.NewForConfig(rest.AddUserAgent(cfg, userAgent))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	selector, err := balance.New(o.Balancer, balance.Options{LoadFactor: o.LoadFactor, QueueWeight: o.QueueWeight, KVCacheWeight: o.KVCacheWeight})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	hosts := health.NewRegistry(health.EjectionPolicy{Base: o.EjectionBase, Max: o.EjectionMax})
 	routes := route.NewBuilder(hosts, route.Options{
@@ -62,16 +75,14 @@ func Run(ctx context.Context, o *Options) error {
 		MaxPerModel:    o.MaxRequestsPerModel,
 		BuildRing:      balance.NeedsRing(selector),
 	})
-	// With the Gateway API on, every Service may be a backend, and the
-	// gateway controller follows which Services exist.
-	var gw *gateway.Controller
-	handlers := discovery.Handlers{routes}
-	if o.GatewayEnabled() {
-		handlers = append(handlers, discovery.HandlerFunc(func(k types.NamespacedName, s *discovery.Service) { gw.ServiceChanged(k, s) }))
-	}
-	controller, err := discovery.New(client, handlers, discovery.Options{Namespaces: o.Namespaces, AllServices: o.GatewayEnabled()})
+	// Every Service snapshot goes to the routing table and, with the
+	// Gateway API on, to the gateway controller, which is added below
+	// (it waits for discovery to sync, so it is built after it).
+	handlers := &discovery.Handlers{routes}
+	r := &Router{opts: o, logger: logger}
+	r.discovery, err = discovery.New(client, handlers, discovery.Options{Namespaces: o.Namespaces, AllServices: o.GatewayEnabled()})
 	if err != nil {
-		return err
+		return nil, err
 	}
 
 	reg := prometheus.NewRegistry()
@@ -88,7 +99,7 @@ func Run(ctx context.Context, o *Options) error {
 		RetryAfter:              o.RetryAfter,
 		MaxIdleConnsPerEndpoint: o.MaxIdleConnsPerEndpoint,
 		AccessLog:               o.AccessLog,
-		Synced:                  controller.HasSynced,
+		Synced:                  r.discovery.HasSynced,
 	}
 	switch o.Balancer {
 	case balance.PrefixAffinity:
@@ -97,115 +108,150 @@ func Run(ctx context.Context, o *Options) error {
 		popts.SessionHeader = o.SessionHeader
 	}
 	if o.GatewayEnabled() {
-		popts.Gateways = func() *route.HTTPTable { return gw.Table() }
-	}
-	handler := proxy.New(routes, m, logger.WithName("proxy"), popts)
-	var listeners *proxy.Listeners
-	if o.GatewayEnabled() {
 		if err := checkGatewayAPI(client); err != nil {
-			return err
+			return nil, err
 		}
 		gwClient, err := gatewayclient.NewForConfig(rest.AddUserAgent(cfg, userAgent))
 		if err != nil {
-			return err
+			return nil, err
 		}
-		listeners = proxy.NewListeners(handler, popts.Gateways, logger.WithName("gateway-listeners"), o.ShutdownTimeout)
-		gw = gateway.New(client, gwClient, routes, listeners, controller.HasSynced, reg, gateway.Options{
+		popts.Gateways = func() *route.HTTPTable { return r.gateway.Table() }
+		r.handler = proxy.New(routes, m, logger.WithName("proxy"), popts)
+		r.listeners = server.NewListeners(server.ListenersConfig{
+			Handler: r.handler.GatewayHandler,
+			Certificate: func(addr string, hello *tls.ClientHelloInfo) *tls.Certificate {
+				if p := r.gateway.Table().Port(addr); p != nil {
+					return p.Certificate(hello)
+				}
+				return nil
+			},
+			Drain:  o.ShutdownTimeout,
+			Logger: logger.WithName("gateway-listeners"),
+		})
+		r.gateway = gateway.New(client, gwClient, routes, r.listeners, r.discovery.HasSynced, reg, gateway.Options{
 			ControllerName: o.GatewayControllerName,
 			Namespaces:     o.Namespaces,
 			Addresses:      o.gatewayAddresses(),
 			LeaderElection: o.LeaderElection,
 			BindRetry:      5 * time.Second,
 		})
+		*handlers = append(*handlers, r.gateway)
+	} else {
+		r.handler = proxy.New(routes, m, logger.WithName("proxy"), popts)
 	}
-
-	var draining atomic.Bool
-	ready := func() error {
-		switch {
-		case draining.Load():
-			return errors.New("shutting down")
-		case !controller.HasSynced():
-			return errors.New("Service and EndpointSlice caches not synced yet")
-		case gw != nil && !gw.HasSynced():
-			return errors.New("Gateway API routes not programmed yet")
+	if o.Balancer == balance.LoadAware {
+		if r.engineLoad, err = newEngineLoadFeed(logger, client, o, routes, reg); err != nil {
+			return nil, fmt.Errorf("load-aware balancing: %w", err)
 		}
-		return nil
 	}
-	srv := &server.Server{
-		Handler:           newMux(handler, reg, ready, o.Profiling),
+	r.server = &server.Server{
+		Handler:           newMux(r.handler, reg, r.ready, o.Profiling),
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       120 * time.Second,
 		Logger:            logger.WithName("server"),
 	}
+	return r, nil
+}
+
+// ready is /readyz: false while draining and until the caches have synced
+// and, with the Gateway API, the routes are programmed.
+func (r *Router) ready() error {
+	switch {
+	case r.draining.Load():
+		return errors.New("shutting down")
+	case !r.discovery.HasSynced():
+		return errors.New("Service and EndpointSlice caches not synced yet")
+	case r.gateway != nil && !r.gateway.HasSynced():
+		return errors.New("Gateway API routes not programmed yet")
+	}
+	return nil
+}
+
+// Run listens, starts the informers and everything that follows them, and
+// serves: the health endpoints at once, the API and the Gateway routes once
+// their caches have synced (503 until then). It returns the first error of
+// any part, having stopped and waited for all of them. When ctx ends it
+// drains: /readyz fails at once, requests keep being served for
+// ShutdownDelay, then the servers stop accepting and wait up to
+// ShutdownTimeout for in-flight requests, and it returns nil.
+func (r *Router) Run(ctx context.Context) error {
+	o, logger := r.opts, r.logger
 	listener, err := net.Listen("tcp", o.BindAddress)
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", o.BindAddress, err)
 	}
-
-	// Discovery outlives ctx until the server has drained: requests still
-	// being served during the drain follow endpoint changes.
-	discoveryCtx, stopDiscovery := context.WithCancel(klog.NewContext(context.WithoutCancel(ctx), logger.WithName("discovery")))
-	defer stopDiscovery()
-	discoveryDone := make(chan error, 1)
-	go func() { discoveryDone <- controller.Run(discoveryCtx, o.Workers) }()
-	if o.Balancer == balance.LoadAware {
-		if err := runLoadFeed(discoveryCtx, o, client, routes, reg); err != nil {
-			return err
+	// Everything but the servers outlives ctx until they have drained:
+	// requests still being served during the drain follow endpoint
+	// changes.
+	background, stopBackground := context.WithCancel(klog.NewContext(context.WithoutCancel(ctx), logger))
+	defer stopBackground()
+	g, gctx := errgroup.WithContext(background)
+	g.Go(func() error {
+		if err := r.discovery.Run(klog.NewContext(gctx, logger.WithName("discovery")), o.Workers); err != nil {
+			return fmt.Errorf("discovery stopped: %w", err)
 		}
+		return nil
+	})
+	if r.gateway != nil {
+		g.Go(func() error {
+			if err := r.gateway.Run(klog.NewContext(gctx, logger.WithName("gateway"))); err != nil {
+				return fmt.Errorf("the Gateway API controller stopped: %w", err)
+			}
+			return nil
+		})
 	}
-
-	gatewayDone := make(chan error, 1)
-	if gw != nil {
-		go func() { gatewayDone <- gw.Run(klog.NewContext(discoveryCtx, logger.WithName("gateway"))) }()
+	if r.engineLoad != nil {
+		g.Go(func() error { return r.engineLoad.Run(klog.NewContext(gctx, logger.WithName("engine-load"))) })
 	}
-
-	go handler.Run(discoveryCtx)
-	serveDone := make(chan error, 1)
-	go func() { serveDone <- srv.Serve(listener) }()
+	g.Go(func() error { r.handler.Run(gctx); return nil })
+	g.Go(func() error {
+		if err := r.server.Serve(listener); !errors.Is(err, server.ErrServerClosed) {
+			return fmt.Errorf("serving: %w", err)
+		}
+		return nil
+	})
 	logger.Info("Serving", "address", listener.Addr().String(), "balancer", o.Balancer, "namespaces", o.Namespaces)
 
 	select {
-	case err := <-serveDone:
-		return fmt.Errorf("serving: %w", err)
-	case err := <-discoveryDone:
-		return fmt.Errorf("discovery stopped: %w", err)
-	case err := <-gatewayDone:
-		return fmt.Errorf("the Gateway API controller stopped: %w", err)
+	case <-gctx.Done(): // a part failed
+		r.stopServing(context.Background())
+		return g.Wait()
 	case <-ctx.Done():
 	}
-
-	draining.Store(true)
+	r.draining.Store(true)
 	logger.Info("Shutting down: failing /readyz, still serving", "for", o.ShutdownDelay)
 	select {
 	case <-time.After(o.ShutdownDelay):
-	case err := <-serveDone:
-		return fmt.Errorf("serving: %w", err)
+	case <-gctx.Done():
+		r.stopServing(context.Background())
+		return g.Wait()
 	}
 	logger.Info("Draining in-flight requests", "timeout", o.ShutdownTimeout)
 	drainCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.ShutdownTimeout)
 	defer cancel()
-	// Gateway listeners drain alongside the API.
-	gatewaysDrained := make(chan struct{})
-	go func() {
-		defer close(gatewaysDrained)
-		if listeners != nil {
-			listeners.Shutdown(drainCtx)
-		}
-	}()
-	err = srv.Shutdown(drainCtx)
-	if err != nil {
-		logger.Info("Requests still in flight after the shutdown timeout; closing their connections", "err", err)
-		_ = srv.Close()
-	}
-	<-gatewaysDrained
-	handler.CloseIdleConnections()
-	stopDiscovery()
-	<-discoveryDone
-	if gw != nil {
-		<-gatewayDone
+	r.stopServing(drainCtx)
+	stopBackground()
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	logger.Info("Stopped")
 	return nil
+}
+
+// stopServing shuts the API server and the Gateway listeners down together,
+// waiting for in-flight requests until ctx ends and closing their
+// connections then, and closes the idle upstream connections.
+func (r *Router) stopServing(ctx context.Context) {
+	var wg sync.WaitGroup
+	if r.listeners != nil {
+		wg.Go(func() { r.listeners.Shutdown(ctx) })
+	}
+	if err := r.server.Shutdown(ctx); err != nil {
+		r.logger.Info("Requests still in flight after the shutdown timeout; closing their connections", "err", err)
+		_ = r.server.Close()
+	}
+	wg.Wait()
+	r.handler.CloseIdleConnections()
 }
 
 func restConfig(kubeconfig string) (*rest.Config, error) {
@@ -268,8 +314,9 @@ func newMux(api http.Handler, reg *prometheus.Registry, ready func() error, prof
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	mux.Handle("/", api)
-	// The API's requests skip the mux's pattern matching, about half a
-	// microsecond of a request's 25: no operational path is under /v1/.
+	// The API's requests skip the mux's pattern matching, which shows in a
+	// profile of the router's short per-request path: no operational path
+	// is under /v1/.
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if strings.HasPrefix(r.URL.Path, "/v1/") {
 			api.ServeHTTP(w, r)
@@ -277,37 +324,4 @@ func newMux(api http.Handler, reg *prometheus.Registry, ready func() error, prof
 		}
 		mux.ServeHTTP(w, r)
 	})
-}
-
-// runLoadFeed starts, for the load-aware balancer, the metrics adapter's
-// scraper on the model pods and a feeder that copies each pod's load into
-// the routing table's hosts, all bound to ctx.
-func runLoadFeed(ctx context.Context, o *Options, client kubernetes.Interface, routes *route.Builder, reg prometheus.Registerer) error {
-	scraper, err := scrape.New(scrape.Options{
-		Interval:   o.ScrapeInterval,
-		Timeout:    o.ScrapeTimeout,
-		Registerer: reg,
-		UserAgent:  userAgent,
-	})
-	if err != nil {
-		return fmt.Errorf("load-aware balancing: %w", err)
-	}
-	targets, err := load.NewTargets(client, scraper, o.Namespaces)
-	if err != nil {
-		return err
-	}
-	logger := klog.FromContext(ctx)
-	go func() {
-		if err := scraper.Run(ctx); err != nil {
-			logger.Error(err, "Scraper stopped")
-		}
-	}()
-	go func() {
-		if err := targets.Run(ctx); err != nil {
-			logger.Error(err, "Scrape targets stopped")
-		}
-	}()
-	feeder := &load.Feeder{Source: load.ScraperSource{Scraper: scraper}, Table: routes.Table, Interval: o.ScrapeInterval / 4}
-	go feeder.Run(ctx)
-	return nil
 }

@@ -8,9 +8,9 @@ import (
 )
 
 // vnodesPerEndpoint is how many points each endpoint has on the ring. More
-// points spread keys more evenly at the cost of a larger ring; 64 keeps the
-// busiest endpoint within about 20% of the average before the load bound
-// evens out the rest, and a 1,000-endpoint ring at 1 MiB.
+// points spread keys more evenly at the cost of a larger ring; 64 is where
+// the spread and the size of a 1,000-endpoint ring balance, and the load
+// bound evens out the rest (docs/router.md).
 const vnodesPerEndpoint = 64
 
 // ring is a consistent-hash ring over a pool's endpoints. Points hash the

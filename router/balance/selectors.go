@@ -257,7 +257,7 @@ func (s LoadAwareSelection) Select(p *Pool, r *Request) *Endpoint {
 		if !p.usable(e, n, r) {
 			continue
 		}
-		waiting, kv := h.EngineLoad()
+		waiting, kv := h.QueueAndKVCache()
 		score := float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
 		switch {
 		case best == nil || score < least:

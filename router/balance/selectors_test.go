@@ -175,25 +175,25 @@ func TestRandomIsUniform(t *testing.T) {
 func TestLoadAwarePrefersShortQueuesAndFreeCache(t *testing.T) {
 	s := mustNew(t, LoadAware)
 	for name, tc := range map[string]struct {
-		loads    []*health.Load
+		loads    []*health.EngineLoad
 		inflight []int64
 		want     int
 	}{
 		"shortest engine queue": {
-			loads: []*health.Load{{Waiting: 5}, {Waiting: 0}, {Waiting: 2}},
+			loads: []*health.EngineLoad{{Waiting: 5}, {Waiting: 0}, {Waiting: 2}},
 			want:  1,
 		},
 		"free KV cache over a nearly full one": {
-			loads: []*health.Load{{KVCacheUsage: 0.95}, {KVCacheUsage: 0.1}, {KVCacheUsage: 0.5}},
+			loads: []*health.EngineLoad{{KVCacheUsage: 0.95}, {KVCacheUsage: 0.1}, {KVCacheUsage: 0.5}},
 			want:  1,
 		},
 		"the router's own in-flight count adds to a stale engine queue": {
-			loads:    []*health.Load{{Waiting: 1}, {Waiting: 0}, {Waiting: 1}},
+			loads:    []*health.EngineLoad{{Waiting: 1}, {Waiting: 0}, {Waiting: 1}},
 			inflight: []int64{0, 3, 1},
 			want:     0,
 		},
 		"a pod without metrics counts only its in-flight requests": {
-			loads:    []*health.Load{{Waiting: 4}, nil, {Waiting: 3}},
+			loads:    []*health.EngineLoad{{Waiting: 4}, nil, {Waiting: 3}},
 			inflight: []int64{0, 2, 0},
 			want:     1,
 		},
@@ -201,7 +201,7 @@ func TestLoadAwarePrefersShortQueuesAndFreeCache(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			p := testPool(len(tc.loads), PoolOptions{})
 			for i, l := range tc.loads {
-				p.endpoints[i].Host.SetLoad(l)
+				p.endpoints[i].Host.SetEngineLoad(l)
 			}
 			for i, n := range tc.inflight {
 				setInFlight(p, i, n)
@@ -352,7 +352,7 @@ func BenchmarkSelect(b *testing.B) {
 				p.Ring()
 				for i := range n {
 					setInFlight(p, i, int64(i%7))
-					p.endpoints[i].Host.SetLoad(&health.Load{Waiting: float64(i % 3), KVCacheUsage: float64(i%10) / 10})
+					p.endpoints[i].Host.SetEngineLoad(&health.EngineLoad{Waiting: float64(i % 3), KVCacheUsage: float64(i%10) / 10})
 				}
 				r := &Request{HasPrefix: true, HasSession: true}
 				var k uint64

@@ -15,7 +15,6 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -24,6 +23,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/router/controller"
 )
 
 // Handler receives every new snapshot of a Service. svc is nil when the
@@ -67,12 +67,11 @@ const serviceIndex = "service"
 type Controller struct {
 	handler   Handler
 	selector  labels.Selector
-	factories []informers.SharedInformerFactory
+	informers controller.Informers
 	// services and slices have one entry per watched namespace, or one for
 	// all namespaces under "".
 	services map[string]corelisters.ServiceLister
 	slices   []cache.SharedIndexInformer
-	synced   []cache.InformerSynced
 	queue    workqueue.TypedRateLimitingInterface[cache.ObjectName]
 
 	mu        sync.RWMutex
@@ -118,10 +117,10 @@ func New(client kubernetes.Interface, handler Handler, opts Options) (*Controlle
 			informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName }))
 		svcInformer := svcFactory.Core().V1().Services()
 		sliceInformer := sliceFactory.Discovery().V1().EndpointSlices().Informer()
-		c.factories = append(c.factories, svcFactory, sliceFactory)
+		c.informers.Add(svcFactory, svcInformer.Informer().HasSynced)
+		c.informers.Add(sliceFactory, sliceInformer.HasSynced)
 		c.services[ns] = svcInformer.Lister()
 		c.slices = append(c.slices, sliceInformer)
-		c.synced = append(c.synced, svcInformer.Informer().HasSynced, sliceInformer.HasSynced)
 
 		// AddIndexers and AddEventHandler fail only after the informer has
 		// started, which cannot have happened yet.
@@ -203,17 +202,11 @@ func (c *Controller) Run(ctx context.Context, workers int) error {
 	defer utilruntime.HandleCrashWithContext(ctx)
 	defer c.queue.ShutDown()
 	logger := klog.FromContext(ctx)
-	for _, f := range c.factories {
-		f.Start(ctx.Done())
-	}
-	defer func() {
-		for _, f := range c.factories {
-			f.Shutdown()
-		}
-	}()
 	logger.Info("Waiting for Service and EndpointSlice caches")
-	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
-		return fmt.Errorf("caches did not sync: %w", context.Cause(ctx))
+	stop, err := c.informers.Start(ctx, "Service and EndpointSlice")
+	defer stop()
+	if err != nil {
+		return err
 	}
 	// Drain what the initial list enqueued before calling ourselves synced,
 	// so that a router that reports ready knows every model.
@@ -224,21 +217,13 @@ func (c *Controller) Run(ctx context.Context, workers int) error {
 	}
 	c.ready.Store(true)
 	logger.Info("Caches synced", "services", c.Len())
-	for range workers {
-		go wait.UntilWithContext(ctx, c.runWorker, time.Second)
-	}
-	<-ctx.Done()
+	controller.RunWorkers(ctx, c.queue, workers, c.processNextItem)
 	return nil
 }
 
 // HasSynced reports whether the caches have synced and every Service seen in
 // the first list has a snapshot.
 func (c *Controller) HasSynced() bool { return c.ready.Load() }
-
-func (c *Controller) runWorker(ctx context.Context) {
-	for c.processNextItem(ctx) {
-	}
-}
 
 func (c *Controller) processNextItem(ctx context.Context) bool {
 	key, shutdown := c.queue.Get()

@@ -1,27 +1,21 @@
-package load
+package engineload
 
 import (
-	"context"
-	"slices"
-	"sync"
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes/fake"
-	"k8s.io/klog/v2/ktesting"
 
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/scrape"
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/route"
 )
 
-type fakeSource map[string]health.Load
+type fakeSource map[string]health.EngineLoad
 
-func (f fakeSource) Load(pod types.NamespacedName) (health.Load, bool) {
+func (f fakeSource) Latest(pod types.NamespacedName) (health.EngineLoad, bool) {
 	l, ok := f[pod.String()]
 	return l, ok
 }
@@ -38,91 +32,66 @@ func TestFeederCopiesFreshLoadsIntoHosts(t *testing.T) {
 	f := &Feeder{Source: src, Table: b.Table, Interval: time.Second}
 	f.Sync()
 	eps := b.Table().Lookup("m").Pool.Endpoints()
-	if l := eps[0].Host.Load(); l == nil || *l != (health.Load{Waiting: 3, KVCacheUsage: 0.5}) {
+	if l := eps[0].Host.EngineLoad(); l == nil || *l != (health.EngineLoad{Waiting: 3, KVCacheUsage: 0.5}) {
 		t.Errorf("pod a's load = %+v", l)
 	}
-	if eps[1].Host.Load() != nil || eps[2].Host.Load() != nil {
+	if eps[1].Host.EngineLoad() != nil || eps[2].Host.EngineLoad() != nil {
 		t.Error("a pod without a sample got a load")
 	}
-	first := eps[0].Host.Load()
+	first := eps[0].Host.EngineLoad()
 	f.Sync()
-	if eps[0].Host.Load() != first {
+	if eps[0].Host.EngineLoad() != first {
 		t.Error("an unchanged load was replaced")
 	}
 	delete(src, "ns/a") // the sample went stale
 	f.Sync()
-	if eps[0].Host.Load() != nil {
+	if eps[0].Host.EngineLoad() != nil {
 		t.Error("a stale load was kept")
 	}
 }
 
-type recordingSetter struct {
-	mu      sync.Mutex
-	targets []scrape.Target
-}
-
-func (r *recordingSetter) SetTargets(ts []scrape.Target) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.targets = slices.Clone(ts)
-}
-
-func (r *recordingSetter) keys() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []string
-	for _, t := range r.targets {
-		out = append(out, t.Key.String()+" "+t.URL)
-	}
-	slices.Sort(out)
-	return out
-}
-
-func pod(name, ip string, ready bool) *corev1.Pod {
-	status := corev1.ConditionFalse
-	if ready {
-		status = corev1.ConditionTrue
-	}
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name, Labels: map[string]string{"capstan.dev/model": "m"}},
-		Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "engine", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8000}}}}},
-		Status:     corev1.PodStatus{PodIP: ip, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: status}}},
-	}
-}
-
-func TestTargetsAreTheScrapableModelPods(t *testing.T) {
-	_, ctx := ktesting.NewTestContext(t)
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	client := fake.NewClientset(pod("a", "198.18.0.1", true), pod("b", "198.18.0.2", false), pod("c", "", true))
-	setter := &recordingSetter{}
-	targets, err := NewTargets(client, setter, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = targets.Run(ctx) }()
-	waitFor(t, func() bool { return slices.Equal(setter.keys(), []string{"ns/a http://198.18.0.1:8000/metrics"}) })
-	b := pod("b", "198.18.0.2", true)
-	b.ResourceVersion = "2"
-	if _, err := client.CoreV1().Pods("ns").Update(ctx, b, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, func() bool {
-		return slices.Equal(setter.keys(), []string{"ns/a http://198.18.0.1:8000/metrics", "ns/b http://198.18.0.2:8000/metrics"})
-	})
-	if err := client.CoreV1().Pods("ns").Delete(ctx, "a", metav1.DeleteOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, func() bool { return slices.Equal(setter.keys(), []string{"ns/b http://198.18.0.2:8000/metrics"}) })
-}
-
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("timed out")
+func TestObserverServesFreshSamplesOnly(t *testing.T) {
+	c := catalogue.Builtin()
+	o := NewObserver(c, time.Minute)
+	pod := types.NamespacedName{Namespace: "ns", Name: "a"}
+	v := c.NewValues()
+	set := func(name string, x float64) {
+		id, ok := c.ID(name)
+		if !ok {
+			t.Fatalf("the catalogue has no %s", name)
 		}
-		time.Sleep(5 * time.Millisecond)
+		v.Has[id], v.Scalar[id] = true, x
+	}
+	set(catalogue.RequestsWaiting, 4)
+	set(catalogue.RequestsRunning, 2) // no KV-cache usage: TGI's case
+	target := scrape.Target{Key: pod}
+
+	if _, ok := o.Latest(pod); ok {
+		t.Fatal("a pod never observed has a load")
+	}
+	o.Observe(target, time.Now(), v)
+	if l, ok := o.Latest(pod); !ok || l != (health.EngineLoad{Waiting: 4, Running: 2}) {
+		t.Errorf("Latest = %+v, %v; want waiting 4, running 2, KV cache 0", l, ok)
+	}
+	o.Observe(target, time.Now().Add(-2*time.Minute), v)
+	if l, ok := o.Latest(pod); ok {
+		t.Errorf("a sample older than the maximum age is served: %+v", l)
+	}
+	o.Observe(target, time.Now(), v)
+	o.Forget(pod)
+	if _, ok := o.Latest(pod); ok {
+		t.Error("a forgotten pod has a load")
+	}
+}
+
+func TestWantsTheBalancersMetricsOnly(t *testing.T) {
+	var wanted []string
+	for _, m := range catalogue.Builtin().Metrics() {
+		if Wants(m) {
+			wanted = append(wanted, m.Name)
+		}
+	}
+	if len(wanted) != 3 {
+		t.Errorf("Wants picks %v; want requests_waiting, requests_running and kv_cache_usage", wanted)
 	}
 }

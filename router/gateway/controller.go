@@ -46,6 +46,7 @@ import (
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 	gatewayinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
 
+	"github.com/capstan-dev/capstan/router/controller"
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/route"
 )
@@ -77,10 +78,10 @@ type Services interface {
 	SyncBackends([]route.BackendKey) map[route.BackendKey]*route.Backend
 }
 
-// Listeners opens and closes the listen addresses of a table and reports
-// the ones it could not bind.
+// Listeners opens and closes listen addresses, each mapped to whether it
+// terminates TLS, and reports the ones it could not bind.
 type Listeners interface {
-	Reconcile(ctx context.Context, t *route.HTTPTable) map[string]error
+	Reconcile(ctx context.Context, addresses map[string]bool) map[string]error
 }
 
 // syncKey is the only key in the queue: every change reruns the whole
@@ -100,9 +101,7 @@ type Controller struct {
 	// backends missing.
 	servicesSynced func() bool
 
-	factories   []interface{ Start(<-chan struct{}) }
-	shutdowns   []func()
-	synced      []cache.InformerSynced
+	informers   controller.Informers
 	classInf    cache.SharedIndexInformer
 	gatewayInfs []cache.SharedIndexInformer
 	routeInfs   []cache.SharedIndexInformer
@@ -156,23 +155,22 @@ func New(kube kubernetes.Interface, gw gatewayclient.Interface, services Service
 		// AddEventHandler fails only once an informer has started.
 		_, err := inf.AddEventHandler(handler)
 		utilruntime.Must(err)
-		c.synced = append(c.synced, inf.HasSynced)
+		c.informers.Synced = append(c.informers.Synced, inf.HasSynced)
 		return inf
 	}
 	cluster := gatewayinformers.NewSharedInformerFactory(gw, 0)
 	c.classInf = add(cluster.Gateway().V1().GatewayClasses().Informer())
 	coreCluster := informers.NewSharedInformerFactory(kube, 0)
 	c.nsInf = add(coreCluster.Core().V1().Namespaces().Informer())
-	c.factories = append(c.factories, cluster, coreCluster)
-	c.shutdowns = append(c.shutdowns, cluster.Shutdown, coreCluster.Shutdown)
+	c.informers.Add(cluster)
+	c.informers.Add(coreCluster)
 	if ps := opts.Addresses.PublishService; ps.Name != "" {
 		pf := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithNamespace(ps.Namespace),
 			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 				o.FieldSelector = fields.OneTermEqualSelector("metadata.name", ps.Name).String()
 			}))
 		c.publishInf = add(pf.Core().V1().Services().Informer())
-		c.factories = append(c.factories, pf)
-		c.shutdowns = append(c.shutdowns, pf.Shutdown)
+		c.informers.Add(pf)
 	}
 	for _, ns := range namespaces {
 		f := gatewayinformers.NewSharedInformerFactoryWithOptions(gw, 0, gatewayinformers.WithNamespace(ns))
@@ -186,8 +184,8 @@ func New(kube kubernetes.Interface, gw gatewayclient.Interface, services Service
 				o.FieldSelector = fields.OneTermEqualSelector("type", string(corev1.SecretTypeTLS)).String()
 			}))
 		c.secretInfs = append(c.secretInfs, add(sf.Core().V1().Secrets().Informer()))
-		c.factories = append(c.factories, f, sf)
-		c.shutdowns = append(c.shutdowns, f.Shutdown, sf.Shutdown)
+		c.informers.Add(f)
+		c.informers.Add(sf)
 	}
 	return c
 }
@@ -232,17 +230,11 @@ func (c *Controller) Run(ctx context.Context) error {
 	defer utilruntime.HandleCrashWithContext(ctx)
 	defer c.queue.ShutDown()
 	logger := klog.FromContext(ctx)
-	for _, f := range c.factories {
-		f.Start(ctx.Done())
-	}
-	defer func() {
-		for _, s := range c.shutdowns {
-			s()
-		}
-	}()
 	logger.Info("Waiting for Gateway API caches")
-	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
-		return fmt.Errorf("gateway caches did not sync: %w", context.Cause(ctx))
+	stop, err := c.informers.Start(ctx, "Gateway API")
+	defer stop()
+	if err != nil {
+		return err
 	}
 	if err := wait.PollUntilContextCancel(ctx, 50*time.Millisecond, true, func(context.Context) (bool, error) {
 		return c.servicesSynced(), nil
@@ -279,11 +271,7 @@ func (c *Controller) Run(ctx context.Context) error {
 	}
 	c.ready.Store(true)
 	logger.Info("Gateway API caches synced", "controllerName", c.opts.ControllerName)
-	go wait.UntilWithContext(ctx, func(ctx context.Context) {
-		for c.processNextItem(ctx) {
-		}
-	}, time.Second)
-	<-ctx.Done()
+	controller.RunWorkers(ctx, c.queue, 1, c.processNextItem)
 	return nil
 }
 
@@ -308,7 +296,11 @@ func (c *Controller) sync(ctx context.Context) error {
 	start := time.Now()
 	t := translate(c.inputs())
 	c.table.Store(t.table)
-	bindErrs := c.listeners.Reconcile(ctx, t.table)
+	addresses := map[string]bool{}
+	for _, p := range t.table.Ports() {
+		addresses[p.Address] = p.TLS
+	}
+	bindErrs := c.listeners.Reconcile(ctx, addresses)
 	if len(bindErrs) > 0 && c.opts.BindRetry > 0 {
 		c.queue.AddAfter(syncKey, c.opts.BindRetry)
 	}

@@ -39,7 +39,7 @@ type Host struct {
 	// lastFailure is when the most recent failure happened (see now).
 	lastFailure atomic.Int64
 
-	load atomic.Pointer[Load]
+	load atomic.Pointer[EngineLoad]
 
 	address string
 	policy  *EjectionPolicy
@@ -95,7 +95,7 @@ func (h *Host) Ejected() bool {
 }
 
 func (h *Host) stillEjected(until int64) bool {
-	if now() < until {
+	if h.policy.now() < until {
 		return true
 	}
 	// The ejection has run out: clear it so later checks need no clock.
@@ -114,7 +114,7 @@ func (h *Host) Fail() time.Duration {
 	if p.Base <= 0 {
 		return 0
 	}
-	t := now()
+	t := p.now()
 	if last := h.lastFailure.Swap(t); last != 0 && time.Duration(t-last) > p.Max {
 		h.failures.Store(0)
 	}
@@ -145,11 +145,21 @@ type EjectionPolicy struct {
 	Base time.Duration
 	// Max caps the doubling of consecutive ejections.
 	Max time.Duration
+	// clock replaces now in tests.
+	clock func() int64
 }
 
-// Load is what a model server reports about its own load in its metrics.
-// The load-aware balancer prefers hosts with short queues and free KV cache.
-type Load struct {
+func (p *EjectionPolicy) now() int64 {
+	if p.clock != nil {
+		return p.clock()
+	}
+	return now()
+}
+
+// EngineLoad is what a model server reports about its own load in its
+// metrics. The load-aware balancer prefers hosts with short queues and free
+// KV cache.
+type EngineLoad struct {
 	// Waiting is the number of requests queued in the engine.
 	Waiting float64
 	// Running is the number of requests in the engine's current batch.
@@ -158,10 +168,10 @@ type Load struct {
 	KVCacheUsage float64
 }
 
-// SetLoad records the host's latest fresh load, or forgets it (nil) when the
+// SetEngineLoad records the host's latest fresh load, or forgets it (nil) when the
 // engine's metrics are missing or stale. The value must not be changed
 // afterwards.
-func (h *Host) SetLoad(l *Load) {
+func (h *Host) SetEngineLoad(l *EngineLoad) {
 	h.load.Store(l)
 	var waiting, kv float64
 	if l != nil {
@@ -171,11 +181,11 @@ func (h *Host) SetLoad(l *Load) {
 	h.kvCache.Store(math.Float64bits(kv))
 }
 
-// EngineLoad returns the engine's latest waiting requests and KV-cache
+// QueueAndKVCache returns the engine's latest waiting requests and KV-cache
 // usage, both 0 when unknown. It reads two atomics and does not allocate.
-func (h *Host) EngineLoad() (waiting, kvCache float64) {
+func (h *Host) QueueAndKVCache() (waiting, kvCache float64) {
 	return math.Float64frombits(h.waiting.Load()), math.Float64frombits(h.kvCache.Load())
 }
 
-// Load returns the host's latest fresh load, or nil when none is known.
-func (h *Host) Load() *Load { return h.load.Load() }
+// EngineLoad returns the host's latest fresh load, or nil when none is known.
+func (h *Host) EngineLoad() *EngineLoad { return h.load.Load() }

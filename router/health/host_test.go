@@ -2,6 +2,7 @@ package health
 
 import (
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -29,18 +30,27 @@ func TestFailEjectsWithGrowingBackoff(t *testing.T) {
 	}
 }
 
+// fakeClock is a monotonic clock the test moves.
+type fakeClock struct{ t atomic.Int64 }
+
+func (c *fakeClock) now() int64           { return c.t.Load() }
+func (c *fakeClock) step(d time.Duration) { c.t.Add(int64(d)) }
+func newFakeClock() *fakeClock            { c := &fakeClock{}; c.t.Store(1); return c }
+func (c *fakeClock) policy(base, max time.Duration) *EjectionPolicy {
+	return &EjectionPolicy{Base: base, Max: max, clock: c.now}
+}
+
 func TestEjectionRunsOut(t *testing.T) {
-	h := NewHost("198.18.0.1:8000", &EjectionPolicy{Base: 20 * time.Millisecond, Max: time.Second})
+	clock := newFakeClock()
+	h := NewHost("198.18.0.1:8000", clock.policy(20*time.Millisecond, time.Second))
 	h.Fail()
-	start := time.Now()
-	for h.Ejected() {
-		if time.Since(start) > 2*time.Second {
-			t.Fatal("host still ejected 2s after a 20ms ejection")
-		}
-		time.Sleep(time.Millisecond)
+	clock.step(19 * time.Millisecond)
+	if !h.Ejected() {
+		t.Fatal("a 20ms ejection ended after 19ms")
 	}
-	if d := time.Since(start); d < 15*time.Millisecond {
-		t.Errorf("ejection ended after %s, want about 20ms", d)
+	clock.step(time.Millisecond)
+	if h.Ejected() {
+		t.Fatal("a 20ms ejection still holds after 20ms")
 	}
 	if h.ejectedUntil.Load() != 0 {
 		t.Error("an expired ejection was not cleared")
@@ -48,10 +58,14 @@ func TestEjectionRunsOut(t *testing.T) {
 }
 
 func TestOldFailuresAreForgotten(t *testing.T) {
-	h := NewHost("198.18.0.1:8000", &EjectionPolicy{Base: 5 * time.Millisecond, Max: 10 * time.Millisecond})
+	clock := newFakeClock()
+	h := NewHost("198.18.0.1:8000", clock.policy(5*time.Millisecond, 10*time.Millisecond))
 	h.Fail()
-	h.Fail()
-	time.Sleep(20 * time.Millisecond) // longer than Max: the streak is over
+	clock.step(10 * time.Millisecond) // within Max of the last failure: the streak goes on
+	if got := h.Fail(); got != 10*time.Millisecond {
+		t.Errorf("a second failure 10ms after the first ejected for %s, want 10ms", got)
+	}
+	clock.step(11 * time.Millisecond) // longer than Max: the streak is over
 	if got := h.Fail(); got != 5*time.Millisecond {
 		t.Errorf("a failure long after the last one ejected for %s, want the base 5ms", got)
 	}
@@ -118,23 +132,23 @@ func TestRegistrySharesHostsByAddress(t *testing.T) {
 	r.Release("198.18.0.9:8000") // unknown: no panic, no effect
 }
 
-func TestLoad(t *testing.T) {
+func TestEngineLoad(t *testing.T) {
 	h := NewHost("198.18.0.1:8000", nil)
-	if h.Load() != nil {
+	if h.EngineLoad() != nil {
 		t.Fatal("a new host has a load")
 	}
-	h.SetLoad(&Load{Waiting: 3, KVCacheUsage: 0.5})
-	if l := h.Load(); l == nil || l.Waiting != 3 || l.KVCacheUsage != 0.5 {
+	h.SetEngineLoad(&EngineLoad{Waiting: 3, KVCacheUsage: 0.5})
+	if l := h.EngineLoad(); l == nil || l.Waiting != 3 || l.KVCacheUsage != 0.5 {
 		t.Errorf("Load() = %+v", l)
 	}
-	if w, kv := h.EngineLoad(); w != 3 || kv != 0.5 {
-		t.Errorf("EngineLoad() = %v, %v; want 3, 0.5", w, kv)
+	if w, kv := h.QueueAndKVCache(); w != 3 || kv != 0.5 {
+		t.Errorf("QueueAndKVCache() = %v, %v; want 3, 0.5", w, kv)
 	}
-	h.SetLoad(nil)
-	if h.Load() != nil {
-		t.Error("SetLoad(nil) did not forget the load")
+	h.SetEngineLoad(nil)
+	if h.EngineLoad() != nil {
+		t.Error("SetEngineLoad(nil) did not forget the load")
 	}
-	if w, kv := h.EngineLoad(); w != 0 || kv != 0 {
-		t.Errorf("EngineLoad() after SetLoad(nil) = %v, %v; want 0, 0", w, kv)
+	if w, kv := h.QueueAndKVCache(); w != 0 || kv != 0 {
+		t.Errorf("QueueAndKVCache() after SetEngineLoad(nil) = %v, %v; want 0, 0", w, kv)
 	}
 }

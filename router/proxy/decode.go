@@ -31,7 +31,7 @@ var (
 // way, so a malformed body is a 400 here and never reaches a model server.
 // (encoding/json matches keys case-insensitively, so {"Model": "x"} routes
 // to x and the model server, which reads "model" exactly, rejects it; a
-// map decode would be exact but costs half again as much per request.)
+// map decode would be exact but costs more per request.)
 type modelOnly struct {
 	Model *string `json:"model"`
 }

@@ -1,4 +1,4 @@
-package proxy
+package server
 
 import (
 	"context"
@@ -11,32 +11,41 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
-
-	"github.com/capstan-dev/capstan/router/route"
-	"github.com/capstan-dev/capstan/router/server"
 )
 
-// Listeners keeps one HTTP server on each listen address of the Gateway
-// API routing table: it opens the addresses a new table adds, closes (and
-// drains) those it drops, and reports the ones it could not open, which the
-// gateway controller turns into listener status.
+// Listeners keeps one server on each of a changing set of listen addresses
+// (a Gateway API routing table's ports): it opens the addresses a new set
+// adds, closes (and drains) those it drops, and reports the ones it could not
+// open, which the gateway controller turns into listener status. A
+// cleartext address is served by Server; a TLS one, and with it HTTP/2, by
+// net/http.
 type Listeners struct {
-	handler *Handler
-	table   func() *route.HTTPTable
-	logger  klog.Logger
-	// drain bounds how long a closed address keeps serving the requests
-	// it has.
-	drain time.Duration
+	config ListenersConfig
 
 	mu      sync.Mutex
-	servers map[string]*gatewayServer
+	servers map[string]*listener
 	failed  map[string]error
-	closing sync.WaitGroup
+	// serving counts every goroutine serving or draining an address;
+	// Shutdown waits for them all.
+	serving sync.WaitGroup
 	// stopped is set by Shutdown: later reconciles open nothing.
 	stopped bool
 }
 
-type gatewayServer struct {
+// ListenersConfig configures Listeners.
+type ListenersConfig struct {
+	// Handler returns the handler of an address's requests.
+	Handler func(addr string) http.Handler
+	// Certificate returns the certificate a TLS address presents for a
+	// handshake, or nil when it has none for it.
+	Certificate func(addr string, hello *tls.ClientHelloInfo) *tls.Certificate
+	// Drain bounds how long a closed address keeps serving the requests it
+	// has.
+	Drain  time.Duration
+	Logger klog.Logger
+}
+
+type listener struct {
 	tls bool
 	srv interface {
 		Shutdown(context.Context) error
@@ -44,25 +53,19 @@ type gatewayServer struct {
 	}
 }
 
-// NewListeners returns a Listeners serving h for the table that table
-// returns.
-func NewListeners(h *Handler, table func() *route.HTTPTable, logger klog.Logger, drain time.Duration) *Listeners {
-	return &Listeners{handler: h, table: table, logger: logger, drain: drain,
-		servers: map[string]*gatewayServer{}, failed: map[string]error{}}
+// NewListeners returns Listeners that open nothing until Reconcile.
+func NewListeners(c ListenersConfig) *Listeners {
+	return &Listeners{config: c, servers: map[string]*listener{}, failed: map[string]error{}}
 }
 
-// Reconcile makes the open addresses those of t and returns the addresses
-// that could not be opened, with why. An address that failed is tried again
-// on the next call.
-func (l *Listeners) Reconcile(ctx context.Context, t *route.HTTPTable) map[string]error {
+// Reconcile makes the open addresses those of want, each mapped to whether
+// it terminates TLS, and returns the addresses that could not be opened,
+// with why. An address that failed is tried again on the next call.
+func (l *Listeners) Reconcile(ctx context.Context, want map[string]bool) map[string]error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.stopped {
 		return nil
-	}
-	want := map[string]bool{}
-	for _, p := range t.Ports() {
-		want[p.Address] = p.TLS
 	}
 	for addr, s := range l.servers {
 		if tlsWanted, ok := want[addr]; !ok || tlsWanted != s.tls {
@@ -78,7 +81,7 @@ func (l *Listeners) Reconcile(ctx context.Context, t *route.HTTPTable) map[strin
 		s, err := l.open(ctx, addr, useTLS)
 		if err != nil {
 			l.failed[addr] = err
-			l.logger.Info("Cannot listen for a Gateway", "address", addr, "err", err)
+			l.config.Logger.Info("Cannot listen for a Gateway", "address", addr, "err", err)
 			continue
 		}
 		l.servers[addr] = s
@@ -90,17 +93,19 @@ func (l *Listeners) Reconcile(ctx context.Context, t *route.HTTPTable) map[strin
 	return out
 }
 
-func (l *Listeners) open(ctx context.Context, addr string, useTLS bool) (*gatewayServer, error) {
+func (l *Listeners) open(ctx context.Context, addr string, useTLS bool) (*listener, error) {
 	ln, err := listenConfig.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	handler := l.handler.GatewayHandler(addr)
+	logger := l.config.Logger
+	handler := l.config.Handler(addr)
 	if !useTLS {
-		srv := &server.Server{Handler: handler, ReadHeaderTimeout: readHeaderTimeout, IdleTimeout: idleTimeout, Logger: l.logger}
-		go l.serve(addr, func() error { return srv.Serve(ln) })
-		l.logger.Info("Listening for Gateways", "address", addr, "tls", false)
-		return &gatewayServer{srv: srv}, nil
+		srv := &Server{Handler: handler, ReadHeaderTimeout: readHeaderTimeout, IdleTimeout: idleTimeout, Logger: logger}
+		s := &listener{srv: srv}
+		l.serve(addr, s, func() error { return srv.Serve(ln) })
+		logger.Info("Listening for Gateways", "address", addr, "tls", false)
+		return s, nil
 	}
 	// TLS, and with it HTTP/2, is net/http's.
 	srv := &http.Server{
@@ -110,18 +115,17 @@ func (l *Listeners) open(ctx context.Context, addr string, useTLS bool) (*gatewa
 		TLSConfig: &tls.Config{
 			MinVersion: tls.VersionTLS12,
 			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-				if p := l.table().Port(addr); p != nil {
-					if c := p.Certificate(hello); c != nil {
-						return c, nil
-					}
+				if c := l.config.Certificate(addr, hello); c != nil {
+					return c, nil
 				}
 				return nil, fmt.Errorf("no certificate for %q on %s", hello.ServerName, addr)
 			},
 		},
 	}
-	go l.serve(addr, func() error { return srv.ServeTLS(ln, "", "") })
-	l.logger.Info("Listening for Gateways", "address", addr, "tls", true)
-	return &gatewayServer{tls: true, srv: srv}, nil
+	s := &listener{tls: true, srv: srv}
+	l.serve(addr, s, func() error { return srv.ServeTLS(ln, "", "") })
+	logger.Info("Listening for Gateways", "address", addr, "tls", true)
+	return s, nil
 }
 
 // The timeouts of a Gateway listener's connections.
@@ -130,25 +134,36 @@ const (
 	idleTimeout       = 120 * time.Second
 )
 
-func (l *Listeners) serve(addr string, serve func() error) {
-	if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		l.logger.Error(err, "Gateway listener stopped", "address", addr)
-	}
+// serve serves an address in a goroutine that Shutdown waits for. A
+// listener that fails is logged, and reported as failed by the next
+// Reconcile, which opens it again.
+func (l *Listeners) serve(addr string, s *listener, serve func() error) {
+	l.serving.Go(func() {
+		err := serve()
+		if err == nil || errors.Is(err, http.ErrServerClosed) {
+			return
+		}
+		l.config.Logger.Error(err, "Gateway listener stopped", "address", addr)
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if l.servers[addr] == s {
+			delete(l.servers, addr)
+			l.failed[addr] = err
+		}
+	})
 }
 
 // close stops accepting on an address and lets its requests finish within
 // the drain time, in the background.
-func (l *Listeners) close(addr string, s *gatewayServer) {
-	l.logger.Info("No Gateway listens here any more; draining", "address", addr)
-	l.closing.Add(1)
-	go func() {
-		defer l.closing.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), l.drain)
+func (l *Listeners) close(addr string, s *listener) {
+	l.config.Logger.Info("No Gateway listens here any more; draining", "address", addr)
+	l.serving.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), l.config.Drain)
 		defer cancel()
 		if err := s.srv.Shutdown(ctx); err != nil {
 			_ = s.srv.Close()
 		}
-	}()
+	})
 }
 
 // Shutdown stops every Gateway listener, waiting for in-flight requests
@@ -156,7 +171,7 @@ func (l *Listeners) close(addr string, s *gatewayServer) {
 func (l *Listeners) Shutdown(ctx context.Context) {
 	l.mu.Lock()
 	servers := l.servers
-	l.servers = map[string]*gatewayServer{}
+	l.servers = map[string]*listener{}
 	l.stopped = true
 	l.mu.Unlock()
 	var wg sync.WaitGroup
@@ -170,7 +185,7 @@ func (l *Listeners) Shutdown(ctx context.Context) {
 		}()
 	}
 	wg.Wait()
-	l.closing.Wait()
+	l.serving.Wait()
 }
 
 // listenConfig sets SO_REUSEPORT where the platform has it, so that

@@ -1,4 +1,4 @@
-package proxy
+package server
 
 import (
 	"context"
@@ -14,10 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2/ktesting"
-
-	"github.com/capstan-dev/capstan/router/route"
 )
 
 // certFor returns a self-signed certificate for a host and a pool that
@@ -43,34 +41,39 @@ func certFor(t *testing.T, host string) (tls.Certificate, *x509.CertPool) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k, Leaf: leaf}, pool
 }
 
-func TestListenersServeTheTable(t *testing.T) {
+func TestListenersServeTheirAddresses(t *testing.T) {
 	logger, _ := ktesting.NewTestContext(t)
 	ctx := context.Background()
-	up := echoUpstream(t, "echo-0")
-	g := newGatewayFixture(t, map[string][]backend{"echo": {up}}, func(map[string]*route.Backend) map[string][]*route.Match { return nil })
-
 	aCert, aPool := certFor(t, "a.example.com")
 	bCert, bPool := certFor(t, "b.example.com")
+	certs := map[string]*tls.Certificate{"a.example.com": &aCert, "b.example.com": &bCert}
 	httpAddr, httpsAddr := freeLoopback(t), freeLoopback(t)
-	be := g.builder.SyncBackends([]route.BackendKey{{Service: types.NamespacedName{Namespace: "ns", Name: "echo"}, Port: 80}})
-	var only *route.Backend
-	for _, b := range be {
-		only = b
-	}
-	listener := func(name, hostname, scheme string, certs ...tls.Certificate) *route.Listener {
-		l := &route.Listener{Gateway: types.NamespacedName{Namespace: "ns", Name: "gw"}, Name: name, Hostname: hostname, Scheme: scheme, Certificates: certs}
-		r := newRule(0, route.RuleBackend{Weight: 1, Backend: only})
-		r.ResponseHeaders = route.NewHeaderModifier([]route.Header{{Name: "X-Listener", Value: name}}, nil, nil)
-		l.AddHost("", []*route.Match{match(r, mustMatch(route.NewPathMatch(route.PathPrefix, "/")))})
-		return l
-	}
-	g.table = route.NewHTTPTable([]*route.Port{
-		route.NewPort(httpAddr, false, []*route.Listener{listener("http", "", "http")}),
-		route.NewPort(httpsAddr, true, []*route.Listener{listener("a", "a.example.com", "https", aCert), listener("b", "b.example.com", "https", bCert)}),
+	ls := NewListeners(ListenersConfig{
+		// Each answer names the address and the server name it came in on.
+		Handler: func(addr string) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				name := "http"
+				if r.TLS != nil {
+					name = r.TLS.ServerName[:1]
+				}
+				if addr != httpAddr && addr != httpsAddr {
+					name = addr
+				}
+				w.Header().Set("X-Listener", name)
+			})
+		},
+		Certificate: func(addr string, hello *tls.ClientHelloInfo) *tls.Certificate {
+			if addr != httpsAddr {
+				return nil
+			}
+			return certs[hello.ServerName]
+		},
+		Drain:  time.Second,
+		Logger: logger,
 	})
-	ls := NewListeners(g.handler, func() *route.HTTPTable { return g.table }, logger, time.Second)
 	t.Cleanup(func() { ls.Shutdown(context.Background()) })
-	if errs := ls.Reconcile(ctx, g.table); len(errs) != 0 {
+	both := map[string]bool{httpAddr: false, httpsAddr: true}
+	if errs := ls.Reconcile(ctx, both); len(errs) != 0 {
 		t.Fatalf("binding: %v", errs)
 	}
 
@@ -108,24 +111,22 @@ func TestListenersServeTheTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	busy := held.Addr().String()
-	next := route.NewHTTPTable([]*route.Port{route.NewPort(busy, false, []*route.Listener{listener("http", "", "http")})})
-	g.table = next
+	next := map[string]bool{busy: false}
 	if errs := ls.Reconcile(ctx, next); errs[busy] == nil || len(errs) != 1 {
 		t.Errorf("binding a taken address: %v", errs)
 	}
 	// The dropped addresses are closed.
 	for _, addr := range []string{httpAddr, httpsAddr} {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
+		err := wait.PollUntilContextTimeout(ctx, 10*time.Millisecond, 5*time.Second, true, func(context.Context) (bool, error) {
 			c, err := net.DialTimeout("tcp", addr, time.Second)
 			if err != nil {
-				break
+				return true, nil
 			}
 			c.Close()
-			if time.Now().After(deadline) {
-				t.Fatalf("%s still accepts connections after its port left the table", addr)
-			}
-			time.Sleep(10 * time.Millisecond) // polling for the drain, bounded above
+			return false, nil
+		})
+		if err != nil {
+			t.Fatalf("%s still accepts connections after it left the set: %v", addr, err)
 		}
 	}
 	held.Close()
@@ -133,7 +134,7 @@ func TestListenersServeTheTable(t *testing.T) {
 		t.Errorf("binding a freed address: %v", errs)
 	}
 	ls.Shutdown(context.Background())
-	if errs := ls.Reconcile(ctx, g.table); errs != nil {
+	if errs := ls.Reconcile(ctx, both); errs != nil {
 		t.Errorf("reconciling after Shutdown opened something: %v", errs)
 	}
 	if c, err := net.DialTimeout("tcp", busy, time.Second); err == nil {

@@ -7,8 +7,8 @@
 // for the reading goroutine to finish — a goroutine start, two deadline
 // changes and a hand-off between goroutines per request. Sorting the response
 // headers and a context per request add to it. For the router, whose own work
-// per request is a few microseconds, that machinery was about a third of its
-// CPU (docs/benchmarks/router.md). Here the connection's goroutine reads a
+// per request is small, that machinery was a large share of its CPU
+// (docs/benchmarks/router.md has the profile). Here the connection's goroutine reads a
 // request, runs the handler and writes the response; the client's connection
 // is watched only for requests still running after WatchDelay, which model
 // requests that matter to cancel always are.
@@ -17,9 +17,9 @@
 // its connection's. It is cancelled when the client goes away (cause
 // ErrClientGone) or the connection closes, not when ServeHTTP returns, so a
 // handler must not leave work behind that waits for it to end. Creating,
-// and subscribing to, a fresh context for every request cost the router
-// more than a microsecond per request. The response writer and the body
-// reader are reused by the connection's next request, so, as net/http's
+// and subscribing to, a fresh context for every request showed in the
+// router's profile. The response writer and the body reader are reused by
+// the connection's next request, so, as net/http's
 // documentation already demands, neither may be used after ServeHTTP
 // returns.
 //

@@ -1,15 +1,11 @@
 // Package upstream keeps idle keep-alive HTTP/1.1 connections to servers, per
 // address, and makes one exchange at a time on a connection, in the caller's
-// goroutine. The router forwards requests to model servers with it and the
-// metrics adapter's scraper fetches metrics pages with it.
+// goroutine. The router forwards requests to model servers with it.
 //
 // Why not net/http.Transport: it runs two goroutines per connection
 // (writeLoop, readLoop) and hands every request and response between them and
-// the caller over channels. Profiling the router under load (see
-// docs/benchmarks/router.md) put a third of its CPU in that machinery; for
-// the scraper, which keeps one connection to each of thousands of pods, the
-// goroutines' stacks and per-connection buffers were a tenth of its memory.
-// Here the caller writes the request and reads the response itself, timeouts
+// the caller over channels, which profiling the router under load put at a
+// large share of its CPU (docs/benchmarks/router.md). Here the caller writes the request and reads the response itself, timeouts
 // are connection deadlines instead of timers, a cancelled context aborts the
 // connection's I/O through context.AfterFunc, and an idle connection holds no
 // buffer: the buffers are pooled and lent to an exchange. Responses are

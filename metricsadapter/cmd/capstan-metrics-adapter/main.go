@@ -14,7 +14,6 @@ import (
 
 	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apiserver/pkg/server"
 	"k8s.io/apiserver/pkg/server/healthz"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -22,6 +21,7 @@ import (
 	logsapi "k8s.io/component-base/logs/api/v1"
 	"k8s.io/component-base/metrics/legacyregistry"
 	"k8s.io/klog/v2"
+	"sigs.k8s.io/controller-runtime/pkg/manager/signals"
 	cmmetrics "sigs.k8s.io/custom-metrics-apiserver/pkg/apiserver/metrics"
 	basecmd "sigs.k8s.io/custom-metrics-apiserver/pkg/cmd"
 
@@ -55,7 +55,9 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
-	ctx := server.SetupSignalContext()
+	// The first SIGINT or SIGTERM starts a graceful shutdown; a second
+	// exits at once. The router's main does the same.
+	ctx := signals.SetupSignalHandler()
 	if err := a.run(ctx); err != nil {
 		klog.ErrorS(err, "capstan-metrics-adapter failed")
 		klog.FlushAndExit(klog.ExitFlushTimeout, 1)
@@ -138,7 +140,7 @@ func (a *adapter) run(ctx context.Context) error {
 	scrapeDone := make(chan error, 1)
 	go func() { scrapeDone <- scraper.Run(ctx) }()
 	logger.Info("Starting", "scrapeInterval", scrapeOpts.Interval, "scrapeTimeout", scrapeOpts.Timeout,
-		"maxAge", scrapeOpts.MaxAge, "window", storeOpts.Window, "metrics", len(cat.Served()))
+		"maxAge", storeOpts.MaxAge, "window", storeOpts.Window, "metrics", len(cat.Served()))
 	err = a.Run(ctx)
 	<-scrapeDone
 	return err

@@ -83,7 +83,7 @@ func (o *options) scrapeOptions(c *catalogue.Catalogue, obs scrape.Observer) (sc
 	}
 	opts := scrape.Options{
 		Interval: o.ScrapeInterval, Timeout: o.ScrapeTimeout, Concurrency: o.ScrapeConcurrency,
-		MaxAge: o.MaxAge, BackoffInitial: o.ScrapeInterval, BackoffMax: o.ScrapeBackoffMax,
+		BackoffInitial: o.ScrapeInterval, BackoffMax: o.ScrapeBackoffMax,
 		MaxPageBytes: o.MaxPageBytes, Catalogue: c, Observer: obs,
 		// Histograms are read as often as the store keeps a checkpoint of
 		// them, and no more: they are most of the parsing.
@@ -92,7 +92,7 @@ func (o *options) scrapeOptions(c *catalogue.Catalogue, obs scrape.Observer) (sc
 	scrape.SetDefaults(&opts)
 	return opts, flagErrors(scrape.Validate(nil, &opts), map[string]string{
 		"interval": "--scrape-interval", "timeout": "--scrape-timeout", "concurrency": "--scrape-concurrency",
-		"maxAge": "--max-age", "backoffInitial": "--scrape-interval", "backoffMax": "--scrape-backoff-max",
+		"backoffInitial": "--scrape-interval", "backoffMax": "--scrape-backoff-max",
 		"maxPageBytes": "--scrape-max-page-bytes", "histogramInterval": "--window",
 	})
 }
@@ -100,6 +100,10 @@ func (o *options) scrapeOptions(c *catalogue.Catalogue, obs scrape.Observer) (sc
 func (o *options) storeOptions(c *catalogue.Catalogue) (store.Options, error) {
 	if err := o.checkSet(); err != nil {
 		return store.Options{}, err
+	}
+	if o.MaxAge < o.ScrapeInterval {
+		return store.Options{}, field.Invalid(field.NewPath("--max-age"), o.MaxAge.String(),
+			fmt.Sprintf("must be at least the scrape interval (%s), or no sample would ever be fresh", o.ScrapeInterval))
 	}
 	opts := store.Options{Window: o.Window, MaxAge: o.MaxAge, Catalogue: c}
 	store.SetDefaults(&opts)

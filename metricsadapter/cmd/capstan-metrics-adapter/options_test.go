@@ -8,6 +8,10 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
+	"github.com/capstan-dev/capstan/metricsadapter/scrape"
 )
 
 func parse(t *testing.T, args ...string) *options {
@@ -23,11 +27,11 @@ func parse(t *testing.T, args ...string) *options {
 
 func TestDefaults(t *testing.T) {
 	o := parse(t)
-	so, err := o.scrapeOptions(nil, nil)
+	so, err := o.scrapeOptions(nil, nopObserver{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if so.Interval != time.Second || so.Timeout != 750*time.Millisecond || so.MaxAge != 5*time.Second || so.Concurrency != 64 {
+	if so.Interval != time.Second || so.Timeout != 750*time.Millisecond || so.Concurrency != 64 {
 		t.Errorf("scrape defaults: %+v", so)
 	}
 	st, err := o.storeOptions(nil)
@@ -42,13 +46,12 @@ func TestInvalidFlagsNameTheFlag(t *testing.T) {
 		errMatch string
 	}{
 		"timeout as long as the interval": {[]string{"--scrape-interval=500ms", "--scrape-timeout=500ms"}, `--scrape-timeout: Invalid value: "500ms": must be shorter than the interval`},
-		"max age below the interval":      {[]string{"--max-age=200ms"}, `--max-age: Invalid value: "200ms"`},
 		"no concurrency":                  {[]string{"--scrape-concurrency=0"}, "--scrape-concurrency: Invalid value: 0"},
 		"backoff below the interval":      {[]string{"--scrape-interval=2s", "--scrape-backoff-max=1s"}, "--scrape-backoff-max"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
-			_, err := parse(t, tc.args...).scrapeOptions(nil, nil)
+			_, err := parse(t, tc.args...).scrapeOptions(nil, nopObserver{})
 			if err == nil || !strings.Contains(err.Error(), tc.errMatch) {
 				t.Fatalf("got %v, want an error containing %q", err, tc.errMatch)
 			}
@@ -57,7 +60,15 @@ func TestInvalidFlagsNameTheFlag(t *testing.T) {
 	if _, err := parse(t, "--window=100ms").storeOptions(nil); err == nil || !strings.Contains(err.Error(), "--window") {
 		t.Errorf("--window=100ms: %v", err)
 	}
+	if _, err := parse(t, "--max-age=200ms").storeOptions(nil); err == nil || !strings.Contains(err.Error(), `--max-age: Invalid value: "200ms"`) {
+		t.Errorf("--max-age=200ms: %v", err)
+	}
 }
+
+type nopObserver struct{}
+
+func (nopObserver) Observe(scrape.Target, time.Time, *catalogue.Values) {}
+func (nopObserver) Forget(types.NamespacedName)                         {}
 
 func TestCatalogueFile(t *testing.T) {
 	dir := t.TempDir()

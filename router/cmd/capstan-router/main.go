@@ -4,17 +4,14 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/spf13/cobra"
 	"k8s.io/component-base/cli"
 	logsapi "k8s.io/component-base/logs/api/v1"
 	_ "k8s.io/component-base/logs/json/register" // --logging-format=json
-	"k8s.io/klog/v2"
+	"sigs.k8s.io/controller-runtime/pkg/manager/signals"
 
 	"github.com/capstan-dev/capstan/router/app"
 )
@@ -43,26 +40,17 @@ func newCommand() *cobra.Command {
 			if err := opts.Validate(); err != nil {
 				return err
 			}
-			return app.Run(signalContext(), opts)
+			// The first SIGINT or SIGTERM starts a graceful shutdown; a
+			// second exits at once.
+			ctx := signals.SetupSignalHandler()
+			r, err := app.New(ctx, opts)
+			if err != nil {
+				return err
+			}
+			return r.Run(ctx)
 		},
 	}
 	opts.AddFlags(cmd.Flags())
 	logsapi.AddFlags(logging, cmd.Flags())
 	return cmd
-}
-
-// signalContext is cancelled on the first SIGINT or SIGTERM, which starts a
-// graceful shutdown; a second signal exits at once.
-func signalContext() context.Context {
-	ctx, cancel := context.WithCancel(context.Background())
-	ch := make(chan os.Signal, 2)
-	signal.Notify(ch, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		<-ch
-		cancel()
-		<-ch
-		klog.Info("Second signal: exiting without draining")
-		klog.FlushAndExit(klog.ExitFlushTimeout, 1)
-	}()
-	return ctx
 }
