@@ -40,8 +40,25 @@ type Options struct {
 	Balancer balance.Policy
 	// MaxBodySize bounds request bodies (a quantity: 10Mi). Default 10Mi.
 	MaxBodySize string
-	// MaxAttempts bounds the endpoints one request tries. Default 3.
+	// MaxAttempts bounds the endpoints one request tries, each only after
+	// the last reached no server. Default 3.
 	MaxAttempts int
+	// TryDuration bounds the time from a request's arrival within which
+	// another attempt may start. Default 15s.
+	TryDuration time.Duration
+	// RetryInterval is the pause before another attempt, jittered by half
+	// either way. Default 20ms.
+	RetryInterval time.Duration
+	// OutlierConsecutiveErrors is how many exchanges in a row that reached
+	// an endpoint and failed (an answer with one of OutlierStatuses, a
+	// first-byte timeout, a reset) eject it; 0 disables it. Default 5.
+	OutlierConsecutiveErrors int
+	// OutlierStatuses are the answers outlier detection counts as failed.
+	// Default 500, 502, 503, 504.
+	OutlierStatuses []int
+	// MaxEjectionPercent bounds the share of a model's endpoints ejected at
+	// once (at least one may be). Default 50.
+	MaxEjectionPercent int
 	// ConnectTimeout bounds connecting to an endpoint. Default 5s.
 	ConnectTimeout time.Duration
 	// FirstByteTimeout bounds waiting for response headers. Default 5m.
@@ -113,29 +130,34 @@ type Options struct {
 // NewOptions returns the default options.
 func NewOptions() *Options {
 	return &Options{
-		BindAddress:             ":8080",
-		Balancer:                balance.DefaultPolicy,
-		MaxBodySize:             "10Mi",
-		MaxAttempts:             3,
-		ConnectTimeout:          5 * time.Second,
-		FirstByteTimeout:        5 * time.Minute,
-		IdleStreamTimeout:       5 * time.Minute,
-		EjectionBase:            time.Second,
-		EjectionMax:             30 * time.Second,
-		RetryAfter:              2 * time.Second,
-		PrefixBytes:             512,
-		LoadFactor:              balance.DefaultLoadFactor,
-		SessionHeader:           "X-Session-Id",
-		QueueWeight:             balance.DefaultQueueWeight,
-		KVCacheWeight:           balance.DefaultKVCacheWeight,
-		ScrapeInterval:          time.Second,
-		ScrapeTimeout:           500 * time.Millisecond,
-		MaxIdleConnsPerEndpoint: 256,
-		ShutdownDelay:           5 * time.Second,
-		ShutdownTimeout:         60 * time.Second,
-		AccessLog:               true,
-		Workers:                 2,
-		GatewayControllerName:   gateway.DefaultControllerName,
+		BindAddress:              ":8080",
+		Balancer:                 balance.DefaultPolicy,
+		MaxBodySize:              "10Mi",
+		MaxAttempts:              3,
+		TryDuration:              15 * time.Second,
+		RetryInterval:            20 * time.Millisecond,
+		OutlierConsecutiveErrors: 5,
+		OutlierStatuses:          []int{500, 502, 503, 504},
+		MaxEjectionPercent:       50,
+		ConnectTimeout:           5 * time.Second,
+		FirstByteTimeout:         5 * time.Minute,
+		IdleStreamTimeout:        5 * time.Minute,
+		EjectionBase:             time.Second,
+		EjectionMax:              30 * time.Second,
+		RetryAfter:               2 * time.Second,
+		PrefixBytes:              512,
+		LoadFactor:               balance.DefaultLoadFactor,
+		SessionHeader:            "X-Session-Id",
+		QueueWeight:              balance.DefaultQueueWeight,
+		KVCacheWeight:            balance.DefaultKVCacheWeight,
+		ScrapeInterval:           time.Second,
+		ScrapeTimeout:            500 * time.Millisecond,
+		MaxIdleConnsPerEndpoint:  256,
+		ShutdownDelay:            5 * time.Second,
+		ShutdownTimeout:          60 * time.Second,
+		AccessLog:                true,
+		Workers:                  2,
+		GatewayControllerName:    gateway.DefaultControllerName,
 		LeaderElection: componentbaseconfig.LeaderElectionConfiguration{
 			LeaderElect:       true,
 			LeaseDuration:     metav1.Duration{Duration: 15 * time.Second},
@@ -173,7 +195,12 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.BindAddress, "bind-address", o.BindAddress, "Address for the OpenAI API, /healthz, /livez, /readyz and /metrics.")
 	fs.StringVar((*string)(&o.Balancer), "balancer", string(o.Balancer), fmt.Sprintf("Balancing policy, one of %v.", balance.Policies))
 	fs.StringVar(&o.MaxBodySize, "max-body-size", o.MaxBodySize, "Largest request body accepted (a quantity such as 10Mi); larger ones get 413.")
-	fs.IntVar(&o.MaxAttempts, "max-attempts", o.MaxAttempts, fmt.Sprintf("Endpoints one request may try when connecting fails before any response byte (1-%d).", balance.MaxAttempts))
+	fs.IntVar(&o.MaxAttempts, "max-attempts", o.MaxAttempts, fmt.Sprintf("Endpoints one request may try (1-%d); another is tried only when the last reached no model server (it could not connect, or the connection failed before a byte of the request was sent). A request that may have reached a model server is answered 502 or 504, never sent again.", balance.MaxAttempts))
+	fs.DurationVar(&o.TryDuration, "try-duration", o.TryDuration, "No attempt starts later than this after the request arrived.")
+	fs.DurationVar(&o.RetryInterval, "retry-interval", o.RetryInterval, "Pause before another attempt, jittered by half either way.")
+	fs.IntVar(&o.OutlierConsecutiveErrors, "outlier-consecutive-errors", o.OutlierConsecutiveErrors, "Exchanges in a row that reached an endpoint and failed (an answer with a status in --outlier-statuses, a first-byte timeout, a reset) that eject it for --ejection-base, doubled per ejection in a row; 0 disables it. An endpoint that cannot be connected to is ejected at once.")
+	fs.IntSliceVar(&o.OutlierStatuses, "outlier-statuses", o.OutlierStatuses, "Response statuses that --outlier-consecutive-errors counts.")
+	fs.IntVar(&o.MaxEjectionPercent, "max-ejection-percent", o.MaxEjectionPercent, "Most of a model's endpoints ejected at once, in percent (at least one may be); when every endpoint is ejected, all are used.")
 	fs.DurationVar(&o.ConnectTimeout, "connect-timeout", o.ConnectTimeout, "Time allowed to connect to an endpoint.")
 	fs.DurationVar(&o.FirstByteTimeout, "first-byte-timeout", o.FirstByteTimeout, "Time allowed between sending a request and receiving the response headers; for a non-streamed completion this includes the whole generation.")
 	fs.DurationVar(&o.IdleStreamTimeout, "idle-stream-timeout", o.IdleStreamTimeout, "Longest pause allowed in a response body (between two chunks of a stream).")
@@ -226,7 +253,8 @@ func (o *Options) Validate() error {
 	}
 	positive := map[string]time.Duration{
 		"connect-timeout": o.ConnectTimeout, "first-byte-timeout": o.FirstByteTimeout, "idle-stream-timeout": o.IdleStreamTimeout,
-		"retry-after": o.RetryAfter, "scrape-interval": o.ScrapeInterval, "scrape-timeout": o.ScrapeTimeout, "shutdown-timeout": o.ShutdownTimeout,
+		"try-duration": o.TryDuration,
+		"retry-after":  o.RetryAfter, "scrape-interval": o.ScrapeInterval, "scrape-timeout": o.ScrapeTimeout, "shutdown-timeout": o.ShutdownTimeout,
 	}
 	for _, name := range sortedKeys(positive) {
 		if positive[name] <= 0 {
@@ -241,6 +269,20 @@ func (o *Options) Validate() error {
 	}
 	if o.EjectionBase > 0 && o.EjectionMax < o.EjectionBase {
 		errs = append(errs, field.Invalid(field.NewPath("ejection-max"), o.EjectionMax.String(), "must be at least --ejection-base"))
+	}
+	if o.RetryInterval < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("retry-interval"), o.RetryInterval.String(), "must not be negative"))
+	}
+	if o.OutlierConsecutiveErrors < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("outlier-consecutive-errors"), o.OutlierConsecutiveErrors, "must not be negative"))
+	}
+	for i, code := range o.OutlierStatuses {
+		if code < 100 || code > 599 {
+			errs = append(errs, field.Invalid(field.NewPath("outlier-statuses").Index(i), code, "must be an HTTP status (100-599)"))
+		}
+	}
+	if o.MaxEjectionPercent < 0 || o.MaxEjectionPercent > 100 {
+		errs = append(errs, field.Invalid(field.NewPath("max-ejection-percent"), o.MaxEjectionPercent, "must be between 0 and 100"))
 	}
 	if o.ShutdownDelay < 0 {
 		errs = append(errs, field.Invalid(field.NewPath("shutdown-delay"), o.ShutdownDelay.String(), "must not be negative"))

@@ -38,6 +38,10 @@ type Host struct {
 	failures atomic.Int32
 	// lastFailure is when the most recent failure happened (see now).
 	lastFailure atomic.Int64
+	// badAnswers counts consecutive exchanges that reached the server and
+	// failed: an answer the outlier detection counts (a 5xx), a first-byte
+	// timeout, a reset.
+	badAnswers atomic.Int32
 
 	load atomic.Pointer[EngineLoad]
 
@@ -128,13 +132,24 @@ func (h *Host) Fail() time.Duration {
 	return d
 }
 
-// Succeed records a successful attempt: the next failure starts the backoff
-// from the base duration again.
+// Succeed records a successful exchange: the next failure starts the
+// backoff from the base duration again, and a streak of bad answers ends.
 func (h *Host) Succeed() {
 	if h.failures.Load() != 0 {
 		h.failures.Store(0)
 	}
+	if h.badAnswers.Load() != 0 {
+		h.badAnswers.Store(0)
+	}
 }
+
+// BadAnswer records an exchange that reached the server and failed, and
+// returns how many have in a row since the last success or ejection.
+func (h *Host) BadAnswer() int { return int(h.badAnswers.Add(1)) }
+
+// ForgetBadAnswers ends a streak of bad answers without a success: an
+// ejection for it starts the count again.
+func (h *Host) ForgetBadAnswers() { h.badAnswers.Store(0) }
 
 // ConsecutiveFailures is the number of failures since the last success.
 func (h *Host) ConsecutiveFailures() int { return int(h.failures.Load()) }

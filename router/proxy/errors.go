@@ -29,6 +29,7 @@ const (
 	codeModelOverloaded   = "model_concurrency_limit"
 	codeEndpointsFull     = "endpoint_concurrency_limit"
 	codeUpstreamUnreached = "upstream_unreachable"
+	codeUpstreamReset     = "upstream_reset"
 	codeNoReadyEndpoints  = "no_ready_endpoints"
 	codeUpstreamTimeout   = "upstream_timeout"
 	codeNotSynced         = "router_not_ready"

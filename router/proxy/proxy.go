@@ -1,15 +1,16 @@
 // Package proxy is the router's HTTP data plane: it reads an OpenAI-style
 // request once, finds the model's pool in the routing table, lets a
 // balance.Selector pick an endpoint, and forwards the request, retrying on
-// another endpoint only while nothing has reached the client.
+// another endpoint only when the request provably reached no model server
+// (see retryable): a generation is never run twice.
 //
 // The forwarding loop is written here rather than with
 // net/http/httputil.ReverseProxy. ReverseProxy makes one RoundTrip per
 // ServeHTTP, so retrying on a different endpoint would have to hide inside a
 // RoundTripper that learns the endpoint through the request context, and
 // ReverseProxy would still answer exhausted retries with its own bare 502.
-// Owning the loop keeps the rule "retry only before the first response
-// byte" in one visible place, lets every error be OpenAI-shaped with the
+// Owning the loop keeps the rule "retry only what reached no server" in one
+// visible place, lets every error be OpenAI-shaped with the
 // right status, names the endpoint that served the response, and avoids
 // ReverseProxy's per-attempt request cloning. The connection pooling,
 // keep-alive and HTTP/1.1 exchanges are router/upstream's.
@@ -52,6 +53,21 @@ type Options struct {
 	// MaxAttempts bounds the endpoints one request tries (1 to
 	// balance.MaxAttempts).
 	MaxAttempts int
+	// TryDuration bounds the time from the request's arrival within which
+	// a failed attempt may be followed by another.
+	TryDuration time.Duration
+	// RetryInterval is the pause before another attempt, jittered by half
+	// either way.
+	RetryInterval time.Duration
+	// OutlierErrors is how many exchanges in a row that reached an endpoint
+	// and failed (an answer with one of OutlierStatuses, a first-byte
+	// timeout, a reset) eject it; 0 disables ejection on answers.
+	OutlierErrors int
+	// OutlierStatuses are the answers that count as failed.
+	OutlierStatuses []int
+	// MaxEjectionPercent bounds the share of a pool's endpoints ejected at
+	// once (at least one may always be).
+	MaxEjectionPercent int
 	// ConnectTimeout bounds establishing a connection to an endpoint.
 	ConnectTimeout time.Duration
 	// FirstByteTimeout bounds the wait for the response headers after the
@@ -92,6 +108,9 @@ type Handler struct {
 	logger    klog.Logger
 	balancer  string
 
+	// badStatus[code] is true for the OutlierStatuses.
+	badStatus [600]bool
+
 	bodies sync.Pool // *bytes.Buffer for request bodies
 	copies sync.Pool // *[]byte for copying responses
 }
@@ -114,6 +133,11 @@ func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *H
 			MaxIdlePerAddr: opts.MaxIdleConnsPerEndpoint,
 		}),
 		balancer: string(opts.Balancer),
+	}
+	for _, code := range opts.OutlierStatuses {
+		if code >= 0 && code < len(h.badStatus) {
+			h.badStatus[code] = true
+		}
 	}
 	h.bodies.New = func() any { return new(bytes.Buffer) }
 	h.copies.New = func() any { b := make([]byte, 32<<10); return &b }
@@ -332,9 +356,9 @@ func (h *Handler) tooLarge(w http.ResponseWriter, x *exchange) {
 type failure int
 
 const (
-	failConnect   failure = iota // could not connect (refused, unreachable, connect timeout)
-	failTimeout                  // connected and sent, no response headers in time
-	failTransport                // connection reset or closed before the response
+	failConnect   failure = iota // reached no server: refused, unreachable, connect timeout, a connection gone before the first byte
+	failTimeout                  // sent, no response headers in time
+	failTransport                // sent, then the connection was reset or closed before the response
 )
 
 func (f failure) reason() string {
@@ -348,8 +372,7 @@ func (f failure) reason() string {
 }
 
 func classify(err error) failure {
-	var op *net.OpError
-	if errors.As(err, &op) && op.Op == "dial" {
+	if upstream.Unsent(err) {
 		return failConnect
 	}
 	var ne net.Error
@@ -359,8 +382,34 @@ func classify(err error) failure {
 	return failTransport
 }
 
+// retryable is the one place that decides whether a failed attempt is
+// followed by another, on another endpoint: only when the request provably
+// reached no server (upstream.Unsent: the dial failed, or the connection
+// failed before the kernel took a byte of the request), while attempts
+// remain and the request is younger than the try duration. A request that
+// may have reached a model server is answered, never sent again: a
+// generation is expensive, and a prompt that crashes pods would take one
+// down per attempt.
+func (h *Handler) retryable(err error, x *exchange) bool {
+	return upstream.Unsent(err) && x.attempts < h.opts.MaxAttempts && time.Since(x.start) < h.opts.TryDuration
+}
+
+// pause waits the jittered retry interval, or until ctx ends.
+func (h *Handler) pause(ctx context.Context) {
+	d := h.opts.RetryInterval
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d/2 + rand.N(d))
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}
+
 // forward sends the request to endpoints of the target until one answers or
-// the attempts run out. It never retries after writing to the client.
+// retryable says no. It never retries after writing to the client.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t *target, body []byte, br *balance.Request) {
 	pool := t.pool
 	ctx := r.Context()
@@ -377,7 +426,8 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		if e == nil {
 			if why := pool.Why(br); why.Ejected > 0 && !br.IgnoreEjection {
 				// Every remaining endpoint is ejected: trust the
-				// EndpointSlice over our suspicion rather than fail.
+				// EndpointSlice over our suspicion rather than fail
+				// (Envoy's panic threshold).
 				br.IgnoreEjection = true
 				continue
 			}
@@ -387,7 +437,8 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 			continue
 		}
 		if x.attempts > 0 {
-			// Another endpoint takes over from a failed attempt.
+			// Another endpoint takes over from an attempt that reached
+			// no server.
 			h.metrics.Retry(t.model, lastFail.reason())
 		}
 		x.attempts++
@@ -405,14 +456,13 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 			}
 			lastErr, lastFail = err, classify(err)
 			br.Tried(e)
-			if d := e.Host.Fail(); d > 0 {
-				h.metrics.Ejection(t.model)
-				h.logger.V(2).Info("Ejected endpoint after a failed attempt", "requestID", x.id, t.kind, t.name,
-					"pod", e.Pod, "endpoint", e.Address, "for", d, "err", err)
+			h.failed(t, x, e, lastFail, err)
+			if !h.retryable(err, x) {
+				break
 			}
+			h.pause(ctx)
 			continue
 		}
-		e.Host.Succeed()
 		if t.model != "" {
 			h.metrics.FirstByte(t.model, time.Since(x.start).Seconds())
 		}
@@ -420,6 +470,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		defer pool.Release(e)
 		complete := false
 		defer func() { h.upstreams.Release(up, complete) }()
+		h.answered(t, x, e, up.StatusCode)
 		complete = h.respond(w, x, t, e, up)
 		return
 	}
@@ -433,11 +484,17 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 	case lastFail == failTimeout:
 		x.status, x.err = http.StatusGatewayTimeout, lastErr
 		writeError(w, x.status, serverError, codeUpstreamTimeout, fmt.Sprintf(
-			"%s %s: no response headers within %s from %d endpoint(s) tried", t.kind, t.name, h.opts.FirstByteTimeout, x.attempts), 0)
+			"%s %s: the request was sent to %s but no response headers came within %s; it is not retried, since the model server may be running it",
+			t.kind, t.name, x.pod, h.opts.FirstByteTimeout), 0)
+	case lastFail == failTransport:
+		x.status, x.err = http.StatusBadGateway, lastErr
+		writeError(w, x.status, serverError, codeUpstreamReset, fmt.Sprintf(
+			"%s %s: the connection to %s failed after the request was sent (%v); it is not retried, since the model server may have started it",
+			t.kind, t.name, x.pod, lastErr), 0)
 	default:
 		x.status, x.err = http.StatusBadGateway, lastErr
 		writeError(w, x.status, serverError, codeUpstreamUnreached, fmt.Sprintf(
-			"%s %s: %d attempt(s) failed before a response, last: %v", t.kind, t.name, x.attempts, lastErr), 0)
+			"%s %s: %d attempt(s) reached no model server, last: %v", t.kind, t.name, x.attempts, lastErr), 0)
 	}
 }
 

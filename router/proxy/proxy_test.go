@@ -108,6 +108,10 @@ func newFixture(t testing.TB, model string, backends []backend, opts ...option) 
 		Balancer:                balance.RoundRobin,
 		MaxBodyBytes:            1 << 10,
 		MaxAttempts:             3,
+		TryDuration:             time.Minute,
+		OutlierErrors:           5,
+		OutlierStatuses:         []int{500, 502, 503, 504},
+		MaxEjectionPercent:      100,
 		ConnectTimeout:          time.Second,
 		FirstByteTimeout:        5 * time.Second,
 		IdleStreamTimeout:       5 * time.Second,
@@ -393,19 +397,24 @@ func hijackClose(partial string) http.HandlerFunc {
 	}
 }
 
-func TestRetriesAConnectionClosedBeforeAnyResponse(t *testing.T) {
+// A model server that read the whole request and then reset the connection
+// may be running the generation: the request is answered 502, and no other
+// endpoint ever sees it.
+func TestNeverRetriesAResetAfterTheRequestWasSent(t *testing.T) {
 	broken := startBackend(t, "broken", hijackClose(""))
 	good := startBackend(t, "good", ok)
 	f := newFixture(t, "llama", []backend{broken, good}, ordered("broken", "good"))
 	resp, data := f.post("/v1/completions", completion)
-	if resp.StatusCode != http.StatusOK || resp.Header.Get("X-Capstan-Pod") != "ns/good" {
-		t.Fatalf("got %d from %q: %s", resp.StatusCode, resp.Header.Get("X-Capstan-Pod"), data)
+	var e apiError
+	json.Unmarshal([]byte(data), &e)
+	if resp.StatusCode != http.StatusBadGateway || e.Error.Code != codeUpstreamReset {
+		t.Fatalf("got %d %s, want 502 %s", resp.StatusCode, data, codeUpstreamReset)
 	}
-	if broken.hits.Load() == 0 {
-		t.Error("the broken backend was never tried; the test proves nothing")
+	if n, m := broken.hits.Load(), good.hits.Load(); n != 1 || m != 0 {
+		t.Errorf("the broken backend got the request %d times and the good one %d times, want 1 and 0", n, m)
 	}
-	if v := f.metric("capstan_router_retries_total", map[string]string{"model": "llama", "reason": "transport"}); v != 1 {
-		t.Errorf("retries_total{reason=transport} = %v, want 1", v)
+	if v := f.metric("capstan_router_retries_total", map[string]string{"model": "llama", "reason": "transport"}); v != 0 {
+		t.Errorf("retries_total{reason=transport} = %v, want 0", v)
 	}
 }
 
@@ -449,15 +458,18 @@ func TestFirstByteTimeout(t *testing.T) {
 	}
 	short := func(o *Options) { o.FirstByteTimeout = 100 * time.Millisecond }
 
-	t.Run("retried on another endpoint", func(t *testing.T) {
+	t.Run("answered, never retried", func(t *testing.T) {
 		s, fast := startBackend(t, "slow", slow), startBackend(t, "fast", ok)
 		f := newFixture(t, "llama", []backend{s, fast}, short, ordered("slow", "fast"))
 		resp, data := f.post("/v1/completions", completion)
-		if resp.StatusCode != http.StatusOK || resp.Header.Get("X-Capstan-Pod") != "ns/fast" {
-			t.Fatalf("got %d from %q: %s", resp.StatusCode, resp.Header.Get("X-Capstan-Pod"), data)
+		if resp.StatusCode != http.StatusGatewayTimeout {
+			t.Fatalf("got %d from %q: %s, want 504", resp.StatusCode, resp.Header.Get("X-Capstan-Pod"), data)
 		}
-		if v := f.metric("capstan_router_retries_total", map[string]string{"model": "llama", "reason": "first_byte_timeout"}); v != 1 {
-			t.Errorf("retries_total{reason=first_byte_timeout} = %v, want 1", v)
+		if n, m := s.hits.Load(), fast.hits.Load(); n != 1 || m != 0 {
+			t.Errorf("the slow backend got the request %d times and the fast one %d times, want 1 and 0", n, m)
+		}
+		if v := f.metric("capstan_router_retries_total", map[string]string{"model": "llama", "reason": "first_byte_timeout"}); v != 0 {
+			t.Errorf("retries_total{reason=first_byte_timeout} = %v, want 0", v)
 		}
 	})
 	t.Run("504 when every endpoint times out", func(t *testing.T) {
@@ -469,7 +481,7 @@ func TestFirstByteTimeout(t *testing.T) {
 		if resp.StatusCode != http.StatusGatewayTimeout || e.Error.Code != codeUpstreamTimeout {
 			t.Fatalf("got %d %s, want 504", resp.StatusCode, data)
 		}
-		// Two endpoints, each tried once (a third attempt has nowhere new to go).
+		// One attempt: the request may be running on the first.
 		if d := time.Since(start); d > 2*time.Second {
 			t.Errorf("took %s", d)
 		}
@@ -484,7 +496,7 @@ func TestAllAttemptsRefusedIs502(t *testing.T) {
 	resp, data := f.post("/v1/completions", completion)
 	var e apiError
 	json.Unmarshal([]byte(data), &e)
-	if resp.StatusCode != http.StatusBadGateway || e.Error.Code != codeUpstreamUnreached || !strings.Contains(e.Error.Message, "3 attempt(s) failed") {
+	if resp.StatusCode != http.StatusBadGateway || e.Error.Code != codeUpstreamUnreached || !strings.Contains(e.Error.Message, "3 attempt(s) reached no model server") {
 		t.Fatalf("got %d %s, want 502 after 3 attempts", resp.StatusCode, data)
 	}
 	// Three attempts are two retries.
@@ -827,4 +839,53 @@ func serveRouter(t testing.TB, h http.Handler) string {
 		}
 	})
 	return "http://" + ln.Addr().String()
+}
+
+// serve500 answers every request with a 500 at once.
+func serve500(w http.ResponseWriter, r *http.Request) {
+	io.Copy(io.Discard, r.Body)
+	http.Error(w, `{"error":{"message":"boom"}}`, http.StatusInternalServerError)
+}
+
+// An endpoint that answers 500 to everything is ejected after
+// OutlierErrors answers in a row; the requests after that go elsewhere.
+func TestOutlierDetectionEjectsAnEndpointAnswering500(t *testing.T) {
+	bad, good := startBackend(t, "bad", serve500), startBackend(t, "good", ok)
+	f := newFixture(t, "llama", []backend{bad, good})
+	const requests = 40
+	errors := 0
+	for range requests {
+		if resp, _ := f.post("/v1/completions", completion); resp.StatusCode != http.StatusOK {
+			errors++
+		}
+	}
+	// Round robin: five 500s reach the client before the ejection, then
+	// none while it lasts (a minute in the fixture).
+	if n := bad.hits.Load(); n != 5 || errors != 5 {
+		t.Errorf("the failing endpoint got %d requests and clients saw %d errors, want 5 and 5", n, errors)
+	}
+	if v := f.metric("capstan_router_endpoint_ejected", map[string]string{"model": "llama", "pod": "ns/bad", "endpoint": bad.addr}); v != 1 {
+		t.Errorf("endpoint_ejected for the failing endpoint = %v, want 1", v)
+	}
+}
+
+// Outlier detection never ejects more than MaxEjectionPercent of a pool.
+func TestMaxEjectionPercent(t *testing.T) {
+	var all []backend
+	for _, name := range []string{"a", "b", "c", "d"} {
+		all = append(all, startBackend(t, name, serve500))
+	}
+	f := newFixture(t, "llama", all, func(o *Options) { o.MaxEjectionPercent = 50; o.OutlierErrors = 1 })
+	for range 20 {
+		f.post("/v1/completions", completion)
+	}
+	ejected := 0
+	for _, e := range f.builder.Table().Lookup("llama").Pool.Endpoints() {
+		if e.Host.Ejected() {
+			ejected++
+		}
+	}
+	if ejected != 2 {
+		t.Errorf("%d of 4 endpoints answering 500 are ejected, want 2 (50%%)", ejected)
+	}
 }

@@ -18,12 +18,10 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"io"
 	"net"
 	"net/http"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/capstan-dev/capstan/router/wire"
@@ -64,6 +62,17 @@ type conn struct {
 	buf       *buffers // lent while an exchange runs, nil while idle
 	// deadline is the read and write deadline.
 	deadline wire.Deadline
+	// written counts the bytes of the current exchange the kernel took:
+	// while it is 0, no server can have read any of the request.
+	written int
+}
+
+// Write counts what reaches the socket; the exchange's buffered writer
+// writes through it.
+func (c *conn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.written += n
+	return n, err
 }
 
 // arm bounds the connection's reads and writes to about now+timeout
@@ -109,7 +118,11 @@ func (p *Pool) get(ctx context.Context, addr string) (*conn, error) {
 		last := list[len(list)-1]
 		list[len(list)-1] = nil
 		p.idle[addr] = list[:len(list)-1]
-		if now.Sub(last.idleSince) < p.opts.IdleTimeout {
+		// An idle connection the server closed, or sent bytes on that no
+		// request asked for, is never used: a response must not reach
+		// another request, and a request must not go to a connection that
+		// is already gone.
+		if now.Sub(last.idleSince) < p.opts.IdleTimeout && quiet(last.Conn) {
 			c = last
 			c.reused = true
 		} else {
@@ -120,13 +133,14 @@ func (p *Pool) get(ctx context.Context, addr string) (*conn, error) {
 	if c == nil {
 		nc, err := p.dialer.DialContext(ctx, "tcp", addr)
 		if err != nil {
-			return nil, err
+			return nil, &UnsentError{Err: err}
 		}
 		c = &conn{Conn: nc, addr: addr}
 	}
 	c.buf = p.buffers.Get().(*buffers)
 	c.buf.r.Reset(c.Conn)
-	c.buf.w.Reset(c.Conn)
+	c.buf.w.Reset(c)
+	c.written = 0
 	return c, nil
 }
 
@@ -265,12 +279,29 @@ func framing(name string) bool {
 // every other method it is given nil.
 var headRequest = &http.Request{Method: http.MethodHead}
 
+// UnsentError is an exchange that failed before any byte of its request
+// reached a server: dialling failed, or the connection failed before the
+// kernel took a byte of the request. Only such a request may be sent to
+// another server; any other failure may have started the work it asks for.
+type UnsentError struct{ Err error }
+
+func (e *UnsentError) Error() string { return e.Err.Error() }
+func (e *UnsentError) Unwrap() error { return e.Err }
+
+// Unsent reports whether err is an UnsentError.
+func Unsent(err error) bool {
+	var u *UnsentError
+	return errors.As(err, &u)
+}
+
 // RoundTrip sends req to addr and reads the response headers; the deadline
 // for all of that, and for reading the body until Extend moves it, is
-// now+timeout (at least seven eighths of it, see arm). A stale keep-alive connection (closed by the server while
-// idle, so the exchange fails before any response byte) is replaced by a
-// fresh one once. Release must be called once the response has been dealt
-// with.
+// now+timeout (at least seven eighths of it, see arm). Idle connections the
+// server has closed are passed over before use; a reused one that fails
+// before a byte of the request was written (the server closed it in the
+// instant since) is replaced by a fresh one once. A failure before any byte
+// of the request reached a server is an UnsentError. Release must be called
+// once the response has been dealt with.
 func (p *Pool) RoundTrip(ctx context.Context, req *Request, addr string, timeout time.Duration) (*Response, error) {
 	for fresh := false; ; fresh = true {
 		c, err := p.get(ctx, addr)
@@ -285,8 +316,11 @@ func (p *Pool) RoundTrip(ctx context.Context, req *Request, addr string, timeout
 		stop()
 		p.returnBuffers(c)
 		c.Close()
-		if !c.reused || fresh || ctx.Err() != nil || !staleConn(err) {
+		if c.written > 0 || ctx.Err() != nil {
 			return nil, err
+		}
+		if !c.reused || fresh {
+			return nil, &UnsentError{Err: err}
 		}
 	}
 }
@@ -317,14 +351,6 @@ func (c *conn) send(req *Request, timeout time.Duration) (*http.Response, error)
 		}
 		return resp, nil
 	}
-}
-
-// staleConn reports whether an exchange on a reused connection failed the
-// way a connection the server closed while idle fails: EOF or a reset
-// before any response.
-func staleConn(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // Release ends an exchange. complete says the body was read to its end
