@@ -92,6 +92,8 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		Selector:                selector,
 		Balancer:                o.Balancer,
 		MaxBodyBytes:            o.maxBodyBytes(),
+		MaxInFlightBodyBytes:    o.maxInFlightBodyBytes(),
+		TrustedHops:             o.XFFTrustedHops,
 		MaxAttempts:             o.MaxAttempts,
 		TryDuration:             o.TryDuration,
 		RetryInterval:           o.RetryInterval,

@@ -40,6 +40,14 @@ type Options struct {
 	Balancer balance.Policy
 	// MaxBodySize bounds request bodies (a quantity: 10Mi). Default 10Mi.
 	MaxBodySize string
+	// MaxInFlightBodySize bounds the request body bytes held at once (a
+	// quantity; "0" for no bound). Default 128Mi, a quarter of the
+	// manifests' memory limit.
+	MaxInFlightBodySize string
+	// XFFTrustedHops is how many proxies in front of the router append to
+	// X-Forwarded-For truthfully. Default 0: the client's entries are
+	// dropped.
+	XFFTrustedHops int
 	// MaxAttempts bounds the endpoints one request tries, each only after
 	// the last reached no server. Default 3.
 	MaxAttempts int
@@ -133,6 +141,7 @@ func NewOptions() *Options {
 		BindAddress:              ":8080",
 		Balancer:                 balance.DefaultPolicy,
 		MaxBodySize:              "10Mi",
+		MaxInFlightBodySize:      "128Mi",
 		MaxAttempts:              3,
 		TryDuration:              15 * time.Second,
 		RetryInterval:            20 * time.Millisecond,
@@ -195,6 +204,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.BindAddress, "bind-address", o.BindAddress, "Address for the OpenAI API, /healthz, /livez, /readyz and /metrics.")
 	fs.StringVar((*string)(&o.Balancer), "balancer", string(o.Balancer), fmt.Sprintf("Balancing policy, one of %v.", balance.Policies))
 	fs.StringVar(&o.MaxBodySize, "max-body-size", o.MaxBodySize, "Largest request body accepted (a quantity such as 10Mi); larger ones get 413.")
+	fs.StringVar(&o.MaxInFlightBodySize, "max-in-flight-body-size", o.MaxInFlightBodySize, "Request body bytes the router holds at once, over every request (a quantity; 0 for no bound). A body that would pass it gets 429 before it is read.")
+	fs.IntVar(&o.XFFTrustedHops, "xff-trusted-hops", o.XFFTrustedHops, "Proxies in front of the router whose X-Forwarded-For entries are kept (the rightmost ones); the client's own entries before them are dropped. The connection's address is always appended.")
 	fs.IntVar(&o.MaxAttempts, "max-attempts", o.MaxAttempts, fmt.Sprintf("Endpoints one request may try (1-%d); another is tried only when the last reached no model server (it could not connect, or the connection failed before a byte of the request was sent). A request that may have reached a model server is answered 502 or 504, never sent again.", balance.MaxAttempts))
 	fs.DurationVar(&o.TryDuration, "try-duration", o.TryDuration, "No attempt starts later than this after the request arrived.")
 	fs.DurationVar(&o.RetryInterval, "retry-interval", o.RetryInterval, "Pause before another attempt, jittered by half either way.")
@@ -247,6 +258,14 @@ func (o *Options) Validate() error {
 		errs = append(errs, field.Invalid(field.NewPath("max-body-size"), o.MaxBodySize, err.Error()))
 	} else if q.Value() < 1 {
 		errs = append(errs, field.Invalid(field.NewPath("max-body-size"), o.MaxBodySize, "must be at least 1 byte"))
+	}
+	if q, err := resource.ParseQuantity(o.MaxInFlightBodySize); err != nil {
+		errs = append(errs, field.Invalid(field.NewPath("max-in-flight-body-size"), o.MaxInFlightBodySize, err.Error()))
+	} else if b, _ := resource.ParseQuantity(o.MaxBodySize); q.Value() != 0 && q.Value() < b.Value() {
+		errs = append(errs, field.Invalid(field.NewPath("max-in-flight-body-size"), o.MaxInFlightBodySize, "must be 0 or at least --max-body-size"))
+	}
+	if o.XFFTrustedHops < 0 || o.XFFTrustedHops > 16 {
+		errs = append(errs, field.Invalid(field.NewPath("xff-trusted-hops"), o.XFFTrustedHops, "must be between 0 and 16"))
 	}
 	if o.MaxAttempts < 1 || o.MaxAttempts > balance.MaxAttempts {
 		errs = append(errs, field.Invalid(field.NewPath("max-attempts"), o.MaxAttempts, fmt.Sprintf("must be between 1 and %d", balance.MaxAttempts)))
@@ -389,7 +408,13 @@ func sortedKeys(m map[string]time.Duration) []string {
 }
 
 // maxBodyBytes is MaxBodySize in bytes; Validate has checked it.
-func (o *Options) maxBodyBytes() int64 {
-	q := resource.MustParse(o.MaxBodySize)
+func (o *Options) maxBodyBytes() int64 { return quantity(o.MaxBodySize) }
+
+// maxInFlightBodyBytes is MaxInFlightBodySize in bytes; Validate has
+// checked it.
+func (o *Options) maxInFlightBodyBytes() int64 { return quantity(o.MaxInFlightBodySize) }
+
+func quantity(s string) int64 {
+	q := resource.MustParse(s)
 	return q.Value()
 }

@@ -33,6 +33,8 @@ const (
 	codeNoReadyEndpoints  = "no_ready_endpoints"
 	codeUpstreamTimeout   = "upstream_timeout"
 	codeNotSynced         = "router_not_ready"
+	codeRouterOverloaded  = "router_overloaded"
+	codeBadPath           = "invalid_path"
 	codeRouteNotFound     = "route_not_found"
 	codeInvalidRule       = "invalid_route_rule"
 	codeInvalidBackend    = "invalid_backend"

@@ -24,14 +24,14 @@ func (h *Handler) GatewayHandler(address string) http.Handler {
 }
 
 func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address string) {
-	x := exchange{start: time.Now(), id: r.Header.Get("X-Request-Id")}
-	if x.id == "" {
-		x.id = newRequestID()
-	}
-	x.idField = []string{x.id}
-	w.Header()["X-Request-Id"] = x.idField
+	x := newExchange(w, r)
 	x.viaGateway = true
 	defer h.finish(r, &x)
+	if err := normalizePath(r); err != nil {
+		x.status = http.StatusBadRequest
+		gatewayError(w, r, x.status, invalidRequest, codeBadPath, err.Error(), 0)
+		return
+	}
 
 	host := route.RequestHost(r.Host)
 	var l *route.Listener
@@ -110,7 +110,7 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 	defer pool.Done()
 
 	t := target{kind: "backend", name: x.backend, model: st.Model, pool: pool,
-		path: r.URL.Path, rawPath: r.URL.RawPath, host: r.Host, header: outboundHeader(r, x.idField),
+		path: r.URL.Path, rawPath: r.URL.RawPath, host: r.Host, header: h.outboundHeader(r, x.idField),
 		responseHeaders: [2]*route.HeaderModifier{rule.ResponseHeaders, rb.ResponseHeaders}}
 	if rw := rule.Rewrite; rw != nil {
 		if rw.Path != nil {

@@ -50,6 +50,12 @@ type Options struct {
 	Balancer balance.Policy
 	// MaxBodyBytes bounds a request body; larger ones get 413.
 	MaxBodyBytes int64
+	// MaxInFlightBodyBytes bounds the request body bytes held at once;
+	// a body that would exceed it gets 429. 0 means no bound.
+	MaxInFlightBodyBytes int64
+	// TrustedHops is how many proxies in front of the router append to
+	// X-Forwarded-For truthfully; entries left of theirs are dropped.
+	TrustedHops int
 	// MaxAttempts bounds the endpoints one request tries (1 to
 	// balance.MaxAttempts).
 	MaxAttempts int
@@ -110,6 +116,7 @@ type Handler struct {
 
 	// badStatus[code] is true for the OutlierStatuses.
 	badStatus [600]bool
+	budget    bodyBudget
 
 	bodies sync.Pool // *bytes.Buffer for request bodies
 	copies sync.Pool // *[]byte for copying responses
@@ -133,6 +140,7 @@ func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *H
 			MaxIdlePerAddr: opts.MaxIdleConnsPerEndpoint,
 		}),
 		balancer: string(opts.Balancer),
+		budget:   bodyBudget{max: opts.MaxInFlightBodyBytes},
 	}
 	for _, code := range opts.OutlierStatuses {
 		if code >= 0 && code < len(h.badStatus) {
@@ -173,14 +181,14 @@ type exchange struct {
 }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	x := exchange{start: time.Now(), id: r.Header.Get("X-Request-Id")}
-	if x.id == "" {
-		x.id = newRequestID()
-	}
-	x.idField = []string{x.id}
-	w.Header()["X-Request-Id"] = x.idField
+	x := newExchange(w, r)
 	defer h.finish(r, &x)
 
+	if err := normalizePath(r); err != nil {
+		x.status = http.StatusBadRequest
+		writeError(w, x.status, invalidRequest, codeBadPath, err.Error(), 0)
+		return
+	}
 	path := r.URL.Path
 	switch {
 	case h.opts.Synced != nil && !h.opts.Synced():
@@ -202,7 +210,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		x.status = http.StatusNotFound
 		writeError(w, x.status, invalidRequest, codeNotFound,
-			fmt.Sprintf("no route for %s %s: the router serves the OpenAI API under /v1/", r.Method, path), 0)
+			fmt.Sprintf("no route for %s %s: the router serves the OpenAI API under /v1/", r.Method, echoed(path)), 0)
 	}
 }
 
@@ -210,6 +218,15 @@ func (h *Handler) methodNotAllowed(w http.ResponseWriter, x *exchange, allow str
 	x.status = http.StatusMethodNotAllowed
 	w.Header().Set("Allow", allow)
 	writeError(w, x.status, invalidRequest, codeMethodNotAllowed, "method not allowed: use "+allow, 0)
+}
+
+// newExchange starts the record of a request: its id, the client's when it
+// is acceptable, is set on the response at once.
+func newExchange(w http.ResponseWriter, r *http.Request) exchange {
+	x := exchange{start: time.Now(), id: requestID(r)}
+	x.idField = []string{x.id}
+	w.Header()["X-Request-Id"] = x.idField
+	return x
 }
 
 // finish records the request in metrics and the access log.
@@ -222,10 +239,10 @@ func (h *Handler) finish(r *http.Request, x *exchange) {
 	if !h.opts.AccessLog {
 		return
 	}
-	kv := []any{"requestID", x.id, "method", r.Method, "path", r.URL.Path, "model", x.asked,
+	kv := []any{"requestID", x.id, "method", r.Method, "path", echoed(r.URL.Path), "model", echoed(x.asked),
 		"pod", x.pod, "endpoint", x.endpoint, "status", x.status, "duration", d, "attempts", x.attempts, "bytes", x.written}
 	if x.viaGateway {
-		kv = append(kv, "host", r.Host, "gateway", x.gateway, "route", x.route, "backend", x.backend)
+		kv = append(kv, "host", echoed(r.Host), "gateway", x.gateway, "route", x.route, "backend", x.backend)
 	}
 	if x.err != nil {
 		kv = append(kv, "err", x.err.Error())
@@ -237,32 +254,68 @@ func (h *Handler) finish(r *http.Request, x *exchange) {
 // before the response started, as nginx does.
 const statusClientClosed = 499
 
+// heldBody is a request body read into a pooled buffer, with the share of
+// the body budget it holds.
+type heldBody struct {
+	buf   *bytes.Buffer
+	taken int64
+}
+
+func (b *heldBody) Bytes() []byte { return b.buf.Bytes() }
+
 // readBody reads a request's body once, up to the limit, into a pooled
-// buffer that the caller gives back with putBody. When it cannot, it has
-// answered 413 or recorded that the client went away, and returns nil.
-func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange) *bytes.Buffer {
+// buffer that the caller gives back with putBody. The body budget is taken
+// before a byte is read: the body's length when it is known (and the buffer
+// is sized to it at once), else step by step as it arrives. When it cannot
+// read the body, it has answered (413, 429) or recorded that the client went
+// away, and returns nil.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange) *heldBody {
 	if r.ContentLength > h.opts.MaxBodyBytes {
 		h.tooLarge(w, x)
 		return nil
 	}
-	buf := h.bodies.Get().(*bytes.Buffer)
-	if _, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, h.opts.MaxBodyBytes)); err != nil {
-		h.putBody(buf)
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			h.tooLarge(w, x)
+	b := &heldBody{buf: h.bodies.Get().(*bytes.Buffer)}
+	var src io.Reader = http.MaxBytesReader(w, r.Body, h.opts.MaxBodyBytes)
+	var budgeted *budgetedReader
+	if r.ContentLength >= 0 {
+		if !h.budget.take(r.ContentLength) {
+			h.bodies.Put(b.buf)
+			h.overloaded(w, x)
 			return nil
 		}
-		x.status, x.err = statusClientClosed, fmt.Errorf("reading the request body: %w", err)
+		b.taken = r.ContentLength
+		// ReadFrom wants MinRead bytes free before each read, the last
+		// one that sees EOF included.
+		b.buf.Grow(int(r.ContentLength) + bytes.MinRead)
+	} else {
+		budgeted = &budgetedReader{r: src, budget: &h.budget}
+		src = budgeted
+	}
+	_, err := b.buf.ReadFrom(src)
+	if budgeted != nil {
+		b.taken = budgeted.taken
+	}
+	if err != nil {
+		h.putBody(b)
+		var tooBig *http.MaxBytesError
+		switch {
+		case errors.As(err, &tooBig):
+			h.tooLarge(w, x)
+		case errors.Is(err, errBodyBudget):
+			h.overloaded(w, x)
+		default:
+			x.status, x.err = statusClientClosed, fmt.Errorf("reading the request body: %w", err)
+		}
 		return nil
 	}
-	return buf
+	return b
 }
 
-func (h *Handler) putBody(buf *bytes.Buffer) {
-	if buf.Cap() <= maxPooledBody {
-		buf.Reset()
-		h.bodies.Put(buf)
+func (h *Handler) putBody(b *heldBody) {
+	h.budget.give(b.taken)
+	if b.buf.Cap() <= maxPooledBody {
+		b.buf.Reset()
+		h.bodies.Put(b.buf)
 	}
 }
 
@@ -288,7 +341,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 	if m == nil {
 		x.status = http.StatusNotFound
 		writeError(w, x.status, invalidRequest, codeModelNotFound, fmt.Sprintf(
-			"model %q is not served here: no Service labelled capstan.dev/model=%s in the namespaces the router watches", req.Model, req.Model), 0)
+			"model %q is not served here: no Service labelled capstan.dev/model=%s in the namespaces the router watches", echoed(req.Model), echoed(req.Model)), 0)
 		return
 	}
 	x.model = m.Name
@@ -308,7 +361,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 
 	br := h.balanceRequest(r, req.Prefix)
 	t := target{kind: "model", name: m.Name, model: m.Name, pool: pool,
-		path: r.URL.Path, rawPath: r.URL.RawPath, header: outboundHeader(r, x.idField)}
+		path: r.URL.Path, rawPath: r.URL.RawPath, header: h.outboundHeader(r, x.idField)}
 	h.forward(w, r, x, &t, body, &br)
 }
 
@@ -581,18 +634,16 @@ func requestURI(in *http.Request, t *target) string {
 }
 
 // outboundHeader copies the client's headers minus hop-by-hop ones, and adds
-// the request id and the client's address.
-func outboundHeader(in *http.Request, id []string) http.Header {
+// the request id and the client's address (see forwardedFor).
+func (h *Handler) outboundHeader(in *http.Request, id []string) http.Header {
 	out := make(http.Header, len(in.Header)+2)
 	copyHeader(out, in.Header)
 	// The body has been read: nothing to continue.
 	delete(out, "Expect")
 	out["X-Request-Id"] = id
-	if ip, _, err := net.SplitHostPort(in.RemoteAddr); err == nil {
-		if prior := in.Header["X-Forwarded-For"]; len(prior) > 0 {
-			ip = strings.Join(prior, ", ") + ", " + ip
-		}
-		out["X-Forwarded-For"] = []string{ip}
+	delete(out, "X-Forwarded-For")
+	if xff, ok := forwardedFor(in, h.opts.TrustedHops); ok {
+		out["X-Forwarded-For"] = []string{xff}
 	}
 	return out
 }

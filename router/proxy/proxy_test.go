@@ -211,10 +211,10 @@ func TestForwardsBodyAndHeaders(t *testing.T) {
 		w.Header().Set("X-Drop-Me", "1")
 		ok(w, r)
 	})
-	f := newFixture(t, "llama", []backend{b})
+	f := newFixture(t, "llama", []backend{b}, func(o *Options) { o.TrustedHops = 1 })
 	body := `{"model":"llama",  "prompt":"hello",` + "\n" + `"stream":false}`
 	resp, data := f.post("/v1/completions?trace=1", body,
-		"X-Request-Id", "req-123", "Connection", "X-Private", "X-Private", "secret", "Keep-Alive", "timeout=5", "X-Forwarded-For", "203.0.113.9")
+		"X-Request-Id", "req-123", "Connection", "X-Private", "X-Private", "secret", "Keep-Alive", "timeout=5", "X-Forwarded-For", "198.51.100.7, 203.0.113.9")
 	if resp.StatusCode != http.StatusOK || !strings.Contains(data, "text_completion") {
 		t.Fatalf("got %d %s", resp.StatusCode, data)
 	}
@@ -232,6 +232,8 @@ func TestForwardsBodyAndHeaders(t *testing.T) {
 	if v := got.header.Get("X-Request-Id"); v != "req-123" {
 		t.Errorf("X-Request-Id upstream = %q, want the client's", v)
 	}
+	// One trusted hop: the address it appended stays, the client's own
+	// entry before it goes.
 	if v := got.header.Get("X-Forwarded-For"); v != "203.0.113.9, 127.0.0.1" {
 		t.Errorf("X-Forwarded-For upstream = %q", v)
 	}
