@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,8 +48,11 @@ type Router struct {
 	// engineLoad is nil unless the balancer is load-aware.
 	engineLoad *engineLoadFeed
 	handler    *proxy.Handler
-	server     *server.Server
-	draining   atomic.Bool
+	// server serves the API and nothing else; admin serves health,
+	// metrics and profiles on an address of their own.
+	server   *server.Server
+	admin    *http.Server
+	draining atomic.Bool
 }
 
 // New builds a router from o, which must be valid: its clients, informers,
@@ -152,10 +154,16 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		}
 	}
 	r.server = &server.Server{
-		Handler:           newMux(r.handler, reg, r.ready, o.Profiling),
+		Handler:           r.handler,
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       120 * time.Second,
 		Logger:            logger.WithName("server"),
+	}
+	r.admin = &http.Server{
+		Handler:           newAdminMux(reg, r.ready, o.Profiling),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		ErrorLog:          klog.NewStandardLogger("WARNING"),
 	}
 	return r, nil
 }
@@ -185,7 +193,12 @@ func (r *Router) Run(ctx context.Context) error {
 	o, logger := r.opts, r.logger
 	listener, err := net.Listen("tcp", o.BindAddress)
 	if err != nil {
-		return fmt.Errorf("listening on %s: %w", o.BindAddress, err)
+		return fmt.Errorf("listening on --bind-address %s: %w", o.BindAddress, err)
+	}
+	adminListener, err := net.Listen("tcp", o.AdminBindAddress)
+	if err != nil {
+		listener.Close()
+		return fmt.Errorf("listening on --admin-bind-address %s: %w", o.AdminBindAddress, err)
 	}
 	// Everything but the servers outlives ctx until they have drained:
 	// requests still being served during the drain follow endpoint
@@ -217,11 +230,19 @@ func (r *Router) Run(ctx context.Context) error {
 		}
 		return nil
 	})
-	logger.Info("Serving", "address", listener.Addr().String(), "balancer", o.Balancer, "namespaces", o.Namespaces)
+	g.Go(func() error {
+		if err := r.admin.Serve(adminListener); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serving the admin endpoints: %w", err)
+		}
+		return nil
+	})
+	logger.Info("Serving", "address", listener.Addr().String(), "admin", adminListener.Addr().String(),
+		"balancer", o.Balancer, "namespaces", o.Namespaces)
 
 	select {
 	case <-gctx.Done(): // a part failed
 		r.stopServing(context.Background())
+		_ = r.admin.Close()
 		return g.Wait()
 	case <-ctx.Done():
 	}
@@ -231,12 +252,16 @@ func (r *Router) Run(ctx context.Context) error {
 	case <-time.After(o.ShutdownDelay):
 	case <-gctx.Done():
 		r.stopServing(context.Background())
+		_ = r.admin.Close()
 		return g.Wait()
 	}
 	logger.Info("Draining in-flight requests", "timeout", o.ShutdownTimeout)
 	drainCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.ShutdownTimeout)
 	defer cancel()
 	r.stopServing(drainCtx)
+	// The admin endpoints answer (/readyz failing) until the API has
+	// drained.
+	_ = r.admin.Close()
 	stopBackground()
 	if err := g.Wait(); err != nil {
 		return err
@@ -299,8 +324,9 @@ func checkGatewayAPI(client kubernetes.Interface) error {
 	return nil
 }
 
-// newMux serves the health endpoints and metrics beside the API.
-func newMux(api http.Handler, reg *prometheus.Registry, ready func() error, profiling bool) http.Handler {
+// newAdminMux serves the health endpoints, metrics and, when asked,
+// profiles: everything but the API, on the admin address.
+func newAdminMux(reg *prometheus.Registry, ready func() error, profiling bool) http.Handler {
 	mux := http.NewServeMux()
 	alive := func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) }
 	mux.HandleFunc("GET /healthz", alive)
@@ -320,15 +346,5 @@ func newMux(api http.Handler, reg *prometheus.Registry, ready func() error, prof
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
-	mux.Handle("/", api)
-	// The API's requests skip the mux's pattern matching, which shows in a
-	// profile of the router's short per-request path: no operational path
-	// is under /v1/.
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasPrefix(r.URL.Path, "/v1/") {
-			api.ServeHTTP(w, r)
-			return
-		}
-		mux.ServeHTTP(w, r)
-	})
+	return mux
 }

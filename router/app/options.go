@@ -33,9 +33,12 @@ type Options struct {
 	Kubeconfig string
 	// Namespaces limits discovery to these namespaces; empty means all.
 	Namespaces []string
-	// BindAddress is where the API, health endpoints and metrics are
-	// served. Default ":8080".
+	// BindAddress is where the API is served, and nothing else. Default
+	// ":8080".
 	BindAddress string
+	// AdminBindAddress is where /healthz, /livez, /readyz, /metrics and,
+	// with Profiling, /debug/pprof/ are served. Default ":8081".
+	AdminBindAddress string
 	// Balancer is the balancing policy. Default least-requests.
 	Balancer balance.Policy
 	// MaxBodySize bounds request bodies (a quantity: 10Mi). Default 10Mi.
@@ -139,6 +142,7 @@ type Options struct {
 func NewOptions() *Options {
 	return &Options{
 		BindAddress:              ":8080",
+		AdminBindAddress:         ":8081",
 		Balancer:                 balance.DefaultPolicy,
 		MaxBodySize:              "10Mi",
 		MaxInFlightBodySize:      "128Mi",
@@ -201,7 +205,8 @@ func (o *Options) gatewayAddresses() gateway.Addresses {
 func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Path to a kubeconfig. Empty means the in-cluster configuration.")
 	fs.StringSliceVar(&o.Namespaces, "namespaces", o.Namespaces, "Namespaces whose Services and EndpointSlices define models, comma-separated. Empty means all namespaces.")
-	fs.StringVar(&o.BindAddress, "bind-address", o.BindAddress, "Address for the OpenAI API, /healthz, /livez, /readyz and /metrics.")
+	fs.StringVar(&o.BindAddress, "bind-address", o.BindAddress, "Address of the OpenAI API, and of nothing else.")
+	fs.StringVar(&o.AdminBindAddress, "admin-bind-address", o.AdminBindAddress, "Address of /healthz, /livez, /readyz, /metrics and, with --profiling, /debug/pprof/; keep it off the internet.")
 	fs.StringVar((*string)(&o.Balancer), "balancer", string(o.Balancer), fmt.Sprintf("Balancing policy, one of %v.", balance.Policies))
 	fs.StringVar(&o.MaxBodySize, "max-body-size", o.MaxBodySize, "Largest request body accepted (a quantity such as 10Mi); larger ones get 413.")
 	fs.StringVar(&o.MaxInFlightBodySize, "max-in-flight-body-size", o.MaxInFlightBodySize, "Request body bytes the router holds at once, over every request (a quantity; 0 for no bound). A body that would pass it gets 429 before it is read.")
@@ -232,7 +237,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "Then wait at most this long for in-flight requests (streams included) to finish.")
 	fs.BoolVar(&o.AccessLog, "access-log", o.AccessLog, "Log every request (request id, model, pod, status, duration).")
 	fs.IntVar(&o.Workers, "discovery-workers", o.Workers, "Goroutines rebuilding Service endpoint sets.")
-	fs.BoolVar(&o.Profiling, "profiling", o.Profiling, "Serve Go profiles under /debug/pprof/ on --bind-address.")
+	fs.BoolVar(&o.Profiling, "profiling", o.Profiling, "Serve Go profiles under /debug/pprof/ on --admin-bind-address.")
 	fs.StringVar(&o.GatewayAddressPool, "gateway-address-pool", o.GatewayAddressPool, "Serve the Gateway API, giving every Gateway an address of its own from this CIDR; the addresses must be local to the router (see docs/gateway.md).")
 	fs.StringVar(&o.GatewayAddress, "gateway-address", o.GatewayAddress, "Serve the Gateway API with every Gateway sharing this address (an IP or hostname that reaches the router); listeners are told apart by port and hostname.")
 	fs.StringVar(&o.GatewayPublishService, "gateway-publish-service", o.GatewayPublishService, "Serve the Gateway API with every Gateway sharing the address of this Service (namespace/name; its load balancer's, else an external IP, else its cluster IP), which must route to the router's pods; listeners are told apart by port and hostname.")
@@ -246,6 +251,11 @@ func (o *Options) Validate() error {
 	var errs field.ErrorList
 	if _, _, err := net.SplitHostPort(o.BindAddress); err != nil {
 		errs = append(errs, field.Invalid(field.NewPath("bind-address"), o.BindAddress, err.Error()))
+	}
+	if _, _, err := net.SplitHostPort(o.AdminBindAddress); err != nil {
+		errs = append(errs, field.Invalid(field.NewPath("admin-bind-address"), o.AdminBindAddress, err.Error()))
+	} else if o.AdminBindAddress == o.BindAddress {
+		errs = append(errs, field.Invalid(field.NewPath("admin-bind-address"), o.AdminBindAddress, "must differ from --bind-address: the API port serves only the API"))
 	}
 	if !balance.ValidPolicy(o.Balancer) {
 		supported := make([]string, len(balance.Policies))

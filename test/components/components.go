@@ -40,9 +40,12 @@ const Namespace = "capstan-system"
 // Component is one running Capstan program.
 type Component struct {
 	*cluster.Process
-	// URL is where it serves /healthz, /readyz and /metrics (and, for the
-	// router, the API).
+	// URL is where it serves /healthz, /readyz and /metrics; for the
+	// router, the API.
 	URL string
+	// AdminURL is where the router serves /healthz, /readyz and /metrics
+	// (--admin-bind-address); "" for the other components.
+	AdminURL string
 }
 
 // Render builds manifests/<name> with kustomize, as `kubectl apply -k` would.
@@ -102,12 +105,42 @@ func DeploymentCommand(resources []*kresource.Resource) (args, env []string, err
 		return nil, nil, err
 	}
 	for _, e := range c.Env {
-		if e.ValueFrom != nil {
+		value := e.Value
+		switch {
+		case e.ValueFrom == nil:
+		case e.ValueFrom.ResourceFieldRef != nil:
+			if value, err = resourceField(c, e.ValueFrom.ResourceFieldRef); err != nil {
+				return nil, nil, fmt.Errorf("container %s: env %s: %w", c.Name, e.Name, err)
+			}
+		default:
 			return nil, nil, fmt.Errorf("container %s: env %s comes from a source the harness does not resolve", c.Name, e.Name)
 		}
-		env = append(env, e.Name+"="+e.Value)
+		env = append(env, e.Name+"="+value)
 	}
 	return c.Args, env, nil
+}
+
+// resourceField resolves a downward-API resource field of the container's
+// own resources as the kubelet does: the quantity divided by the divisor
+// (default 1), rounded up.
+func resourceField(c corev1.Container, ref *corev1.ResourceFieldSelector) (string, error) {
+	kind, name, ok := strings.Cut(ref.Resource, ".")
+	if !ok || (kind != "limits" && kind != "requests") {
+		return "", fmt.Errorf("resource %q is not limits.<name> or requests.<name>", ref.Resource)
+	}
+	list := c.Resources.Limits
+	if kind == "requests" {
+		list = c.Resources.Requests
+	}
+	q, ok := list[corev1.ResourceName(name)]
+	if !ok {
+		return "", fmt.Errorf("the container sets no %s", ref.Resource)
+	}
+	divisor := int64(1)
+	if !ref.Divisor.IsZero() {
+		divisor = ref.Divisor.Value()
+	}
+	return strconv.FormatInt((q.Value()+divisor-1)/divisor, 10), nil
 }
 
 func deploymentContainer(resources []*kresource.Resource) (corev1.Container, error) {

@@ -49,11 +49,15 @@ func InstallRouter(ctx context.Context, c *cluster.Cluster, dir string, skip ...
 type RouterOptions struct {
 	// Name names the process and its log file. Default "capstan-router".
 	Name string
-	// Addr is the host:port it serves on (--bind-address). Default a free
-	// loopback port.
+	// Addr is the host:port it serves the API on (--bind-address).
+	// Default a free loopback port.
 	Addr string
+	// AdminAddr is the host:port of its health endpoints and metrics
+	// (--admin-bind-address). Default a free loopback port.
+	AdminAddr string
 	// Args follow the Deployment's arguments and the harness's own
-	// (--kubeconfig, --bind-address, --shutdown-delay=0s); later flags win.
+	// (--kubeconfig, --bind-address, --admin-bind-address,
+	// --shutdown-delay=0s); later flags win.
 	Args []string
 	// Env is added to the environment the Deployment sets ("NAME=value").
 	Env []string
@@ -69,7 +73,7 @@ func (r *Router) Start(ctx context.Context, opts RouterOptions) (*Component, err
 	if err != nil {
 		return nil, err
 	}
-	if err := c.WaitHealthy(ctx, c.URL+"/readyz", routerReadyTimeout); err != nil {
+	if err := c.WaitHealthy(ctx, c.AdminURL+"/readyz", routerReadyTimeout); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -90,7 +94,7 @@ func (r *Router) StartTest(t testing.TB, ctx context.Context, opts RouterOptions
 			t.Logf("%s log:\n%s", c.Name(), c.LogTail(60))
 		}
 	})
-	if err := c.WaitHealthy(ctx, c.URL+"/readyz", routerReadyTimeout); err != nil {
+	if err := c.WaitHealthy(ctx, c.AdminURL+"/readyz", routerReadyTimeout); err != nil {
 		t.Fatal(err)
 	}
 	return c
@@ -101,23 +105,26 @@ func (r *Router) start(opts RouterOptions) (*Component, error) {
 	if opts.Name == "" {
 		opts.Name = "capstan-router"
 	}
-	if opts.Addr == "" {
-		port, err := cluster.FreePort()
-		if err != nil {
-			return nil, err
+	for _, addr := range []*string{&opts.Addr, &opts.AdminAddr} {
+		if *addr == "" {
+			port, err := cluster.FreePort()
+			if err != nil {
+				return nil, err
+			}
+			*addr = "127.0.0.1:" + strconv.Itoa(port)
 		}
-		opts.Addr = "127.0.0.1:" + strconv.Itoa(port)
 	}
 	bin, err := cluster.Binary("capstan-router")
 	if err != nil {
 		return nil, err
 	}
-	args := append(slices.Clone(r.Args), "--kubeconfig="+r.Kubeconfig, "--bind-address="+opts.Addr, "--shutdown-delay=0s")
+	args := append(slices.Clone(r.Args), "--kubeconfig="+r.Kubeconfig, "--bind-address="+opts.Addr,
+		"--admin-bind-address="+opts.AdminAddr, "--shutdown-delay=0s")
 	p, err := r.cluster.RunWithEnv(opts.Name, bin, append(slices.Clone(r.Env), opts.Env...), append(args, opts.Args...)...)
 	if err != nil {
 		return nil, err
 	}
-	return &Component{Process: p, URL: "http://" + opts.Addr}, nil
+	return &Component{Process: p, URL: "http://" + opts.Addr, AdminURL: "http://" + opts.AdminAddr}, nil
 }
 
 // StartRouter installs manifests/router but its Deployment and runs

@@ -91,7 +91,9 @@ func setup(t testing.TB) {
 type router struct {
 	name string
 	proc *cluster.Process
-	url  string
+	url  string // the API
+	// admin serves /healthz, /readyz and /metrics.
+	admin string
 }
 
 // startRouter runs capstan-router with the manifests' arguments, then with
@@ -104,7 +106,7 @@ func startRouter(t *testing.T, ctx context.Context, name string, extra ...string
 	setup(t)
 	args := append([]string{"--shutdown-timeout=5s", "--v=2", "--gateway-publish-service=", "--gateway-address-pool=" + addressPool}, extra...)
 	c := installed.StartTest(t, ctx, components.RouterOptions{Name: name, Args: args})
-	return &router{name: name, proc: c.Process, url: c.URL}
+	return &router{name: name, proc: c.Process, url: c.URL, admin: c.AdminURL}
 }
 
 func testContext(t *testing.T, timeout time.Duration) context.Context {

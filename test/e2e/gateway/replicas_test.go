@@ -78,7 +78,7 @@ func (s *statusWrites) snapshot() map[string]int {
 // these.
 func (r *router) metricValue(t *testing.T, name string, labels map[string]string) float64 {
 	t.Helper()
-	resp, err := http.Get(r.url + "/metrics")
+	resp, err := http.Get(r.admin + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

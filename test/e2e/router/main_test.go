@@ -70,7 +70,9 @@ func setup(t testing.TB) {
 // router is one capstan-router process.
 type router struct {
 	proc *cluster.Process
-	url  string
+	url  string // the API
+	// admin serves /healthz, /readyz and /metrics.
+	admin string
 }
 
 // startRouter runs capstan-router with the manifests' arguments, then extra
@@ -80,7 +82,7 @@ func startRouter(t *testing.T, ctx context.Context, name string, extra ...string
 	t.Helper()
 	setup(t)
 	c := installed.StartTest(t, ctx, components.RouterOptions{Name: name, Args: append([]string{"--v=2"}, extra...)})
-	return &router{proc: c.Process, url: c.URL}
+	return &router{proc: c.Process, url: c.URL, admin: c.AdminURL}
 }
 
 // simulate starts the fleet simulator for a namespace and stops it at the
@@ -231,7 +233,7 @@ func failures(results []result) []string {
 // metric returns the sum of a metric's samples whose labels include these.
 func (r *router) metric(t *testing.T, name string, labels map[string]string) float64 {
 	t.Helper()
-	resp, err := http.Get(r.url + "/metrics")
+	resp, err := http.Get(r.admin + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -587,7 +587,7 @@ func TestAPIServerOutage(t *testing.T) {
 	results := steadyLoad(loadCtx, []*router{r}, 2, completion("steady"))
 	notReady := 0
 	for loadCtx.Err() == nil {
-		resp, err := http.Get(r.url + "/readyz")
+		resp, err := http.Get(r.admin + "/readyz")
 		if err != nil || resp.StatusCode != http.StatusOK {
 			notReady++
 		}
@@ -672,7 +672,7 @@ func TestGracefulShutdownDrainsStreams(t *testing.T) {
 	stopped := make(chan struct{})
 	go func() { r.proc.Stop(30 * time.Second); close(stopped) }()
 	err = testCluster.WaitFor(ctx, 5*time.Second, "/readyz to fail", func(ctx context.Context) (bool, error) {
-		resp, err := http.Get(r.url + "/readyz")
+		resp, err := http.Get(r.admin + "/readyz")
 		if err != nil {
 			return false, err
 		}
