@@ -203,8 +203,17 @@ func (br *budgetedReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (h *Handler) overloaded(w http.ResponseWriter, x *exchange) {
+// overloaded answers a request whose body the budget cannot hold, then reads
+// the rest of the body into nothing (at most --max-body-size, within the
+// server's read deadline), as nginx's lingering close does: a client still
+// sending its body would otherwise see the connection reset and lose the
+// answer, and it costs no memory.
+func (h *Handler) overloaded(w http.ResponseWriter, r *http.Request, x *exchange) {
 	x.status = http.StatusTooManyRequests
 	writeError(w, x.status, rateLimit, codeRouterOverloaded, fmt.Sprintf(
 		"the router is holding its limit of %d bytes of request bodies; retry later or send a smaller body", h.budget.max), h.opts.RetryAfter)
+	if err := http.NewResponseController(w).Flush(); err != nil {
+		return
+	}
+	_, _ = io.CopyN(io.Discard, r.Body, h.opts.MaxBodyBytes)
 }

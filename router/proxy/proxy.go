@@ -280,7 +280,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange) 
 	if r.ContentLength >= 0 {
 		if !h.budget.take(r.ContentLength) {
 			h.bodies.Put(b.buf)
-			h.overloaded(w, x)
+			h.overloaded(w, r, x)
 			return nil
 		}
 		b.taken = r.ContentLength
@@ -302,7 +302,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, x *exchange) 
 		case errors.As(err, &tooBig):
 			h.tooLarge(w, x)
 		case errors.Is(err, errBodyBudget):
-			h.overloaded(w, x)
+			h.overloaded(w, r, x)
 		default:
 			x.status, x.err = statusClientClosed, fmt.Errorf("reading the request body: %w", err)
 		}
