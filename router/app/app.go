@@ -175,9 +175,9 @@ func (r *Router) ready() error {
 	case r.draining.Load():
 		return errors.New("shutting down")
 	case !r.discovery.HasSynced():
-		return errors.New("Service and EndpointSlice caches not synced yet")
+		return errors.New("the Service and EndpointSlice caches have not synced yet")
 	case r.gateway != nil && !r.gateway.HasSynced():
-		return errors.New("Gateway API routes not programmed yet")
+		return errors.New("the Gateway API routes are not programmed yet")
 	}
 	return nil
 }

@@ -11,10 +11,13 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/scrape"
+	"github.com/capstan-dev/capstan/router/engineload"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/route"
 	"github.com/capstan-dev/capstan/test/cluster"
@@ -47,7 +50,9 @@ func (n names) Unregister(prometheus.Collector) bool { return true }
 func exported(t *testing.T) names {
 	n := names{}
 	metrics.New(n, func() *route.Table { return nil })
-	if _, err := scrape.New(scrape.Options{Registerer: n}); err != nil {
+	// The scraper as the load-aware router runs it.
+	observer := engineload.NewObserver(catalogue.Builtin(), time.Second)
+	if _, err := scrape.New(scrape.Options{Registerer: n, Observer: observer}); err != nil {
 		t.Fatal(err)
 	}
 	if len(n) < 10 {
