@@ -10,6 +10,8 @@ KUBE_VERSION="$(cd "${CAPSTAN_ROOT}" && go list -m -f '{{.Version}}' k8s.io/kube
 ETCD_VERSION="$(cd "${CAPSTAN_ROOT}/hack/tools/etcd" && go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="v0.8.0"
 
+# Used by the scripts that source this file, not here.
+# shellcheck disable=SC2034
 CAPSTAN_TOOLS_DIR="${CAPSTAN_OUTPUT}/tools/kube-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}"
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

@@ -30,6 +30,8 @@ trap 'rm -rf "${scratch}"' EXIT
 # --pid --fork: the command's shell is PID 1 of a new PID namespace, so when it
 # ends the kernel kills whatever it left running; --kill-child ties it to us.
 set +e
+# The inner script is single-quoted on purpose: "$0" and "$@" expand inside.
+# shellcheck disable=SC2016
 unshare --net --pid --fork --kill-child -- bash -c '
   set -e
   ip link set lo up

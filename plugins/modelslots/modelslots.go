@@ -281,7 +281,7 @@ func (pl *ModelSlots) Score(_ context.Context, state fwk.CycleState, pod *v1.Pod
 // ScoreExtensions returns the plugin itself, which normalizes its scores.
 func (pl *ModelSlots) ScoreExtensions() fwk.ScoreExtensions { return pl }
 
-// NormalizeScore maps free slots onto [MinNodeScore, MaxNodeScore] across the
+// NormalizeScore maps free slots onto [MinScore, MaxScore] across the
 // feasible nodes: with Pack the node left with the fewest free slots scores
 // highest, with Spread the one left with the most. Equal nodes score 0 (no
 // preference).
@@ -296,11 +296,11 @@ func (pl *ModelSlots) NormalizeScore(_ context.Context, _ fwk.CycleState, _ *v1.
 	for i := range scores {
 		switch {
 		case hi == lo:
-			scores[i].Score = fwk.MinNodeScore
+			scores[i].Score = fwk.MinScore
 		case pl.strategy == config.Spread:
-			scores[i].Score = fwk.MaxNodeScore * (scores[i].Score - lo) / (hi - lo)
+			scores[i].Score = fwk.MaxScore * (scores[i].Score - lo) / (hi - lo)
 		default:
-			scores[i].Score = fwk.MaxNodeScore * (hi - scores[i].Score) / (hi - lo)
+			scores[i].Score = fwk.MaxScore * (hi - scores[i].Score) / (hi - lo)
 		}
 	}
 	return nil
