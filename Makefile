@@ -9,6 +9,7 @@ BIN := $(CURDIR)/bin
 UNIT_PKGS = $$($(GO) list ./... | grep -v /test/e2e/)
 UNIT_TIMEOUT ?= 20m
 E2E_TIMEOUT ?= 30m
+FUZZTIME ?= 30s
 
 REGISTRY ?= ghcr.io/capstan-dev
 VERSION ?= v0.1.0
@@ -23,7 +24,7 @@ SHELL_SCRIPTS := $(wildcard hack/*.sh) .ci/run
 # The checks make verify runs; each is also a target of its own.
 VERIFY_CHECKS := verify-gofmt verify-tidy verify-vet verify-shellcheck verify-codegen verify-staticcheck
 
-.PHONY: all help demo build tools test test-unit test-e2e verify lint $(VERIFY_CHECKS) \
+.PHONY: all help demo build tools test test-unit test-e2e fuzz verify lint $(VERIFY_CHECKS) \
 	update-codegen cluster-up cluster-down clean images bench-router bench-adapter bench-scheduler
 
 all: build
@@ -48,12 +49,16 @@ build:
 tools:
 	@hack/build-control-plane.sh >/dev/null
 
-## test: everything CI runs: verify, unit tests, e2e tests
-test: verify test-unit test-e2e
+## test: everything CI runs: verify, unit tests, fuzzing, e2e tests
+test: verify test-unit fuzz test-e2e
 
 ## test-unit: every package but the e2e suites, with the race detector
 test-unit:
 	$(GO) test -race -count=1 -timeout $(UNIT_TIMEOUT) $(UNIT_PKGS)
+
+## fuzz: every fuzz target in the repository for FUZZTIME each (default 30s)
+fuzz:
+	FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
 ## test-e2e: the suites under test/e2e, each against its own local cluster in a
 ## private network namespace (needs root)
