@@ -241,9 +241,7 @@ func (r *Router) Run(ctx context.Context) error {
 
 	select {
 	case <-gctx.Done(): // a part failed
-		r.stopServing(context.Background())
-		_ = r.admin.Close()
-		return g.Wait()
+		return r.abort(g)
 	case <-ctx.Done():
 	}
 	r.draining.Store(true)
@@ -251,9 +249,7 @@ func (r *Router) Run(ctx context.Context) error {
 	select {
 	case <-time.After(o.ShutdownDelay):
 	case <-gctx.Done():
-		r.stopServing(context.Background())
-		_ = r.admin.Close()
-		return g.Wait()
+		return r.abort(g)
 	}
 	logger.Info("Draining in-flight requests", "timeout", o.ShutdownTimeout)
 	drainCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.ShutdownTimeout)
@@ -268,6 +264,16 @@ func (r *Router) Run(ctx context.Context) error {
 	}
 	logger.Info("Stopped")
 	return nil
+}
+
+// abort stops serving after a part failed, giving in-flight requests up to
+// the shutdown timeout, and returns the first error.
+func (r *Router) abort(g *errgroup.Group) error {
+	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ShutdownTimeout)
+	defer cancel()
+	r.stopServing(ctx)
+	_ = r.admin.Close()
+	return g.Wait()
 }
 
 // stopServing shuts the API server and the Gateway listeners down together,
