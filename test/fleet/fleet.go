@@ -163,7 +163,28 @@ func (f *Fleet) Serving(pod *corev1.Pod) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	s, ok := f.servers[pod.UID]
-	return ok && s.ip == pod.Status.PodIP
+	return ok && s.ip == pod.Status.PodIP && !s.isKilled()
+}
+
+// Kill stops the simulated engine of a pod the way a crashed process stops:
+// its ports close and every connection to it, in-flight responses and
+// streams included, is cut off at once, without a graceful drain. The pod
+// object is left alone (it stays Ready until something else changes it), so
+// connecting to it is refused from then on; a new pod, even of the same
+// name, is served again. Kill reports whether the fleet was serving the pod.
+func (f *Fleet) Kill(pod types.NamespacedName) bool {
+	f.mu.Lock()
+	var victims []*podServer
+	for _, s := range f.servers {
+		if s.key == pod && !s.isKilled() {
+			victims = append(victims, s)
+		}
+	}
+	f.mu.Unlock()
+	for _, s := range victims {
+		s.kill()
+	}
+	return len(victims) > 0
 }
 
 // newServerLocked creates the server for a pod, keeping its request count

@@ -4,13 +4,18 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +24,8 @@ import (
 	"github.com/prometheus/common/model"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/klog/v2"
 	"k8s.io/klog/v2/ktesting"
 
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
@@ -306,5 +313,179 @@ func TestEchoBackend(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusTeapot {
 		t.Errorf("/status/418 answered %d", resp.StatusCode)
+	}
+}
+
+// loopbackPod is a model pod whose IP is 127.0.0.1 and whose port is a free
+// one, so that a test can serve it as the fleet serves a pod IP.
+func loopbackPod(t *testing.T, annotations map[string]string) (*corev1.Pod, string) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	pod := testPod(modelserver.VLLM, annotations)
+	pod.Status.PodIP = "127.0.0.1"
+	pod.Spec.Containers = []corev1.Container{{Name: "engine", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: int32(port)}}}}
+	return pod, net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+}
+
+// listening starts a pod server on its own loopback port, as the fleet does
+// on a pod IP.
+func listening(t *testing.T, annotations map[string]string) (*podServer, *corev1.Pod, string) {
+	t.Helper()
+	pod, addr := loopbackPod(t, annotations)
+	logger, _ := ktesting.NewTestContext(t)
+	s := newPodServer(pod, Options{}.withDefaults(), new(atomic.Int64), logger)
+	s.update(pod)
+	t.Cleanup(s.kill)
+	return s, pod, addr
+}
+
+func withFault(pod *corev1.Pod, fault Fault) *corev1.Pod {
+	p := pod.DeepCopy()
+	if p.Annotations == nil {
+		p.Annotations = map[string]string{}
+	}
+	if fault == "" {
+		delete(p.Annotations, FaultAnnotation)
+	} else {
+		p.Annotations[FaultAnnotation] = string(fault)
+	}
+	return p
+}
+
+// dialOutcome says what connecting to addr does: "ok", "refused" or
+// "timeout".
+func dialOutcome(t *testing.T, addr string) string {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 300*time.Millisecond)
+	switch {
+	case err == nil:
+		c.Close()
+		return "ok"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return "timeout"
+	}
+	t.Fatalf("dialling %s: %v", addr, err)
+	return ""
+}
+
+func waitDial(t *testing.T, addr, want string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got := dialOutcome(t, addr)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("connecting to %s: %s, want %s", addr, got, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func complete(c *http.Client, addr string) (int, error) {
+	resp, err := c.Post("http://"+addr+"/v1/completions", "application/json", strings.NewReader(`{"model":"llama","prompt":"x"}`))
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	_, err = io.ReadAll(resp.Body)
+	return resp.StatusCode, err
+}
+
+// The refuse and black-hole faults change what connecting to the pod does
+// at once, and removing them serves the pod again.
+func TestRefuseAndBlackHole(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the black-hole fault is simulated on Linux only")
+	}
+	s, pod, addr := listening(t, nil)
+	waitDial(t, addr, "ok")
+	keptAlive := &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: 500 * time.Millisecond}
+	defer keptAlive.CloseIdleConnections()
+	if code, err := complete(keptAlive, addr); err != nil || code != http.StatusOK {
+		t.Fatalf("before any fault: %d %v", code, err)
+	}
+	served := s.served.Load()
+
+	s.update(withFault(pod, FaultBlackHole))
+	for range 3 { // every SYN is dropped, not only the first
+		if got := dialOutcome(t, addr); got != "timeout" {
+			t.Fatalf("connecting to a black-holed pod: %s, want timeout", got)
+		}
+	}
+	// The kept-alive connection from before gets no answer either.
+	if code, err := complete(keptAlive, addr); err == nil {
+		t.Errorf("a request on a connection opened before the black hole was answered %d", code)
+	}
+	if got := s.served.Load(); got != served {
+		t.Errorf("the black-holed pod counted %d requests", got-served)
+	}
+
+	s.update(withFault(pod, FaultRefuse))
+	waitDial(t, addr, "refused")
+	s.update(withFault(pod, FaultBlackHole))
+	waitDial(t, addr, "timeout")
+	s.update(withFault(pod, ""))
+	waitDial(t, addr, "ok")
+	fresh := &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: 5 * time.Second}
+	defer fresh.CloseIdleConnections()
+	if code, err := complete(fresh, addr); err != nil || code != http.StatusOK {
+		t.Errorf("after the black hole: %d %v", code, err)
+	}
+}
+
+// Fleet.Kill cuts a stream off mid-way, without [DONE] or the chunked
+// terminator, and the pod refuses connections from then on, whatever its
+// annotations say later.
+func TestKillCutsStreams(t *testing.T) {
+	_, ctx := ktesting.NewTestContext(t)
+	f := New(nil, Options{})
+	f.logger = klog.FromContext(ctx)
+	pod, addr := loopbackPod(t, map[string]string{OutputTokensAnnotation: "100", TPOTAnnotation: "20ms"})
+	f.sync(pod)
+	t.Cleanup(f.stopAll)
+	if !f.Serving(pod) {
+		t.Fatal("the fleet does not serve the pod")
+	}
+	waitDial(t, addr, "ok")
+	resp, err := http.Post("http://"+addr+"/v1/completions", "application/json", strings.NewReader(`{"model":"llama","prompt":"x","stream":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatalf("no first chunk: %v", err)
+	}
+	if !f.Kill(types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name}) {
+		t.Fatal("Kill found no server for the pod")
+	}
+	rest, err := io.ReadAll(br)
+	if !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Errorf("reading the rest of the killed stream: %v, want an unexpected EOF", err)
+	}
+	if strings.Contains(string(rest), "[DONE]") {
+		t.Error("the killed stream ended with [DONE]")
+	}
+	if f.Serving(pod) {
+		t.Error("the fleet still says it serves the killed pod")
+	}
+	waitDial(t, addr, "refused")
+	f.sync(withFault(pod, "")) // an update of the pod does not bring it back
+	if got := dialOutcome(t, addr); got != "refused" {
+		t.Errorf("connecting to the killed pod after an update: %s", got)
+	}
+	if f.Kill(types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name}) {
+		t.Error("a second Kill found a server")
 	}
 }

@@ -44,6 +44,12 @@ const (
 	FaultHTTP500 Fault = "http-500"
 	// FaultSlow delays every answer, metrics included, by the fault delay.
 	FaultSlow Fault = "slow"
+	// FaultBlackHole makes the pod's ports drop what is sent to them, as a
+	// pod behind a partitioned network does: a new connection's SYNs go
+	// unanswered, so connecting times out (it is neither refused nor
+	// accepted), and a request on a connection opened before gets no
+	// answer until the client gives up. Refuse wins when both are set.
+	FaultBlackHole Fault = "black-hole"
 )
 
 // params is one pod's simulation settings, from its annotations over the
@@ -74,6 +80,21 @@ func paramsFor(pod *corev1.Pod, d Options) params {
 		}
 	}
 	return p
+}
+
+// hasFault reports whether the pod's annotations inject fault, without
+// reading the rest of its parameters (it is checked on every request).
+func hasFault(pod *corev1.Pod, fault Fault) bool {
+	v := pod.Annotations[FaultAnnotation]
+	if v == "" {
+		return false
+	}
+	for f := range strings.SplitSeq(v, ",") {
+		if Fault(strings.TrimSpace(f)) == fault {
+			return true
+		}
+	}
+	return false
 }
 
 func intOr(s string, def int) int {

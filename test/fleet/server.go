@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -42,7 +43,12 @@ type podServer struct {
 
 	mu        sync.Mutex
 	listeners []net.Listener
-	draining  bool
+	// holes are the ports' black-hole sockets while the black-hole fault
+	// holds (see listenBlackHole).
+	holes    []io.Closer
+	draining bool
+	// killed is set by kill: the server is gone for good.
+	killed bool
 }
 
 func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger klog.Logger) *podServer {
@@ -128,6 +134,15 @@ func podPorts(pod *corev1.Pod) []int32 {
 // each arrival to the fleet's observer.
 func (s *podServer) observe(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if hasFault(s.pod.Load(), FaultBlackHole) {
+			// A connection opened before the pod's network went: what
+			// is sent on it never arrives, and nothing comes back. The
+			// body is read so that the server notices the client
+			// closing (it watches the connection only then).
+			_, _ = io.Copy(io.Discard, io.LimitReader(r.Body, 32<<20))
+			<-r.Context().Done()
+			return
+		}
 		if id := r.Header.Get("X-Request-Id"); id != "" {
 			w.Header().Set("X-Request-Id", id)
 		}
@@ -169,62 +184,123 @@ func (s *podServer) serveMetrics(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// update applies a new version of the pod: batch size and the refuse fault
-// take effect at once; everything else is read per request.
+// update applies a new version of the pod: batch size and the refuse and
+// black-hole faults take effect at once; everything else is read per request.
 func (s *podServer) update(pod *corev1.Pod) {
 	s.pod.Store(pod)
 	p := paramsFor(pod, s.opts)
 	s.engine.setMaxRunning(p.maxRunning)
-	if p.faults[FaultRefuse] {
-		s.closeListeners()
-	} else {
-		s.openListeners()
+	s.listen()
+}
+
+// portMode is what the pod's ports do.
+type portMode int
+
+const (
+	serving    portMode = iota
+	refusing            // closed: connections are refused
+	blackHoled          // bound, taking no connection: connecting times out
+)
+
+func modeOf(p params) portMode {
+	switch {
+	case p.faults[FaultRefuse]:
+		return refusing
+	case p.faults[FaultBlackHole]:
+		return blackHoled
+	}
+	return serving
+}
+
+// listen puts the pod's ports in the mode its annotations ask for, unless it
+// is draining or killed. A port that cannot be bound yet (its IP was just
+// released by a deleted pod that is still draining) is retried.
+func (s *podServer) listen() {
+	mode := modeOf(s.params())
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return
+	}
+	switch mode {
+	case refusing:
+		s.closeLocked()
+	case blackHoled:
+		if len(s.holes) > 0 {
+			return
+		}
+		s.closeLocked()
+		for _, port := range s.ports {
+			h, err := listenBlackHole(s.ip, int(port))
+			if err != nil {
+				s.retryLocked(err, port)
+				return
+			}
+			s.holes = append(s.holes, h)
+		}
+	default:
+		if len(s.listeners) > 0 {
+			return
+		}
+		s.closeLocked()
+		for _, port := range s.ports {
+			l, err := net.Listen("tcp", net.JoinHostPort(s.ip, strconv.Itoa(int(port))))
+			if err != nil {
+				s.retryLocked(err, port)
+				return
+			}
+			s.listeners = append(s.listeners, l)
+		}
+		for _, l := range s.listeners {
+			go func() {
+				if err := s.srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+					s.logger.Error(err, "Serving stopped")
+				}
+			}()
+		}
 	}
 }
 
-// openListeners binds the pod's ports unless they are open, the pod refuses
-// connections or it is draining. A port that cannot be bound yet (its IP was
-// just released by a deleted pod that is still draining) is retried.
-func (s *podServer) openListeners() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.draining || len(s.listeners) > 0 {
-		return
-	}
-	for _, port := range s.ports {
-		addr := net.JoinHostPort(s.ip, strconv.Itoa(int(port)))
-		l, err := net.Listen("tcp", addr)
-		if err != nil {
-			s.logger.Error(err, "Cannot listen yet; retrying", "address", addr)
-			for _, l := range s.listeners {
-				l.Close()
-			}
-			s.listeners = nil
-			time.AfterFunc(200*time.Millisecond, func() {
-				if p := s.pod.Load(); !paramsFor(p, s.opts).faults[FaultRefuse] {
-					s.openListeners()
-				}
-			})
-			return
-		}
-		s.listeners = append(s.listeners, l)
-	}
-	for _, l := range s.listeners {
-		go func() {
-			if err := s.srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
-				s.logger.Error(err, "Serving stopped")
-			}
-		}()
-	}
+// retryLocked gives up the ports bound so far and tries again shortly.
+func (s *podServer) retryLocked(err error, port int32) {
+	s.logger.Error(err, "Cannot listen yet; retrying", "address", net.JoinHostPort(s.ip, strconv.Itoa(int(port))))
+	s.closeLocked()
+	time.AfterFunc(200*time.Millisecond, s.listen)
 }
 
 func (s *podServer) closeListeners() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.closeLocked()
+}
+
+// closeLocked closes the ports, listening or black-holed. Connections already
+// accepted stay open.
+func (s *podServer) closeLocked() {
 	for _, l := range s.listeners {
 		l.Close()
 	}
-	s.listeners = nil
+	for _, h := range s.holes {
+		h.Close()
+	}
+	s.listeners, s.holes = nil, nil
+}
+
+// kill stops the server the way a crashed engine process stops: its ports
+// close and every connection, in-flight responses included, is cut off at
+// once. It never serves again.
+func (s *podServer) kill() {
+	s.mu.Lock()
+	s.draining, s.killed = true, true
+	s.closeLocked()
+	s.mu.Unlock()
+	s.srv.Close()
+}
+
+func (s *podServer) isKilled() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.killed
 }
 
 // drain stops accepting connections and lets in-flight requests finish, as an
