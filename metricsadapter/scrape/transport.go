@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -19,6 +21,12 @@ import (
 // each per connection (docs/benchmarks/adapter.md has what that costs at
 // thousands of pods). The request is written by net/http (Request.Write)
 // and the response parsed by it (http.ReadResponse).
+//
+// Pods are tenants' code: the response heads of an exchange are bounded
+// (maxHeadBytes, maxInterim interim responses), a 101 Switching Protocols
+// is refused, and a connection on which the server sent anything beyond a
+// response, or while it was idle, is closed, never reused. The page itself
+// is bounded by the scraper (Options.MaxPageBytes).
 type keepAlive struct {
 	dialer  net.Dialer
 	buffers sync.Pool // *exchangeBuffers
@@ -35,11 +43,55 @@ type idleConn struct {
 // exchangeBuffers are lent to one exchange: a request is a hundred bytes and
 // the page is read by the caller, so small ones do.
 type exchangeBuffers struct {
-	r *bufio.Reader
-	w *bufio.Writer
+	r   *bufio.Reader // reads from src
+	w   *bufio.Writer
+	src headBound
 }
 
 const exchangeBufferSize = 4 << 10
+
+const (
+	// maxHeadBytes bounds the response heads of an exchange, interim
+	// ones included, together; http.ReadResponse has no bound of its own.
+	maxHeadBytes = 64 << 10
+	// maxInterim is how many interim (1xx) responses an exchange skips;
+	// one more is an error, as in net/http.
+	maxInterim = 5
+	// idleProbe is how long take waits for a byte on an idle connection
+	// before using it (see quiet).
+	idleProbe = 100 * time.Microsecond
+)
+
+var (
+	errHeadTooLarge       = fmt.Errorf("scrape: response head larger than %d bytes", maxHeadBytes)
+	errTooManyInterim     = fmt.Errorf("scrape: more than %d interim (1xx) responses", maxInterim)
+	errSwitchingProtocols = errors.New("scrape: 101 Switching Protocols, which no scrape asks for")
+)
+
+// headBound is what an exchange's buffered reader reads from: the
+// connection, giving no more than room bytes while the response heads are
+// read (room < 0: unbounded, for the body). full: the heads wanted more.
+type headBound struct {
+	c    net.Conn
+	room int
+	full bool
+}
+
+func (h *headBound) Read(p []byte) (int, error) {
+	if h.room < 0 {
+		return h.c.Read(p)
+	}
+	if h.room == 0 {
+		h.full = true
+		return 0, errHeadTooLarge
+	}
+	if len(p) > h.room {
+		p = p[:h.room]
+	}
+	n, err := h.c.Read(p)
+	h.room -= n
+	return n, err
+}
 
 var _ http.RoundTripper = &keepAlive{}
 
@@ -68,6 +120,12 @@ func (t *keepAlive) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
 	for retried := false; ; retried = true {
 		c, reused := t.take(addr)
+		if reused && !quiet(c) {
+			// The server closed it, or sent something no request
+			// asked for: a response must not reach the next request.
+			c.Close()
+			c, reused = nil, false
+		}
 		if c == nil {
 			var err error
 			if c, err = t.dialer.DialContext(ctx, "tcp", addr); err != nil {
@@ -96,15 +154,21 @@ func (t *keepAlive) exchange(ctx context.Context, c net.Conn, addr string, req *
 	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(aLongTimeAgo) })
 	b := t.buffers.Get().(*exchangeBuffers)
 	b.w.Reset(c)
-	b.r.Reset(c)
+	b.src = headBound{c: c, room: maxHeadBytes}
+	b.r.Reset(&b.src)
 	err := req.Write(b.w)
 	if err == nil {
 		err = b.w.Flush()
 	}
 	var resp *http.Response
 	if err == nil {
-		resp, err = http.ReadResponse(b.r, req)
+		resp, err = readResponse(b.r, req)
+		if err != nil && b.src.full {
+			// (Not what the parser makes of the line cut off.)
+			err = errHeadTooLarge
+		}
 	}
+	b.src.room = -1
 	if err != nil {
 		stop()
 		t.lend(b)
@@ -113,6 +177,42 @@ func (t *keepAlive) exchange(ctx context.Context, c net.Conn, addr string, req *
 	}
 	resp.Body = &body{ReadCloser: resp.Body, t: t, conn: c, addr: addr, buf: b, stop: stop, keep: !resp.Close}
 	return resp, nil
+}
+
+// readResponse reads the final response's head, skipping a few interim
+// ones (103 Early Hints); their heads count against the same bound.
+func readResponse(r *bufio.Reader, req *http.Request) (*http.Response, error) {
+	for interim := 0; ; interim++ {
+		resp, err := http.ReadResponse(r, req)
+		switch {
+		case err != nil:
+			return nil, err
+		case resp.StatusCode == http.StatusSwitchingProtocols:
+			// What follows is not HTTP: the connection is closed.
+			return nil, errSwitchingProtocols
+		case resp.StatusCode >= 100 && resp.StatusCode < 200:
+			if interim == maxInterim {
+				return nil, errTooManyInterim
+			}
+			continue
+		}
+		return resp, nil
+	}
+}
+
+// quiet reports whether an idle connection can carry a request: the server
+// neither closed it nor sent anything on it (bytes no request asked for,
+// which would otherwise be read as the next response). It waits idleProbe
+// for a byte: a read with a deadline is the portable way to look. Should
+// the wait end before the read looked, the connection is used as before,
+// and the exchange fails or its page does not parse.
+func quiet(c net.Conn) bool {
+	if c.SetReadDeadline(time.Now().Add(idleProbe)) != nil {
+		return false
+	}
+	var b [1]byte
+	_, err := c.Read(b[:])
+	return errors.Is(err, os.ErrDeadlineExceeded)
 }
 
 // closedWhileIdle reports whether an exchange failed the way one on a
@@ -196,8 +296,10 @@ func (b *body) Read(p []byte) (int, error) {
 }
 
 // Close keeps the connection only when the body was read to its end and the
-// server sent nothing after it; it never reads on to drain a body (a page
-// may be endless).
+// server sent nothing after it (more than its Content-Length, a body after
+// a bodiless status); it never reads on to drain a body (a page may be
+// endless). Bytes that come later are found before the connection is used
+// again (quiet).
 func (b *body) Close() error {
 	if b.done {
 		return nil

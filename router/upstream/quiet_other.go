@@ -4,5 +4,10 @@ package upstream
 
 import "net"
 
-// quiet cannot peek here: a closed idle connection shows when it is used.
-func quiet(net.Conn) bool { return true }
+// peeker cannot look here: a closed idle connection shows when it is used,
+// and bytes after a response when the next one is read (the exchange then
+// fails or its response is refused).
+type peeker struct{}
+
+func (*peeker) attach(net.Conn) {}
+func (*peeker) peek() peeked    { return idleQuiet }

@@ -12,12 +12,21 @@
 // parsed by the standard library (http.ReadResponse); a request's head is
 // written here from a Request, which costs a few fields instead of building
 // an http.Request and its URL for http.Request.Write to take apart again.
+//
+// Servers are tenants' code, so nothing they send is trusted: response heads
+// are bounded (Options.MaxResponseHeaderBytes, a few interim responses at
+// most), a body ends where its framing says or with an error, never with a
+// clean end it did not have, and a connection on which the server sent
+// anything no request asked for is closed, never reused: a response never
+// reaches another request. What the pool refuses is a *ResponseError.
 package upstream
 
 import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -40,7 +49,17 @@ type Options struct {
 	// BufferSize is the size of the read and write buffers an exchange
 	// borrows. Default 16 KiB.
 	BufferSize int
+	// MaxResponseHeaderBytes bounds the response heads of one exchange,
+	// its interim (1xx) responses' included, together, in bytes: a server
+	// that sends more gets a *ResponseError (ErrHeadTooLarge) and its
+	// connection is closed. Default 64 KiB.
+	MaxResponseHeaderBytes int
 }
+
+// maxInterim is how many interim (1xx) responses an exchange skips before
+// its final response; one more is a *ResponseError (ErrTooManyInterim), as
+// in net/http.
+const maxInterim = 5
 
 // Pool is a set of idle connections per address. It is safe for concurrent
 // use.
@@ -52,6 +71,15 @@ type Pool struct {
 	mu   sync.Mutex
 	idle map[string][]*conn
 }
+
+// peeked is what a peeker finds on a connection.
+type peeked int
+
+const (
+	idleQuiet peeked = iota // nothing to read: the server is waiting
+	idleBytes               // bytes to read
+	idleGone                // the server closed or reset it, or it is unusable
+)
 
 // conn is one connection to a server.
 type conn struct {
@@ -65,6 +93,21 @@ type conn struct {
 	// written counts the bytes of the current exchange the kernel took:
 	// while it is 0, no server can have read any of the request.
 	written int
+	// headRoom is how many more bytes reading the response heads may take
+	// from the socket; -1 once the final head is read (the body is
+	// bounded by its framing and the deadlines). headFull: the heads
+	// wanted more.
+	headRoom int
+	headFull bool
+	// readErr is the last error reading the socket gave in this exchange:
+	// without one, a response that does not parse is the server's doing.
+	readErr error
+	// drained: the last read from the socket got less than it asked
+	// for, so it left nothing there.
+	drained bool
+	// spent: the server closed the connection at the end of the response.
+	spent bool
+	peeker
 }
 
 // Write counts what reaches the socket; the exchange's buffered writer
@@ -73,6 +116,65 @@ func (c *conn) Write(p []byte) (int, error) {
 	n, err := c.Conn.Write(p)
 	c.written += n
 	return n, err
+}
+
+// errHeadRoom is what reading the socket gives once the response heads have
+// taken all the room they have.
+var errHeadRoom = errors.New("upstream: response head room exhausted")
+
+// Read is what the exchange's buffered reader reads from: while the heads
+// are read, it gives them no more than headRoom bytes. http.ReadResponse
+// has no bound of its own: a head without an end would otherwise grow
+// until memory ran out.
+func (c *conn) Read(p []byte) (int, error) {
+	if c.headRoom >= 0 {
+		if c.headRoom == 0 {
+			c.headFull = true
+			return 0, errHeadRoom
+		}
+		if len(p) > c.headRoom {
+			p = p[:c.headRoom]
+		}
+	}
+	n, err := c.Conn.Read(p)
+	c.drained = n < len(p)
+	if c.headRoom >= 0 {
+		c.headRoom -= n
+	}
+	if err != nil {
+		c.readErr = err
+	}
+	return n, err
+}
+
+// ended is what reading a body that reached its end gives: io.EOF, or a
+// *ResponseError when the server sent bytes beyond it (more than its
+// Content-Length, or a body after a bodiless response), buffered or
+// waiting on the socket. framed is false for a body that the server ended
+// by closing the connection: nothing can follow it.
+//
+// The socket is peeked only when the last read filled what it asked for
+// (a large body read past the buffer): a read that got less left nothing
+// there, and what comes after it is found when the connection is next
+// taken (get peeks), like anything sent while it is idle. A small
+// response so costs no system call more.
+func (c *conn) ended(framed bool) error {
+	if !framed {
+		return io.EOF
+	}
+	if c.buf.r.Buffered() > 0 {
+		return &ResponseError{Err: ErrBytesAfterResponse}
+	}
+	if c.drained {
+		return io.EOF
+	}
+	switch c.peek() {
+	case idleBytes:
+		return &ResponseError{Err: ErrBytesAfterResponse}
+	case idleGone:
+		c.spent = true
+	}
+	return io.EOF
 }
 
 // arm bounds the connection's reads and writes to about now+timeout
@@ -98,6 +200,9 @@ func New(opts Options) *Pool {
 	if opts.BufferSize == 0 {
 		opts.BufferSize = 16 << 10
 	}
+	if opts.MaxResponseHeaderBytes <= 0 {
+		opts.MaxResponseHeaderBytes = 64 << 10
+	}
 	p := &Pool{
 		opts:   opts,
 		dialer: net.Dialer{Timeout: opts.ConnectTimeout, KeepAlive: 30 * time.Second},
@@ -122,7 +227,7 @@ func (p *Pool) get(ctx context.Context, addr string) (*conn, error) {
 		// request asked for, is never used: a response must not reach
 		// another request, and a request must not go to a connection that
 		// is already gone.
-		if now.Sub(last.idleSince) < p.opts.IdleTimeout && quiet(last.Conn) {
+		if now.Sub(last.idleSince) < p.opts.IdleTimeout && last.peek() == idleQuiet {
 			c = last
 			c.reused = true
 		} else {
@@ -136,11 +241,12 @@ func (p *Pool) get(ctx context.Context, addr string) (*conn, error) {
 			return nil, &UnsentError{Err: err}
 		}
 		c = &conn{Conn: nc, addr: addr}
+		c.attach(nc)
 	}
 	c.buf = p.buffers.Get().(*buffers)
-	c.buf.r.Reset(c.Conn)
+	c.buf.r.Reset(c)
 	c.buf.w.Reset(c)
-	c.written = 0
+	c.written, c.headRoom, c.headFull, c.readErr, c.drained, c.spent = 0, -1, false, nil, false, false
 	return c, nil
 }
 
@@ -219,12 +325,55 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 // Response is a response being read from a connection. Its Body reads from
 // the connection; Release ends the exchange.
+//
+// The Body ends with io.EOF only where the response's framing ends it
+// (Content-Length, chunking, none for HEAD, 1xx, 204 and 304, or the
+// server closing the connection for a response without either) and no byte
+// follows. Anything else ends it with an error: a server that closes early
+// (io.ErrUnexpectedEOF), bad chunking or bytes beyond the end (a
+// *ResponseError), a timeout. Closing it does nothing: Release ends the
+// exchange without reading on.
 type Response struct {
 	*http.Response
 	conn *conn
 	// stop unregisters the abort on the context; false means it fired.
 	stop func() bool
+	body body
 }
+
+// body is a Response's Body: the http.Response's, checked at its end.
+type body struct {
+	src io.ReadCloser
+	c   *conn
+	// framed: the framing ends the body, not the server closing the
+	// connection.
+	framed bool
+	// end is what reading gives once the body reached its end: io.EOF,
+	// or why not.
+	end error
+}
+
+func (b *body) Read(p []byte) (int, error) {
+	if b.end != nil {
+		return 0, b.end
+	}
+	n, err := b.src.Read(p)
+	switch {
+	case err == nil:
+	case err == io.EOF:
+		err = b.c.ended(b.framed)
+		b.end = err
+	case b.c.readErr == nil:
+		// Not the socket's error: the body's framing is broken
+		// (a chunk size that does not parse, a missing CRLF).
+		err = &ResponseError{Err: err}
+	}
+	return n, err
+}
+
+// Close does nothing: Release ends the exchange, and never reads a body
+// through to drain it.
+func (b *body) Close() error { return nil }
 
 // Extend bounds the next reads of the body to about timeout from now (see
 // arm).
@@ -294,14 +443,35 @@ func Unsent(err error) bool {
 	return errors.As(err, &u)
 }
 
+// ResponseError is a response the pool refuses: one that does not parse as
+// HTTP/1.1 or breaks a bound the pool keeps (ErrHeadTooLarge,
+// ErrTooManyInterim, ErrSwitchingProtocols, a status outside 100-599), or
+// bytes after a response's end (ErrBytesAfterResponse), or a body whose
+// framing breaks. Its connection is closed. The request was sent: a
+// ResponseError is never an UnsentError.
+type ResponseError struct{ Err error }
+
+func (e *ResponseError) Error() string { return "upstream: bad response: " + e.Err.Error() }
+func (e *ResponseError) Unwrap() error { return e.Err }
+
+// What a ResponseError may wrap.
+var (
+	ErrHeadTooLarge       = errors.New("response head too large")
+	ErrTooManyInterim     = fmt.Errorf("more than %d interim (1xx) responses", maxInterim)
+	ErrSwitchingProtocols = errors.New("101 Switching Protocols, which no request asks for")
+	ErrBytesAfterResponse = errors.New("bytes after the end of the response")
+)
+
 // RoundTrip sends req to addr and reads the response headers; the deadline
 // for all of that, and for reading the body until Extend moves it, is
 // now+timeout (at least seven eighths of it, see arm). Idle connections the
-// server has closed are passed over before use; a reused one that fails
-// before a byte of the request was written (the server closed it in the
-// instant since) is replaced by a fresh one once. A failure before any byte
-// of the request reached a server is an UnsentError. Release must be called
-// once the response has been dealt with.
+// server has closed, or sent anything on, are passed over before use; a
+// reused one that fails before a byte of the request was written (the
+// server closed it in the instant since) is replaced by a fresh one once. A
+// failure before any byte of the request reached a server is an
+// UnsentError; a response the pool refuses (see Options and Response) is a
+// *ResponseError. Interim responses (103 Early Hints) are skipped. Release
+// must be called once the response has been dealt with.
 func (p *Pool) RoundTrip(ctx context.Context, req *Request, addr string, timeout time.Duration) (*Response, error) {
 	for fresh := false; ; fresh = true {
 		c, err := p.get(ctx, addr)
@@ -309,9 +479,12 @@ func (p *Pool) RoundTrip(ctx context.Context, req *Request, addr string, timeout
 			return nil, err
 		}
 		stop := context.AfterFunc(ctx, func() { c.SetDeadline(aLongTimeAgo) })
-		resp, err := c.send(req, timeout)
+		resp, err := c.send(req, timeout, p.opts.MaxResponseHeaderBytes)
 		if err == nil {
-			return &Response{Response: resp, conn: c, stop: stop}, nil
+			r := &Response{Response: resp, conn: c, stop: stop}
+			r.body = body{src: resp.Body, c: c, framed: resp.ContentLength >= 0 || resp.Body == http.NoBody || isChunked(resp)}
+			resp.Body = &r.body
+			return r, nil
 		}
 		stop()
 		p.returnBuffers(c)
@@ -325,7 +498,7 @@ func (p *Pool) RoundTrip(ctx context.Context, req *Request, addr string, timeout
 	}
 }
 
-func (c *conn) send(req *Request, timeout time.Duration) (*http.Response, error) {
+func (c *conn) send(req *Request, timeout time.Duration, maxHead int) (*http.Response, error) {
 	if err := c.arm(timeout); err != nil {
 		return nil, err
 	}
@@ -339,28 +512,59 @@ func (c *conn) send(req *Request, timeout time.Duration) (*http.Response, error)
 	if req.Method == http.MethodHead {
 		asked = headRequest
 	}
-	for {
+	c.headRoom = maxHead
+	for interim := 0; ; interim++ {
 		resp, err := http.ReadResponse(c.buf.r, asked)
-		if err != nil {
-			return nil, err
+		switch {
+		case err == nil:
+		case c.headFull:
+			// (What the parser says of the cut-off line is beside
+			// the point.)
+			return nil, &ResponseError{Err: fmt.Errorf("%w: more than %d bytes", ErrHeadTooLarge, maxHead)}
+		case c.readErr == io.EOF:
+			return nil, io.ErrUnexpectedEOF // the server closed the connection
+		case c.readErr != nil:
+			// The socket's error (a timeout, a reset), not what the
+			// parser makes of the line it cut off.
+			return nil, c.readErr
+		default:
+			return nil, &ResponseError{Err: err} // it does not parse
 		}
-		// Skip interim responses (103 Early Hints); the request sent no
-		// Expect, so no 100 Continue is due.
-		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+		switch {
+		case resp.StatusCode == http.StatusSwitchingProtocols:
+			// No request asks to upgrade (the caller leaves out
+			// Upgrade): what follows is not HTTP, and must not reach
+			// the client or another request.
+			return nil, &ResponseError{Err: ErrSwitchingProtocols}
+		case resp.StatusCode < 100 || resp.StatusCode > 599:
+			return nil, &ResponseError{Err: fmt.Errorf("status %d out of range", resp.StatusCode)}
+		case resp.StatusCode < 200:
+			// Skip interim responses (103 Early Hints); the request
+			// sent no Expect, so no 100 Continue is due. A few at
+			// most: their heads count against the same bound.
+			if interim == maxInterim {
+				return nil, &ResponseError{Err: ErrTooManyInterim}
+			}
 			continue
 		}
+		c.headRoom = -1
 		return resp, nil
 	}
 }
 
+// isChunked reports whether resp's body is chunked.
+func isChunked(resp *http.Response) bool {
+	return len(resp.TransferEncoding) > 0 && resp.TransferEncoding[0] == "chunked"
+}
+
 // Release ends an exchange. complete says the body was read to its end
 // (io.EOF); the connection is then kept for reuse, unless the response
-// asked to close it or the context aborted it. Otherwise it is closed.
-// The body must not be read after Release.
+// asked to close it, the server closed it, or the context aborted it.
+// Otherwise it is closed. The body must not be read after Release.
 func (p *Pool) Release(r *Response, complete bool) {
 	stopped := r.stop()
 	clean := p.returnBuffers(r.conn)
-	if complete && stopped && clean && !r.Close {
+	if complete && r.body.end == io.EOF && stopped && clean && !r.Close && !r.conn.spent {
 		p.put(r.conn)
 		return
 	}
