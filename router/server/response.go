@@ -51,7 +51,19 @@ func (w *response) reset(c *conn, req *http.Request) {
 	}
 	clear(w.header)
 	*w = response{c: c, req: req, header: w.header, contentLength: -1, body: w.body[:0],
-		closeAfter: req.Close || !req.ProtoAtLeast(1, 1)}
+		closeAfter: !req.ProtoAtLeast(1, 1) || wantsClose(req)}
+}
+
+// wantsClose reports whether the client asked to close the connection
+// after the response: req.Close, or, as net/http's server also reads it,
+// "close" among the space- or comma-separated tokens of the first
+// Connection field.
+func wantsClose(req *http.Request) bool {
+	if req.Close {
+		return true
+	}
+	v := req.Header["Connection"]
+	return len(v) > 0 && hasToken(v[0], "close")
 }
 
 func (w *response) Header() http.Header { return w.header }
@@ -199,7 +211,8 @@ func (w *response) writeHead() error {
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
 		w.chunked = httputil.NewChunkedWriter(bw)
 	}
-	if w.closeAfter || w.c.srv.closing.Load() {
+	if w.closeAfter || !w.c.srv.keepAlives() {
+		// Shutting down or draining (SetKeepAlivesEnabled) too.
 		w.closeAfter = true
 		bw.WriteString("Connection: close\r\n")
 	}

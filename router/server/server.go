@@ -24,13 +24,17 @@
 // returns.
 //
 // The request parsing is the standard library's (http.ReadRequest), as are
-// the request bodies (Content-Length and chunked) and http.Handler. TLS
-// listeners, and with them HTTP/2, stay with net/http.Server.
+// the request bodies (Content-Length and chunked) and http.Handler; what
+// the server adds to it for clients that are strangers (head limits, the
+// framing and Host rules of RFC 9112 that ReadRequest leaves to its
+// caller, timeouts for clients that send or read too slowly) follows
+// net/http.Server, which a differential fuzz test (fuzz_test.go) holds it
+// to, with each deliberate difference named there. TLS listeners, and with
+// them HTTP/2, stay with net/http.Server.
 package server
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -38,7 +42,6 @@ import (
 	"net"
 	"net/http"
 	"runtime"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -55,14 +58,33 @@ import (
 type Server struct {
 	// Handler answers every request.
 	Handler http.Handler
-	// ReadHeaderTimeout bounds reading a request's head and body, from its
-	// first byte. Default 30s.
+	// ReadHeaderTimeout bounds reading a request's head: the first
+	// request's from the moment the connection is accepted (as net/http
+	// does, so that a client that connects and sends nothing, or trickles
+	// its head, holds the connection no longer), a later one's from its
+	// first byte. It bounds the body again, from the end of the head.
+	// Default 30s.
 	ReadHeaderTimeout time.Duration
 	// IdleTimeout bounds the wait for the next request on a kept-alive
 	// connection. Default 120s.
 	IdleTimeout time.Duration
-	// MaxHeaderBytes bounds a request's head. Default 1 MiB.
+	// WriteTimeout bounds each write to the client's connection: one that
+	// makes no progress for that long (a client that stopped reading, its
+	// TCP window closed) fails, as does every write after it, the
+	// request's context is cancelled with ErrClientStalled and the
+	// connection closed. It is re-armed on every write, so a response
+	// that keeps flowing, a long stream included, is never cut. Default
+	// 30s.
+	WriteTimeout time.Duration
+	// MaxHeaderBytes bounds a request's head, request line included (up
+	// to 4 KiB more are let through, as net/http does). Above it the
+	// client gets 431 Request Header Fields Too Large and the connection
+	// closes. Default 64 KiB (Envoy's default).
 	MaxHeaderBytes int
+	// MaxHeaderFields bounds the number of field lines in a request's
+	// head (a continuation line counts as one); above it, as above
+	// MaxHeaderBytes. Default 100 (Envoy's default).
+	MaxHeaderFields int
 	// WatchDelay is how long a request runs before the server starts
 	// watching its client's connection, to cancel the request's context
 	// when the client goes away. Default 10ms.
@@ -74,7 +96,18 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
 	closing   atomic.Bool
+	// noKeepAlives is SetKeepAlivesEnabled(false).
+	noKeepAlives atomic.Bool
 }
+
+// The defaults of Server's limits.
+const (
+	DefaultReadHeaderTimeout = 30 * time.Second
+	DefaultIdleTimeout       = 120 * time.Second
+	DefaultWriteTimeout      = 30 * time.Second
+	DefaultMaxHeaderBytes    = 64 << 10
+	DefaultMaxHeaderFields   = 100
+)
 
 // ErrServerClosed is what Serve returns after Shutdown or Close, the same
 // value as net/http's so that callers treat both servers alike.
@@ -85,16 +118,24 @@ var ErrServerClosed = http.ErrServerClosed
 const discardLimit = 256 << 10
 
 func (s *Server) readHeaderTimeout() time.Duration {
-	return orDefault(s.ReadHeaderTimeout, 30*time.Second)
+	return orDefault(s.ReadHeaderTimeout, DefaultReadHeaderTimeout)
 }
-func (s *Server) idleTimeout() time.Duration { return orDefault(s.IdleTimeout, 120*time.Second) }
-func (s *Server) watchDelay() time.Duration  { return orDefault(s.WatchDelay, 10*time.Millisecond) }
+func (s *Server) idleTimeout() time.Duration  { return orDefault(s.IdleTimeout, DefaultIdleTimeout) }
+func (s *Server) writeTimeout() time.Duration { return orDefault(s.WriteTimeout, DefaultWriteTimeout) }
+func (s *Server) watchDelay() time.Duration   { return orDefault(s.WatchDelay, 10*time.Millisecond) }
 
 func (s *Server) maxHeaderBytes() int64 {
 	if s.MaxHeaderBytes > 0 {
 		return int64(s.MaxHeaderBytes)
 	}
-	return http.DefaultMaxHeaderBytes
+	return DefaultMaxHeaderBytes
+}
+
+func (s *Server) maxHeaderFields() int {
+	if s.MaxHeaderFields > 0 {
+		return s.MaxHeaderFields
+	}
+	return DefaultMaxHeaderFields
 }
 
 func orDefault(d, def time.Duration) time.Duration {
@@ -167,6 +208,21 @@ func (s *Server) untrack(ln net.Listener) {
 	ln.Close()
 }
 
+// SetKeepAlivesEnabled controls whether connections are kept alive
+// between requests, as they are by default; it is net/http's method. To
+// drain a server before Shutdown: after SetKeepAlivesEnabled(false) every
+// response says Connection: close and its connection closes after it, and
+// the connections waiting between requests close at once, so that
+// kept-alive clients move to other replicas while this one still answers.
+func (s *Server) SetKeepAlivesEnabled(v bool) {
+	s.noKeepAlives.Store(!v)
+	if !v {
+		s.closeIdle(false)
+	}
+}
+
+func (s *Server) keepAlives() bool { return !s.noKeepAlives.Load() && !s.closing.Load() }
+
 // Shutdown stops accepting, closes idle connections, and waits for the
 // requests in flight to finish (each connection closes after its response)
 // until ctx ends, when it returns ctx's error; Close then ends the rest.
@@ -174,7 +230,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.closeListeners()
 	tick := 5 * time.Millisecond
 	for {
-		if s.closeIdle() == 0 {
+		if s.closeIdle(true) == 0 {
 			return nil
 		}
 		t := time.NewTimer(tick)
@@ -209,13 +265,14 @@ func (s *Server) closeListeners() {
 	}
 }
 
-// closeIdle closes the connections between requests and returns how many
+// closeIdle closes the connections between requests, and with
+// includeNew those still waiting for their first, and returns how many
 // connections are left.
-func (s *Server) closeIdle() int {
+func (s *Server) closeIdle(includeNew bool) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for c := range s.conns {
-		if c.state.CompareAndSwap(stateIdle, stateClosed) {
+		if c.state.CompareAndSwap(stateIdle, stateClosed) || includeNew && c.state.CompareAndSwap(stateNew, stateClosed) {
 			c.rwc.Close()
 			delete(s.conns, c)
 		}
@@ -223,12 +280,14 @@ func (s *Server) closeIdle() int {
 	return len(s.conns)
 }
 
+// newConn sets up what a connection needs before its first request: what
+// a client that connects and sends nothing, or trickles, costs. The
+// response's buffers wait for a request to answer.
 func (s *Server) newConn(nc net.Conn) *conn {
-	c := &conn{srv: s, rwc: nc, remoteAddr: nc.RemoteAddr().String()}
+	c := &conn{srv: s, rwc: nc, remoteAddr: nc.RemoteAddr().String(), writeTimeout: s.writeTimeout()}
 	c.ctx, c.cancel = context.WithCancelCause(context.Background())
-	c.lr = io.LimitedReader{R: nc, N: math.MaxInt64}
-	c.br = bufio.NewReaderSize(&c.lr, 4<<10)
-	c.bw = bufio.NewWriterSize(nc, 4<<10)
+	c.cr = connReader{nc: nc, left: math.MaxInt64, maxFields: s.maxHeaderFields()}
+	c.br = bufio.NewReaderSize(&c.cr, 4<<10)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing.Load() {
@@ -247,12 +306,13 @@ func (s *Server) forget(c *conn) {
 	s.mu.Unlock()
 }
 
-// A connection's states, for Shutdown: only an idle connection (between
-// requests) is closed under a request's feet, and the connection takes a
-// request only if it was not.
+// A connection's states, for Shutdown and SetKeepAlivesEnabled: only a
+// connection waiting for a request is closed under a request's feet, and
+// the connection takes a request only if it was not.
 const (
-	stateIdle int32 = iota
-	stateActive
+	stateNew    int32 = iota // waiting for its first request
+	stateIdle                // waiting for another
+	stateActive              // reading or serving a request
 	stateClosed
 )
 
@@ -262,12 +322,16 @@ type conn struct {
 	srv        *Server
 	rwc        net.Conn
 	remoteAddr string
-	lr         io.LimitedReader // bounds a request's head
+	cr         connReader // bounds and scans a request's head
 	br         *bufio.Reader
-	bw         *bufio.Writer
-	state      atomic.Int32 // stateIdle, stateActive or stateClosed
-	// readDeadline is the connection's read deadline.
-	readDeadline wire.Deadline
+	bw         *bufio.Writer // nil until the first request is read
+	state      atomic.Int32  // stateNew, stateIdle, stateActive or stateClosed
+	// afterPOST: the last request was a POST, after which a few stray
+	// line ends are skipped, as net/http does (RFC 9112 section 2.2).
+	afterPOST bool
+	// readDeadline and writeDeadline are the connection's deadlines.
+	readDeadline, writeDeadline wire.Deadline
+	writeTimeout                time.Duration
 	// resp and body are the current request's response and body, reused
 	// from one request to the next.
 	resp response
@@ -297,43 +361,102 @@ const (
 // because its client closed the connection.
 var ErrClientGone = errors.New("the client closed the connection")
 
+// ErrClientStalled is the cause of a request context the server cancelled,
+// and the connection it closed, because the client read none of its
+// response for WriteTimeout.
+var ErrClientStalled = errors.New("the client stopped reading its response")
+
 var errConnClosed = errors.New("the connection is closed")
 
 func (c *conn) serve() {
 	defer func() {
+		if p := recover(); p != nil {
+			// A bug of the server's own: it costs this connection, not
+			// the process (net/http recovers here too).
+			buf := make([]byte, 64<<10)
+			buf = buf[:runtime.Stack(buf, false)]
+			c.srv.logger().Error(nil, "Panic serving a connection", "remote", c.remoteAddr, "panic", p, "stack", string(buf))
+		}
 		c.cancel(errConnClosed)
 		c.rwc.Close()
 		c.srv.forget(c)
 	}()
 	idle, readHeader := c.srv.idleTimeout(), c.srv.readHeaderTimeout()
-	for {
-		c.state.Store(stateIdle)
-		if c.srv.closing.Load() {
+	maxHead, maxFields := c.srv.maxHeaderBytes(), c.srv.maxHeaderFields()
+	for first := true; ; first = false {
+		waiting := stateNew
+		// The first request's head must come within ReadHeaderTimeout of
+		// the connection's start; a later one's within ReadHeaderTimeout
+		// of its first byte, which may take IdleTimeout to come.
+		wait := readHeader
+		if !first {
+			waiting, wait = stateIdle, idle
+			c.state.Store(stateIdle)
+			if !c.srv.keepAlives() {
+				return
+			}
+		} else if c.srv.closing.Load() {
 			return
 		}
-		if c.armRead(idle) != nil {
+		if c.armRead(wait) != nil {
 			return
+		}
+		if first {
+			// A head may bring MaxHeaderBytes and 4 KiB more (a bufio
+			// read's worth), counted, as net/http counts them, from the
+			// first read of a connection's first request and, for a later
+			// one, past what was buffered when it began.
+			c.cr.left = maxHead + 4096
 		}
 		if _, err := c.br.Peek(1); err != nil {
 			return
 		}
-		if !c.state.CompareAndSwap(stateIdle, stateActive) {
-			return // Shutdown closed it
+		if !c.state.CompareAndSwap(waiting, stateActive) {
+			return // Shutdown or SetKeepAlivesEnabled closed it
 		}
-		// The head and the body must arrive within ReadHeaderTimeout;
-		// when they came with the first read, as a small request does,
-		// there is nothing to wait for and no deadline to set.
-		if !c.headBuffered() && c.armRead(readHeader) != nil {
+		armed := first
+		if !first {
+			// As net/http: a later request is read once 4 bytes of it
+			// have come, and a client that closes before gets no answer.
+			if c.br.Buffered() < 4 {
+				if c.armRead(readHeader) != nil {
+					return
+				}
+				armed = true
+			}
+			peek, err := c.br.Peek(4)
+			if err != nil {
+				return
+			}
+			if c.afterPOST {
+				c.br.Discard(leadingLineEnds(peek))
+			}
+			c.cr.left = maxHead + 4096
+		}
+		buffered, _ := c.br.Peek(c.br.Buffered())
+		c.cr.scan.start(buffered)
+		// The head (and the body) must arrive within ReadHeaderTimeout;
+		// when the head came with the first read, as a small request's
+		// does, there is nothing to wait for and no deadline to set.
+		if !armed && !c.cr.scan.ended && c.armRead(readHeader) != nil {
 			return
 		}
-		c.lr.N = c.srv.maxHeaderBytes() + int64(c.br.Buffered()) + 4096 // as net/http allows
-		req, err := http.ReadRequest(c.br)
-		headTooLarge := c.lr.N <= 0
-		c.lr.N = math.MaxInt64
-		if err != nil {
+		var req *http.Request
+		var err error
+		if c.cr.scan.fields() <= maxFields {
+			req, err = http.ReadRequest(c.br)
+		}
+		c.cr.scan.on = false
+		headTooLarge := c.cr.left <= 0 || c.cr.scan.fields() > maxFields
+		c.cr.left = math.MaxInt64
+		if c.bw == nil {
+			c.bw = bufio.NewWriterSize(connWriter{c}, 4<<10)
+		}
+		if err != nil || headTooLarge {
 			c.badRequest(err, headTooLarge)
 			return
 		}
+		c.afterPOST = req.Method == http.MethodPost
 		if (req.ContentLength < 0 || req.ContentLength > int64(c.br.Buffered())) && c.armRead(readHeader) != nil {
 			return
 		}
@@ -343,10 +466,13 @@ func (c *conn) serve() {
 	}
 }
 
-// headBuffered reports whether the reader holds a whole request head.
-func (c *conn) headBuffered() bool {
-	b, _ := c.br.Peek(c.br.Buffered())
-	return bytes.Contains(b, []byte("\r\n\r\n"))
+// leadingLineEnds counts the CRs and LFs that b starts with.
+func leadingLineEnds(b []byte) int {
+	n := 0
+	for n < len(b) && (b[n] == '\r' || b[n] == '\n') {
+		n++
+	}
+	return n
 }
 
 // armRead bounds the connection's reads to about now+timeout
@@ -355,14 +481,36 @@ func (c *conn) armRead(timeout time.Duration) error {
 	return c.readDeadline.Arm(timeout, c.rwc.SetReadDeadline)
 }
 
+// connWriter is what a connection's bufio.Writer writes to: the
+// connection, each write bounded by WriteTimeout. A failed write ends the
+// request and the connection: nothing more can reach the client.
+type connWriter struct{ c *conn }
+
+func (w connWriter) Write(p []byte) (int, error) {
+	c := w.c
+	if err := c.writeDeadline.Arm(c.writeTimeout, c.rwc.SetWriteDeadline); err != nil {
+		return 0, err
+	}
+	n, err := c.rwc.Write(p)
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			c.cancel(ErrClientStalled)
+		} else {
+			c.cancel(ErrClientGone)
+		}
+		c.rwc.Close()
+	}
+	return n, err
+}
+
 // badRequest answers a request that could not be read, when there is
 // anyone to answer.
 func (c *conn) badRequest(err error, headTooLarge bool) {
-	var ne net.Error
 	switch {
 	case headTooLarge:
 		c.bw.WriteString("HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n431 Request Header Fields Too Large")
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &ne):
+	case isCommonNetReadError(err):
 		return // the client went away or timed out
 	default:
 		c.bw.WriteString("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request")
@@ -370,6 +518,24 @@ func (c *conn) badRequest(err error, headTooLarge bool) {
 	if c.bw.Flush() == nil {
 		c.closeWriteAndDrain()
 	}
+}
+
+// isCommonNetReadError is net/http's test of a read error not worth an
+// answer: the client closed before a request began, or the connection
+// failed or timed out. A head cut short (io.ErrUnexpectedEOF), by a client
+// that may still read, and a malformed one are answered 400. (A
+// malformed request target's *url.Error is a net.Error too, but no
+// timeout.)
+func isCommonNetReadError(err error) bool {
+	if err == io.EOF {
+		return true
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	var oe *net.OpError
+	return errors.As(err, &oe) && oe.Op == "read"
 }
 
 // closeWriteAndDrain ends a connection whose client may still be sending
@@ -389,28 +555,46 @@ const lingerTimeout = 500 * time.Millisecond
 
 // handle serves one request and reports whether the connection can take
 // another.
-func (c *conn) handle(req *http.Request) (keep bool) {
-	req = req.WithContext(c.ctx)
+func (c *conn) handle(parsed *http.Request) (keep bool) {
+	req := parsed.WithContext(c.ctx)
 	req.RemoteAddr = c.remoteAddr
+	head := &c.cr.scan
+	// Expect as net/http reads it: 100-continue among the first field's
+	// tokens asks for an interim response (which only an HTTP/1.1 request
+	// with a body gets); any other expectation fails (RFC 9110 section
+	// 10.1.1).
+	expect := req.Header.Get("Expect")
+	continues := hasToken(expect, "100-continue")
 	body := &c.body
-	*body = requestBody{ReadCloser: req.Body, c: c,
-		expectContinue: req.ProtoAtLeast(1, 1) && strings.EqualFold(req.Header.Get("Expect"), "100-continue") && req.ContentLength != 0}
+	*body = requestBody{ReadCloser: req.Body, c: c, parsed: parsed, served: req,
+		expectContinue: continues && req.ProtoAtLeast(1, 1) && req.ContentLength != 0}
 	// A request without a body has read it all: it can be watched.
 	body.sawEOF.Store(req.Body == http.NoBody)
 	req.Body = body
 	w := &c.resp
 	w.reset(c, req)
+	if head.suspiciousFraming(req.ProtoAtLeast(1, 1)) {
+		w.closeAfter = true
+	}
 
 	switch {
 	case req.ProtoMajor != 1:
 		w.closeAfter = true
 		http.Error(w, "HTTP/1.0 and HTTP/1.1 only", http.StatusHTTPVersionNotSupported)
-	case req.ProtoAtLeast(1, 1) && req.Host == "" && req.URL.Host == "":
+	case req.ProtoAtLeast(1, 1) && head.hosts == 0 && req.Method != http.MethodConnect:
+		// RFC 9112 section 3.2; a request target in absolute form does
+		// not make up for it.
 		w.closeAfter = true
 		http.Error(w, "missing required Host header", http.StatusBadRequest)
-	case !httpguts.ValidHostHeader(req.Host):
+	case head.badName:
+		w.closeAfter = true
+		http.Error(w, "invalid header name", http.StatusBadRequest)
+	case head.badHost || !httpguts.ValidHostHeader(req.Host):
 		w.closeAfter = true
 		http.Error(w, "malformed Host header", http.StatusBadRequest)
+	case !continues && expect != "":
+		w.closeAfter = true
+		http.Error(w, "unsupported Expect", http.StatusExpectationFailed)
 	case !c.serveHandler(w, req):
 		return false
 	}
@@ -525,7 +709,11 @@ var aLongTimeAgo = time.Unix(1, 0)
 // the end of the body, after which the connection may be watched.
 type requestBody struct {
 	io.ReadCloser
-	c              *conn
+	c *conn
+	// parsed is the request as http.ReadRequest returned it, served the
+	// handler's copy of it (with the connection's context). The body
+	// stores trailers it did not declare in parsed's Trailer.
+	parsed, served *http.Request
 	expectContinue bool
 	sentContinue   bool
 	sawEOF         atomic.Bool
@@ -552,6 +740,9 @@ func (b *requestBody) Read(p []byte) (int, error) {
 func (b *requestBody) read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	if err == io.EOF {
+		if b.served.Trailer == nil {
+			b.served.Trailer = b.parsed.Trailer
+		}
 		b.sawEOF.Store(true)
 	}
 	return n, err

@@ -105,20 +105,35 @@ func (l *pipeListener) dial(t *testing.T) (*pipeConn, *bufio.Reader) {
 // no buffer: a write waits for the peer to read it.
 type pipeConn struct {
 	in, out net.Conn // what the peer sends; what this end sends
+	closed  atomic.Bool
 }
 
 func (c *pipeConn) Read(p []byte) (int, error)  { return c.in.Read(p) }
 func (c *pipeConn) Write(p []byte) (int, error) { return c.out.Write(p) }
 func (c *pipeConn) CloseWrite() error           { return c.out.Close() }
-func (c *pipeConn) Close() error                { return errors.Join(c.out.Close(), c.in.Close()) }
 func (c *pipeConn) LocalAddr() net.Addr         { return pipeAddr{} }
 func (c *pipeConn) RemoteAddr() net.Addr        { return pipeAddr{} }
 
-func (c *pipeConn) SetDeadline(t time.Time) error {
-	return errors.Join(c.in.SetReadDeadline(t), c.out.SetWriteDeadline(t))
+func (c *pipeConn) Close() error {
+	c.closed.Store(true)
+	return errors.Join(c.out.Close(), c.in.Close())
 }
-func (c *pipeConn) SetReadDeadline(t time.Time) error  { return c.in.SetReadDeadline(t) }
-func (c *pipeConn) SetWriteDeadline(t time.Time) error { return c.out.SetWriteDeadline(t) }
+
+func (c *pipeConn) SetDeadline(t time.Time) error {
+	return errors.Join(c.SetReadDeadline(t), c.SetWriteDeadline(t))
+}
+func (c *pipeConn) SetReadDeadline(t time.Time) error  { return c.deadline(c.in.SetReadDeadline(t)) }
+func (c *pipeConn) SetWriteDeadline(t time.Time) error { return c.deadline(c.out.SetWriteDeadline(t)) }
+
+// deadline passes on the error of setting a deadline, except that, as over
+// TCP, the peer's closing does not make it fail (net.Pipe's does; there is
+// nothing left to wait for then anyway).
+func (c *pipeConn) deadline(err error) error {
+	if errors.Is(err, io.ErrClosedPipe) && !c.closed.Load() {
+		return nil
+	}
+	return err
+}
 
 // dial opens a raw connection for tests that need to see the bytes.
 func dial(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
@@ -594,4 +609,243 @@ func TestTimeouts(t *testing.T) {
 			}
 		}
 	})
+}
+
+// ReadHeaderTimeout runs from the connection's start for its first
+// request, so that a client that connects and waits, or starts late and
+// trickles, holds the connection no longer; and from the first byte of a
+// later one, which may take IdleTimeout to come.
+func TestReadHeaderTimeoutStarts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		_, ln := startPiped(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") },
+			func(s *Server) { s.IdleTimeout, s.ReadHeaderTimeout = time.Second, 100*time.Millisecond })
+		for name, tc := range map[string]struct {
+			// first: a whole request, answered, then idle for idle.
+			first bool
+			idle  time.Duration
+			// send: a head cut short, after waiting wait.
+			send    bool
+			wait    time.Duration
+			timeout time.Duration // from the connection's start
+		}{
+			"nothing sent":      {timeout: 100 * time.Millisecond},
+			"head begun late":   {send: true, wait: 60 * time.Millisecond, timeout: 100 * time.Millisecond},
+			"second head":       {first: true, idle: 500 * time.Millisecond, send: true, timeout: 600 * time.Millisecond},
+			"no second request": {first: true, timeout: time.Second},
+		} {
+			c, br := ln.dial(t)
+			start := time.Now()
+			if tc.first {
+				io.WriteString(c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+				readResponse(t, br, "GET")
+				time.Sleep(tc.idle)
+			}
+			if tc.send {
+				time.Sleep(tc.wait)
+				io.WriteString(c, "GET / HTTP/1.1\r\nHost: te")
+			}
+			_, err := io.ReadAll(br)
+			took := time.Since(start)
+			if min := tc.timeout - tc.timeout/8; err != nil || took < min || took > tc.timeout {
+				t.Errorf("%s: connection closed after %v (%v), want between %v and %v", name, took, err, min, tc.timeout)
+			}
+		}
+	})
+}
+
+// connCount returns how many connections the server has.
+func (s *Server) connCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// A client that stops reading makes the handler's writes fail once one has
+// waited WriteTimeout, and every write after; the request's context ends
+// and the connection closes, so the handler returns and what it holds is
+// released. Over TCP, with the client's receive buffer small.
+func TestWriteTimeoutStalledClient(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	type result struct {
+		wrote       int
+		stalled     time.Duration // from the last write that went through to the error
+		err, cause  error
+		laterWrites error
+	}
+	done := make(chan result, 1)
+	srv, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		chunk := []byte(strings.Repeat("x", 32<<10))
+		rc := http.NewResponseController(w)
+		var res result
+		last := time.Now()
+		for res.wrote < 1<<30 {
+			_, err := w.Write(chunk)
+			if err == nil {
+				err = rc.Flush()
+			}
+			if err != nil {
+				res.stalled, res.err = time.Since(last), err
+				break
+			}
+			res.wrote += len(chunk)
+			last = time.Now()
+		}
+		select {
+		case <-r.Context().Done():
+			res.cause = context.Cause(r.Context())
+		case <-time.After(time.Second):
+		}
+		_, res.laterWrites = w.Write(chunk)
+		done <- res
+	}, func(s *Server) { s.WriteTimeout = timeout })
+	c, _ := dial(t, addr)
+	c.(*net.TCPConn).SetReadBuffer(4 << 10)
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+	var res result
+	select {
+	case res = <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the handler's writes to a client that reads nothing have not failed after 10s")
+	}
+	t.Logf("wrote %d bytes; the write failed %v after the last one went through: %v", res.wrote, res.stalled, res.err)
+	if res.stalled < timeout*7/8-50*time.Millisecond || res.stalled > timeout+2*time.Second {
+		t.Errorf("the write failed after %v, want about %v", res.stalled, timeout)
+	}
+	if !errors.Is(res.cause, ErrClientStalled) {
+		t.Errorf("the request's context ended with %v, want ErrClientStalled", res.cause)
+	}
+	if res.laterWrites == nil {
+		t.Error("a write after the failed one succeeded")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for srv.connCount() > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the server still has %d connections", srv.connCount())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// WriteTimeout bounds each write, not the response: a stream that keeps
+// flowing for many times WriteTimeout is never cut, and one whose client
+// stops reading fails no earlier than an eighth before WriteTimeout (the
+// deadline is re-armed only when it has drifted) and no later.
+func TestWriteTimeoutPerWrite(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const timeout = time.Second
+		type result struct {
+			chunks  int
+			stalled time.Duration
+			err     error
+		}
+		done := make(chan result, 1)
+		_, ln := startPiped(t, func(w http.ResponseWriter, r *http.Request) {
+			rc := http.NewResponseController(w)
+			var res result
+			for ; res.chunks < 50; res.chunks++ {
+				time.Sleep(100 * time.Millisecond)
+				start := time.Now()
+				if _, err := io.WriteString(w, "data: token\n\n"); err != nil {
+					res.err = err
+				} else if err := rc.Flush(); err != nil {
+					res.err = err
+				}
+				if res.err != nil {
+					res.stalled = time.Since(start)
+					break
+				}
+			}
+			done <- res
+		}, func(s *Server) { s.WriteTimeout = timeout })
+
+		// A client that reads all: 5s of streaming, 5 WriteTimeouts.
+		c, br := ln.dial(t)
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+		if resp, body := readResponse(t, br, "GET"); resp.StatusCode != 200 || len(body) != 50*len("data: token\n\n") {
+			t.Fatalf("status %d, %d bytes of body", resp.StatusCode, len(body))
+		}
+		if res := <-done; res.err != nil {
+			t.Fatalf("a stream that flowed for 5s failed after %d chunks: %v", res.chunks, res.err)
+		}
+
+		// A client that reads the head and the first chunks, then stops.
+		c, br = ln.dial(t)
+		c.SetDeadline(time.Now().Add(time.Minute))
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.ReadFull(resp.Body, make([]byte, 10*len("data: token\n\n")))
+		res := <-done
+		if res.err == nil || res.stalled < timeout-timeout/8 || res.stalled > timeout {
+			t.Fatalf("after %d chunks, a write to a client that stopped reading failed after %v (%v), want between %v and %v",
+				res.chunks, res.stalled, res.err, timeout-timeout/8, timeout)
+		}
+	})
+}
+
+// After SetKeepAlivesEnabled(false) (draining), idle connections close at
+// once, and every response, on a connection old or new, says
+// Connection: close and ends its connection; SetKeepAlivesEnabled(true)
+// undoes it.
+func TestSetKeepAlivesEnabled(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	srv, addr := start(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			entered <- struct{}{}
+			<-release
+		}
+		io.WriteString(w, "done")
+	})
+	get := func(c net.Conn, br *bufio.Reader, path string) *http.Response {
+		t.Helper()
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: test\r\n\r\n", path)
+		resp, _ := readResponse(t, br, "GET")
+		return resp
+	}
+	idle, idleBr := dial(t, addr)
+	if resp := get(idle, idleBr, "/"); resp.Close {
+		t.Fatal("Connection: close before draining")
+	}
+	busy, busyBr := dial(t, addr)
+	fmt.Fprintf(busy, "GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+	<-entered
+	fresh, freshBr := dial(t, addr) // connected, no request yet
+
+	srv.SetKeepAlivesEnabled(false)
+	if _, err := idleBr.ReadByte(); err != io.EOF {
+		t.Errorf("the idle connection: %v, want it closed", err)
+	}
+	close(release)
+	for name, conn := range map[string]struct {
+		c  net.Conn
+		br *bufio.Reader
+	}{"in flight": {busy, busyBr}, "connected before": {fresh, freshBr}} {
+		var resp *http.Response
+		if name == "in flight" {
+			resp, _ = readResponse(t, busyBr, "GET")
+		} else {
+			resp = get(conn.c, conn.br, "/")
+		}
+		if !resp.Close {
+			t.Errorf("%s: the response does not close the connection", name)
+		}
+		if _, err := conn.br.ReadByte(); err != io.EOF {
+			t.Errorf("%s: after the response: %v, want the connection closed", name, err)
+		}
+	}
+	c, br := dial(t, addr)
+	if resp := get(c, br, "/"); !resp.Close {
+		t.Error("a new connection's response does not close it")
+	}
+
+	srv.SetKeepAlivesEnabled(true)
+	c, br = dial(t, addr)
+	for range 2 {
+		if resp := get(c, br, "/"); resp.Close {
+			t.Fatal("Connection: close after SetKeepAlivesEnabled(true)")
+		}
+	}
 }
