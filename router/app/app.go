@@ -134,8 +134,9 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 				}
 				return nil
 			},
-			Drain:  o.ShutdownTimeout,
-			Logger: logger.WithName("gateway-listeners"),
+			Drain:     o.ShutdownTimeout,
+			NewServer: o.newServer,
+			Logger:    logger.WithName("gateway-listeners"),
 		})
 		r.gateway = gateway.New(client, gwClient, routes, r.listeners, r.discovery.HasSynced, reg, gateway.Options{
 			ControllerName: o.GatewayControllerName,
@@ -153,12 +154,8 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 			return nil, fmt.Errorf("load-aware balancing: %w", err)
 		}
 	}
-	r.server = &server.Server{
-		Handler:           r.handler,
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       120 * time.Second,
-		Logger:            logger.WithName("server"),
-	}
+	r.server = o.newServer()
+	r.server.Handler, r.server.Logger = r.handler, logger.WithName("server")
 	r.admin = &http.Server{
 		Handler:           newAdminMux(reg, r.ready, o.Profiling),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -245,7 +242,13 @@ func (r *Router) Run(ctx context.Context) error {
 	case <-ctx.Done():
 	}
 	r.draining.Store(true)
-	logger.Info("Shutting down: failing /readyz, still serving", "for", o.ShutdownDelay)
+	// Kept-alive clients move to another replica: every response from now
+	// on closes its connection.
+	r.server.SetKeepAlivesEnabled(false)
+	if r.listeners != nil {
+		r.listeners.SetKeepAlivesEnabled(false)
+	}
+	logger.Info("Shutting down: failing /readyz, still serving, closing connections after each response", "for", o.ShutdownDelay)
 	select {
 	case <-time.After(o.ShutdownDelay):
 	case <-gctx.Done():

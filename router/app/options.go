@@ -25,6 +25,7 @@ import (
 
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/gateway"
+	"github.com/capstan-dev/capstan/router/server"
 )
 
 // Options are capstan-router's settings, one per flag.
@@ -36,6 +37,19 @@ type Options struct {
 	// BindAddress is where the API is served, and nothing else. Default
 	// ":8080".
 	BindAddress string
+	// ReadHeaderTimeout bounds reading a request's head and body; the
+	// first request's from the moment its connection is accepted. Default
+	// 30s.
+	ReadHeaderTimeout time.Duration
+	// IdleTimeout bounds the wait for a kept-alive connection's next
+	// request. Default 120s.
+	IdleTimeout time.Duration
+	// WriteTimeout bounds each write to a client: one that stops reading
+	// for this long loses its request and connection. Default 30s.
+	WriteTimeout time.Duration
+	// MaxHeaderBytes and MaxHeaderFields bound a request's head; above
+	// either the answer is 431. Defaults 64Ki and 100.
+	MaxHeaderBytes, MaxHeaderFields int
 	// AdminBindAddress is where /healthz, /livez, /readyz, /metrics and,
 	// with Profiling, /debug/pprof/ are served. Default ":8081".
 	AdminBindAddress string
@@ -143,6 +157,11 @@ func NewOptions() *Options {
 	return &Options{
 		BindAddress:              ":8080",
 		AdminBindAddress:         ":8081",
+		ReadHeaderTimeout:        server.DefaultReadHeaderTimeout,
+		IdleTimeout:              server.DefaultIdleTimeout,
+		WriteTimeout:             server.DefaultWriteTimeout,
+		MaxHeaderBytes:           server.DefaultMaxHeaderBytes,
+		MaxHeaderFields:          server.DefaultMaxHeaderFields,
 		Balancer:                 balance.DefaultPolicy,
 		MaxBodySize:              "10Mi",
 		MaxInFlightBodySize:      "128Mi",
@@ -206,6 +225,11 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Path to a kubeconfig. Empty means the in-cluster configuration.")
 	fs.StringSliceVar(&o.Namespaces, "namespaces", o.Namespaces, "Namespaces whose Services and EndpointSlices define models, comma-separated. Empty means all namespaces.")
 	fs.StringVar(&o.BindAddress, "bind-address", o.BindAddress, "Address of the OpenAI API, and of nothing else.")
+	fs.DurationVar(&o.ReadHeaderTimeout, "read-header-timeout", o.ReadHeaderTimeout, "Time allowed to read a request's head and body; for a connection's first request it runs from the moment the connection is accepted.")
+	fs.DurationVar(&o.IdleTimeout, "idle-timeout", o.IdleTimeout, "How long a kept-alive client connection may wait for its next request.")
+	fs.DurationVar(&o.WriteTimeout, "write-timeout", o.WriteTimeout, "Longest a single write to a client may wait (a client that stops reading); its request is cancelled and its connection closed. A stream that keeps flowing is never cut.")
+	fs.IntVar(&o.MaxHeaderBytes, "max-header-bytes", o.MaxHeaderBytes, "Largest request head in bytes; above it 431.")
+	fs.IntVar(&o.MaxHeaderFields, "max-header-fields", o.MaxHeaderFields, "Most header fields in a request; above it 431.")
 	fs.StringVar(&o.AdminBindAddress, "admin-bind-address", o.AdminBindAddress, "Address of /healthz, /livez, /readyz, /metrics and, with --profiling, /debug/pprof/; keep it off the internet.")
 	fs.StringVar((*string)(&o.Balancer), "balancer", string(o.Balancer), fmt.Sprintf("Balancing policy, one of %v.", balance.Policies))
 	fs.StringVar(&o.MaxBodySize, "max-body-size", o.MaxBodySize, "Largest request body accepted (a quantity such as 10Mi); larger ones get 413.")
@@ -282,8 +306,9 @@ func (o *Options) Validate() error {
 	}
 	positive := map[string]time.Duration{
 		"connect-timeout": o.ConnectTimeout, "first-byte-timeout": o.FirstByteTimeout, "idle-stream-timeout": o.IdleStreamTimeout,
-		"try-duration": o.TryDuration,
-		"retry-after":  o.RetryAfter, "scrape-interval": o.ScrapeInterval, "scrape-timeout": o.ScrapeTimeout, "shutdown-timeout": o.ShutdownTimeout,
+		"try-duration": o.TryDuration, "read-header-timeout": o.ReadHeaderTimeout, "idle-timeout": o.IdleTimeout,
+		"write-timeout": o.WriteTimeout,
+		"retry-after":   o.RetryAfter, "scrape-interval": o.ScrapeInterval, "scrape-timeout": o.ScrapeTimeout, "shutdown-timeout": o.ShutdownTimeout,
 	}
 	for _, name := range sortedKeys(positive) {
 		if positive[name] <= 0 {
@@ -298,6 +323,12 @@ func (o *Options) Validate() error {
 	}
 	if o.EjectionBase > 0 && o.EjectionMax < o.EjectionBase {
 		errs = append(errs, field.Invalid(field.NewPath("ejection-max"), o.EjectionMax.String(), "must be at least --ejection-base"))
+	}
+	if o.MaxHeaderBytes < 1<<10 {
+		errs = append(errs, field.Invalid(field.NewPath("max-header-bytes"), o.MaxHeaderBytes, "must be at least 1024"))
+	}
+	if o.MaxHeaderFields < 1 {
+		errs = append(errs, field.Invalid(field.NewPath("max-header-fields"), o.MaxHeaderFields, "must be positive"))
 	}
 	if o.RetryInterval < 0 {
 		errs = append(errs, field.Invalid(field.NewPath("retry-interval"), o.RetryInterval.String(), "must not be negative"))
@@ -415,6 +446,15 @@ func sortedKeys(m map[string]time.Duration) []string {
 	}
 	slices.Sort(keys)
 	return keys
+}
+
+// newServer returns an HTTP/1.1 server with the options' limits and
+// timeouts, for the API and every cleartext Gateway address.
+func (o *Options) newServer() *server.Server {
+	return &server.Server{
+		ReadHeaderTimeout: o.ReadHeaderTimeout, IdleTimeout: o.IdleTimeout, WriteTimeout: o.WriteTimeout,
+		MaxHeaderBytes: o.MaxHeaderBytes, MaxHeaderFields: o.MaxHeaderFields,
+	}
 }
 
 // maxBodyBytes is MaxBodySize in bytes; Validate has checked it.

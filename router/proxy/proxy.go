@@ -409,9 +409,10 @@ func (h *Handler) tooLarge(w http.ResponseWriter, x *exchange) {
 type failure int
 
 const (
-	failConnect   failure = iota // reached no server: refused, unreachable, connect timeout, a connection gone before the first byte
-	failTimeout                  // sent, no response headers in time
-	failTransport                // sent, then the connection was reset or closed before the response
+	failConnect     failure = iota // reached no server: refused, unreachable, connect timeout, a connection gone before the first byte
+	failTimeout                    // sent, no response headers in time
+	failTransport                  // sent, then the connection was reset or closed before the response
+	failBadResponse                // sent, and the answer was one the pool refuses (see upstream.ResponseError)
 )
 
 func (f failure) reason() string {
@@ -427,6 +428,10 @@ func (f failure) reason() string {
 func classify(err error) failure {
 	if upstream.Unsent(err) {
 		return failConnect
+	}
+	var bad *upstream.ResponseError
+	if errors.As(err, &bad) {
+		return failBadResponse
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
@@ -539,6 +544,11 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		writeError(w, x.status, serverError, codeUpstreamTimeout, fmt.Sprintf(
 			"%s %s: the request was sent to %s but no response headers came within %s; it is not retried, since the model server may be running it",
 			t.kind, t.name, x.pod, h.opts.FirstByteTimeout), 0)
+	case lastFail == failBadResponse:
+		x.status, x.err = http.StatusBadGateway, lastErr
+		writeError(w, x.status, serverError, codeUpstreamBadResponse, fmt.Sprintf(
+			"%s %s: %s answered with a response the router refuses (%v); it is not retried, since the model server may have run it",
+			t.kind, t.name, x.pod, lastErr), 0)
 	case lastFail == failTransport:
 		x.status, x.err = http.StatusBadGateway, lastErr
 		writeError(w, x.status, serverError, codeUpstreamReset, fmt.Sprintf(

@@ -891,3 +891,30 @@ func TestMaxEjectionPercent(t *testing.T) {
 		t.Errorf("%d of 4 endpoints answering 500 are ejected, want 2 (50%%)", ejected)
 	}
 }
+
+// A model server that answers with what the pool refuses (here a 101) is
+// answered 502 upstream_bad_response, and no other endpoint sees the
+// request.
+func TestRefusedAnswerIsNotRetried(t *testing.T) {
+	upgrade := startBackend(t, "upgrade", func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		conn, buf, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			panic(err)
+		}
+		buf.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		buf.Flush()
+		conn.Close()
+	})
+	good := startBackend(t, "good", ok)
+	f := newFixture(t, "llama", []backend{upgrade, good}, ordered("upgrade", "good"))
+	resp, data := f.post("/v1/completions", completion)
+	var e apiError
+	json.Unmarshal([]byte(data), &e)
+	if resp.StatusCode != http.StatusBadGateway || e.Error.Code != codeUpstreamBadResponse {
+		t.Fatalf("got %d %s, want 502 %s", resp.StatusCode, data, codeUpstreamBadResponse)
+	}
+	if n, m := upgrade.hits.Load(), good.hits.Load(); n != 1 || m != 0 {
+		t.Errorf("the upgrading backend got the request %d times and the good one %d times, want 1 and 0", n, m)
+	}
+}

@@ -30,6 +30,9 @@ type Listeners struct {
 	serving sync.WaitGroup
 	// stopped is set by Shutdown: later reconciles open nothing.
 	stopped bool
+	// closeAll is set by SetKeepAlivesEnabled(false): every address opened
+	// from then on closes each connection after its response.
+	closeAll bool
 }
 
 // ListenersConfig configures Listeners.
@@ -41,8 +44,13 @@ type ListenersConfig struct {
 	Certificate func(addr string, hello *tls.ClientHelloInfo) *tls.Certificate
 	// Drain bounds how long a closed address keeps serving the requests it
 	// has.
-	Drain  time.Duration
-	Logger klog.Logger
+	Drain time.Duration
+	// NewServer returns a Server with the limits and timeouts every
+	// address gets (Handler and Logger are set per address); nil means
+	// the defaults. A TLS address's net/http server takes its
+	// ReadHeaderTimeout, IdleTimeout and MaxHeaderBytes.
+	NewServer func() *Server
+	Logger    klog.Logger
 }
 
 type listener struct {
@@ -50,6 +58,7 @@ type listener struct {
 	srv interface {
 		Shutdown(context.Context) error
 		Close() error
+		SetKeepAlivesEnabled(bool)
 	}
 }
 
@@ -101,17 +110,25 @@ func (l *Listeners) open(ctx context.Context, addr string, useTLS bool) (*listen
 	logger := l.config.Logger
 	handler := l.config.Handler(addr)
 	if !useTLS {
-		srv := &Server{Handler: handler, ReadHeaderTimeout: readHeaderTimeout, IdleTimeout: idleTimeout, Logger: logger}
+		srv := l.newServer()
+		srv.Handler, srv.Logger = handler, logger
+		if l.closeAll {
+			srv.SetKeepAlivesEnabled(false)
+		}
 		s := &listener{srv: srv}
 		l.serve(addr, s, func() error { return srv.Serve(ln) })
 		logger.Info("Listening for Gateways", "address", addr, "tls", false)
 		return s, nil
 	}
 	// TLS, and with it HTTP/2, is net/http's.
+	// No WriteTimeout: net/http's bounds a whole response, which would
+	// cut streams.
+	limits := l.newServer()
 	srv := &http.Server{
 		Handler:           handler,
-		ReadHeaderTimeout: readHeaderTimeout,
-		IdleTimeout:       idleTimeout,
+		ReadHeaderTimeout: limits.readHeaderTimeout(),
+		IdleTimeout:       limits.idleTimeout(),
+		MaxHeaderBytes:    int(limits.maxHeaderBytes()),
 		TLSConfig: &tls.Config{
 			MinVersion: tls.VersionTLS12,
 			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -122,17 +139,14 @@ func (l *Listeners) open(ctx context.Context, addr string, useTLS bool) (*listen
 			},
 		},
 	}
+	if l.closeAll {
+		srv.SetKeepAlivesEnabled(false)
+	}
 	s := &listener{tls: true, srv: srv}
 	l.serve(addr, s, func() error { return srv.ServeTLS(ln, "", "") })
 	logger.Info("Listening for Gateways", "address", addr, "tls", true)
 	return s, nil
 }
-
-// The timeouts of a Gateway listener's connections.
-const (
-	readHeaderTimeout = 30 * time.Second
-	idleTimeout       = 120 * time.Second
-)
 
 // serve serves an address in a goroutine that Shutdown waits for. A
 // listener that fails is logged, and reported as failed by the next
@@ -164,6 +178,25 @@ func (l *Listeners) close(addr string, s *listener) {
 			_ = s.srv.Close()
 		}
 	})
+}
+
+func (l *Listeners) newServer() *Server {
+	if l.config.NewServer == nil {
+		return &Server{}
+	}
+	return l.config.NewServer()
+}
+
+// SetKeepAlivesEnabled(false) makes every address's responses close their
+// connections, as Server.SetKeepAlivesEnabled does, so that kept-alive
+// clients move away while a terminating router still serves.
+func (l *Listeners) SetKeepAlivesEnabled(v bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closeAll = !v
+	for _, s := range l.servers {
+		s.srv.SetKeepAlivesEnabled(v)
+	}
 }
 
 // Shutdown stops every Gateway listener, waiting for in-flight requests

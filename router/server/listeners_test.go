@@ -105,6 +105,16 @@ func TestListenersServeTheirAddresses(t *testing.T) {
 		}
 	}
 
+	// Draining: every response closes its connection, on the cleartext
+	// and the TLS address alike.
+	ls.SetKeepAlivesEnabled(false)
+	if resp, err := http.Get("http://" + httpAddr + "/"); err != nil || !resp.Close {
+		t.Errorf("HTTP while draining: %v, Connection: close %v", err, err == nil && resp.Close)
+	} else {
+		resp.Body.Close()
+	}
+	ls.SetKeepAlivesEnabled(true)
+
 	// An address held by someone else is reported, and taken once free.
 	held, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
