@@ -16,19 +16,18 @@ import (
 	"net/http"
 	"runtime"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/test/rawhttp"
 )
 
 // rawEngine answers each scrape by writing bytes of its own choosing.
 type rawEngine struct {
-	url    string
-	opened atomic.Int64 // connections accepted
-	closed atomic.Int64 // connections ended
+	*rawhttp.Server
+	url string
 }
 
 // startRawEngine serves every request on a connection with serve (n counts
@@ -36,49 +35,8 @@ type rawEngine struct {
 // client closes the connection.
 func startRawEngine(t *testing.T, serve func(c net.Conn, n int64) (keep bool)) *rawEngine {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &rawEngine{url: "http://" + l.Addr().String() + "/metrics"}
-	var requests atomic.Int64
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]bool{}
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			e.opened.Add(1)
-			mu.Lock()
-			conns[c] = true
-			mu.Unlock()
-			wg.Go(func() {
-				defer func() { c.Close(); e.closed.Add(1) }()
-				br := bufio.NewReader(c)
-				for {
-					if _, err := http.ReadRequest(br); err != nil {
-						return
-					}
-					if !serve(c, requests.Add(1)) {
-						return
-					}
-				}
-			})
-		}
-	})
-	return e
+	s := rawhttp.Start(t, func(c net.Conn, _ *http.Request, n int64) bool { return serve(c, n) })
+	return &rawEngine{Server: s, url: "http://" + s.Addr + "/metrics"}
 }
 
 const vllmPage = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 3\n"
@@ -171,7 +129,7 @@ func TestTransportRefusesHostileHeads(t *testing.T) {
 				t.Fatalf("err = %v, want %v", err, tc.want)
 			}
 			// Never reused: the connection is closed.
-			waitUntil(t, "the connection to close", func() bool { return e.closed.Load() == 1 })
+			waitUntil(t, "the connection to close", func() bool { return e.Closed.Load() == 1 })
 			if n := idleCount(tr); n != 0 {
 				t.Errorf("%d idle connections kept", n)
 			}
@@ -221,7 +179,7 @@ func TestTransportDropsConnectionsWithStrayBytes(t *testing.T) {
 			if err != nil || body != vllmPage {
 				t.Fatalf("the second scrape got %q, %v; want its own page", body, err)
 			}
-			if n := e.opened.Load(); n != 2 {
+			if n := e.Opened.Load(); n != 2 {
 				t.Errorf("%d connections, want the one with stray bytes replaced", n)
 			}
 		})

@@ -6,7 +6,6 @@ package upstream
 // reaches another.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -18,75 +17,24 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-)
 
-// rawServer is a server that answers each request by writing bytes of its
-// own choosing to the connection.
-type rawServer struct {
-	addr   string
-	opened atomic.Int64 // connections accepted
-	closed atomic.Int64 // connections that ended (the client closed, or serve said so)
-}
+	"github.com/capstan-dev/capstan/test/rawhttp"
+)
 
 // serveFunc answers one request on c; false closes the connection.
 type serveFunc func(c net.Conn, req *http.Request) (keep bool)
 
-// startRaw starts a rawServer that answers with serve. Every connection is
-// kept until the client closes it or serve says no, so that a client that
-// wrongly reuses one is seen.
+// rawServer is a server that answers each request by writing bytes of its
+// own choosing to the connection.
+type rawServer struct{ *rawhttp.Server }
+
+// startRaw starts a raw server that answers with serve.
 func startRaw(t testing.TB, serve serveFunc) *rawServer {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &rawServer{addr: l.Addr().String()}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]bool{}
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			s.opened.Add(1)
-			mu.Lock()
-			conns[c] = true
-			mu.Unlock()
-			wg.Go(func() {
-				defer func() {
-					c.Close()
-					s.closed.Add(1)
-				}()
-				br := bufio.NewReader(c)
-				for {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					io.Copy(io.Discard, req.Body)
-					if !serve(c, req) {
-						return
-					}
-				}
-			})
-		}
-	})
-	return s
+	return &rawServer{rawhttp.Start(t, func(c net.Conn, req *http.Request, _ int64) bool { return serve(c, req) })}
 }
 
 // waitFor waits until cond holds.
@@ -104,7 +52,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // waitClosed waits until the server saw n connections end.
 func (s *rawServer) waitClosed(t *testing.T, n int64) {
 	t.Helper()
-	waitFor(t, fmt.Sprintf("%d closed connections", n), func() bool { return s.closed.Load() >= n })
+	waitFor(t, fmt.Sprintf("%d closed connections", n), func() bool { return s.Closed.Load() >= n })
 }
 
 func request(addr, target string) *Request {
@@ -184,7 +132,7 @@ func TestResponseHeadIsBounded(t *testing.T) {
 				}
 			})
 			p := New(Options{MaxResponseHeaderBytes: tc.limit})
-			resp, body, err := roundTrip(t, p, request(srv.addr, "/"), srv.addr)
+			resp, body, err := roundTrip(t, p, request(srv.Addr, "/"), srv.Addr)
 			if tc.wantOK {
 				if err != nil || body != "ok" || resp.StatusCode != 200 {
 					t.Fatalf("got %v, %q; want the response", err, body)
@@ -224,7 +172,7 @@ func TestInterimResponses(t *testing.T) {
 				return true
 			})
 			p := New(Options{})
-			resp, body, err := roundTrip(t, p, request(srv.addr, "/"), srv.addr)
+			resp, body, err := roundTrip(t, p, request(srv.Addr, "/"), srv.Addr)
 			if tc.want == nil {
 				if err != nil || resp.StatusCode != 200 || body != "final" {
 					t.Fatalf("got %v, %q; want the final response", err, body)
@@ -252,7 +200,7 @@ func TestStatusOutOfRange(t *testing.T) {
 			io.WriteString(c, "HTTP/1.1 "+status+" X\r\nContent-Length: 0\r\n\r\n")
 			return true
 		})
-		_, _, err := roundTrip(t, New(Options{}), request(srv.addr, "/"), srv.addr)
+		_, _, err := roundTrip(t, New(Options{}), request(srv.Addr, "/"), srv.Addr)
 		wantResponseError(t, err, nil)
 	}
 }
@@ -275,8 +223,8 @@ func TestBodyOnABodilessResponse(t *testing.T) {
 				return true
 			})
 			p := New(Options{})
-			req := &Request{Method: tc.method, Target: "/", Host: srv.addr}
-			resp, body, err := roundTrip(t, p, req, srv.addr)
+			req := &Request{Method: tc.method, Target: "/", Host: srv.Addr}
+			resp, body, err := roundTrip(t, p, req, srv.Addr)
 			wantResponseError(t, err, ErrBytesAfterResponse)
 			if resp.StatusCode != tc.status || body != "" {
 				t.Errorf("status %d, body %q; want %d without body", resp.StatusCode, body, tc.status)
@@ -301,18 +249,18 @@ func TestBodyOnABodilessResponse(t *testing.T) {
 				return true
 			})
 			p := New(Options{})
-			req := &Request{Method: tc.method, Target: "/?id=1", Host: srv.addr}
-			if _, _, err := roundTrip(t, p, req, srv.addr); err != nil {
+			req := &Request{Method: tc.method, Target: "/?id=1", Host: srv.Addr}
+			if _, _, err := roundTrip(t, p, req, srv.Addr); err != nil {
 				t.Fatal(err)
 			}
 			close(released)
 			<-sent
 			waitStray(t, p)
-			_, body, err := roundTrip(t, p, request(srv.addr, "/?id=2"), srv.addr)
+			_, body, err := roundTrip(t, p, request(srv.Addr, "/?id=2"), srv.Addr)
 			if err != nil || body != "2" {
 				t.Fatalf("the next exchange got %q, %v; want its own response", body, err)
 			}
-			if n := srv.opened.Load(); n != 2 {
+			if n := srv.Opened.Load(); n != 2 {
 				t.Errorf("%d connections, want the stray one replaced", n)
 			}
 		})
@@ -360,7 +308,7 @@ func TestTwoResponsesToOneRequest(t *testing.T) {
 				return true
 			})
 			p := New(Options{})
-			addr := srv.addr
+			addr := srv.Addr
 			r, err := p.RoundTrip(context.Background(), request(addr, "/?id=1"), addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
@@ -382,7 +330,7 @@ func TestTwoResponsesToOneRequest(t *testing.T) {
 			if err != nil || body != "2" {
 				t.Fatalf("second exchange got %q, %v; want its own response", body, err)
 			}
-			if n := srv.opened.Load(); n != 2 {
+			if n := srv.Opened.Load(); n != 2 {
 				t.Errorf("%d connections, want 2: the one with the stray response is not reused", n)
 			}
 		})
@@ -419,7 +367,7 @@ func TestBrokenFramingEndsTheBodyWithAnError(t *testing.T) {
 				return !tc.close
 			})
 			p := New(Options{})
-			r, err := p.RoundTrip(context.Background(), request(srv.addr, "/"), srv.addr, 5*time.Second)
+			r, err := p.RoundTrip(context.Background(), request(srv.Addr, "/"), srv.Addr, 5*time.Second)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -462,7 +410,7 @@ func TestCloseAfterACompleteResponse(t *testing.T) {
 	})
 	p := New(Options{})
 	for i, path := range []string{"/big", "/small", "/small"} {
-		r, err := p.RoundTrip(context.Background(), request(srv.addr, path), srv.addr, 5*time.Second)
+		r, err := p.RoundTrip(context.Background(), request(srv.Addr, path), srv.Addr, 5*time.Second)
 		if err != nil {
 			t.Fatalf("exchange %d: %v", i, err)
 		}
@@ -476,7 +424,7 @@ func TestCloseAfterACompleteResponse(t *testing.T) {
 		}
 		waitIdleGone(t, p)
 	}
-	if n := srv.opened.Load(); n != 3 {
+	if n := srv.Opened.Load(); n != 3 {
 		t.Errorf("%d connections, want one per exchange", n)
 	}
 }
@@ -523,7 +471,7 @@ func TestHugeBodyInBoundedMemory(t *testing.T) {
 	runtime.GC()
 	var before, during runtime.MemStats
 	runtime.ReadMemStats(&before)
-	r, err := p.RoundTrip(context.Background(), request(srv.addr, "/"), srv.addr, time.Minute)
+	r, err := p.RoundTrip(context.Background(), request(srv.Addr, "/"), srv.Addr, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -589,7 +537,7 @@ func TestSlowDrip(t *testing.T) {
 	t.Run("head", func(t *testing.T) {
 		srv := startRaw(t, drip("", "HTTP/1.1 200 OK\r\nX-Drip: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"))
 		start := time.Now()
-		_, err := New(Options{}).RoundTrip(context.Background(), request(srv.addr, "/"), srv.addr, timeout)
+		_, err := New(Options{}).RoundTrip(context.Background(), request(srv.Addr, "/"), srv.Addr, timeout)
 		wantTimeout(t, err, start)
 		srv.waitClosed(t, 1)
 	})
@@ -598,7 +546,7 @@ func TestSlowDrip(t *testing.T) {
 			srv := startRaw(t, drip("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "1\r\na\r\n"))
 			p := New(Options{})
 			start := time.Now()
-			r, err := p.RoundTrip(context.Background(), request(srv.addr, "/"), srv.addr, timeout)
+			r, err := p.RoundTrip(context.Background(), request(srv.Addr, "/"), srv.Addr, timeout)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -747,11 +695,11 @@ func TestNoResponseReachesAnotherRequest(t *testing.T) {
 		m := misbehaviours[k]
 		counts[k]++
 		id := strconv.Itoa(i)
-		req := request(srv.addr, "/?id="+id+"&case="+strconv.Itoa(k))
+		req := request(srv.Addr, "/?id="+id+"&case="+strconv.Itoa(k))
 		if m.head {
 			req.Method = http.MethodHead
 		}
-		r, err := p.RoundTrip(context.Background(), req, srv.addr, 5*time.Second)
+		r, err := p.RoundTrip(context.Background(), req, srv.Addr, 5*time.Second)
 		var body []byte
 		if err == nil {
 			if got := r.Header.Get("X-Id"); got != id {
@@ -785,7 +733,7 @@ func TestNoResponseReachesAnotherRequest(t *testing.T) {
 			waitIdleGone(t, p)
 		}
 	}
-	t.Logf("cases: %v; %d connections", counts, srv.opened.Load())
+	t.Logf("cases: %v; %d connections", counts, srv.Opened.Load())
 }
 
 func mustAtoi(s string) int {
