@@ -1,8 +1,11 @@
 package proxy
 
 import (
+	"bufio"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -233,5 +236,51 @@ func TestGatewayBackendFailures(t *testing.T) {
 	}
 	if (&gatewayFixture{}).table.Port(gatewayAddr) != nil {
 		t.Error("a nil table has ports")
+	}
+}
+
+// An HTTPRoute that allows /public/ only never lets a dot segment or an
+// encoded slash reach what it did not allow, and what goes upstream is the
+// normalised path.
+func TestGatewayMatchesTheNormalisedPath(t *testing.T) {
+	g := newGatewayFixture(t, map[string][]backend{"web": {echoUpstream(t, "web-0")}},
+		func(b map[string]*route.Backend) map[string][]*route.Match {
+			public := mustMatch(route.NewPathMatch(route.PathPrefix, "/public"))
+			return map[string][]*route.Match{"": {match(newRule(0, route.RuleBackend{Weight: 1, Backend: b["web"]}), public)}}
+		})
+	for target, want := range map[string]struct {
+		status int
+		uri    string
+	}{
+		"/public/a":            {http.StatusOK, "/public/a"},
+		"/public/./a":          {http.StatusOK, "/public/a"},
+		"/public/x/../a?q=1":   {http.StatusOK, "/public/a?q=1"},
+		"/public/../admin":     {http.StatusNotFound, ""},
+		"/public/..%2Fadmin":   {http.StatusBadRequest, ""},
+		"/public/%2e%2e/admin": {http.StatusNotFound, ""},
+	} {
+		c, err := net.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: web.example.com\r\nConnection: close\r\n\r\n", target)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		c.Close()
+		if resp.StatusCode != want.status {
+			t.Errorf("GET %s: %d %s, want %d", target, resp.StatusCode, data, want.status)
+			continue
+		}
+		if want.uri != "" {
+			var s seen
+			json.Unmarshal(data, &s)
+			if s.URI != want.uri {
+				t.Errorf("GET %s: the upstream got %s, want %s", target, s.URI, want.uri)
+			}
+		}
 	}
 }
