@@ -377,6 +377,9 @@ func queryValue(rawQuery, name string) (string, bool) {
 	for rawQuery != "" {
 		var pair string
 		pair, rawQuery, _ = strings.Cut(rawQuery, "&")
+		if pair == "" {
+			continue // as url.ParseQuery: "a=1&&b" has no empty name
+		}
 		k, v, _ := strings.Cut(pair, "=")
 		if strings.ContainsAny(k, "%+") {
 			var err error
