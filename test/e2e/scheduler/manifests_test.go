@@ -194,7 +194,7 @@ func TestManifests(t *testing.T) {
 			t.Fatal(err)
 		}
 		admin := insecureClient(t, c.RESTConfig.CertFile, c.RESTConfig.KeyFile)
-		var waiting float64
+		var waiting, leader float64
 		err = c.WaitFor(ctx, 30*time.Second, "ModelSlots to count a waiting replica in /metrics", func(context.Context) (bool, error) {
 			resp, err := admin.Get(sched.URL + "/metrics")
 			if err != nil {
@@ -210,10 +210,15 @@ func TestManifests(t *testing.T) {
 				return false, err
 			}
 			waiting = gauge(families["scheduler_unschedulable_pods"], map[string]string{"plugin": modelslots.Name, "profile": schedulerName})
+			leader = gauge(families["leader_election_master_status"], map[string]string{"name": "kube-scheduler"})
 			return waiting >= 1, nil
 		})
 		if err != nil {
 			t.Errorf("%v (scheduler_unschedulable_pods = %v)", err, waiting)
+		}
+		// The one replica holds the Lease, and says so.
+		if leader != 1 {
+			t.Errorf("leader_election_master_status{name=kube-scheduler} = %v, want 1", leader)
 		}
 	})
 }
