@@ -7,7 +7,9 @@ package exposition
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"hash/maphash"
 	"mime"
 
 	dto "github.com/prometheus/client_model/go"
@@ -54,11 +56,40 @@ func FormatOf(contentType string) (Format, error) {
 
 // Parser parses pages. It keeps buffers between calls, so a goroutine that
 // parses many pages should keep one; it is not safe for concurrent use. The
-// zero value is ready to use.
+// zero value is ready to use, without limits.
 type Parser struct {
-	buf  bytes.Buffer
-	text *expfmt.TextParser // reused: each one allocates a read buffer
+	// Limits bound what a page may hold; they are checked before a line
+	// is handed to expfmt, so a page over a limit costs no more memory
+	// than the lines up to it.
+	Limits Limits
+
+	buf   bytes.Buffer
+	text  *expfmt.TextParser // reused: each one allocates a read buffer
+	count counter
 }
+
+// Limits bound the series of a page. Zero means no limit.
+type Limits struct {
+	// MaxSeriesPerFamily caps the series of one family: the samples of a
+	// gauge, counter or untyped family, the label sets (le aside) of a
+	// histogram, (quantile aside) of a summary.
+	MaxSeriesPerFamily int
+	// MaxBucketsPerHistogram caps the buckets of one histogram series
+	// (the quantiles of one summary series).
+	MaxBucketsPerHistogram int
+}
+
+// ErrTooManySeries and ErrTooManyBuckets are wrapped by the errors of pages
+// over a limit.
+var (
+	ErrTooManySeries  = errors.New("too many series in a family")
+	ErrTooManyBuckets = errors.New("too many buckets in a histogram")
+)
+
+// keepBytes is the largest buffer a Parser keeps after a page: one grown
+// for an unusually large page is dropped, so that it does not stay pinned
+// for as long as the parser lives. Engines' pages are tens of KiB.
+const keepBytes = 256 << 10
 
 // Filter says which lines of a page are parsed. Everything else is skipped
 // before parsing, which is most of the work: an engine's page has dozens of
@@ -85,10 +116,23 @@ type Filter struct {
 // untyped, and nothing after "# EOF" is read. Counter samples keep their
 // _total names and _created samples become families of their own, exactly as
 // a text page from the same engine would have them.
+//
+// With Limits, a page holding more series or buckets than they allow is an
+// error wrapping ErrTooManySeries or ErrTooManyBuckets, found while the page
+// is read line by line, before expfmt builds anything of it.
 func (p *Parser) Parse(format Format, page []byte, filter *Filter) (map[string]*dto.MetricFamily, error) {
-	if format == OpenMetrics || filter != nil {
+	if len(page) > keepBytes {
+		defer p.shrink()
+	}
+	limited := p.Limits != Limits{}
+	if format == OpenMetrics || filter != nil || limited {
+		var count *counter
+		if limited {
+			count = &p.count
+			count.reset(p.Limits)
+		}
 		p.buf.Reset()
-		if err := reduce(page, format == OpenMetrics, filter, &p.buf); err != nil {
+		if err := reduce(page, format == OpenMetrics, filter, count, &p.buf); err != nil {
 			return nil, err
 		}
 		page = p.buf.Bytes()
@@ -104,6 +148,16 @@ func (p *Parser) Parse(format Format, page []byte, filter *Filter) (map[string]*
 	return families, nil
 }
 
+// shrink drops what grew with a large page: the reduced copy, expfmt's
+// token buffers, the counters' maps.
+func (p *Parser) shrink() {
+	if p.buf.Cap() > keepBytes {
+		p.buf = bytes.Buffer{}
+	}
+	p.text = nil
+	p.count.drop()
+}
+
 var (
 	eofLine     = []byte("# EOF")
 	typePrefix  = []byte("# TYPE ")
@@ -114,8 +168,12 @@ var (
 // reduce copies the lines of page that the text parser should see to out:
 // for OpenMetrics, reduced to the text format; with a filter, only the lines
 // it keeps.
-func reduce(page []byte, openMetrics bool, filter *Filter, out *bytes.Buffer) error {
-	out.Grow(len(page))
+// With a counter, every line kept is counted against its limits first.
+func reduce(page []byte, openMetrics bool, filter *Filter, count *counter, out *bytes.Buffer) error {
+	if filter == nil {
+		// Most of the page is kept; with a filter, little is.
+		out.Grow(len(page))
+	}
 	sawEOF := false
 	for len(page) > 0 {
 		line := page
@@ -137,13 +195,22 @@ func reduce(page []byte, openMetrics bool, filter *Filter, out *bytes.Buffer) er
 			if filter != nil && (len(fields) == 0 || !filter.Histograms[string(fields[0])]) {
 				continue
 			}
+			if count != nil && len(fields) == 2 {
+				count.declare(fields[0], fields[1])
+			}
 		case len(line) > 0 && line[0] == '#':
 			if filter != nil {
 				continue // HELP, UNIT and plain comments
 			}
 		case len(line) > 0:
-			if filter != nil && !filter.keeps(sampleName(line)) {
+			name := sampleName(line)
+			if filter != nil && !filter.keeps(name) {
 				continue
+			}
+			if count != nil {
+				if err := count.sample(name, line[len(name):]); err != nil {
+					return err
+				}
 			}
 			if openMetrics {
 				line = line[:sampleEnd(line)]
@@ -222,4 +289,184 @@ func sampleEnd(line []byte) int {
 		}
 	}
 	return len(line)
+}
+
+// counter counts a page's series as reduce keeps its lines, the way expfmt
+// will group them: every sample of a gauge, counter or untyped family is a
+// series of its own (expfmt merges none), while the samples of a histogram
+// (or summary) declared by a TYPE line are grouped by their labels other
+// than le (quantile). Its maps are kept from page to page.
+type counter struct {
+	limits Limits
+	// families counts the series of each family, by name.
+	families map[string]*int
+	// grouped holds the families whose samples are grouped into series,
+	// with the label that tells a series' buckets apart ("" for none).
+	// Values are pointers, and zeroed rather than deleted between pages,
+	// so that counting a name seen on the last page allocates nothing
+	// (m[string(b)] allocates when assigning, not when looking up).
+	grouped map[string]*string
+	// lines counts the buckets of each grouped series, by a hash of its
+	// family and labels.
+	lines map[uint64]int
+	seed  maphash.Seed
+	hash  maphash.Hash
+}
+
+// keepEntries is the most entries of a map a counter keeps after a page;
+// a filter's families are a few dozen.
+const keepEntries = 1024
+
+func (c *counter) reset(l Limits) {
+	c.limits = l
+	if c.families == nil || len(c.families) > keepEntries {
+		c.families = map[string]*int{}
+	} else {
+		for _, n := range c.families {
+			*n = 0
+		}
+	}
+	if c.grouped == nil || len(c.grouped) > keepEntries {
+		c.grouped = map[string]*string{}
+	} else {
+		for _, by := range c.grouped {
+			*by = ""
+		}
+	}
+	if c.lines == nil || len(c.lines) > keepEntries {
+		c.lines = map[uint64]int{}
+		c.seed = maphash.MakeSeed()
+		c.hash.SetSeed(c.seed)
+	} else {
+		clear(c.lines)
+	}
+}
+
+func (c *counter) drop() { c.families, c.grouped, c.lines = nil, nil, nil }
+
+// declare notes a TYPE line.
+func (c *counter) declare(name, typ []byte) {
+	var by string
+	switch string(typ) {
+	case "histogram", "gaugehistogram":
+		by = "le"
+	case "summary":
+		by = "quantile"
+	default:
+		return
+	}
+	p := c.grouped[string(name)]
+	if p == nil {
+		p = new(string)
+		c.grouped[string(name)] = p
+	}
+	*p = by
+}
+
+// groupedBy returns the label that tells the buckets of a grouped family
+// apart, or "".
+func (c *counter) groupedBy(family []byte) string {
+	if p := c.grouped[string(family)]; p != nil {
+		return *p
+	}
+	return ""
+}
+
+// sample counts a sample line: its name, and the rest of the line.
+func (c *counter) sample(name, rest []byte) error {
+	family, by := name, ""
+	if by = c.groupedBy(name); by == "" {
+		for _, suffix := range suffixes {
+			if base, ok := bytes.CutSuffix(name, suffix); ok {
+				if by = c.groupedBy(base); by != "" {
+					family = base
+					break
+				}
+			}
+		}
+	}
+	if by == "" {
+		return c.series(name)
+	}
+	c.hash.Reset()
+	c.hash.Write(family)
+	c.hash.WriteByte(0)
+	hashLabels(&c.hash, rest, by)
+	h := c.hash.Sum64()
+	n, seen := c.lines[h]
+	if !seen {
+		if err := c.series(family); err != nil {
+			return err
+		}
+	}
+	// expfmt appends a bucket (quantile) for each such line, and keeps
+	// the last of a series' _sum and _count lines.
+	if len(name) == len(family) || bytes.HasSuffix(name, suffixes[0]) {
+		n++
+		if m := c.limits.MaxBucketsPerHistogram; m > 0 && n > m {
+			return fmt.Errorf("%w: a series of %s has more than %d buckets", ErrTooManyBuckets, family, m)
+		}
+	}
+	c.lines[h] = n
+	return nil
+}
+
+// series counts a new series of a family.
+func (c *counter) series(family []byte) error {
+	n := c.families[string(family)]
+	if n == nil {
+		n = new(int)
+		c.families[string(family)] = n
+	}
+	if m := c.limits.MaxSeriesPerFamily; m > 0 && *n >= m {
+		return fmt.Errorf("%w: %s has more than %d series", ErrTooManySeries, family, m)
+	}
+	*n++
+	return nil
+}
+
+// hashLabels hashes a sample's label set, what follows its name, without
+// the label skip and the value. A label set it cannot read is hashed whole:
+// expfmt rejects it anyway.
+func hashLabels(h *maphash.Hash, rest []byte, skip string) {
+	rest = bytes.TrimLeft(rest, " \t")
+	if len(rest) == 0 || rest[0] != '{' {
+		return
+	}
+	rest = rest[1:]
+	for len(rest) > 0 {
+		rest = bytes.TrimLeft(rest, " \t,")
+		if len(rest) == 0 || rest[0] == '}' {
+			return
+		}
+		eq := bytes.IndexByte(rest, '=')
+		if eq < 0 {
+			h.Write(rest)
+			return
+		}
+		name := bytes.TrimSpace(rest[:eq])
+		v := bytes.TrimLeft(rest[eq+1:], " \t")
+		if len(v) == 0 || v[0] != '"' {
+			h.Write(rest)
+			return
+		}
+		end := 1
+		for end < len(v) && v[end] != '"' {
+			if v[end] == '\\' {
+				end++
+			}
+			end++
+		}
+		if end >= len(v) {
+			h.Write(rest)
+			return
+		}
+		if string(name) != skip {
+			h.Write(name)
+			h.WriteByte('=')
+			h.Write(v[:end+1])
+			h.WriteByte(',')
+		}
+		rest = v[end+1:]
+	}
 }

@@ -2,6 +2,8 @@ package exposition
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -75,7 +77,7 @@ mystery 3
 requests_total{code="200",note="say \"hi\" # {x}"} 10
 `
 	var out bytes.Buffer
-	if err := reduce([]byte(page), true, nil, &out); err != nil {
+	if err := reduce([]byte(page), true, nil, nil, &out); err != nil {
 		t.Fatal(err)
 	}
 	if diff := cmp.Diff(want, out.String()); diff != "" {
@@ -163,17 +165,18 @@ func FuzzParse(f *testing.F) {
 	filter := &Filter{Samples: map[string]bool{"vllm:num_requests_waiting": true, "a": true},
 		Histograms: map[string]bool{"vllm:time_to_first_token_seconds": true}}
 	f.Fuzz(func(t *testing.T, page []byte) {
-		var p Parser
-		for _, format := range []Format{Text, OpenMetrics} {
-			_, _ = p.Parse(format, page, nil)
-			_, _ = p.Parse(format, page, filter)
+		for _, p := range []*Parser{{}, {Limits: Limits{MaxSeriesPerFamily: 4, MaxBucketsPerHistogram: 8}}} {
+			for _, format := range []Format{Text, OpenMetrics} {
+				_, _ = p.Parse(format, page, nil)
+				_, _ = p.Parse(format, page, filter)
+			}
 		}
 		var once, twice bytes.Buffer
-		if reduce(page, true, nil, &once) != nil {
+		if reduce(page, true, nil, nil, &once) != nil {
 			return
 		}
 		again := append(bytes.Clone(once.Bytes()), eofLine...)
-		if err := reduce(again, true, nil, &twice); err != nil {
+		if err := reduce(again, true, nil, nil, &twice); err != nil {
 			t.Fatalf("a reduced page did not reduce again: %v", err)
 		}
 		if !bytes.Equal(once.Bytes(), twice.Bytes()) {
@@ -245,15 +248,108 @@ func BenchmarkParse(b *testing.B) {
 			"vllm:num_requests_running": true, "vllm:kv_cache_usage_perc": true, "vllm:prompt_tokens_total": true}},
 	}
 	for name, f := range filters {
-		b.Run(name, func(b *testing.B) {
-			var p Parser
-			b.SetBytes(int64(len(page)))
-			b.ReportAllocs()
-			for b.Loop() {
-				if _, err := p.Parse(Text, page, f); err != nil {
-					b.Fatal(err)
+		for _, limits := range []Limits{{}, {MaxSeriesPerFamily: 4096, MaxBucketsPerHistogram: 200}} {
+			if limits != (Limits{}) {
+				name += ", with limits"
+			}
+			b.Run(name, func(b *testing.B) {
+				p := Parser{Limits: limits}
+				b.SetBytes(int64(len(page)))
+				b.ReportAllocs()
+				for b.Loop() {
+					if _, err := p.Parse(Text, page, f); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}
+
+func TestLimits(t *testing.T) {
+	lines := func(n int, f func(i int) string) string {
+		var b strings.Builder
+		for i := range n {
+			b.WriteString(f(i))
+		}
+		return b.String()
+	}
+	hist := "# TYPE h histogram\n"
+	bucket := func(series, le int) string { return fmt.Sprintf("h_bucket{s=\"%d\",le=\"%d\"} 1\n", series, le) }
+	limits := Limits{MaxSeriesPerFamily: 10, MaxBucketsPerHistogram: 5}
+	cases := map[string]struct {
+		page string
+		want error // nil: parses
+	}{
+		"ten series":                     {lines(10, func(i int) string { return fmt.Sprintf("g{i=\"%d\"} 1\n", i) }), nil},
+		"eleven series":                  {lines(11, func(i int) string { return fmt.Sprintf("g{i=\"%d\"} 1\n", i) }), ErrTooManySeries},
+		"eleven samples of one series":   {lines(11, func(int) string { return "g 1\n" }), ErrTooManySeries},
+		"ten series in each of two":      {lines(20, func(i int) string { return fmt.Sprintf("g%d{i=\"%d\"} 1\n", i%2, i) }), nil},
+		"ten histograms of five buckets": {hist + lines(50, func(i int) string { return bucket(i/5, i%5) }) + lines(10, func(i int) string { return fmt.Sprintf("h_sum{s=\"%d\"} 1\nh_count{s=\"%d\"} 1\n", i, i) }), nil},
+		"eleven histograms":              {hist + lines(11, func(i int) string { return bucket(i, 0) }), ErrTooManySeries},
+		"eleven histograms by their sum": {hist + lines(11, func(i int) string { return fmt.Sprintf("h_sum{s=\"%d\"} 1\n", i) }), ErrTooManySeries},
+		"six buckets":                    {hist + lines(6, func(i int) string { return bucket(0, i) }) + "h_sum{s=\"0\"} 1\nh_count{s=\"0\"} 1\n", ErrTooManyBuckets},
+		"six buckets interleaved":        {hist + lines(12, func(i int) string { return bucket(i%2, i/2) }), ErrTooManyBuckets},
+		"labels in another order":        {hist + lines(6, func(i int) string { return fmt.Sprintf("h_bucket{le=\"%d\",s=\"0\"} 1\n", i) }), ErrTooManyBuckets},
+		"a le in a value":                {hist + lines(6, func(i int) string { return fmt.Sprintf("h_bucket{s=\"le=\\\"x\\\",\",le=\"%d\"} 1\n", i) }), ErrTooManyBuckets},
+		"a histogram's sum repeated":     {hist + lines(20, func(int) string { return "h_sum 1\n" }), nil}, // expfmt keeps the last
+		"buckets of a gauge":             {"# TYPE h gauge\n" + lines(11, func(int) string { return "h_bucket{le=\"1\"} 1\n" }), ErrTooManySeries},
+		"six quantiles":                  {"# TYPE q summary\n" + lines(6, func(i int) string { return fmt.Sprintf("q{quantile=\"0.%d\"} 1\n", i) }), ErrTooManyBuckets},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			for _, format := range []Format{Text, OpenMetrics} {
+				page := tc.page
+				if format == OpenMetrics {
+					page += "# EOF\n"
+				}
+				p := Parser{Limits: limits}
+				// Twice: the counts start afresh on each page.
+				for range 2 {
+					_, err := p.Parse(format, []byte(page), nil)
+					if tc.want == nil && err != nil || tc.want != nil && !errors.Is(err, tc.want) {
+						t.Fatalf("%s: err = %v, want %v", format, err, tc.want)
+					}
+				}
+				var unlimited Parser
+				if _, err := unlimited.Parse(format, []byte(page), nil); err != nil && !strings.Contains(name, "quantiles") {
+					t.Errorf("%s: without limits: %v", format, err)
 				}
 			}
 		})
+	}
+}
+
+// Only what the filter keeps is counted.
+func TestLimitsCountWhatTheFilterKeeps(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("# TYPE vllm:ttft histogram\n")
+	for i := range 1000 {
+		fmt.Fprintf(&b, "other{i=\"%d\"} 1\nvllm:ttft_bucket{other=\"%d\"} 1\n", i, i)
+	}
+	b.WriteString("vllm:num_requests_waiting 3\n")
+	filter := &Filter{Samples: map[string]bool{"vllm:num_requests_waiting": true}, Histograms: map[string]bool{"vllm:ttft": true}}
+	p := Parser{Limits: Limits{MaxSeriesPerFamily: 10, MaxBucketsPerHistogram: 5}}
+	scalars := &Filter{Samples: filter.Samples}
+	if _, err := p.Parse(Text, []byte(b.String()), scalars); err != nil {
+		t.Errorf("without the histogram: %v", err)
+	}
+	if _, err := p.Parse(Text, []byte(b.String()), filter); !errors.Is(err, ErrTooManySeries) {
+		t.Errorf("with the histogram: %v, want %v", err, ErrTooManySeries)
+	}
+}
+
+// A parser keeps no buffer grown for an unusually large page.
+func TestParserDropsLargeBuffers(t *testing.T) {
+	page := strings.Repeat("# padding\n", 100_000) + "a 1\n# EOF\n" // 1 MB
+	var p Parser
+	if _, err := p.Parse(OpenMetrics, []byte(page), nil); err != nil {
+		t.Fatal(err)
+	}
+	if c := p.buf.Cap(); c > keepBytes {
+		t.Errorf("after a %d-byte page the parser keeps a %d-byte buffer, want at most %d", len(page), c, keepBytes)
+	}
+	if _, err := p.Parse(OpenMetrics, []byte("a 1\n# EOF\n"), nil); err != nil {
+		t.Errorf("parsing again: %v", err)
 	}
 }

@@ -29,15 +29,19 @@ func FuzzRead(f *testing.F) {
 	f.Add([]byte("vllm:num_requests_waiting NaN\nvllm:num_requests_running +Inf\n# EOF\n"))
 	c := catalogue.Builtin()
 	f.Fuzz(func(t *testing.T, page []byte) {
-		w := &worker{values: c.NewValues()}
-		for _, format := range []exposition.Format{exposition.Text, exposition.OpenMetrics} {
-			for _, engine := range modelserver.Engines {
-				// Unfiltered, and filtered as a scrape does.
-				if r, _ := w.read(c, engine, format, page, nil); r == Success {
-					checkValues(t, c, w.values, format, engine)
-				}
-				if r, _ := w.read(c, engine, format, page, c.Filter(engine, nil)); r == Success {
-					checkValues(t, c, w.values, format, engine)
+		// Without limits, and with limits low enough to be reached.
+		limited := &worker{values: c.NewValues()}
+		limited.parser.Limits = exposition.Limits{MaxSeriesPerFamily: 8, MaxBucketsPerHistogram: 16}
+		for _, w := range []*worker{{values: c.NewValues()}, limited} {
+			for _, format := range []exposition.Format{exposition.Text, exposition.OpenMetrics} {
+				for _, engine := range modelserver.Engines {
+					// Unfiltered, and filtered as a scrape does.
+					if r, _ := w.read(c, engine, format, page, nil); r == Success {
+						checkValues(t, c, w.values, format, engine)
+					}
+					if r, _ := w.read(c, engine, format, page, c.Filter(engine, nil)); r == Success {
+						checkValues(t, c, w.values, format, engine)
+					}
 				}
 			}
 		}
@@ -82,15 +86,22 @@ func BenchmarkRead(b *testing.B) {
 		"what the catalogue reads": c.Filter(modelserver.VLLM, nil),
 		"without histograms":       c.Filter(modelserver.VLLM, func(m catalogue.Metric) bool { return m.Kind != catalogue.Histogram }),
 	} {
-		b.Run(name, func(b *testing.B) {
-			w := &worker{values: c.NewValues()}
-			b.SetBytes(int64(len(page)))
-			b.ReportAllocs()
-			for b.Loop() {
-				if r, err := w.read(c, modelserver.VLLM, exposition.Text, page, filter); r != Success {
-					b.Fatal(err)
-				}
+		// Without limits, and with those a scraper parses with by default.
+		for _, limits := range []exposition.Limits{{}, {MaxSeriesPerFamily: 4096, MaxBucketsPerHistogram: 200}} {
+			if limits != (exposition.Limits{}) {
+				name += ", with limits"
 			}
-		})
+			b.Run(name, func(b *testing.B) {
+				w := &worker{values: c.NewValues()}
+				w.parser.Limits = limits
+				b.SetBytes(int64(len(page)))
+				b.ReportAllocs()
+				for b.Loop() {
+					if r, err := w.read(c, modelserver.VLLM, exposition.Text, page, filter); r != Success {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
 	}
 }

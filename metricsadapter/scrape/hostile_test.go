@@ -250,3 +250,114 @@ func TestMillionSeriesPageIsRefusedInBoundedMemory(t *testing.T) {
 	}
 	t.Logf("%d bytes allocated, the heap grew by %d; the server wrote %d of the %d-byte page", after.TotalAlloc-before.TotalAlloc, int64(after.HeapAlloc)-int64(before.HeapAlloc), written.Load(), size)
 }
+
+// servePage answers every request with the same bytes, written as they are:
+// the server allocates nothing per scrape, so what is allocated is the
+// scraper's.
+func servePage(t *testing.T, body []byte) *rawEngine {
+	head := []byte(fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n", textType, len(body)))
+	return startRawEngine(t, func(c net.Conn, _ int64) bool {
+		if _, err := c.Write(head); err != nil {
+			return false
+		}
+		_, err := c.Write(body)
+		return err == nil
+	})
+}
+
+// A page within MaxPageBytes whose series exceed a cap fails the scrape with
+// the cap's reason, having cost memory bounded by the cap, not by the page:
+// the lines over it never reach expfmt.
+func TestSeriesAndBucketFloodsAreRefusedInBoundedMemory(t *testing.T) {
+	series := func() []byte {
+		// 50,000 tiny series of one gauge: 2.3 MB.
+		var b bytes.Buffer
+		b.WriteString("# TYPE vllm:num_requests_waiting gauge\n")
+		for i := range 50_000 {
+			fmt.Fprintf(&b, "vllm:num_requests_waiting{r=\"%05d\"} 1\n", i)
+		}
+		return b.Bytes()
+	}
+	buckets := func() []byte {
+		// One histogram series of 10,000 buckets: 0.6 MB.
+		var b bytes.Buffer
+		b.WriteString(vllmPage + "# TYPE vllm:time_to_first_token_seconds histogram\n")
+		for i := range 10_000 {
+			fmt.Fprintf(&b, "vllm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"%d\"} %d\n", i+1, i)
+		}
+		b.WriteString("vllm:time_to_first_token_seconds_bucket{model_name=\"m\",le=\"+Inf\"} 10000\n")
+		b.WriteString("vllm:time_to_first_token_seconds_sum{model_name=\"m\"} 1\nvllm:time_to_first_token_seconds_count{model_name=\"m\"} 10000\n")
+		return b.Bytes()
+	}
+	for _, tc := range []struct {
+		name string
+		page []byte
+		want Result
+	}{
+		{"50,000 series", series(), TooManySeries},
+		{"10,000 buckets", buckets(), TooManyBuckets},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := servePage(t, tc.page)
+			opts := fastOptions()
+			opts.Timeout = 5 * time.Second
+			opts.Interval = 10 * time.Second
+			s, _ := observedScraper(t, opts)
+			if int64(len(tc.page)) > s.opts.MaxPageBytes {
+				t.Fatalf("the %d-byte page exceeds MaxPageBytes (%d)", len(tc.page), s.opts.MaxPageBytes)
+			}
+			w := s.newWorker()
+			target := Target{Key: key("p"), URL: e.url, Engine: modelserver.VLLM}
+			st := &state{target: target, req: s.request(target)}
+			// The page buffer as a worker keeps it from a page this size.
+			w.body.Grow(len(tc.page) + bytes.MinRead)
+
+			runtime.GC()
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all)
+			runtime.ReadMemStats(&after)
+			if result != tc.want {
+				t.Errorf("result %v (%v), want %v", result, err, tc.want)
+			}
+			t.Logf("%v: %v", result, err)
+			// Parsing the whole page would take tens of MB.
+			const bound = 2 << 20
+			if allocated := after.TotalAlloc - before.TotalAlloc; allocated > bound {
+				t.Errorf("%d bytes allocated refusing the %d-byte page, want at most %d", allocated, len(tc.page), bound)
+			}
+			if grew := int64(after.HeapAlloc) - int64(before.HeapAlloc); grew > bound {
+				t.Errorf("the heap grew by %d bytes, want at most %d", grew, bound)
+			}
+			t.Logf("%d bytes allocated, the heap grew by %d", after.TotalAlloc-before.TotalAlloc, int64(after.HeapAlloc)-int64(before.HeapAlloc))
+		})
+	}
+}
+
+// A worker's page buffer grown for an unusually large page is dropped after
+// it, not kept for as long as the worker lives.
+func TestLargePageBufferIsDropped(t *testing.T) {
+	large := []byte(strings.Repeat("# padding\n", 200_000) + vllmPage) // 2 MB, within MaxPageBytes
+	e := servePage(t, large)
+	s, rec := observedScraper(t, fastOptions())
+	w := s.newWorker()
+	target := Target{Key: key("p"), URL: e.url, Engine: modelserver.VLLM}
+	st := &state{target: target, req: s.request(target)}
+	s.targets[target.Key] = st
+	s.scrape(context.Background(), w, st)
+	if rec.count(target.Key) != 1 {
+		t.Fatalf("the large page was not observed: %d failures", st.failing.Load())
+	}
+	if c := w.body.Cap(); c > keepPageBytes {
+		t.Errorf("after a %d-byte page the worker keeps a %d-byte buffer, want at most %d", len(large), c, keepPageBytes)
+	}
+	// A page of the usual size is kept, to be reused.
+	small := servePage(t, []byte(vllmPage))
+	target = Target{Key: key("q"), URL: small.url, Engine: modelserver.VLLM}
+	st = &state{target: target, req: s.request(target)}
+	s.targets[target.Key] = st
+	s.scrape(context.Background(), w, st)
+	if rec.count(target.Key) != 1 || w.body.Cap() == 0 {
+		t.Errorf("the small page: observed %d times, buffer of %d bytes kept", rec.count(target.Key), w.body.Cap())
+	}
+}

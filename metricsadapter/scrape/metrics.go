@@ -13,8 +13,13 @@ var (
 	targetsDesc = prometheus.NewDesc("capstan_scrape_targets",
 		"Targets being scraped.", nil, nil)
 	scrapesDesc = prometheus.NewDesc("capstan_scrape_target_scrapes_total",
-		"Scrapes of a target by result: success, or why it failed (refused, timeout, network_error, http_error, too_large, parse_error, unmapped).",
+		"Scrapes of a target by result: success, or why it failed (refused, timeout, network_error, http_error, too_large, parse_error, unmapped, too_many_series, too_many_buckets).",
 		[]string{"namespace", "pod", "result"}, nil)
+	targetsByStateDesc = prometheus.NewDesc("capstan_scrape_targets_by_state",
+		"Targets by the outcome of their last scrape: up (succeeded), failing (failed), unscraped (not scraped yet).",
+		[]string{"state"}, nil)
+	oldestSampleAgeDesc = prometheus.NewDesc("capstan_scrape_oldest_sample_age_seconds",
+		"Age of the oldest last good sample among the targets that have one; absent when none has.", nil, nil)
 	upDesc = prometheus.NewDesc("capstan_scrape_target_up",
 		"Whether the target's last scrape succeeded.", []string{"namespace", "pod"}, nil)
 	lastDurationDesc = prometheus.NewDesc("capstan_scrape_target_last_duration_seconds",
@@ -54,7 +59,7 @@ func (m *metrics) observe(r Result, d time.Duration) {
 
 // Describe implements prometheus.Collector.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{targetsDesc, scrapesDesc, upDesc, lastDurationDesc, sampleAgeDesc, failuresDesc} {
+	for _, d := range []*prometheus.Desc{targetsDesc, targetsByStateDesc, oldestSampleAgeDesc, scrapesDesc, upDesc, lastDurationDesc, sampleAgeDesc, failuresDesc} {
 		ch <- d
 	}
 }
@@ -69,6 +74,28 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	m.s.mu.RUnlock()
 	ch <- prometheus.MustNewConstMetric(targetsDesc, prometheus.GaugeValue, float64(len(states)))
 	now := time.Now()
+	var up, failing, unscraped int
+	var oldest time.Duration
+	sampled := false
+	for _, st := range states {
+		switch {
+		case st.up.Load():
+			up++
+		case st.failing.Load() > 0:
+			failing++
+		default:
+			unscraped++
+		}
+		if at := st.sampledAt.Load(); at != 0 {
+			oldest, sampled = max(oldest, now.Sub(time.Unix(0, at))), true
+		}
+	}
+	for state, n := range map[string]int{"up": up, "failing": failing, "unscraped": unscraped} {
+		ch <- prometheus.MustNewConstMetric(targetsByStateDesc, prometheus.GaugeValue, float64(n), state)
+	}
+	if sampled {
+		ch <- prometheus.MustNewConstMetric(oldestSampleAgeDesc, prometheus.GaugeValue, oldest.Seconds())
+	}
 	for _, st := range states {
 		ns, pod := st.target.Key.Namespace, st.target.Key.Name
 		for r := range numResults {

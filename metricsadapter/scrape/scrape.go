@@ -20,8 +20,11 @@
 // (by default one kept-alive connection per target). Only the families of the
 // catalogue metrics the observer wants are parsed (with expfmt): every gauge
 // and counter on each scrape, the histograms, which are most of a page,
-// every HistogramInterval. A failing target (refused, timed out, an HTTP
-// error, a page that does not parse or holds none of its engine's metrics) is
+// every HistogramInterval. A page is bounded in bytes (MaxPageBytes), in
+// series per family (MaxSeriesPerFamily) and in buckets per histogram
+// (MaxBucketsPerHistogram), counted before anything of it is parsed. A
+// failing target (refused, timed out, an HTTP error, a page over a bound,
+// that does not parse or holds none of its engine's metrics) is
 // retried with exponential backoff and jitter; the observer sees nothing of
 // it until it recovers, and decides itself how old a sample may be.
 package scrape
@@ -120,6 +123,17 @@ type Options struct {
 	HistogramInterval time.Duration
 	// MaxPageBytes caps a metrics page after decompression. Default 4 MiB.
 	MaxPageBytes int64
+	// MaxSeriesPerFamily caps the series of one family among those parsed
+	// (see exposition.Limits); a page over it fails the scrape as
+	// TooManySeries before the family is built. Default 4096: an honest
+	// engine's families have one series per model (and version, engine
+	// core, finish reason), a few hundred at most even for vLLM running
+	// data-parallel or a Triton with a large model repository.
+	MaxSeriesPerFamily int
+	// MaxBucketsPerHistogram caps the buckets of one histogram series;
+	// a page over it fails as TooManyBuckets. Default 200: engines' own
+	// histograms have 10 to 40.
+	MaxBucketsPerHistogram int
 	// Catalogue maps engine metrics to engine-neutral ones. Default
 	// catalogue.Builtin().
 	Catalogue *catalogue.Catalogue
@@ -163,6 +177,12 @@ func SetDefaults(o *Options) {
 	if o.MaxPageBytes == 0 {
 		o.MaxPageBytes = 4 << 20
 	}
+	if o.MaxSeriesPerFamily == 0 {
+		o.MaxSeriesPerFamily = 4096
+	}
+	if o.MaxBucketsPerHistogram == 0 {
+		o.MaxBucketsPerHistogram = 200
+	}
 	if o.Catalogue == nil {
 		o.Catalogue = catalogue.Builtin()
 	}
@@ -202,6 +222,12 @@ func Validate(path *field.Path, o *Options) error {
 	}
 	if o.MaxPageBytes < 1 {
 		errs = append(errs, field.Invalid(path.Child("maxPageBytes"), o.MaxPageBytes, "must be at least 1"))
+	}
+	if o.MaxSeriesPerFamily < 1 {
+		errs = append(errs, field.Invalid(path.Child("maxSeriesPerFamily"), o.MaxSeriesPerFamily, "must be at least 1"))
+	}
+	if o.MaxBucketsPerHistogram < 1 {
+		errs = append(errs, field.Invalid(path.Child("maxBucketsPerHistogram"), o.MaxBucketsPerHistogram, "must be at least 1"))
 	}
 	return errs.ToAggregate()
 }
@@ -406,8 +432,23 @@ type worker struct {
 	values *catalogue.Values
 }
 
-func (s *Scraper) work(ctx context.Context, queue workqueue.TypedDelayingInterface[types.NamespacedName]) {
+// keepPageBytes is the largest page buffer a worker keeps between scrapes:
+// one grown for an unusually large page is dropped after it, so that one
+// such page does not pin MaxPageBytes per worker for ever. Engines' pages
+// are tens of KiB.
+const keepPageBytes = 256 << 10
+
+func (s *Scraper) newWorker() *worker {
 	w := &worker{values: s.opts.Catalogue.NewValues()}
+	w.parser.Limits = exposition.Limits{
+		MaxSeriesPerFamily:     s.opts.MaxSeriesPerFamily,
+		MaxBucketsPerHistogram: s.opts.MaxBucketsPerHistogram,
+	}
+	return w
+}
+
+func (s *Scraper) work(ctx context.Context, queue workqueue.TypedDelayingInterface[types.NamespacedName]) {
+	w := s.newWorker()
 	for {
 		key, shutdown := queue.Get()
 		if shutdown {
@@ -441,6 +482,9 @@ func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duratio
 		filter, skipped = f.all, false
 	}
 	at, result, err := s.fetch(ctx, w, st, filter)
+	if w.body.Cap() > keepPageBytes {
+		w.body = bytes.Buffer{}
+	}
 	w.values.HistogramsSkipped = skipped
 	elapsed := time.Since(start)
 	st.lastNano.Store(int64(elapsed))
@@ -504,10 +548,17 @@ const (
 	// Unmapped: the page parsed but held none of the engine's metrics
 	// (a wrong capstan.dev/engine label, or an engine renamed them all).
 	Unmapped
+	// TooManySeries: a family the scraper reads had more than
+	// Options.MaxSeriesPerFamily series.
+	TooManySeries
+	// TooManyBuckets: a histogram the scraper reads had a series of more
+	// than Options.MaxBucketsPerHistogram buckets.
+	TooManyBuckets
 	numResults
 )
 
-var resultNames = [numResults]string{"success", "refused", "timeout", "network_error", "http_error", "too_large", "parse_error", "unmapped"}
+var resultNames = [numResults]string{"success", "refused", "timeout", "network_error", "http_error", "too_large", "parse_error", "unmapped",
+	"too_many_series", "too_many_buckets"}
 
 func (r Result) String() string { return resultNames[r] }
 
@@ -566,7 +617,12 @@ func (s *Scraper) fetch(ctx context.Context, w *worker, st *state, filter *expos
 // read parses what the filter keeps of a page and maps it into w.values.
 func (w *worker) read(c *catalogue.Catalogue, engine modelserver.Engine, format exposition.Format, page []byte, filter *exposition.Filter) (Result, error) {
 	families, err := w.parser.Parse(format, page, filter)
-	if err != nil {
+	switch {
+	case errors.Is(err, exposition.ErrTooManySeries):
+		return TooManySeries, err
+	case errors.Is(err, exposition.ErrTooManyBuckets):
+		return TooManyBuckets, err
+	case err != nil:
 		return ParseError, err
 	}
 	c.Extract(engine, families, w.values)

@@ -303,7 +303,13 @@ func TestFailingTargets(t *testing.T) {
 		w.Write([]byte("not gzip at all"))
 	})
 
+	seriesFlood := newEngineServer(t, vllmPage+strings.Repeat("vllm:num_requests_waiting 1\n", 200))
+	bucketFlood := newEngineServer(t, vllmPage+"# TYPE vllm:time_to_first_token_seconds histogram\n"+
+		strings.Repeat("vllm:time_to_first_token_seconds_bucket{le=\"+Inf\"} 1\n", 100))
+
 	targets := []Target{
+		seriesFlood.target("series-flood", modelserver.VLLM),
+		bucketFlood.target("bucket-flood", modelserver.VLLM),
 		good.target("good", modelserver.VLLM),
 		{Key: key("refusing"), URL: refusedURL, Engine: modelserver.VLLM},
 		hanging.target("hanging", modelserver.VLLM),
@@ -315,13 +321,15 @@ func TestFailingTargets(t *testing.T) {
 		badGzip.target("bad-gzip", modelserver.VLLM),
 	}
 	want := map[string]Result{"refusing": Refused, "hanging": Timeout, "garbage": ParseError, "html": ParseError,
-		"error": HTTPError, "huge": TooLarge, "mislabelled": Unmapped, "bad-gzip": ParseError}
+		"error": HTTPError, "huge": TooLarge, "mislabelled": Unmapped, "bad-gzip": ParseError,
+		"series-flood": TooManySeries, "bucket-flood": TooManyBuckets}
 
 	// Slower than fastOptions: a loaded machine must not turn a page that
 	// is merely too large into a timeout.
 	opts := Options{Interval: 500 * time.Millisecond, Timeout: 250 * time.Millisecond,
 		BackoffInitial: 500 * time.Millisecond, BackoffMax: 4 * time.Second}
 	opts.MaxPageBytes = 16 << 10
+	opts.MaxSeriesPerFamily, opts.MaxBucketsPerHistogram = 100, 50
 	reg := prometheus.NewPedanticRegistry()
 	opts.Registerer = reg
 	s, rec := observedScraper(t, opts)
@@ -372,6 +380,7 @@ func TestFailingTargets(t *testing.T) {
 # HELP capstan_scrape_target_up Whether the target's last scrape succeeded.
 # TYPE capstan_scrape_target_up gauge
 capstan_scrape_target_up{namespace="ml",pod="bad-gzip"} 0
+capstan_scrape_target_up{namespace="ml",pod="bucket-flood"} 0
 capstan_scrape_target_up{namespace="ml",pod="error"} 0
 capstan_scrape_target_up{namespace="ml",pod="garbage"} 0
 capstan_scrape_target_up{namespace="ml",pod="good"} 1
@@ -380,18 +389,24 @@ capstan_scrape_target_up{namespace="ml",pod="html"} 0
 capstan_scrape_target_up{namespace="ml",pod="huge"} 0
 capstan_scrape_target_up{namespace="ml",pod="mislabelled"} 0
 capstan_scrape_target_up{namespace="ml",pod="refusing"} 0
+capstan_scrape_target_up{namespace="ml",pod="series-flood"} 0
 # HELP capstan_scrape_targets Targets being scraped.
 # TYPE capstan_scrape_targets gauge
-capstan_scrape_targets 9
+capstan_scrape_targets 11
+# HELP capstan_scrape_targets_by_state Targets by the outcome of their last scrape: up (succeeded), failing (failed), unscraped (not scraped yet).
+# TYPE capstan_scrape_targets_by_state gauge
+capstan_scrape_targets_by_state{state="failing"} 10
+capstan_scrape_targets_by_state{state="unscraped"} 0
+capstan_scrape_targets_by_state{state="up"} 1
 `
-	if err := testutil.GatherAndCompare(reg, strings.NewReader(expected), "capstan_scrape_target_up", "capstan_scrape_targets"); err != nil {
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(expected), "capstan_scrape_target_up", "capstan_scrape_targets", "capstan_scrape_targets_by_state"); err != nil {
 		t.Error(err)
 	}
 	families, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sawRefused, sawAge bool
+	var sawRefused, sawAge, sawSeries, sawBuckets, sawOldest bool
 	for _, f := range families {
 		for _, m := range f.Metric {
 			labels := map[string]string{}
@@ -401,6 +416,13 @@ capstan_scrape_targets 9
 			switch {
 			case f.GetName() == "capstan_scrape_target_scrapes_total" && labels["pod"] == "refusing" && labels["result"] == "refused":
 				sawRefused = m.GetCounter().GetValue() >= 2
+			case f.GetName() == "capstan_scrape_target_scrapes_total" && labels["pod"] == "series-flood" && labels["result"] == "too_many_series":
+				sawSeries = m.GetCounter().GetValue() >= 2
+			case f.GetName() == "capstan_scrape_target_scrapes_total" && labels["pod"] == "bucket-flood" && labels["result"] == "too_many_buckets":
+				sawBuckets = m.GetCounter().GetValue() >= 2
+			case f.GetName() == "capstan_scrape_oldest_sample_age_seconds":
+				// Only the healthy pod has a sample.
+				sawOldest = m.GetGauge().GetValue() < 2*opts.Interval.Seconds()
 			case f.GetName() == "capstan_scrape_target_sample_age_seconds":
 				if labels["pod"] != "good" {
 					t.Errorf("pod %s has a sample age but never had a sample", labels["pod"])
@@ -409,8 +431,9 @@ capstan_scrape_targets 9
 			}
 		}
 	}
-	if !sawRefused || !sawAge {
-		t.Errorf("metrics lack the refused count (%v) or the healthy pod's sample age (%v)", sawRefused, sawAge)
+	if !sawRefused || !sawAge || !sawSeries || !sawBuckets || !sawOldest {
+		t.Errorf("metrics lack the refused count (%v), the healthy pod's sample age (%v), the too_many_series (%v) or too_many_buckets (%v) counts, or the oldest sample's age (%v)",
+			sawRefused, sawAge, sawSeries, sawBuckets, sawOldest)
 	}
 }
 

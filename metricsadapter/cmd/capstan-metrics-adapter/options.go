@@ -25,6 +25,8 @@ type options struct {
 	ScrapeConcurrency int
 	ScrapeBackoffMax  time.Duration
 	MaxPageBytes      int64
+	MaxSeries         int
+	MaxBuckets        int
 	MaxAge            time.Duration
 	Window            time.Duration
 	CatalogueFile     string
@@ -36,6 +38,8 @@ func newOptions() *options {
 		ScrapeConcurrency: 64,
 		ScrapeBackoffMax:  30 * time.Second,
 		MaxPageBytes:      4 << 20,
+		MaxSeries:         4096,
+		MaxBuckets:        200,
 		MaxAge:            5 * time.Second,
 		Window:            30 * time.Second,
 	}
@@ -52,6 +56,10 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.ScrapeBackoffMax, "scrape-backoff-max", o.ScrapeBackoffMax,
 		"Longest wait before retrying a pod whose scrapes fail; the wait doubles from --scrape-interval, with jitter.")
 	fs.Int64Var(&o.MaxPageBytes, "scrape-max-page-bytes", o.MaxPageBytes, "Largest metrics page accepted, after decompression.")
+	fs.IntVar(&o.MaxSeries, "scrape-max-series-per-family", o.MaxSeries,
+		"Most series a metric family the adapter reads may have on a page; a page with more fails its scrape (too_many_series).")
+	fs.IntVar(&o.MaxBuckets, "scrape-max-buckets-per-histogram", o.MaxBuckets,
+		"Most buckets a histogram series the adapter reads may have; a page with more fails its scrape (too_many_buckets).")
 	fs.DurationVar(&o.MaxAge, "max-age", o.MaxAge,
 		"A pod's last good sample is served until it is this old; after that the pod is left out of answers (never reported as 0).")
 	fs.DurationVar(&o.Window, "window", o.Window, "Span over which rates (tokens per second) and latency quantiles are computed.")
@@ -84,7 +92,8 @@ func (o *options) scrapeOptions(c *catalogue.Catalogue, obs scrape.Observer) (sc
 	opts := scrape.Options{
 		Interval: o.ScrapeInterval, Timeout: o.ScrapeTimeout, Concurrency: o.ScrapeConcurrency,
 		BackoffInitial: o.ScrapeInterval, BackoffMax: o.ScrapeBackoffMax,
-		MaxPageBytes: o.MaxPageBytes, Catalogue: c, Observer: obs,
+		MaxPageBytes: o.MaxPageBytes, MaxSeriesPerFamily: o.MaxSeries, MaxBucketsPerHistogram: o.MaxBuckets,
+		Catalogue: c, Observer: obs,
 		// Histograms are read as often as the store keeps a checkpoint of
 		// them, and no more: they are most of the parsing.
 		HistogramInterval: max(o.ScrapeInterval, o.Window/6),
@@ -94,6 +103,7 @@ func (o *options) scrapeOptions(c *catalogue.Catalogue, obs scrape.Observer) (sc
 		"interval": "--scrape-interval", "timeout": "--scrape-timeout", "concurrency": "--scrape-concurrency",
 		"backoffInitial": "--scrape-interval", "backoffMax": "--scrape-backoff-max",
 		"maxPageBytes": "--scrape-max-page-bytes", "histogramInterval": "--window",
+		"maxSeriesPerFamily": "--scrape-max-series-per-family", "maxBucketsPerHistogram": "--scrape-max-buckets-per-histogram",
 	})
 }
 
@@ -120,6 +130,7 @@ func (o *options) checkSet() error {
 	}{
 		{"--scrape-interval", int64(o.ScrapeInterval)}, {"--scrape-concurrency", int64(o.ScrapeConcurrency)},
 		{"--scrape-backoff-max", int64(o.ScrapeBackoffMax)}, {"--scrape-max-page-bytes", o.MaxPageBytes},
+		{"--scrape-max-series-per-family", int64(o.MaxSeries)}, {"--scrape-max-buckets-per-histogram", int64(o.MaxBuckets)},
 		{"--max-age", int64(o.MaxAge)}, {"--window", int64(o.Window)},
 	} {
 		if f.value == 0 {

@@ -31,12 +31,20 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if so.Interval != time.Second || so.Timeout != 750*time.Millisecond || so.Concurrency != 64 {
+	if so.Interval != time.Second || so.Timeout != 750*time.Millisecond || so.Concurrency != 64 ||
+		so.MaxSeriesPerFamily != 4096 || so.MaxBucketsPerHistogram != 200 {
 		t.Errorf("scrape defaults: %+v", so)
 	}
 	st, err := o.storeOptions(nil)
 	if err != nil || st.Window != 30*time.Second || st.MaxAge != 5*time.Second {
 		t.Errorf("store defaults: %+v, %v", st, err)
+	}
+}
+
+func TestPageBoundFlags(t *testing.T) {
+	so, err := parse(t, "--scrape-max-series-per-family=10", "--scrape-max-buckets-per-histogram=20").scrapeOptions(nil, nopObserver{})
+	if err != nil || so.MaxSeriesPerFamily != 10 || so.MaxBucketsPerHistogram != 20 {
+		t.Errorf("got %d series, %d buckets, %v; want 10, 20", so.MaxSeriesPerFamily, so.MaxBucketsPerHistogram, err)
 	}
 }
 
@@ -48,6 +56,8 @@ func TestInvalidFlagsNameTheFlag(t *testing.T) {
 		"timeout as long as the interval": {[]string{"--scrape-interval=500ms", "--scrape-timeout=500ms"}, `--scrape-timeout: Invalid value: "500ms": must be shorter than the interval`},
 		"no concurrency":                  {[]string{"--scrape-concurrency=0"}, "--scrape-concurrency: Invalid value: 0"},
 		"backoff below the interval":      {[]string{"--scrape-interval=2s", "--scrape-backoff-max=1s"}, "--scrape-backoff-max"},
+		"no series":                       {[]string{"--scrape-max-series-per-family=0"}, "--scrape-max-series-per-family: Invalid value: 0"},
+		"negative buckets":                {[]string{"--scrape-max-buckets-per-histogram=-1"}, "--scrape-max-buckets-per-histogram: Invalid value: -1"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
