@@ -117,37 +117,13 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		popts.SessionHeader = o.SessionHeader
 	}
 	if o.GatewayEnabled() {
-		if err := checkGatewayAPI(client); err != nil {
-			return nil, err
-		}
-		gwClient, err := gatewayclient.NewForConfig(rest.AddUserAgent(cfg, userAgent))
-		if err != nil {
-			return nil, err
-		}
 		popts.Gateways = func() *route.HTTPTable { return r.gateway.Table() }
-		r.handler = proxy.New(routes, m, logger.WithName("proxy"), popts)
-		r.listeners = server.NewListeners(server.ListenersConfig{
-			Handler: r.handler.GatewayHandler,
-			Certificate: func(addr string, hello *tls.ClientHelloInfo) *tls.Certificate {
-				if p := r.gateway.Table().Port(addr); p != nil {
-					return p.Certificate(hello)
-				}
-				return nil
-			},
-			Drain:     o.ShutdownTimeout,
-			NewServer: o.newServer,
-			Logger:    logger.WithName("gateway-listeners"),
-		})
-		r.gateway = gateway.New(client, gwClient, routes, r.listeners, r.discovery.HasSynced, reg, gateway.Options{
-			ControllerName: o.GatewayControllerName,
-			Namespaces:     o.Namespaces,
-			Addresses:      o.gatewayAddresses(),
-			LeaderElection: o.LeaderElection,
-			BindRetry:      5 * time.Second,
-		})
-		*handlers = append(*handlers, r.gateway)
-	} else {
-		r.handler = proxy.New(routes, m, logger.WithName("proxy"), popts)
+	}
+	r.handler = proxy.New(routes, m, logger.WithName("proxy"), popts)
+	if o.GatewayEnabled() {
+		if err := r.newGateway(cfg, client, routes, reg, handlers); err != nil {
+			return nil, err
+		}
 	}
 	if o.Balancer == balance.LoadAware {
 		if r.engineLoad, err = newEngineLoadFeed(logger, client, o, routes, reg); err != nil {
@@ -163,6 +139,40 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		ErrorLog:          klog.NewStandardLogger("WARNING"),
 	}
 	return r, nil
+}
+
+// newGateway builds the Gateway API controller and the listeners it opens,
+// and has discovery hand it every Service snapshot.
+func (r *Router) newGateway(cfg *rest.Config, client kubernetes.Interface, routes *route.Builder, reg prometheus.Registerer, handlers *discovery.Handlers) error {
+	o := r.opts
+	if err := checkGatewayAPI(client); err != nil {
+		return err
+	}
+	gwClient, err := gatewayclient.NewForConfig(rest.AddUserAgent(cfg, userAgent))
+	if err != nil {
+		return err
+	}
+	r.listeners = server.NewListeners(server.ListenersConfig{
+		Handler: r.handler.GatewayHandler,
+		Certificate: func(addr string, hello *tls.ClientHelloInfo) *tls.Certificate {
+			if p := r.gateway.Table().Port(addr); p != nil {
+				return p.Certificate(hello)
+			}
+			return nil
+		},
+		Drain:     o.ShutdownTimeout,
+		NewServer: o.newServer,
+		Logger:    r.logger.WithName("gateway-listeners"),
+	})
+	r.gateway = gateway.New(client, gwClient, routes, r.listeners, r.discovery.HasSynced, reg, gateway.Options{
+		ControllerName: o.GatewayControllerName,
+		Namespaces:     o.Namespaces,
+		Addresses:      o.gatewayAddresses(),
+		LeaderElection: o.LeaderElection,
+		BindRetry:      5 * time.Second,
+	})
+	*handlers = append(*handlers, r.gateway)
+	return nil
 }
 
 // ready is /readyz: false while draining and until the caches have synced
