@@ -118,6 +118,19 @@ func (p *Process) Stop(grace time.Duration) {
 	}
 }
 
+// Kill sends SIGKILL to the process group, as a crash or the OOM killer
+// would end it (no signal handler, no drain), and waits for it to exit.
+func (p *Process) Kill() {
+	p.mu.Lock()
+	cmd, done := p.cmd, p.done
+	p.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	<-done
+}
+
 // Failure returns an error saying why the process is not healthy, with the end
 // of its log.
 func (p *Process) Failure(reason string) error {

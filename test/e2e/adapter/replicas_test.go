@@ -10,14 +10,10 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -113,7 +109,7 @@ func TestHPAKeepsScalingWhenAnAdapterReplicaIsKilled(t *testing.T) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, r := range reps {
-				t.Logf("%s log:\n%s", r.name, logTail(r.logPath, 30))
+				t.Logf("%s log:\n%s", r.name, r.LogTail(30))
 			}
 		}
 	})
@@ -177,7 +173,7 @@ func TestHPAKeepsScalingWhenAnAdapterReplicaIsKilled(t *testing.T) {
 	t.Logf("before the kill: %s", lb)
 	openConns := lb.open(victim)
 	killedAt := time.Now()
-	victim.kill()
+	victim.Kill()
 	lb.remove(victim) // the endpoint goes at once (see the test's comment)
 	t.Logf("SIGKILLed %s (%d open connections from the API server) %s after the start, at 3 of %d replicas",
 		victim.name, openConns, killedAt.Sub(start).Round(100*time.Millisecond), target)
@@ -225,7 +221,7 @@ func TestHPAKeepsScalingWhenAnAdapterReplicaIsKilled(t *testing.T) {
 	dead, refused := lb.stats(victim)
 	t.Logf("balancer: %d connections sent to %s after the kill before its endpoint went (refused), %d readiness failures; %d replicas ready now; whole test %s",
 		refused, victim.name, dead, lb.readyCount(), time.Since(start).Round(100*time.Millisecond))
-	if exited, _ := reps[1-slices.Index(reps, victim)].exited(); exited {
+	if exited, _ := reps[1-slices.Index(reps, victim)].Exited(); exited {
 		t.Error("the surviving replica exited")
 	}
 }
@@ -234,12 +230,10 @@ func TestHPAKeepsScalingWhenAnAdapterReplicaIsKilled(t *testing.T) {
 // cluster.Process only stops gracefully (SIGTERM first), so the test starts
 // these itself to SIGKILL one.
 type replica struct {
-	name, logPath string
-	addr          string       // 127.0.0.1:<port>
-	client        *http.Client // trusts the serving certificate, as the cluster admin
-	cmd           *exec.Cmd
-	done          chan struct{}
-	waitErr       error
+	*cluster.Process
+	name   string
+	addr   string       // 127.0.0.1:<port>
+	client *http.Client // trusts the serving certificate, as the cluster admin
 }
 
 // serves reports whether the replica itself answers a custom metrics GET
@@ -259,20 +253,6 @@ func (r *replica) serves(ctx context.Context, path string) (bool, error) {
 		return false, fmt.Errorf("%s: %s", resp.Status, body)
 	}
 	return bytes.Contains(body, []byte(`"describedObject"`)), nil
-}
-
-func (r *replica) kill() {
-	_ = syscall.Kill(-r.cmd.Process.Pid, syscall.SIGKILL)
-	<-r.done
-}
-
-func (r *replica) exited() (bool, error) {
-	select {
-	case <-r.done:
-		return true, r.waitErr
-	default:
-		return false, nil
-	}
 }
 
 // startReplicas runs n adapters as components.StartAdapter runs one: the
@@ -313,36 +293,20 @@ func startReplicas(ctx context.Context, t *testing.T, resources []*kresource.Res
 		if err != nil {
 			t.Fatal(err)
 		}
-		r := &replica{name: fmt.Sprintf("%s-%d", adapterName, i), addr: "127.0.0.1:" + strconv.Itoa(port), client: client, done: make(chan struct{})}
-		r.logPath = filepath.Join(c.Dir, "logs", r.name+".log")
-		logFile, err := os.OpenFile(r.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		name := fmt.Sprintf("%s-%d", adapterName, i)
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		p, err := c.RunWithEnv(name, bin, env, append(slices.Clone(args), "--kubeconfig="+kubeconfig, "--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(port),
+			"--tls-cert-file="+certFile, "--tls-private-key-file="+keyFile, "--scrape-interval="+scrapeInterval.String(), "--window=10s", "--v=2")...)
 		if err != nil {
 			t.Fatal(err)
 		}
-		a := append(slices.Clone(args), "--kubeconfig="+kubeconfig, "--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(port),
-			"--tls-cert-file="+certFile, "--tls-private-key-file="+keyFile, "--scrape-interval="+scrapeInterval.String(), "--window=10s", "--v=2")
-		r.cmd = exec.Command(bin, a...)
-		r.cmd.Env = append(os.Environ(), env...)
-		r.cmd.Stdout, r.cmd.Stderr = logFile, logFile
-		r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-		if err := r.cmd.Start(); err != nil {
-			logFile.Close()
-			t.Fatal(err)
-		}
-		go func() {
-			r.waitErr = r.cmd.Wait()
-			logFile.Close()
-			close(r.done)
-		}()
-		t.Cleanup(func() {
-			_ = syscall.Kill(-r.cmd.Process.Pid, syscall.SIGKILL)
-			<-r.done
-		})
+		t.Cleanup(p.Kill)
+		r := &replica{Process: p, name: name, addr: addr, client: client}
 		reps = append(reps, r)
 	}
 	for _, r := range reps {
 		err := cluster.WaitFor(ctx, time.Minute, r.name+" to be ready", func(ctx context.Context) (bool, error) {
-			if exited, err := r.exited(); exited {
+			if exited, err := r.Exited(); exited {
 				return false, fmt.Errorf("exited: %v", err)
 			}
 			resp, err := probe.Get("https://" + r.addr + "/readyz")
@@ -353,7 +317,7 @@ func startReplicas(ctx context.Context, t *testing.T, resources []*kresource.Res
 			return resp.StatusCode == http.StatusOK, nil
 		})
 		if err != nil {
-			t.Fatalf("%v\n%s", err, logTail(r.logPath, 20))
+			t.Fatalf("%v\n%s", err, r.LogTail(20))
 		}
 	}
 	return reps
@@ -672,9 +636,4 @@ func (w *hpaWatch) apiServiceUnavailable() []string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return slices.Clone(w.unavailable)
-}
-
-func logTail(path string, lines int) string {
-	p := &cluster.Process{LogPath: path}
-	return p.LogTail(lines)
 }

@@ -7,9 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,81 +20,6 @@ import (
 	"github.com/capstan-dev/capstan/test/cluster"
 	"github.com/capstan-dev/capstan/test/fleet"
 )
-
-// sigkill kills a router this test started with SIGKILL: no signal handler,
-// no drain. The harness keeps the process's handle to itself, so the process
-// is found in /proc by what makes it unique (the router binary, its
-// --bind-address, this process as its parent), and its PID is translated
-// from /proc's numbering (the parent PID namespace's: the suite runs in one
-// of its own) to this namespace's, where the kill is sent. It returns when
-// the kill was sent.
-func sigkill(t *testing.T, r *router) time.Time {
-	t.Helper()
-	bin, err := cluster.Binary("capstan-router")
-	if err != nil {
-		t.Fatal(err)
-	}
-	self, err := os.Readlink("/proc/self")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ids := nsPIDs(t, self); len(ids) == 0 || ids[len(ids)-1] != strconv.Itoa(os.Getpid()) {
-		t.Fatalf("cannot translate PIDs: /proc/%s says NSpid %v, this process is %d here", self, ids, os.Getpid())
-	}
-	bind := "--bind-address=" + strings.TrimPrefix(r.url, "http://")
-	dirs, err := os.ReadDir("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var pids []int
-	for _, d := range dirs {
-		if _, err := strconv.Atoi(d.Name()); err != nil {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
-		if args[0] != bin || !slices.Contains(args[1:], bind) || statusField(d.Name(), "PPid") != self {
-			continue
-		}
-		ids := nsPIDs(t, d.Name())
-		pid, err := strconv.Atoi(ids[len(ids)-1])
-		if err != nil || len(ids) < 2 {
-			t.Fatalf("/proc/%s: NSpid %v", d.Name(), ids)
-		}
-		pids = append(pids, pid)
-	}
-	if len(pids) != 1 {
-		t.Fatalf("found %d processes of %s with %s started by this test, want 1", len(pids), bin, bind)
-	}
-	if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
-		t.Fatalf("kill -9 %d: %v", pids[0], err)
-	}
-	return time.Now()
-}
-
-// statusField reads one field of /proc/<pid>/status.
-func statusField(pid, field string) string {
-	data, err := os.ReadFile(filepath.Join("/proc", pid, "status"))
-	if err != nil {
-		return ""
-	}
-	for line := range strings.Lines(string(data)) {
-		if v, ok := strings.CutPrefix(line, field+":"); ok {
-			return strings.TrimSpace(v)
-		}
-	}
-	return ""
-}
-
-// nsPIDs is a process's PID in each PID namespace it is in, outermost
-// first.
-func nsPIDs(t *testing.T, pid string) []string {
-	t.Helper()
-	return strings.Fields(statusField(pid, "NSpid"))
-}
 
 // clientOutcome sorts what a client saw.
 func clientOutcome(res result) string {
@@ -177,7 +99,8 @@ func TestChaosRouterReplicaKilled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	killedAt := sigkill(t, victim)
+	killedAt := time.Now()
+	victim.proc.Kill()
 	servedBefore := ok[0].Load()
 	err = testCluster.WaitFor(ctx, 20*time.Second, "the survivor to serve 300 more requests", func(context.Context) (bool, error) {
 		return ok[0].Load() >= servedBefore+300, nil

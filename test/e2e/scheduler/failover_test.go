@@ -5,12 +5,9 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -140,7 +137,7 @@ func TestFailover(t *testing.T) {
 		return true, nil
 	})
 	if err != nil {
-		t.Fatalf("%v\n%s\n%s", err, scheds[0].logTail(), scheds[1].logTail())
+		t.Fatalf("%v\n%s\n%s", err, scheds[0].LogTail(30), scheds[1].LogTail(30))
 	}
 	standby = scheds[0]
 	if leader == scheds[0] {
@@ -174,7 +171,7 @@ func TestFailover(t *testing.T) {
 
 	// SIGKILL the leader: it cannot release the lease, which the standby
 	// takes only once it has expired.
-	killedAt := leader.kill(t)
+	killedAt := leader.kill()
 
 	// Free one slot, and ask for one replica more: only a scheduler that
 	// leads can bind it.
@@ -212,7 +209,7 @@ func TestFailover(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatalf("%v within %v of the kill (lease taken after %v, after-0 bound after %v)\n%s",
-			err, deadline, tookLease, bound, standby.logTail())
+			err, deadline, tookLease, bound, standby.LogTail(30))
 	}
 	t.Logf("after SIGKILL of the leader: the standby took the lease after %v and bound a new replica after %v (lease duration %v, retry period %v)",
 		tookLease.Round(time.Millisecond), bound.Round(time.Millisecond), failoverLease, failoverRetry)
@@ -304,11 +301,10 @@ func boundLine(ns, pod string) string {
 
 // failoverScheduler is one capstan-scheduler process of TestFailover. It is
 // started here rather than by components.StartScheduler, which waits for
-// the lease (a standby never gets it) and cannot SIGKILL one process.
+// the lease (a standby never gets it).
 type failoverScheduler struct {
+	*cluster.Process
 	name, logPath, url string
-	cmd                *exec.Cmd
-	done               chan struct{}
 }
 
 // runFailoverScheduler starts capstan-scheduler as components.StartScheduler
@@ -324,32 +320,14 @@ func runFailoverScheduler(ctx context.Context, t *testing.T, name, configPath, k
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &failoverScheduler{name: name, url: "https://127.0.0.1:" + strconv.Itoa(port),
-		logPath: filepath.Join(testCluster.Dir, "logs", name+".log"), done: make(chan struct{})}
-	logFile, err := os.Create(s.logPath)
+	p, err := testCluster.RunWithEnv(name, bin, env, "--config="+configPath, "-v=2",
+		"--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(port),
+		"--authentication-kubeconfig="+kubeconfig, "--authorization-kubeconfig="+kubeconfig)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.cmd = exec.CommandContext(ctx, bin, "--config="+configPath, "-v=2",
-		"--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(port),
-		"--authentication-kubeconfig="+kubeconfig, "--authorization-kubeconfig="+kubeconfig)
-	s.cmd.Env = append(os.Environ(), env...)
-	s.cmd.Stdout, s.cmd.Stderr = logFile, logFile
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := s.cmd.Start(); err != nil {
-		logFile.Close()
-		t.Fatal(err)
-	}
-	go func() {
-		_ = s.cmd.Wait()
-		logFile.Close()
-		close(s.done)
-	}()
-	t.Cleanup(func() {
-		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
-		<-s.done
-	})
-	return s
+	t.Cleanup(p.Kill)
+	return &failoverScheduler{Process: p, name: name, logPath: p.LogPath, url: "https://127.0.0.1:" + strconv.Itoa(port)}
 }
 
 // waitReady waits until the process answers /readyz (a standby does too).
@@ -357,10 +335,8 @@ func (s *failoverScheduler) waitReady(ctx context.Context, t *testing.T) {
 	t.Helper()
 	client := insecureClient(t, "", "")
 	err := testCluster.WaitFor(ctx, 30*time.Second, s.name+" to be ready", func(context.Context) (bool, error) {
-		select {
-		case <-s.done:
+		if exited, _ := s.Exited(); exited {
 			return false, fmt.Errorf("%s exited", s.name)
-		default:
 		}
 		resp, err := client.Get(s.url + "/readyz")
 		if err != nil {
@@ -370,22 +346,14 @@ func (s *failoverScheduler) waitReady(ctx context.Context, t *testing.T) {
 		return resp.StatusCode == http.StatusOK, nil
 	})
 	if err != nil {
-		t.Fatalf("%v\n%s", err, s.logTail())
+		t.Fatalf("%v\n%s:\n%s", err, s.name, s.LogTail(30))
 	}
 }
 
 // kill sends SIGKILL to the process and returns when it is gone.
-func (s *failoverScheduler) kill(t *testing.T) time.Time {
-	t.Helper()
+func (s *failoverScheduler) kill() time.Time {
 	at := time.Now()
-	if err := syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL); err != nil {
-		t.Fatalf("killing %s: %v", s.name, err)
-	}
-	select {
-	case <-s.done:
-	case <-time.After(5 * time.Second):
-		t.Fatalf("%s still runs 5 s after SIGKILL", s.name)
-	}
+	s.Kill()
 	return at
 }
 
@@ -396,13 +364,4 @@ func (s *failoverScheduler) logContains(t *testing.T, text string) bool {
 		t.Fatal(err)
 	}
 	return strings.Contains(string(data), text)
-}
-
-func (s *failoverScheduler) logTail() string {
-	data, _ := os.ReadFile(s.logPath)
-	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
-	if len(lines) > 30 {
-		lines = lines[len(lines)-30:]
-	}
-	return s.name + ":\n    " + strings.Join(lines, "\n    ")
 }
