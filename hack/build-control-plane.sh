@@ -9,6 +9,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 bin="${CAPSTAN_TOOLS_DIR}"
 mkdir -p "${bin}"
+# Suites and people may build at once: one builds, the others wait for it.
+exec 9>"${bin}/.lock"
+flock 9
 export CGO_ENABLED=0
 
 # Without these the binaries report v0.0.0-master, which kwok and discovery

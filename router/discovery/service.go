@@ -12,9 +12,11 @@ package discovery
 
 import (
 	"cmp"
+	"maps"
 	"net"
 	"slices"
 	"strconv"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -44,8 +46,12 @@ func (e Endpoint) Routable() bool { return e.Ready && !e.Terminating }
 // Service is an immutable snapshot of one Service and its endpoints.
 type Service struct {
 	Key types.NamespacedName
-	// Labels are the Service's labels (shared, do not modify).
-	Labels map[string]string
+	// Labels and Annotations are the Service's (shared, do not modify).
+	Labels      map[string]string
+	Annotations map[string]string
+	// Created is the Service's creationTimestamp: which of several
+	// Services claiming a model came first is decided on it.
+	Created time.Time
 	// Port is the name of the Service port model requests go to (see
 	// ServicePort).
 	Port string
@@ -98,23 +104,11 @@ func (s *Service) Counts() (ready, notReady, terminating int) {
 
 // equal reports whether two snapshots would route the same way.
 func (s *Service) equal(o *Service) bool {
-	return s.Key == o.Key && s.Port == o.Port && s.Problem == o.Problem &&
-		slices.Equal(s.Endpoints, o.Endpoints) && equalLabels(s.Labels, o.Labels) &&
+	return s.Key == o.Key && s.Port == o.Port && s.Problem == o.Problem && s.Created.Equal(o.Created) &&
+		slices.Equal(s.Endpoints, o.Endpoints) && maps.Equal(s.Labels, o.Labels) && maps.Equal(s.Annotations, o.Annotations) &&
 		slices.EqualFunc(s.Ports, o.Ports, func(a, b Port) bool {
 			return a.Name == b.Name && a.Number == b.Number && slices.Equal(a.Endpoints, b.Endpoints)
 		})
-}
-
-func equalLabels(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
 }
 
 // ServicePort returns the Service port that model requests go to: the port

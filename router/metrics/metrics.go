@@ -156,13 +156,16 @@ var (
 	modelInflightDesc = prometheus.NewDesc(namespace+"_model_in_flight_requests",
 		"Requests this router has in flight to each model.",
 		[]string{"model"}, nil)
+	refusedDesc = prometheus.NewDesc(namespace+"_model_refused_claims",
+		"Services of a namespace that claim a model another namespace owns and does not share with it; they get no traffic.",
+		[]string{"model", "namespace"}, nil)
 	ejectedDesc = prometheus.NewDesc(namespace+"_endpoint_ejected",
 		"1 for a Ready endpoint that is ejected after failing, else 0.",
 		[]string{"model", "pod", "endpoint"}, nil)
 )
 
 func (c *tableCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{endpointsDesc, totalDesc, inflightDesc, modelInflightDesc, ejectedDesc} {
+	for _, d := range []*prometheus.Desc{endpointsDesc, totalDesc, inflightDesc, modelInflightDesc, ejectedDesc, refusedDesc} {
 		ch <- d
 	}
 }
@@ -174,6 +177,13 @@ func (c *tableCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, float64(m.Terminating), m.Name, "terminating")
 		ch <- prometheus.MustNewConstMetric(totalDesc, prometheus.GaugeValue, float64(m.Total), m.Name)
 		ch <- prometheus.MustNewConstMetric(modelInflightDesc, prometheus.GaugeValue, float64(m.Pool.InFlight()), m.Name)
+		refused := map[string]int{}
+		for _, c := range m.Refused {
+			refused[c.Service.Namespace]++
+		}
+		for ns, n := range refused {
+			ch <- prometheus.MustNewConstMetric(refusedDesc, prometheus.GaugeValue, float64(n), m.Name, ns)
+		}
 		for _, e := range m.Pool.Endpoints() {
 			ch <- prometheus.MustNewConstMetric(inflightDesc, prometheus.GaugeValue, float64(e.Host.InFlight()), m.Name, e.Pod, e.Address)
 			ejected := 0.0

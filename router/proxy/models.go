@@ -18,6 +18,17 @@ type modelObject struct {
 	OwnedBy   string         `json:"owned_by"`
 	Endpoints endpointCounts `json:"endpoints"`
 	Services  []string       `json:"services"`
+	// Owner is the namespace the model name belongs to; SharedWith the
+	// namespaces it pools with; Refused the Services of other namespaces
+	// that claim the name and get no traffic.
+	Owner      string         `json:"owner"`
+	SharedWith []string       `json:"shared_with,omitempty"`
+	Refused    []refusedClaim `json:"refused,omitempty"`
+}
+
+type refusedClaim struct {
+	Service string `json:"service"`
+	Reason  string `json:"reason"`
 }
 
 type endpointCounts struct {
@@ -28,10 +39,13 @@ type endpointCounts struct {
 }
 
 func toObject(m *route.Model) modelObject {
-	o := modelObject{ID: m.Name, Object: "model", OwnedBy: "capstan",
+	o := modelObject{ID: m.Name, Object: "model", OwnedBy: "capstan", Owner: m.Owner, SharedWith: m.SharedWith,
 		Endpoints: endpointCounts{Ready: m.Ready, NotReady: m.NotReady, Terminating: m.Terminating, Total: m.Total}}
 	for _, s := range m.Services {
 		o.Services = append(o.Services, s.String())
+	}
+	for _, c := range m.Refused {
+		o.Refused = append(o.Refused, refusedClaim{Service: c.Service.String(), Reason: c.Reason(m.Name)})
 	}
 	return o
 }

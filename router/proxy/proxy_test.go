@@ -696,7 +696,7 @@ func TestListModels(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []modelObject{{ID: "llama", Object: "model", OwnedBy: "capstan",
-		Endpoints: endpointCounts{Ready: 1, NotReady: 1, Total: 2}, Services: []string{"ns/llama"}}}
+		Endpoints: endpointCounts{Ready: 1, NotReady: 1, Total: 2}, Services: []string{"ns/llama"}, Owner: "ns"}}
 	if diff := cmp.Diff(want, list.Data); diff != "" || list.Object != "list" {
 		t.Errorf("models (-want +got):\n%s", diff)
 	}

@@ -31,8 +31,16 @@ type Model struct {
 	// Pool holds the Ready, non-terminating endpoints of all the model's
 	// Services, one per address.
 	Pool *balance.Pool
-	// Services are the model's Services, sorted.
+	// Services are the model's pooled Services, sorted.
 	Services []types.NamespacedName
+	// Owner is the namespace that owns the model name: the one whose
+	// Service claimed it first.
+	Owner string
+	// SharedWith are the other namespaces the owner pools with it.
+	SharedWith []string
+	// Refused are the Services of other namespaces that claim the model
+	// and get no traffic, sorted.
+	Refused []RefusedClaim
 	// Total counts every distinct endpoint address; Ready, NotReady and
 	// Terminating split it.
 	Total, Ready, NotReady, Terminating int
@@ -86,6 +94,8 @@ type Options struct {
 	// BuildRing builds each pool's consistent-hash ring as the pool is made,
 	// for the affinity balancers.
 	BuildRing bool
+	// Claims, when set, is told about refused claims.
+	Claims ClaimRecorder
 }
 
 // Builder keeps the routing table up to date from Service snapshots. It
@@ -110,6 +120,9 @@ type serviceState struct {
 	svc   *discovery.Service
 	model string
 	hosts []*health.Host // parallel to svc.Endpoints
+	// refused is whether the Service's claim on its model was refused in
+	// the last build, so that a refusal is recorded once.
+	refused bool
 }
 
 var _ discovery.Handler = (*Builder)(nil)
@@ -143,7 +156,8 @@ func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Servic
 	delete(b.services, key)
 	if svc != nil {
 		if model := modelserver.Model(svc.Labels); model != "" {
-			st := &serviceState{svc: svc, model: model, hosts: make([]*health.Host, len(svc.Endpoints))}
+			st := &serviceState{svc: svc, model: model, hosts: make([]*health.Host, len(svc.Endpoints)),
+				refused: hadOld && old.model == model && old.refused}
 			for i, e := range svc.Endpoints {
 				st.hosts[i] = b.hosts.Acquire(e.Address)
 			}
@@ -183,20 +197,29 @@ func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Servic
 	b.table.Store(next)
 }
 
-// buildModel pools the endpoints of every Service of a model, or returns nil
-// when it has no Services left.
+// buildModel pools the endpoints of the Services of a model that its owner
+// allows, or returns nil when it has no Services left.
 func (b *Builder) buildModel(name string) *Model {
 	m := &Model{Name: name}
+	var claims []*serviceState
+	for _, st := range b.services {
+		if st.model == name {
+			claims = append(claims, st)
+		}
+	}
+	if len(claims) == 0 {
+		delete(b.inflight, name)
+		return nil
+	}
+	var pooled, refused []*serviceState
+	m.Owner, m.SharedWith, pooled, refused = settleClaims(claims)
 	type seen struct {
 		ep   discovery.Endpoint
 		host *health.Host
 	}
 	byAddr := map[string]seen{}
-	for key, st := range b.services {
-		if st.model != name {
-			continue
-		}
-		m.Services = append(m.Services, key)
+	for _, st := range pooled {
+		m.Services = append(m.Services, st.svc.Key)
 		if st.svc.Problem != "" {
 			m.Problems = append(m.Problems, st.svc.Problem)
 		}
@@ -209,10 +232,17 @@ func (b *Builder) buildModel(name string) *Model {
 			byAddr[e.Address] = seen{e, st.hosts[i]}
 		}
 	}
-	if len(m.Services) == 0 {
-		delete(b.inflight, name)
-		return nil
+	for _, st := range refused {
+		c := RefusedClaim{Service: st.svc.Key, Owner: m.Owner}
+		m.Refused = append(m.Refused, c)
+		if !st.refused && b.opts.Claims != nil {
+			b.opts.Claims.ClaimRefused(name, c)
+		}
 	}
+	for _, st := range claims {
+		st.refused = slices.Contains(refused, st)
+	}
+	slices.SortFunc(m.Refused, func(a, b RefusedClaim) int { return cmp.Compare(a.Service.String(), b.Service.String()) })
 	slices.SortFunc(m.Services, func(a, b types.NamespacedName) int { return cmp.Compare(a.String(), b.String()) })
 	slices.Sort(m.Problems)
 	var eps []balance.Endpoint

@@ -743,6 +743,8 @@ func TestManifests(t *testing.T) {
 		{"", "services", "update", false},
 		{"", "secrets", "get", false},
 		{"discovery.k8s.io", "endpointslices", "delete", false},
+		{"", "events", "create", true},
+		{"", "events", "delete", false},
 	} {
 		if got := can(t, ctx, user, check.group, check.resource, check.verb); got != check.allowed {
 			t.Errorf("%s %s.%s: allowed=%v, want %v", check.verb, check.resource, check.group, got, check.allowed)
