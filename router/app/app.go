@@ -53,6 +53,8 @@ type Router struct {
 	server   *server.Server
 	admin    *http.Server
 	draining atomic.Bool
+	client   kubernetes.Interface
+	events   *claimEvents
 }
 
 // New builds a router from o, which must be valid: its clients, informers,
@@ -71,17 +73,19 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
+	events := newClaimEvents()
 	hosts := health.NewRegistry(health.EjectionPolicy{Base: o.EjectionBase, Max: o.EjectionMax})
 	routes := route.NewBuilder(hosts, route.Options{
 		MaxPerEndpoint: o.MaxRequestsPerEndpoint,
 		MaxPerModel:    o.MaxRequestsPerModel,
 		BuildRing:      balance.NeedsRing(selector),
+		Claims:         events,
 	})
 	// Every Service snapshot goes to the routing table and, with the
 	// Gateway API on, to the gateway controller, which is added below
 	// (it waits for discovery to sync, so it is built after it).
 	handlers := &discovery.Handlers{routes}
-	r := &Router{opts: o, logger: logger}
+	r := &Router{opts: o, logger: logger, client: client, events: events}
 	r.discovery, err = discovery.New(client, handlers, discovery.Options{Namespaces: o.Namespaces, AllServices: o.GatewayEnabled()})
 	if err != nil {
 		return nil, err
@@ -165,11 +169,12 @@ func (r *Router) newGateway(cfg *rest.Config, client kubernetes.Interface, route
 		Logger:    r.logger.WithName("gateway-listeners"),
 	})
 	r.gateway = gateway.New(client, gwClient, routes, r.listeners, r.discovery.HasSynced, reg, gateway.Options{
-		ControllerName: o.GatewayControllerName,
-		Namespaces:     o.Namespaces,
-		Addresses:      o.gatewayAddresses(),
-		LeaderElection: o.LeaderElection,
-		BindRetry:      5 * time.Second,
+		ControllerName:   o.GatewayControllerName,
+		Namespaces:       o.Namespaces,
+		SecretNamespaces: o.GatewaySecretNamespaces,
+		Addresses:        o.gatewayAddresses(),
+		LeaderElection:   o.LeaderElection,
+		BindRetry:        5 * time.Second,
 	})
 	*handlers = append(*handlers, r.gateway)
 	return nil
@@ -212,6 +217,8 @@ func (r *Router) Run(ctx context.Context) error {
 	// changes.
 	background, stopBackground := context.WithCancel(klog.NewContext(context.WithoutCancel(ctx), logger))
 	defer stopBackground()
+	r.events.start(r.client)
+	defer r.events.stop()
 	g, gctx := errgroup.WithContext(background)
 	g.Go(func() error {
 		if err := r.discovery.Run(klog.NewContext(gctx, logger.WithName("discovery")), o.Workers); err != nil {

@@ -144,6 +144,10 @@ type Options struct {
 	// with GatewayAddress or GatewayPublishService; "" means every
 	// interface. Default "".
 	GatewayBindAddress string
+	// GatewaySecretNamespaces, when set, are the only namespaces whose TLS
+	// Secrets the router reads for Gateway listeners; empty means the same
+	// namespaces as Gateways (--namespaces). Default empty.
+	GatewaySecretNamespaces []string
 	// GatewayControllerName selects the GatewayClasses to serve. Default
 	// capstan.dev/gateway-controller.
 	GatewayControllerName string
@@ -266,6 +270,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.GatewayAddress, "gateway-address", o.GatewayAddress, "Serve the Gateway API with every Gateway sharing this address (an IP or hostname that reaches the router); listeners are told apart by port and hostname.")
 	fs.StringVar(&o.GatewayPublishService, "gateway-publish-service", o.GatewayPublishService, "Serve the Gateway API with every Gateway sharing the address of this Service (namespace/name; its load balancer's, else an external IP, else its cluster IP), which must route to the router's pods; listeners are told apart by port and hostname.")
 	fs.StringVar(&o.GatewayBindAddress, "gateway-bind-address", o.GatewayBindAddress, "With --gateway-address or --gateway-publish-service, the host to listen on for Gateway listeners; empty means every interface.")
+	fs.StringSliceVar(&o.GatewaySecretNamespaces, "gateway-secret-namespaces", o.GatewaySecretNamespaces, "With the Gateway API, the only namespaces whose TLS Secrets the router reads for listener certificates, comma-separated; the router then needs RBAC for Secrets only there (manifests/components/gateway-scoped-secrets). A listener whose certificate is elsewhere is not served. Empty means the namespaces of --namespaces.")
 	fs.StringVar(&o.GatewayControllerName, "gateway-controller-name", o.GatewayControllerName, "The controllerName of the GatewayClasses this router serves.")
 	componentbaseoptions.BindLeaderElectionFlags(&o.LeaderElection, fs)
 }
@@ -418,6 +423,22 @@ func (o *Options) validateGateway() field.ErrorList {
 		if _, err := netip.ParseAddr(o.GatewayBindAddress); err != nil {
 			errs = append(errs, field.Invalid(field.NewPath("gateway-bind-address"), o.GatewayBindAddress, "must be an IP address"))
 		}
+	}
+	for i, ns := range o.GatewaySecretNamespaces {
+		p := field.NewPath("gateway-secret-namespaces").Index(i)
+		switch {
+		case ns == "":
+			errs = append(errs, field.Invalid(p, ns, "must not be empty"))
+		case len(validation.IsDNS1123Label(ns)) > 0:
+			errs = append(errs, field.Invalid(p, ns, "must be a namespace name"))
+		case slices.Index(o.GatewaySecretNamespaces, ns) < i:
+			errs = append(errs, field.Duplicate(p, ns))
+		case len(o.Namespaces) > 0 && !slices.Contains(o.Namespaces, ns):
+			errs = append(errs, field.Invalid(p, ns, "must be one of --namespaces: the router watches Gateways and ReferenceGrants only there"))
+		}
+	}
+	if len(o.GatewaySecretNamespaces) > 0 && !o.GatewayEnabled() {
+		errs = append(errs, field.Forbidden(field.NewPath("gateway-secret-namespaces"), "needs the Gateway API (--gateway-address-pool, --gateway-address or --gateway-publish-service)"))
 	}
 	if domain, path, ok := strings.Cut(o.GatewayControllerName, "/"); !ok || path == "" || len(validation.IsDNS1123Subdomain(domain)) > 0 {
 		errs = append(errs, field.Invalid(field.NewPath("gateway-controller-name"), o.GatewayControllerName, "must be DOMAIN/PATH, e.g. "+gateway.DefaultControllerName))

@@ -46,6 +46,15 @@ func TestValidate(t *testing.T) {
 		"address":         {func(o *Options) { o.GatewayAddress = "not an address" }, `gateway-address: Invalid value: "not an address": not an IP address or hostname`},
 		"publish service": {func(o *Options) { o.GatewayPublishService = "just-a-name" }, `gateway-publish-service: Invalid value: "just-a-name": must be namespace/name of a Service`},
 		"controller name": {func(o *Options) { o.GatewayControllerName = "capstan" }, `gateway-controller-name: Invalid value: "capstan": must be DOMAIN/PATH`},
+		"secret namespace": {func(o *Options) { o.GatewayAddress, o.GatewaySecretNamespaces = "203.0.113.1", []string{"Certs"} },
+			`gateway-secret-namespaces[0]: Invalid value: "Certs": must be a namespace name`},
+		"duplicate secret namespace": {func(o *Options) { o.GatewayAddress, o.GatewaySecretNamespaces = "203.0.113.1", []string{"certs", "certs"} },
+			`gateway-secret-namespaces[1]: Duplicate value: "certs"`},
+		"secret namespace not watched": {func(o *Options) {
+			o.GatewayAddress, o.Namespaces, o.GatewaySecretNamespaces = "203.0.113.1", []string{"a"}, []string{"certs"}
+		}, `gateway-secret-namespaces[0]: Invalid value: "certs": must be one of --namespaces`},
+		"secret namespaces without gateway": {func(o *Options) { o.GatewaySecretNamespaces = []string{"certs"} },
+			"gateway-secret-namespaces: Forbidden: needs the Gateway API"},
 		"renew deadline": {func(o *Options) {
 			o.GatewayAddress = "203.0.113.1"
 			o.LeaderElection.RenewDeadline = o.LeaderElection.LeaseDuration

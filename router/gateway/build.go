@@ -41,6 +41,9 @@ type inputs struct {
 	namespaceLabels func(name string) (labels.Set, bool)
 	// secret returns a TLS Secret.
 	secret func(namespace, name string) (*corev1.Secret, bool)
+	// secretNamespaces, when not empty, are the only namespaces the router
+	// may read certificates in (--gateway-secret-namespaces).
+	secretNamespaces []string
 	// service returns a Service's snapshot, nil when it does not exist.
 	service func(types.NamespacedName) *discovery.Service
 	// watched reports whether the router watches a namespace.
@@ -342,6 +345,13 @@ func (in *inputs) certificate(gw *gatewayv1.Gateway, ref gatewayv1.SecretObjectR
 	if !in.grants.allowed(objectRef{groupName, kindGateway, gw.Namespace, gw.Name}, objectRef{"", kindSecret, ns, string(ref.Name)}) {
 		return tls.Certificate{}, gatewayv1.ListenerReasonRefNotPermitted,
 			fmt.Sprintf("no ReferenceGrant in namespace %s allows Gateways in %s to refer to Secret %s", ns, gw.Namespace, name)
+	}
+	if len(in.secretNamespaces) > 0 && !slices.Contains(in.secretNamespaces, ns) {
+		// The router has no informer (and no RBAC) there: say so rather
+		// than "not found", and never serve the listener without TLS.
+		return tls.Certificate{}, gatewayv1.ListenerReasonInvalidCertificateRef,
+			fmt.Sprintf("Secret %s is outside the namespaces capstan-router may read certificates in: %s (--gateway-secret-namespaces)",
+				name, strings.Join(in.secretNamespaces, ", "))
 	}
 	s, ok := in.secret(ns, string(ref.Name))
 	if !ok {

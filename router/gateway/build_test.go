@@ -344,6 +344,69 @@ func TestListenerValidation(t *testing.T) {
 	}
 }
 
+// TestScopedSecretNamespaces: with --gateway-secret-namespaces a listener
+// whose certificate is in another namespace is not served (never without
+// TLS), and says which namespaces the router may read.
+func TestScopedSecretNamespaces(t *testing.T) {
+	f := newFixture()
+	cert, key := selfSigned(t, "example.com")
+	data := map[string][]byte{"tls.crt": cert, "tls.key": key}
+	// The fixture's secret func would find both: the restriction must not
+	// depend on the informers alone.
+	f.secrets["certs/allowed"] = &corev1.Secret{ObjectMeta: meta("certs", "allowed", 0), Data: data}
+	f.secrets["ns/local"] = &corev1.Secret{ObjectMeta: meta("ns", "local", 0), Data: data}
+	f.secretNamespaces = []string{"certs", "more-certs"}
+	f.grants = newGrants([]*gatewayv1.ReferenceGrant{{ObjectMeta: meta("certs", "allow", 0), Spec: gatewayv1.ReferenceGrantSpec{
+		From: []gatewayv1.ReferenceGrantFrom{{Group: groupName, Kind: kindGateway, Namespace: "ns"}},
+		To:   []gatewayv1.ReferenceGrantTo{{Group: "", Kind: kindSecret}},
+	}}})
+	https := func(name string, port int32, ref gatewayv1.SecretObjectReference) gatewayv1.Listener {
+		l := listener(name, port, gatewayv1.HTTPSProtocolType, name+".example.com")
+		l.TLS = &gatewayv1.ListenerTLSConfig{CertificateRefs: []gatewayv1.SecretObjectReference{ref}}
+		return l
+	}
+	f.gateways = []*gatewayv1.Gateway{gw("ns", "g", 1,
+		https("allowed", 443, gatewayv1.SecretObjectReference{Name: "allowed", Namespace: ptrTo(gatewayv1.Namespace("certs"))}),
+		https("outside", 8443, gatewayv1.SecretObjectReference{Name: "local"}),
+	)}
+	tr := translate(&f.inputs)
+	st, _ := gatewayConds(t, tr, "ns", "g")
+	got := map[string][]cond{}
+	var msg string
+	for _, l := range st.Listeners {
+		got[string(l.Name)] = conds(l.Conditions)
+		if l.Name == "outside" {
+			for _, c := range l.Conditions {
+				if c.Type == "ResolvedRefs" {
+					msg = c.Message
+				}
+			}
+		}
+	}
+	want := map[string][]cond{
+		"allowed": listenerHealthy,
+		"outside": {accepted, {"Programmed", "False", "Invalid"}, {"ResolvedRefs", "False", "InvalidCertificateRef"}, noConflicts},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("listener conditions (-want +got):\n%s", diff)
+	}
+	if wantMsg := "Secret ns/local is outside the namespaces capstan-router may read certificates in: certs, more-certs (--gateway-secret-namespaces)"; msg != wantMsg {
+		t.Errorf("ResolvedRefs message = %q, want %q", msg, wantMsg)
+	}
+	var served []string
+	for _, p := range tr.table.Ports() {
+		if !p.TLS {
+			t.Errorf("port %s served without TLS", p.Address)
+		}
+		for _, l := range p.Listeners() {
+			served = append(served, l.Name)
+		}
+	}
+	if diff := cmp.Diff([]string{"allowed"}, served); diff != "" {
+		t.Errorf("served listeners (-want +got):\n%s", diff)
+	}
+}
+
 var sortStrings = cmp.Transformer("sort", func(in []string) []string {
 	out := append([]string(nil), in...)
 	for i := range out {

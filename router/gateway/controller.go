@@ -62,6 +62,11 @@ type Options struct {
 	// Namespaces limits Gateways, HTTPRoutes, ReferenceGrants and Secrets
 	// to these namespaces; empty means all.
 	Namespaces []string
+	// SecretNamespaces, when set, are the only namespaces whose TLS Secrets
+	// the router watches (it then needs RBAC for Secrets only there); a
+	// listener whose certificate is elsewhere is not served. Empty means
+	// the same namespaces as Namespaces.
+	SecretNamespaces []string
 	// Addresses says where Gateways are served.
 	Addresses Addresses
 	// LeaderElection elects the one replica that writes status. With
@@ -177,6 +182,13 @@ func New(kube kubernetes.Interface, gw gatewayclient.Interface, services Service
 		c.gatewayInfs = append(c.gatewayInfs, add(f.Gateway().V1().Gateways().Informer()))
 		c.routeInfs = append(c.routeInfs, add(f.Gateway().V1().HTTPRoutes().Informer()))
 		c.grantInfs = append(c.grantInfs, add(f.Gateway().V1().ReferenceGrants().Informer()))
+		c.informers.Add(f)
+	}
+	secretNamespaces := namespaces
+	if len(opts.SecretNamespaces) > 0 {
+		secretNamespaces = opts.SecretNamespaces
+	}
+	for _, ns := range secretNamespaces {
 		// Only TLS Secrets, which is all a listener may refer to: the
 		// router does not cache the cluster's other Secrets.
 		sf := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithNamespace(ns),
@@ -184,7 +196,6 @@ func New(kube kubernetes.Interface, gw gatewayclient.Interface, services Service
 				o.FieldSelector = fields.OneTermEqualSelector("type", string(corev1.SecretTypeTLS)).String()
 			}))
 		c.secretInfs = append(c.secretInfs, add(sf.Core().V1().Secrets().Informer()))
-		c.informers.Add(f)
 		c.informers.Add(sf)
 	}
 	return c
@@ -340,9 +351,10 @@ func (c *Controller) inputs() *inputs {
 		secret: func(namespace, name string) (*corev1.Secret, bool) {
 			return get[*corev1.Secret](namespace+"/"+name, c.secretInfs...)
 		},
-		service:  c.services.Service,
-		watched:  func(ns string) bool { return len(watched) == 0 || watched[ns] },
-		backends: c.services.SyncBackends,
+		secretNamespaces: c.opts.SecretNamespaces,
+		service:          c.services.Service,
+		watched:          func(ns string) bool { return len(watched) == 0 || watched[ns] },
+		backends:         c.services.SyncBackends,
 	}
 }
 
