@@ -48,7 +48,9 @@ func TestValidate(t *testing.T) {
 		"controller name": {func(o *Options) { o.GatewayControllerName = "capstan" }, `gateway-controller-name: Invalid value: "capstan": must be DOMAIN/PATH`},
 		"secret namespace": {func(o *Options) { o.GatewayAddress, o.GatewaySecretNamespaces = "203.0.113.1", []string{"Certs"} },
 			`gateway-secret-namespaces[0]: Invalid value: "Certs": must be a namespace name`},
-		"duplicate secret namespace": {func(o *Options) { o.GatewayAddress, o.GatewaySecretNamespaces = "203.0.113.1", []string{"certs", "certs"} },
+		"duplicate secret namespace": {func(o *Options) {
+			o.GatewayAddress, o.GatewaySecretNamespaces = "203.0.113.1", []string{"certs", "certs"}
+		},
 			`gateway-secret-namespaces[1]: Duplicate value: "certs"`},
 		"secret namespace not watched": {func(o *Options) {
 			o.GatewayAddress, o.Namespaces, o.GatewaySecretNamespaces = "203.0.113.1", []string{"a"}, []string{"certs"}
