@@ -14,7 +14,8 @@ import (
 // The labels and annotations the plugin reads. The model label itself is
 // modelserver.ModelLabel.
 const (
-	// NodeSlotsLabel on a node says how many model-server replicas it holds.
+	// NodeSlotsLabel on a node says how many model-server replicas it holds,
+	// unless the args' nodeSlotsLabel names another label.
 	NodeSlotsLabel = "capstan.dev/model-slots"
 	// SlotsAnnotation on a model-server pod says how many slots one replica
 	// takes (default 1), for example 2 for a model sharded over two GPUs.
@@ -28,11 +29,12 @@ const (
 // pods cannot overflow.
 const maxSlots = 1 << 20
 
-// errInvalidNodeSlots marks a node whose NodeSlotsLabel is not a count.
-var errInvalidNodeSlots = errors.New("invalid " + NodeSlotsLabel + " label")
+// errInvalidNodeSlots marks a node whose slots label is not a count.
+var errInvalidNodeSlots = errors.New("invalid node slots label")
 
 // Capacity says how many model slots a node holds, following the plugin args.
 type Capacity struct {
+	label        string // the node label that declares slots
 	defaultSlots int64
 	resource     v1.ResourceName // "" when slots are not derived from a resource
 	perSlot      int64
@@ -40,27 +42,30 @@ type Capacity struct {
 
 // NewCapacity returns the capacity model of validated args.
 func NewCapacity(args *config.ModelSlotsArgs) Capacity {
-	c := Capacity{defaultSlots: int64(args.DefaultNodeSlots)}
+	c := Capacity{label: args.NodeSlotsLabel, defaultSlots: int64(args.DefaultNodeSlots)}
 	if r := args.SlotResource; r != nil {
 		c.resource, c.perSlot = r.Name, r.PerSlot
 	}
 	return c
 }
 
-// NodeSlots returns how many model slots a node holds: its NodeSlotsLabel if
-// it has one; else, when the args name a slot resource the node has, one slot
+// Label returns the node label the capacity reads slots from.
+func (c Capacity) Label() string { return c.label }
+
+// NodeSlots returns how many model slots a node holds: its slots label (the
+// args' nodeSlotsLabel) if it has one; else, when the args name a slot resource the node has, one slot
 // per PerSlot units of its allocatable; else the args' default. A label that
 // is not a non-negative integer gives 0 slots and an error wrapping
 // errInvalidNodeSlots, so a typo never lets model servers in.
 //
 // For example, with slotResource {name: nvidia.com/gpu, perSlot: 2}, a node
-// labelled capstan.dev/model-slots=3 holds 3 slots, an unlabelled node with
+// labelled <nodeSlotsLabel>=3 holds 3 slots, an unlabelled node with
 // 8 GPUs holds 4, and an unlabelled node without GPUs holds defaultNodeSlots.
 func (c Capacity) NodeSlots(node *v1.Node) (int64, error) {
-	if v, ok := node.Labels[NodeSlotsLabel]; ok {
+	if v, ok := node.Labels[c.label]; ok {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil || n < 0 || n > maxSlots {
-			return 0, fmt.Errorf("%w %q: must be an integer from 0 to %d", errInvalidNodeSlots, v, maxSlots)
+			return 0, fmt.Errorf("%w: %s=%q must be an integer from 0 to %d", errInvalidNodeSlots, c.label, v, maxSlots)
 		}
 		return n, nil
 	}

@@ -2,6 +2,7 @@ package modelslots
 
 import (
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -13,7 +14,9 @@ import (
 )
 
 func TestNodeSlots(t *testing.T) {
-	gpu := &config.ModelSlotsArgs{DefaultNodeSlots: 1, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 2}}
+	gpu := &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, DefaultNodeSlots: 1, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 2}}
+	const restrictedLabel = "node-restriction.kubernetes.io/capstan-model-slots"
+	restricted := &config.ModelSlotsArgs{NodeSlotsLabel: restrictedLabel, DefaultNodeSlots: 1}
 	tests := []struct {
 		name        string
 		args        *config.ModelSlotsArgs
@@ -21,13 +24,17 @@ func TestNodeSlots(t *testing.T) {
 		want        int64
 		wantInvalid bool
 	}{
-		{name: "label", args: &config.ModelSlotsArgs{}, node: slotNode("n", "3"), want: 3},
-		{name: "zero label", args: &config.ModelSlotsArgs{DefaultNodeSlots: 5}, node: slotNode("n", "0"), want: 0},
-		{name: "no label and no default holds none", args: &config.ModelSlotsArgs{}, node: slotNode("n", ""), want: 0},
-		{name: "no label takes the default", args: &config.ModelSlotsArgs{DefaultNodeSlots: 2}, node: slotNode("n", ""), want: 2},
-		{name: "negative label is invalid", args: &config.ModelSlotsArgs{DefaultNodeSlots: 2}, node: slotNode("n", "-1"), wantInvalid: true},
-		{name: "word label is invalid", args: &config.ModelSlotsArgs{}, node: slotNode("n", "four"), wantInvalid: true},
-		{name: "huge label is invalid", args: &config.ModelSlotsArgs{}, node: slotNode("n", "99999999999"), wantInvalid: true},
+		{name: "label", args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel}, node: slotNode("n", "3"), want: 3},
+		{name: "zero label", args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, DefaultNodeSlots: 5}, node: slotNode("n", "0"), want: 0},
+		{name: "no label and no default holds none", args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel}, node: slotNode("n", ""), want: 0},
+		{name: "no label takes the default", args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, DefaultNodeSlots: 2}, node: slotNode("n", ""), want: 2},
+		{name: "negative label is invalid", args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, DefaultNodeSlots: 2}, node: slotNode("n", "-1"), wantInvalid: true},
+		{name: "word label is invalid", args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel}, node: slotNode("n", "four"), wantInvalid: true},
+		{name: "huge label is invalid", args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel}, node: slotNode("n", "99999999999"), wantInvalid: true},
+		{name: "configured label", args: restricted, node: makeNode("n", "").Label(restrictedLabel, "4").Obj(), want: 4},
+		{name: "configured label ignores the default label", args: restricted, node: slotNode("n", "3"), want: 1},
+		{name: "configured label wins over the default label", args: restricted, node: makeNode("n", "3").Label(restrictedLabel, "2").Obj(), want: 2},
+		{name: "invalid configured label", args: restricted, node: makeNode("n", "3").Label(restrictedLabel, "x").Obj(), wantInvalid: true},
 		{name: "slots from the resource, rounded down", args: gpu, node: gpuNode("n", "", "7"), want: 3},
 		{name: "label wins over the resource", args: gpu, node: gpuNode("n", "8", "2"), want: 8},
 		{name: "node without the resource takes the default", args: gpu, node: slotNode("n", ""), want: 1},
@@ -40,6 +47,9 @@ func TestNodeSlots(t *testing.T) {
 			}
 			if got != tc.want {
 				t.Errorf("NodeSlots = %d, want %d", got, tc.want)
+			}
+			if err != nil && !strings.Contains(err.Error(), tc.args.NodeSlotsLabel+"=") {
+				t.Errorf("NodeSlots error %q does not name the label %s", err, tc.args.NodeSlotsLabel)
 			}
 		})
 	}

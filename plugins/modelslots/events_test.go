@@ -33,7 +33,7 @@ func TestEventsToRegister(t *testing.T) {
 		},
 		{
 			name: "slots also from a resource",
-			args: &config.ModelSlotsArgs{ScoringStrategy: config.Pack, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 1}},
+			args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, ScoringStrategy: config.Pack, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 1}},
 			want: []fwk.ClusterEventWithHint{
 				{Event: fwk.ClusterEvent{Resource: fwk.AssignedPod, ActionType: fwk.Delete}},
 				{Event: fwk.ClusterEvent{Resource: fwk.AssignedPod, ActionType: fwk.UpdatePodLabel}},
@@ -150,7 +150,7 @@ func Test_isSchedulableAfterAssignedPodLabelUpdated(t *testing.T) {
 }
 
 func Test_isSchedulableAfterNodeChange(t *testing.T) {
-	gpuArgs := &config.ModelSlotsArgs{ScoringStrategy: config.Pack, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 1}}
+	gpuArgs := &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, ScoringStrategy: config.Pack, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 1}}
 	pod := modelPod("p", "llama", "").Obj()
 	twoSlotPod := modelPod("p", "llama", "").Annotation(SlotsAnnotation, "2").Obj()
 	a100Pod := modelPod("p", "llama", "").NodeSelector(map[string]string{"pool": "a100"}).Obj()
@@ -180,7 +180,7 @@ func Test_isSchedulableAfterNodeChange(t *testing.T) {
 			pod: a100Pod, newNode: makeNode("n", "4").Label("pool", "a100").Obj(), want: fwk.Queue,
 		},
 		"queue-on-node-added-with-default-slots": {
-			args: &config.ModelSlotsArgs{DefaultNodeSlots: 1, ScoringStrategy: config.Pack},
+			args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, DefaultNodeSlots: 1, ScoringStrategy: config.Pack},
 			pod:  pod, newNode: slotNode("n", ""), want: fwk.Queue,
 		},
 		"queue-on-node-gaining-slots": {

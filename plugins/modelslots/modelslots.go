@@ -46,9 +46,11 @@ const (
 // ModelSlots is the plugin. Its only state is a cache of per-node usage keyed
 // by the scheduler's own NodeInfo generations; it never writes to NodeInfo.
 type ModelSlots struct {
-	logger            klog.Logger
-	handle            fwk.Handle
-	capacity          Capacity
+	logger   klog.Logger
+	handle   fwk.Handle
+	capacity Capacity
+	// invalidSlots is Filter's reason for a node with an invalid slots label.
+	invalidSlots      string
 	defaultMaxPerNode int64
 	strategy          config.ScoringStrategyType
 	usage             *usageCache
@@ -83,6 +85,7 @@ func New(ctx context.Context, obj runtime.Object, h fwk.Handle) (fwk.Plugin, err
 		logger:            klog.FromContext(ctx).WithValues("plugin", Name),
 		handle:            h,
 		capacity:          capacity,
+		invalidSlots:      invalidNodeSlotsReason(capacity.Label()),
 		defaultMaxPerNode: int64(args.MaxReplicasPerNode),
 		strategy:          args.ScoringStrategy,
 		usage:             newUsageCache(capacity),
@@ -160,7 +163,7 @@ func (pl *ModelSlots) PreFilter(_ context.Context, state fwk.CycleState, pod *v1
 	restricted := hasRequiredNodeAffinity(pod)
 	affinity := nodeaffinity.GetRequiredNodeAffinity(pod)
 	priority := corev1.PodPriority(pod)
-	var cluster clusterSlots
+	cluster := clusterSlots{label: pl.capacity.Label()}
 	found := false
 	pl.usage.walk(nodes, int(pl.walkFrom.Load()), func(i int, u *nodeUsage) bool {
 		if restricted {
@@ -222,7 +225,7 @@ func (pl *ModelSlots) nodeStatus(s *preFilterState, u *nodeUsage) *fwk.Status {
 	d := s.demand
 	switch {
 	case u.invalidLabel:
-		return fwk.NewStatus(fwk.UnschedulableAndUnresolvable, ErrReasonInvalidNodeSlots)
+		return fwk.NewStatus(fwk.UnschedulableAndUnresolvable, pl.invalidSlots)
 	case u.capacity == 0:
 		return fwk.NewStatus(fwk.UnschedulableAndUnresolvable, ErrReasonNoSlots)
 	case u.capacity < d.Slots:
@@ -328,11 +331,12 @@ func (pl *ModelSlots) sweep(nodes int) {
 // clusterSlots sums model-slot usage over the nodes a pod may use, to explain
 // why none has room for it.
 type clusterSlots struct {
-	nodes         int   // nodes that hold slots
-	total, used   int64 // slots on them, and how many are in use
-	largest       int64 // most slots on one node
-	invalidLabels int   // nodes with an invalid NodeSlotsLabel
-	anySlotsFree  bool  // some node has as many slots free as the pod needs
+	label         string // the slots label, for the message
+	nodes         int    // nodes that hold slots
+	total, used   int64  // slots on them, and how many are in use
+	largest       int64  // most slots on one node
+	invalidLabels int    // nodes with an invalid slots label
+	anySlotsFree  bool   // some node has as many slots free as the pod needs
 	// preemptible: some node holds enough slots and runs a model server of
 	// lower priority than the pod, so preemption might make room.
 	preemptible bool
@@ -372,9 +376,9 @@ func (s *clusterSlots) message(d Demand, restricted bool) string {
 		}
 		msg += " has model slots"
 		if s.invalidLabels > 0 {
-			return msg + fmt.Sprintf(" (%s an invalid %s label)", plural(int64(s.invalidLabels), "node")+" with", NodeSlotsLabel)
+			return msg + fmt.Sprintf(" (%s an invalid %s label)", plural(int64(s.invalidLabels), "node")+" with", s.label)
 		}
-		return msg + " (nodes declare them with the " + NodeSlotsLabel + " label)"
+		return msg + " (nodes declare them with the " + s.label + " label)"
 	case s.largest < d.Slots:
 		return fmt.Sprintf("model %s needs %d model slots per replica, but the largest of %s has %d",
 			model, d.Slots, where, s.largest)

@@ -28,7 +28,7 @@ import (
 )
 
 func defaultArgs() *config.ModelSlotsArgs {
-	return &config.ModelSlotsArgs{ScoringStrategy: config.Pack}
+	return &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, ScoringStrategy: config.Pack}
 }
 
 // setup builds the plugin over a snapshot of nodes and the pods on them.
@@ -55,7 +55,7 @@ func TestNew(t *testing.T) {
 		{name: "no args", args: nil, wantErr: "want args to be of type ModelSlotsArgs, got <nil>"},
 		{name: "another plugin's args", args: &schedconfig.NodeResourcesFitArgs{},
 			wantErr: "want args to be of type ModelSlotsArgs, got *config.NodeResourcesFitArgs"},
-		{name: "invalid args", args: &config.ModelSlotsArgs{DefaultNodeSlots: -1, ScoringStrategy: config.Spread},
+		{name: "invalid args", args: &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, DefaultNodeSlots: -1, ScoringStrategy: config.Spread},
 			wantErr: "invalid ModelSlots args: defaultNodeSlots: Invalid value: -1: must be greater than or equal to 0"},
 	}
 	for _, tc := range tests {
@@ -129,13 +129,13 @@ func TestPreFilter(t *testing.T) {
 		},
 		{
 			name:  "unlabelled nodes take the default from the args",
-			args:  &config.ModelSlotsArgs{DefaultNodeSlots: 1, ScoringStrategy: config.Pack},
+			args:  &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, DefaultNodeSlots: 1, ScoringStrategy: config.Pack},
 			nodes: []*v1.Node{slotNode("n1", "")},
 			pod:   modelPod("p", "llama", "").Obj(), wantState: true,
 		},
 		{
 			name:  "unlabelled nodes take slots from GPUs",
-			args:  &config.ModelSlotsArgs{ScoringStrategy: config.Pack, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 1}},
+			args:  &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, ScoringStrategy: config.Pack, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 1}},
 			nodes: []*v1.Node{gpuNode("n1", "", "2")},
 			pods:  []*v1.Pod{modelPod("a", "llama", "n1").Obj(), modelPod("b", "llama", "n1").Obj()},
 			pod:   modelPod("p", "llama", "").Obj(),
@@ -160,7 +160,7 @@ func TestPreFilter(t *testing.T) {
 		},
 		{
 			name:  "cap from the args",
-			args:  &config.ModelSlotsArgs{MaxReplicasPerNode: 1, ScoringStrategy: config.Pack},
+			args:  &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, MaxReplicasPerNode: 1, ScoringStrategy: config.Pack},
 			nodes: twoNodes, pods: []*v1.Pod{modelPod("a", "llama", "n1").Obj(), modelPod("b", "llama", "n2").Obj()},
 			pod:  modelPod("p", "llama", "").Obj(),
 			want: unresolvable("model llama: every node with 1 model slot free already runs 1 replica of it, max 1 per node (2 of 4 model slots on 2 nodes are in use)"), wantState: true,
@@ -330,7 +330,7 @@ func TestScore(t *testing.T) {
 					onNodes = append(onNodes, p)
 				}
 			}
-			pl, nodeInfos := setup(t, &config.ModelSlotsArgs{ScoringStrategy: tc.strategy}, tc.nodes, onNodes)
+			pl, nodeInfos := setup(t, &config.ModelSlotsArgs{NodeSlotsLabel: NodeSlotsLabel, ScoringStrategy: tc.strategy}, tc.nodes, onNodes)
 			pod := modelPod("p", "llama", "").Obj()
 			state := framework.NewCycleState()
 			if _, s := pl.PreFilter(context.Background(), state, pod, nodeInfos); !s.IsSuccess() {

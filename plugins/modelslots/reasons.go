@@ -9,9 +9,17 @@ import (
 // Per-node reasons that do not depend on the node. The framework prefixes
 // each with the number of nodes that gave it ("3 node(s) had no model slots").
 const (
-	ErrReasonNoSlots          = "node(s) had no model slots"
+	ErrReasonNoSlots = "node(s) had no model slots"
+	// ErrReasonInvalidNodeSlots is the reason with the default slots label;
+	// invalidNodeSlotsReason names the configured one.
 	ErrReasonInvalidNodeSlots = "node(s) had an invalid " + NodeSlotsLabel + " label"
 )
+
+// invalidNodeSlotsReason is the reason for a node whose slots label is not a
+// count, naming the label so that operators fix the one the plugin reads.
+func invalidNodeSlotsReason(label string) string {
+	return "node(s) had an invalid " + label + " label"
+}
 
 // maxCachedReasons bounds the reason cache; past it, reasons are formatted
 // each time (correct, only slower).

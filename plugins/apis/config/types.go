@@ -12,8 +12,13 @@ import (
 type ModelSlotsArgs struct {
 	metav1.TypeMeta
 
+	// NodeSlotsLabel is the node label that says how many model slots a node
+	// holds. Clusters that do not trust kubelets to declare their own capacity
+	// point it under the node-restriction.kubernetes.io/ prefix, which the
+	// NodeRestriction admission plugin forbids kubelets to set.
+	NodeSlotsLabel string
 	// DefaultNodeSlots is how many model slots a node holds when it has no
-	// capstan.dev/model-slots label and SlotResource does not apply.
+	// NodeSlotsLabel and SlotResource does not apply.
 	DefaultNodeSlots int32
 	// SlotResource, when set, derives the slots of an unlabelled node from an
 	// extended resource in its allocatable (for example nvidia.com/gpu).

@@ -26,7 +26,7 @@ profiles:
 // Real KubeSchedulerConfiguration files decode into defaulted internal args,
 // through kube-scheduler's own decoder.
 func TestDecodeModelSlotsArgs(t *testing.T) {
-	defaults := &config.ModelSlotsArgs{ScoringStrategy: config.Pack}
+	defaults := &config.ModelSlotsArgs{NodeSlotsLabel: "capstan.dev/model-slots", ScoringStrategy: config.Pack}
 	tests := []struct {
 		name    string
 		yaml    string
@@ -58,7 +58,7 @@ func TestDecodeModelSlotsArgs(t *testing.T) {
         name: nvidia.com/gpu
         perSlot: 2
 `,
-			want: &config.ModelSlotsArgs{DefaultNodeSlots: 1, MaxReplicasPerNode: 2, ScoringStrategy: config.Spread,
+			want: &config.ModelSlotsArgs{NodeSlotsLabel: "capstan.dev/model-slots", DefaultNodeSlots: 1, MaxReplicasPerNode: 2, ScoringStrategy: config.Spread,
 				SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 2}},
 		},
 		{
@@ -68,7 +68,7 @@ func TestDecodeModelSlotsArgs(t *testing.T) {
     args:
       slotResource: {name: nvidia.com/gpu}
 `,
-			want: &config.ModelSlotsArgs{ScoringStrategy: config.Pack, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 1}},
+			want: &config.ModelSlotsArgs{NodeSlotsLabel: "capstan.dev/model-slots", ScoringStrategy: config.Pack, SlotResource: &config.SlotResource{Name: "nvidia.com/gpu", PerSlot: 1}},
 		},
 		{
 			name: "explicit zero and invalid values are kept for validation",
@@ -78,7 +78,7 @@ func TestDecodeModelSlotsArgs(t *testing.T) {
       defaultNodeSlots: -4
       scoringStrategy: ""
 `,
-			want: &config.ModelSlotsArgs{DefaultNodeSlots: -4, ScoringStrategy: ""},
+			want: &config.ModelSlotsArgs{NodeSlotsLabel: "capstan.dev/model-slots", DefaultNodeSlots: -4, ScoringStrategy: ""},
 		},
 		{
 			name: "apiVersion and kind may be given",
@@ -89,7 +89,7 @@ func TestDecodeModelSlotsArgs(t *testing.T) {
       kind: ModelSlotsArgs
       maxReplicasPerNode: 1
 `,
-			want: &config.ModelSlotsArgs{MaxReplicasPerNode: 1, ScoringStrategy: config.Pack},
+			want: &config.ModelSlotsArgs{NodeSlotsLabel: "capstan.dev/model-slots", MaxReplicasPerNode: 1, ScoringStrategy: config.Pack},
 		},
 		{
 			name: "unknown field is an error",
@@ -168,6 +168,7 @@ func TestEncodeModelSlotsArgs(t *testing.T) {
       defaultNodeSlots: 0
       kind: ModelSlotsArgs
       maxReplicasPerNode: 0
+      nodeSlotsLabel: capstan.dev/model-slots
       scoringStrategy: Spread
       slotResource:
         name: nvidia.com/gpu

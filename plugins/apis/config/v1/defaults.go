@@ -4,6 +4,9 @@ import "k8s.io/utils/ptr"
 
 // Defaults of ModelSlotsArgs.
 var (
+	// DefaultNodeSlotsLabel: the label Capstan has always read, so existing
+	// clusters keep working; see NodeSlotsLabel for the restricted choice.
+	DefaultNodeSlotsLabel = "capstan.dev/model-slots"
 	// DefaultNodeSlots: a node without the label runs no model servers, so
 	// they land only where an operator said they fit.
 	DefaultNodeSlots int32 = 0
@@ -19,6 +22,9 @@ var (
 // SetDefaults_ModelSlotsArgs fills the fields that are unset and leaves every
 // set field, valid or not, for validation to judge.
 func SetDefaults_ModelSlotsArgs(obj *ModelSlotsArgs) {
+	if obj.NodeSlotsLabel == nil {
+		obj.NodeSlotsLabel = ptr.To(DefaultNodeSlotsLabel)
+	}
 	if obj.DefaultNodeSlots == nil {
 		obj.DefaultNodeSlots = ptr.To(DefaultNodeSlots)
 	}

@@ -14,17 +14,22 @@ func TestSetDefaultsModelSlotsArgs(t *testing.T) {
 		"empty args get every default": {
 			in: &ModelSlotsArgs{},
 			want: &ModelSlotsArgs{DefaultNodeSlots: ptr.To[int32](0), MaxReplicasPerNode: ptr.To[int32](0),
-				ScoringStrategy: ptr.To(Pack)},
+				ScoringStrategy: ptr.To(Pack), NodeSlotsLabel: ptr.To(DefaultNodeSlotsLabel)},
+		},
+		"a restricted slots label is kept": {
+			in: &ModelSlotsArgs{NodeSlotsLabel: ptr.To("node-restriction.kubernetes.io/capstan-model-slots")},
+			want: &ModelSlotsArgs{DefaultNodeSlots: ptr.To[int32](0), MaxReplicasPerNode: ptr.To[int32](0),
+				ScoringStrategy: ptr.To(Pack), NodeSlotsLabel: ptr.To("node-restriction.kubernetes.io/capstan-model-slots")},
 		},
 		"slot resource gets one unit per slot": {
 			in: &ModelSlotsArgs{SlotResource: &SlotResource{Name: "nvidia.com/gpu"}},
 			want: &ModelSlotsArgs{DefaultNodeSlots: ptr.To[int32](0), MaxReplicasPerNode: ptr.To[int32](0),
-				ScoringStrategy: ptr.To(Pack), SlotResource: &SlotResource{Name: "nvidia.com/gpu", PerSlot: ptr.To[int64](1)}},
+				ScoringStrategy: ptr.To(Pack), NodeSlotsLabel: ptr.To(DefaultNodeSlotsLabel), SlotResource: &SlotResource{Name: "nvidia.com/gpu", PerSlot: ptr.To[int64](1)}},
 		},
 		"set fields are kept, even invalid or zero ones": {
-			in: &ModelSlotsArgs{DefaultNodeSlots: ptr.To[int32](-1), MaxReplicasPerNode: ptr.To[int32](3),
+			in: &ModelSlotsArgs{NodeSlotsLabel: ptr.To(""), DefaultNodeSlots: ptr.To[int32](-1), MaxReplicasPerNode: ptr.To[int32](3),
 				ScoringStrategy: ptr.To[ScoringStrategyType](""), SlotResource: &SlotResource{Name: "x/y", PerSlot: ptr.To[int64](0)}},
-			want: &ModelSlotsArgs{DefaultNodeSlots: ptr.To[int32](-1), MaxReplicasPerNode: ptr.To[int32](3),
+			want: &ModelSlotsArgs{NodeSlotsLabel: ptr.To(""), DefaultNodeSlots: ptr.To[int32](-1), MaxReplicasPerNode: ptr.To[int32](3),
 				ScoringStrategy: ptr.To[ScoringStrategyType](""), SlotResource: &SlotResource{Name: "x/y", PerSlot: ptr.To[int64](0)}},
 		},
 	}

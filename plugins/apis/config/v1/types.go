@@ -12,8 +12,15 @@ import (
 type ModelSlotsArgs struct {
 	metav1.TypeMeta `json:",inline"`
 
+	// NodeSlotsLabel is the node label that says how many model slots a node
+	// holds. Anyone who may label nodes can set the default, a node's own
+	// kubelet included; a label under the node-restriction.kubernetes.io/
+	// prefix (for example node-restriction.kubernetes.io/capstan-model-slots)
+	// is one the NodeRestriction admission plugin forbids kubelets to set.
+	// Default capstan.dev/model-slots.
+	NodeSlotsLabel *string `json:"nodeSlotsLabel,omitempty"`
 	// DefaultNodeSlots is how many model slots a node holds when it has no
-	// capstan.dev/model-slots label and SlotResource does not apply to it.
+	// NodeSlotsLabel and SlotResource does not apply to it.
 	// Default 0: unlabelled nodes run no model servers.
 	DefaultNodeSlots *int32 `json:"defaultNodeSlots,omitempty"`
 	// SlotResource, when set, gives an unlabelled node one slot per PerSlot

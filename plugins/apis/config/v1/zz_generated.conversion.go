@@ -60,6 +60,9 @@ func RegisterConversions(s *runtime.Scheme) error {
 }
 
 func autoConvert_v1_ModelSlotsArgs_To_config_ModelSlotsArgs(in *ModelSlotsArgs, out *config.ModelSlotsArgs, s conversion.Scope) error {
+	if err := metav1.Convert_Pointer_string_To_string(&in.NodeSlotsLabel, &out.NodeSlotsLabel, s); err != nil {
+		return err
+	}
 	if err := metav1.Convert_Pointer_int32_To_int32(&in.DefaultNodeSlots, &out.DefaultNodeSlots, s); err != nil {
 		return err
 	}
@@ -80,6 +83,9 @@ func autoConvert_v1_ModelSlotsArgs_To_config_ModelSlotsArgs(in *ModelSlotsArgs, 
 }
 
 func autoConvert_config_ModelSlotsArgs_To_v1_ModelSlotsArgs(in *config.ModelSlotsArgs, out *ModelSlotsArgs, s conversion.Scope) error {
+	if err := metav1.Convert_string_To_Pointer_string(&in.NodeSlotsLabel, &out.NodeSlotsLabel, s); err != nil {
+		return err
+	}
 	if err := metav1.Convert_int32_To_Pointer_int32(&in.DefaultNodeSlots, &out.DefaultNodeSlots, s); err != nil {
 		return err
 	}

@@ -29,6 +29,11 @@ import (
 func (in *ModelSlotsArgs) DeepCopyInto(out *ModelSlotsArgs) {
 	*out = *in
 	out.TypeMeta = in.TypeMeta
+	if in.NodeSlotsLabel != nil {
+		in, out := &in.NodeSlotsLabel, &out.NodeSlotsLabel
+		*out = new(string)
+		**out = **in
+	}
 	if in.DefaultNodeSlots != nil {
 		in, out := &in.DefaultNodeSlots, &out.DefaultNodeSlots
 		*out = new(int32)

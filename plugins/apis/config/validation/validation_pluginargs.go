@@ -4,7 +4,10 @@
 package validation
 
 import (
+	"strings"
+
 	"k8s.io/apimachinery/pkg/util/sets"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 	v1helper "k8s.io/kubernetes/pkg/apis/core/v1/helper"
 
@@ -17,6 +20,9 @@ var supportedScoringStrategies = sets.New(string(config.Pack), string(config.Spr
 // args sit in a larger object, or nil.
 func ValidateModelSlotsArgs(path *field.Path, args *config.ModelSlotsArgs) error {
 	var allErrs field.ErrorList
+	if msgs := validation.IsQualifiedName(args.NodeSlotsLabel); len(msgs) > 0 {
+		allErrs = append(allErrs, field.Invalid(path.Child("nodeSlotsLabel"), args.NodeSlotsLabel, strings.Join(msgs, "; ")))
+	}
 	if args.DefaultNodeSlots < 0 {
 		allErrs = append(allErrs, field.Invalid(path.Child("defaultNodeSlots"), args.DefaultNodeSlots, "must be greater than or equal to 0"))
 	}

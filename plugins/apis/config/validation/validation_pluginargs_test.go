@@ -11,7 +11,7 @@ import (
 
 func TestValidateModelSlotsArgs(t *testing.T) {
 	valid := func() config.ModelSlotsArgs {
-		return config.ModelSlotsArgs{ScoringStrategy: config.Pack}
+		return config.ModelSlotsArgs{NodeSlotsLabel: "capstan.dev/model-slots", ScoringStrategy: config.Pack}
 	}
 	tests := []struct {
 		name    string
@@ -36,6 +36,22 @@ func TestValidateModelSlotsArgs(t *testing.T) {
 			name:    "negative max replicas per node",
 			args:    func(a *config.ModelSlotsArgs) { a.MaxReplicasPerNode = -2 },
 			wantErr: "maxReplicasPerNode: Invalid value: -2: must be greater than or equal to 0",
+		},
+		{
+			name: "restricted node slots label",
+			args: func(a *config.ModelSlotsArgs) {
+				a.NodeSlotsLabel = "node-restriction.kubernetes.io/capstan-model-slots"
+			},
+		},
+		{
+			name:    "empty node slots label",
+			args:    func(a *config.ModelSlotsArgs) { a.NodeSlotsLabel = "" },
+			wantErr: `nodeSlotsLabel: Invalid value: "": name part must be non-empty; name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')`,
+		},
+		{
+			name:    "node slots label that is not a label key",
+			args:    func(a *config.ModelSlotsArgs) { a.NodeSlotsLabel = "capstan.dev/model slots" },
+			wantErr: `nodeSlotsLabel: Invalid value: "capstan.dev/model slots": name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')`,
 		},
 		{
 			name:    "unknown scoring strategy",
