@@ -50,6 +50,28 @@ const (
 	// accepted), and a request on a connection opened before gets no
 	// answer until the client gives up. Refuse wins when both are set.
 	FaultBlackHole Fault = "black-hole"
+	// FaultEndlessMetrics serves a 200 text/plain metrics page that never
+	// ends: well-formed lines, streamed as fast as the client reads, until
+	// it hangs up.
+	FaultEndlessMetrics Fault = "endless-metrics"
+	// FaultSeriesFlood serves a metrics page whose vllm:num_requests_waiting
+	// family has FaultSeriesAnnotation series (default 1,000,000), streamed
+	// line by line rather than built in memory.
+	FaultSeriesFlood Fault = "series-flood"
+	// FaultBucketFlood serves a metrics page whose
+	// vllm:time_to_first_token_seconds histogram has FaultBucketsAnnotation
+	// buckets (default 10,000), streamed.
+	FaultBucketFlood Fault = "bucket-flood"
+)
+
+// Sizes of the flood faults.
+const (
+	// FaultSeriesAnnotation is how many series the series-flood fault
+	// serves in its family (default 1,000,000).
+	FaultSeriesAnnotation = "sim.capstan.dev/fault-series"
+	// FaultBucketsAnnotation is how many buckets the bucket-flood fault
+	// serves in its histogram (default 10,000).
+	FaultBucketsAnnotation = "sim.capstan.dev/fault-buckets"
 )
 
 // params is one pod's simulation settings, from its annotations over the
@@ -60,6 +82,8 @@ type params struct {
 	outputTokens int
 	faults       map[Fault]bool
 	faultDelay   time.Duration
+	faultSeries  int
+	faultBuckets int
 }
 
 func paramsFor(pod *corev1.Pod, d Options) params {
@@ -70,6 +94,8 @@ func paramsFor(pod *corev1.Pod, d Options) params {
 		tpot:         durationOr(a[TPOTAnnotation], d.TPOT),
 		outputTokens: intOr(a[OutputTokensAnnotation], d.OutputTokens),
 		faultDelay:   durationOr(a[FaultDelayAnnotation], 2*time.Second),
+		faultSeries:  intOr(a[FaultSeriesAnnotation], 1_000_000),
+		faultBuckets: intOr(a[FaultBucketsAnnotation], 10_000),
 	}
 	for _, f := range strings.Split(a[FaultAnnotation], ",") {
 		if f = strings.TrimSpace(f); f != "" {

@@ -177,8 +177,14 @@ func (s *podServer) serveMetrics(w http.ResponseWriter, r *http.Request) {
 		// Accept and never answer, until the scraper gives up or the pod goes.
 		<-r.Context().Done()
 	case p.faults[FaultGarbageMetrics]:
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		w.Header().Set("Content-Type", textContentType)
 		fmt.Fprint(w, "<html><body>502 Bad Gateway</body></html>\nvllm:num_requests_waiting{model_name=\"x\" 3 \x00\n# TYPE broken histogram\n{}}}\n")
+	case p.faults[FaultEndlessMetrics]:
+		serveEndless(w, r)
+	case p.faults[FaultSeriesFlood]:
+		serveSeriesFlood(w, s.model, p.faultSeries)
+	case p.faults[FaultBucketFlood]:
+		serveBucketFlood(w, s.model, p.faultBuckets)
 	default:
 		s.metrics.ServeHTTP(w, r)
 	}
