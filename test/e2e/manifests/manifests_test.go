@@ -17,8 +17,10 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	"sigs.k8s.io/kustomize/api/krusty"
@@ -125,10 +127,10 @@ func TestDefaultIsTheThreeComponents(t *testing.T) {
 	}
 }
 
-// The cert-manager component, added to manifests/default as its comment says,
-// issues the adapter's serving certificate and has the CA injected into both
-// APIServices.
-func TestCertManagerComponent(t *testing.T) {
+// renderWithComponent builds an overlay of one manifests folder and one
+// component, as a user's kustomization would.
+func renderWithComponent(t *testing.T, dir, component string) []*kresource.Resource {
+	t.Helper()
 	root, err := cluster.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
@@ -139,16 +141,23 @@ func TestCertManagerComponent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kustomization := fmt.Sprintf("resources: [%s]\ncomponents: [%s]\n",
-		filepath.Join(base, "default"), filepath.Join(base, "metricsadapter", "cert-manager"))
+	kustomization := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s]\ncomponents: [%s]\n",
+		filepath.Join(base, dir), filepath.Join(base, component))
 	if err := os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(kustomization), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), overlay)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("kustomize build of manifests/%s with %s: %v", dir, component, err)
 	}
-	resources := resMap.Resources()
+	return resMap.Resources()
+}
+
+// The cert-manager component, added to manifests/default as its comment says,
+// issues the adapter's serving certificate and has the CA injected into both
+// APIServices.
+func TestCertManagerComponent(t *testing.T) {
+	resources := renderWithComponent(t, "default", "metricsadapter/cert-manager")
 	const inject = "cert-manager.io/inject-ca-from"
 	for _, r := range resources {
 		if r.GetKind() == "APIService" && r.GetAnnotations()[inject] != components.Namespace+"/capstan-metrics-adapter" {
@@ -233,6 +242,48 @@ func TestDefaultAndExamplesApply(t *testing.T) {
 					t.Errorf("HTTPRoute %s sends to Service %s, which the examples lack", route.Name, ref.Name)
 				}
 			}
+		}
+	}
+}
+
+// The gateway-scoped-secrets component, applied over manifests/router/gateway,
+// leaves the router able to read Secrets only in the certificates namespace,
+// and runs it with the flag that watches only there.
+func TestGatewayScopedSecretsComponent(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := components.InstallGatewayAPICRDs(ctx, testCluster); err != nil {
+		t.Fatal(err)
+	}
+	resources := renderWithComponent(t, "router/gateway", "components/gateway-scoped-secrets")
+	for _, d := range decode[appsv1.Deployment](t, resources, "Deployment") {
+		if d.Name == "capstan-router" && !slices.Contains(d.Spec.Template.Spec.Containers[0].Args, "--gateway-secret-namespaces=capstan-gateway-certs") {
+			t.Errorf("the router runs with %v, without --gateway-secret-namespaces=capstan-gateway-certs", d.Spec.Template.Spec.Containers[0].Args)
+		}
+	}
+	if err := testCluster.Apply(ctx, "default", stream(t, resources)); err != nil {
+		t.Fatal(err)
+	}
+	user := "system:serviceaccount:" + components.Namespace + ":capstan-router"
+	for _, check := range []struct {
+		namespace, verb string
+		allowed         bool
+	}{
+		{"capstan-gateway-certs", "get", true},
+		{"capstan-gateway-certs", "watch", true},
+		{"default", "get", false},
+		{components.Namespace, "list", false},
+		{"", "list", false}, // cluster-wide
+	} {
+		review, err := testCluster.Client.AuthorizationV1().SubjectAccessReviews().Create(ctx, &authorizationv1.SubjectAccessReview{
+			Spec: authorizationv1.SubjectAccessReviewSpec{User: user, Groups: []string{"system:serviceaccounts"},
+				ResourceAttributes: &authorizationv1.ResourceAttributes{Namespace: check.namespace, Resource: "secrets", Verb: check.verb}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if review.Status.Allowed != check.allowed {
+			t.Errorf("%s secrets in namespace %q: allowed=%v, want %v", check.verb, check.namespace, review.Status.Allowed, check.allowed)
 		}
 	}
 }

@@ -3,8 +3,6 @@ package manifests
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -22,11 +20,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
-	"sigs.k8s.io/kustomize/api/krusty"
 	kresource "sigs.k8s.io/kustomize/api/resource"
-	"sigs.k8s.io/kustomize/kyaml/filesys"
 
-	"github.com/capstan-dev/capstan/test/cluster"
 	"github.com/capstan-dev/capstan/test/components"
 )
 
@@ -233,32 +228,6 @@ func TestDeploymentsAdmittedUnderRestricted(t *testing.T) {
 	}
 }
 
-// renderWithComponent builds an overlay of manifests/<dir> with the
-// NetworkPolicy component, as docs/security.md tells users to.
-func renderWithComponent(t *testing.T, dir string) []*kresource.Resource {
-	t.Helper()
-	root, err := cluster.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	overlay := t.TempDir()
-	// kustomize takes relative paths only.
-	base, err := filepath.Rel(overlay, filepath.Join(root, "manifests"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kustomization := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s]\ncomponents: [%s]\n",
-		filepath.Join(base, dir), filepath.Join(base, "components", "networkpolicy"))
-	if err := os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(kustomization), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	resMap, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), overlay)
-	if err != nil {
-		t.Fatalf("kustomize build of manifests/%s with components/networkpolicy: %v", dir, err)
-	}
-	return resMap.Resources()
-}
-
 // The sources NetworkPolicy admits to a pod's port, as the spec defines
 // them: "all", or a description of each peer. isolated says whether any
 // policy selects the pod for ingress (then only those sources get in).
@@ -343,7 +312,7 @@ func TestNetworkPolicyComponent(t *testing.T) {
 	}
 	for _, dir := range installable {
 		t.Run(strings.ReplaceAll(dir, "/", "-"), func(t *testing.T) {
-			resources := renderWithComponent(t, dir)
+			resources := renderWithComponent(t, dir, "components/networkpolicy")
 			var others []*kresource.Resource
 			for _, r := range resources {
 				if r.GetKind() != "NetworkPolicy" {
