@@ -53,7 +53,6 @@ type Router struct {
 	server   *server.Server
 	admin    *http.Server
 	draining atomic.Bool
-	client   kubernetes.Interface
 	events   *claimEvents
 }
 
@@ -73,7 +72,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	events := newClaimEvents()
+	events := newClaimEvents(client)
 	hosts := health.NewRegistry(health.EjectionPolicy{Base: o.EjectionBase, Max: o.EjectionMax})
 	routes := route.NewBuilder(hosts, route.Options{
 		MaxPerEndpoint: o.MaxRequestsPerEndpoint,
@@ -85,7 +84,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	// Gateway API on, to the gateway controller, which is added below
 	// (it waits for discovery to sync, so it is built after it).
 	handlers := &discovery.Handlers{routes}
-	r := &Router{opts: o, logger: logger, client: client, events: events}
+	r := &Router{opts: o, logger: logger, events: events}
 	r.discovery, err = discovery.New(client, handlers, discovery.Options{Namespaces: o.Namespaces, AllServices: o.GatewayEnabled()})
 	if err != nil {
 		return nil, err
@@ -217,7 +216,7 @@ func (r *Router) Run(ctx context.Context) error {
 	// changes.
 	background, stopBackground := context.WithCancel(klog.NewContext(context.WithoutCancel(ctx), logger))
 	defer stopBackground()
-	r.events.start(r.client)
+	r.events.start()
 	defer r.events.stop()
 	g, gctx := errgroup.WithContext(background)
 	g.Go(func() error {

@@ -15,18 +15,19 @@ import (
 // records; the API server's event aggregation counts repeats instead of
 // multiplying them.
 type claimEvents struct {
+	client      kubernetes.Interface
 	broadcaster record.EventBroadcaster
 	recorder    record.EventRecorder
 }
 
-func newClaimEvents() *claimEvents {
+func newClaimEvents(client kubernetes.Interface) *claimEvents {
 	b := record.NewBroadcaster()
-	return &claimEvents{broadcaster: b, recorder: b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: userAgent})}
+	return &claimEvents{client: client, broadcaster: b, recorder: b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: userAgent})}
 }
 
 // start sends recorded Events to the API server until stop.
-func (e *claimEvents) start(client kubernetes.Interface) {
-	e.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+func (e *claimEvents) start() {
+	e.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: e.client.CoreV1().Events("")})
 }
 
 func (e *claimEvents) stop() { e.broadcaster.Shutdown() }
