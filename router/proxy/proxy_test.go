@@ -633,8 +633,10 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 func TestConcurrencyLimits(t *testing.T) {
 	gate := make(chan struct{})
+	arrived := make(chan struct{}, 2)
 	var wg sync.WaitGroup
 	blocking := func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
 		<-gate
 		ok(w, r)
 	}
@@ -660,9 +662,15 @@ func TestConcurrencyLimits(t *testing.T) {
 					results <- resp.StatusCode
 				}()
 			}
-			waitFor(t, "two requests in flight", func() bool {
-				return f.builder.Table().Lookup("llama").Pool.InFlight() == 2
-			})
+			// Wait until both reached a model server: the pool counts a
+			// request as in flight before it has taken an endpoint.
+			for range 2 {
+				select {
+				case <-arrived:
+				case <-time.After(5 * time.Second):
+					t.Fatal("timed out waiting for two requests to reach the model servers")
+				}
+			}
 			resp, data := f.post("/v1/completions", completion)
 			var e apiError
 			json.Unmarshal([]byte(data), &e)
