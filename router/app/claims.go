@@ -34,6 +34,6 @@ func (e *claimEvents) stop() { e.broadcaster.Shutdown() }
 
 // ClaimRefused implements route.ClaimRecorder; recording does not block.
 func (e *claimEvents) ClaimRefused(model string, c route.RefusedClaim) {
-	ref := &corev1.ObjectReference{APIVersion: "v1", Kind: "Service", Namespace: c.Service.Namespace, Name: c.Service.Name}
+	ref := &corev1.ObjectReference{APIVersion: "v1", Kind: "Service", Namespace: c.Service.Namespace, Name: c.Service.Name, UID: c.UID}
 	e.recorder.Event(ref, corev1.EventTypeWarning, "ModelClaimRefused", c.Reason(model))
 }

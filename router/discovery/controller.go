@@ -258,7 +258,7 @@ func (c *Controller) sync(ctx context.Context, key cache.ObjectName) error {
 		c.store(ctx, nn, nil)
 		return nil
 	}
-	snap := &Service{Key: nn, Labels: svc.Labels, Annotations: svc.Annotations, Created: svc.CreationTimestamp.Time}
+	snap := &Service{Key: nn, UID: svc.UID, Labels: svc.Labels, Annotations: svc.Annotations, Created: svc.CreationTimestamp.Time}
 	port, ok := ServicePort(svc)
 	if !ok {
 		snap.Problem = fmt.Sprintf("Service %s has no TCP port", nn)

@@ -46,6 +46,9 @@ func (e Endpoint) Routable() bool { return e.Ready && !e.Terminating }
 // Service is an immutable snapshot of one Service and its endpoints.
 type Service struct {
 	Key types.NamespacedName
+	// UID is the Service's, so that Events about it are found the way
+	// kubectl describe looks for them.
+	UID types.UID
 	// Labels and Annotations are the Service's (shared, do not modify).
 	Labels      map[string]string
 	Annotations map[string]string
@@ -104,7 +107,7 @@ func (s *Service) Counts() (ready, notReady, terminating int) {
 
 // equal reports whether two snapshots would route the same way.
 func (s *Service) equal(o *Service) bool {
-	return s.Key == o.Key && s.Port == o.Port && s.Problem == o.Problem && s.Created.Equal(o.Created) &&
+	return s.Key == o.Key && s.UID == o.UID && s.Port == o.Port && s.Problem == o.Problem && s.Created.Equal(o.Created) &&
 		slices.Equal(s.Endpoints, o.Endpoints) && maps.Equal(s.Labels, o.Labels) && maps.Equal(s.Annotations, o.Annotations) &&
 		slices.EqualFunc(s.Ports, o.Ports, func(a, b Port) bool {
 			return a.Name == b.Name && a.Number == b.Number && slices.Equal(a.Endpoints, b.Endpoints)

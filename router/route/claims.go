@@ -18,6 +18,7 @@ const ShareAnnotation = "capstan.dev/share-model-with"
 // has not shared, so it gets no traffic.
 type RefusedClaim struct {
 	Service types.NamespacedName
+	UID     types.UID
 	// Owner is the namespace that owns the model.
 	Owner string
 }

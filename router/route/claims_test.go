@@ -47,7 +47,7 @@ func TestModelNameBelongsToTheFirstClaim(t *testing.T) {
 	if m.Owner != "team-a" || m.Total != 1 {
 		t.Errorf("owner %q total %d, want team-a 1", m.Owner, m.Total)
 	}
-	wantRefused := []RefusedClaim{{types.NamespacedName{Namespace: "team-b", Name: "llama"}, "team-a"}, {types.NamespacedName{Namespace: "team-c", Name: "llama"}, "team-a"}}
+	wantRefused := []RefusedClaim{{Service: types.NamespacedName{Namespace: "team-b", Name: "llama"}, Owner: "team-a"}, {Service: types.NamespacedName{Namespace: "team-c", Name: "llama"}, Owner: "team-a"}}
 	if diff := cmp.Diff(wantRefused, m.Refused); diff != "" {
 		t.Errorf("refused (-want +got):\n%s", diff)
 	}

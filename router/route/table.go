@@ -233,7 +233,7 @@ func (b *Builder) buildModel(name string) *Model {
 		}
 	}
 	for _, st := range refused {
-		c := RefusedClaim{Service: st.svc.Key, Owner: m.Owner}
+		c := RefusedClaim{Service: st.svc.Key, UID: st.svc.UID, Owner: m.Owner}
 		m.Refused = append(m.Refused, c)
 		if !st.refused && b.opts.Claims != nil {
 			b.opts.Claims.ClaimRefused(name, c)
