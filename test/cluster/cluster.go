@@ -161,6 +161,10 @@ func Start(ctx context.Context, cfg Config) (c *Cluster, err error) {
 		"--service-account-signing-key-file=" + p.ServiceAccountKey,
 		"--service-cluster-ip-range=198.19.0.0/16",
 		"--authorization-mode=Node,RBAC",
+		// As every production cluster runs it: kubelets may change only
+		// their own Node and Pods, and no label under
+		// node-restriction.kubernetes.io/.
+		"--enable-admission-plugins=NodeRestriction",
 		// The aggregation layer, which the metrics adapter's APIService needs.
 		"--requestheader-client-ca-file=" + p.FrontProxyCAFile,
 		"--requestheader-allowed-names=front-proxy-client",
