@@ -91,7 +91,7 @@ func TestModelNameBelongsToItsOwner(t *testing.T) {
 	}
 	var message string
 	err = testCluster.WaitFor(ctx, 10*time.Second, "a ModelClaimRefused Event on the tenant's Service", func(ctx context.Context) (bool, error) {
-		events, err := testCluster.Client.CoreV1().Events(tenant).Search(scheme.Scheme, svc)
+		events, err := testCluster.Client.CoreV1().Events(tenant).SearchWithContext(ctx, scheme.Scheme, svc)
 		if err != nil {
 			return false, err
 		}
