@@ -34,6 +34,7 @@ import (
 	cmprovider "sigs.k8s.io/custom-metrics-apiserver/pkg/provider"
 
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/metricsadapter/store"
 )
 
@@ -63,8 +64,23 @@ type Config struct {
 	Services     corelisters.ServiceLister
 	// Mapper normalizes resource names (deployment, deployments.apps, ...).
 	Mapper apimeta.RESTMapper
+	// Demand, when set, serves RequestsDemand.
+	Demand Demand
 	// Now is the clock; default time.Now.
 	Now func() time.Time
+}
+
+// RequestsDemand is the metric of a model's Deployment, StatefulSet or
+// Service that counts the model's requests the routers hold or have in
+// flight. It has a value while the model has no pod, so an HPA can scale
+// the model from zero on it.
+const RequestsDemand = "requests_demand"
+
+// Demand gives a model's requests_demand, summed over the router replicas
+// with a fresh value, and the time of the oldest of them; false when none
+// has one.
+type Demand interface {
+	Value(model string, now time.Time) (float64, time.Time, bool)
 }
 
 // Provider is a custom metrics provider backed by the store.
@@ -91,6 +107,11 @@ func New(cfg Config) *Provider {
 			}
 		}
 	}
+	if cfg.Demand != nil {
+		for _, gr := range []schema.GroupResource{Deployments, StatefulSets, Services} {
+			p.all = append(p.all, cmprovider.CustomMetricInfo{GroupResource: gr, Namespaced: true, Metric: RequestsDemand})
+		}
+	}
 	return p
 }
 
@@ -103,6 +124,8 @@ type query struct {
 	metric string // as asked
 	served catalogue.ServedName
 	avg    bool
+	// demand is set for RequestsDemand, which is not the pods'.
+	demand bool
 }
 
 func (p *Provider) resolve(info cmprovider.CustomMetricInfo, metricSelector labels.Selector) (query, error) {
@@ -117,6 +140,10 @@ func (p *Provider) resolve(info cmprovider.CustomMetricInfo, metricSelector labe
 	}
 	if _, ok := kinds[q.gr]; !ok || !info.Namespaced {
 		return q, cmprovider.NewMetricNotFoundError(info.GroupResource, info.Metric)
+	}
+	if info.Metric == RequestsDemand && p.Demand != nil && q.gr != Pods {
+		q.demand = true
+		return q, nil
 	}
 	if s, ok := p.Catalogue.Lookup(info.Metric); ok {
 		q.served = s
@@ -140,9 +167,16 @@ func (p *Provider) GetMetricByName(ctx context.Context, name types.NamespacedNam
 	now := p.Now()
 	var v store.Value
 	var ok bool
-	if q.gr == Pods {
+	switch {
+	case q.demand:
+		model, err := p.modelOf(q.gr, name)
+		if err != nil {
+			return nil, err
+		}
+		v, ok = p.demand(model, now)
+	case q.gr == Pods:
 		v, ok = p.Store.PodValue(name, q.served, now)
-	} else {
+	default:
 		selector, err := p.selectorOf(q.gr, name)
 		if err != nil {
 			return nil, err
@@ -186,7 +220,13 @@ func (p *Provider) GetMetricBySelector(ctx context.Context, namespace string, se
 			return nil, apierrors.NewInternalError(err)
 		}
 		for _, o := range objects {
-			if v, ok := p.aggregate(namespace, o.selector, q, now); ok {
+			v, ok := store.Value{}, false
+			if q.demand {
+				v, ok = p.demand(o.model, now)
+			} else {
+				v, ok = p.aggregate(namespace, o.selector, q, now)
+			}
+			if ok {
 				add(o.name, v)
 			}
 		}
@@ -261,6 +301,41 @@ func selectorFrom(ls *metav1.LabelSelector) (labels.Selector, error) {
 type object struct {
 	name     string
 	selector labels.Selector
+	model    string // its capstan.dev/model, for RequestsDemand
+}
+
+func (p *Provider) demand(model string, now time.Time) (store.Value, bool) {
+	if model == "" {
+		return store.Value{}, false
+	}
+	v, at, ok := p.Demand.Value(model, now)
+	return store.Value{Value: v, Time: at}, ok
+}
+
+// modelOf is the model an object serves: the capstan.dev/model label of a
+// Deployment's or StatefulSet's pod template, or of a Service, as the
+// router reads it.
+func (p *Provider) modelOf(gr schema.GroupResource, name types.NamespacedName) (string, error) {
+	switch gr {
+	case Deployments:
+		d, err := p.Deployments.Deployments(name.Namespace).Get(name.Name)
+		if err != nil {
+			return "", err
+		}
+		return modelserver.Model(d.Spec.Template.Labels), nil
+	case StatefulSets:
+		s, err := p.StatefulSets.StatefulSets(name.Namespace).Get(name.Name)
+		if err != nil {
+			return "", err
+		}
+		return modelserver.Model(s.Spec.Template.Labels), nil
+	default:
+		s, err := p.Services.Services(name.Namespace).Get(name.Name)
+		if err != nil {
+			return "", err
+		}
+		return modelserver.Model(s.Labels), nil
+	}
 }
 
 func (p *Provider) listObjects(gr schema.GroupResource, namespace string, selector labels.Selector) ([]object, error) {
@@ -273,7 +348,7 @@ func (p *Provider) listObjects(gr schema.GroupResource, namespace string, select
 		}
 		for _, d := range list {
 			if sel, err := selectorFrom(d.Spec.Selector); err == nil {
-				out = append(out, object{d.Name, sel})
+				out = append(out, object{d.Name, sel, modelserver.Model(d.Spec.Template.Labels)})
 			}
 		}
 	case StatefulSets:
@@ -283,7 +358,7 @@ func (p *Provider) listObjects(gr schema.GroupResource, namespace string, select
 		}
 		for _, s := range list {
 			if sel, err := selectorFrom(s.Spec.Selector); err == nil {
-				out = append(out, object{s.Name, sel})
+				out = append(out, object{s.Name, sel, modelserver.Model(s.Spec.Template.Labels)})
 			}
 		}
 	case Services:
@@ -292,7 +367,7 @@ func (p *Provider) listObjects(gr schema.GroupResource, namespace string, select
 			return nil, err
 		}
 		for _, s := range list {
-			out = append(out, object{s.Name, labels.SelectorFromValidatedSet(s.Spec.Selector)})
+			out = append(out, object{s.Name, labels.SelectorFromValidatedSet(s.Spec.Selector), modelserver.Model(s.Labels)})
 		}
 	}
 	return out, nil

@@ -339,7 +339,12 @@ func TestSeriesAndBucketFloodsAreRefusedInBoundedMemory(t *testing.T) {
 func TestLargePageBufferIsDropped(t *testing.T) {
 	large := []byte(strings.Repeat("# padding\n", 200_000) + vllmPage) // 2 MB, within MaxPageBytes
 	e := servePage(t, large)
-	s, rec := observedScraper(t, fastOptions())
+	// Reading and parsing 2 MB under -race on a loaded machine can take
+	// longer than fastOptions' timeout.
+	opts := fastOptions()
+	opts.Timeout = 5 * time.Second
+	opts.Interval = 10 * time.Second
+	s, rec := observedScraper(t, opts)
 	w := s.newWorker()
 	target := Target{Key: key("p"), URL: e.url, Engine: modelserver.VLLM}
 	st := &state{target: target, req: s.request(target)}

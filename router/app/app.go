@@ -27,6 +27,7 @@ import (
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/gateway"
 	"github.com/capstan-dev/capstan/router/health"
+	"github.com/capstan-dev/capstan/router/hold"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/proxy"
 	"github.com/capstan-dev/capstan/router/route"
@@ -74,11 +75,18 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	}
 	events := newClaimEvents(client)
 	hosts := health.NewRegistry(health.EjectionPolicy{Base: o.EjectionBase, Max: o.EjectionMax})
+	var holds *hold.Queues
+	var modelChanged func(string)
+	if o.HoldTimeout > 0 {
+		holds = hold.New(o.MaxHeldRequestsPerModel)
+		modelChanged = holds.Kick
+	}
 	routes := route.NewBuilder(hosts, route.Options{
 		MaxPerEndpoint: o.MaxRequestsPerEndpoint,
 		MaxPerModel:    o.MaxRequestsPerModel,
 		BuildRing:      balance.NeedsRing(selector),
 		Claims:         events,
+		ModelChanged:   modelChanged,
 	})
 	// Every Service snapshot goes to the routing table and, with the
 	// Gateway API on, to the gateway controller, which is added below
@@ -92,7 +100,11 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	m := metrics.New(reg, routes.Table)
+	var held func(string) int
+	if holds != nil {
+		held = holds.Len
+	}
+	m := metrics.New(reg, routes.Table, held)
 	popts := proxy.Options{
 		Selector:                selector,
 		Balancer:                o.Balancer,
@@ -109,6 +121,8 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		FirstByteTimeout:        o.FirstByteTimeout,
 		IdleStreamTimeout:       o.IdleStreamTimeout,
 		RetryAfter:              o.RetryAfter,
+		Holds:                   holds,
+		HoldTimeout:             o.HoldTimeout,
 		MaxIdleConnsPerEndpoint: o.MaxIdleConnsPerEndpoint,
 		AccessLog:               o.AccessLog,
 		Synced:                  r.discovery.HasSynced,

@@ -98,6 +98,13 @@ type Options struct {
 	MaxRequestsPerEndpoint, MaxRequestsPerModel int64
 	// RetryAfter is the Retry-After of a 503 or 429. Default 2s.
 	RetryAfter time.Duration
+	// HoldTimeout is how long a request for a model with no Ready endpoint
+	// waits for one; 0 answers 503 at once. Default 5m, for a model
+	// scaled to zero to get a replica and load.
+	HoldTimeout time.Duration
+	// MaxHeldRequestsPerModel bounds the requests held for one model;
+	// above it 429. Default 100.
+	MaxHeldRequestsPerModel int
 	// PrefixBytes is how much of the prompt prefix affinity hashes.
 	// Default 512.
 	PrefixBytes int
@@ -181,6 +188,8 @@ func NewOptions() *Options {
 		EjectionBase:             time.Second,
 		EjectionMax:              30 * time.Second,
 		RetryAfter:               2 * time.Second,
+		HoldTimeout:              5 * time.Minute,
+		MaxHeldRequestsPerModel:  100,
 		PrefixBytes:              512,
 		LoadFactor:               balance.DefaultLoadFactor,
 		SessionHeader:            "X-Session-Id",
@@ -253,6 +262,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.Int64Var(&o.MaxRequestsPerEndpoint, "max-requests-per-endpoint", o.MaxRequestsPerEndpoint, "Requests this router may have in flight to one endpoint; 0 means no limit. When every endpoint is full, requests get 429.")
 	fs.Int64Var(&o.MaxRequestsPerModel, "max-requests-per-model", o.MaxRequestsPerModel, "Requests this router may have in flight to one model; 0 means no limit. Above it, requests get 429.")
 	fs.DurationVar(&o.RetryAfter, "retry-after", o.RetryAfter, "Retry-After sent with 503 (no ready endpoint) and 429.")
+	fs.DurationVar(&o.HoldTimeout, "hold-timeout", o.HoldTimeout, "How long a request for a model with no ready endpoint (scaled to zero, or its replicas still starting) waits for one, in arrival order, before a 503 that says what the replicas are doing; 0 answers 503 at once.")
+	fs.IntVar(&o.MaxHeldRequestsPerModel, "max-held-requests-per-model", o.MaxHeldRequestsPerModel, "Requests held at once for one model; above it 429.")
 	fs.IntVar(&o.PrefixBytes, "prefix-bytes", o.PrefixBytes, "Bytes of the prompt (prompt, messages or input as sent) that prefix-affinity hashes.")
 	fs.Float64Var(&o.LoadFactor, "prefix-load-factor", o.LoadFactor, "Prefix affinity sends a request elsewhere when its endpoint has this many times the average in-flight requests (above 1).")
 	fs.StringVar(&o.SessionHeader, "session-header", o.SessionHeader, "Header whose value keeps a session on one endpoint with session-affinity.")
@@ -334,6 +345,12 @@ func (o *Options) Validate() error {
 	}
 	if o.MaxHeaderFields < 1 {
 		errs = append(errs, field.Invalid(field.NewPath("max-header-fields"), o.MaxHeaderFields, "must be positive"))
+	}
+	if o.HoldTimeout < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("hold-timeout"), o.HoldTimeout.String(), "must not be negative"))
+	}
+	if o.MaxHeldRequestsPerModel < 1 {
+		errs = append(errs, field.Invalid(field.NewPath("max-held-requests-per-model"), o.MaxHeldRequestsPerModel, "must be positive"))
 	}
 	if o.RetryInterval < 0 {
 		errs = append(errs, field.Invalid(field.NewPath("retry-interval"), o.RetryInterval.String(), "must not be negative"))

@@ -23,6 +23,7 @@ type Metrics struct {
 	retries    *prometheus.CounterVec
 	ejections  *prometheus.CounterVec
 	gateway    *prometheus.CounterVec
+	held       *prometheus.HistogramVec
 	codeLabels [600]string
 	// perModel holds each model's most used series (*modelSeries), so that
 	// a request does not hash its labels to find them.
@@ -48,6 +49,11 @@ func (m *Metrics) series(model, balancer string) *modelSeries {
 	return s
 }
 
+// Held records a request that was held for seconds, and how that ended.
+func (m *Metrics) Held(model string, seconds float64, outcome string) {
+	m.held.WithLabelValues(model, outcome).Observe(seconds)
+}
+
 // Retry reasons.
 const (
 	ReasonConnect   = "connect"
@@ -55,9 +61,18 @@ const (
 	ReasonTransport = "transport"
 )
 
+// Hold outcomes.
+const (
+	HoldReleased  = "released"
+	HoldTimeout   = "timeout"
+	HoldFull      = "queue_full"
+	HoldCancelled = "client_gone"
+)
+
 // New creates the metrics and registers them, with a collector that reads the
-// routing table from table at scrape time, into reg.
-func New(reg prometheus.Registerer, table func() *route.Table) *Metrics {
+// routing table from table, and how many requests are held for a model from
+// held (nil: none), at scrape time, into reg.
+func New(reg prometheus.Registerer, table func() *route.Table, held func(model string) int) *Metrics {
 	m := &Metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "requests_total",
@@ -85,11 +100,16 @@ func New(reg prometheus.Registerer, table func() *route.Table) *Metrics {
 			Namespace: namespace, Name: "gateway_requests_total",
 			Help: "Requests received on Gateway listeners, by Gateway, HTTPRoute (empty when none matched) and HTTP status code.",
 		}, []string{"gateway", "route", "code"}),
+		held: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "hold_duration_seconds",
+			Help:    "Time requests were held for a model with no ready endpoint, by model and outcome (released, timeout, queue_full, client_gone).",
+			Buckets: []float64{.01, .1, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600},
+		}, []string{"model", "outcome"}),
 	}
 	for i := range m.codeLabels {
 		m.codeLabels[i] = strconv.Itoa(i)
 	}
-	reg.MustRegister(m.requests, m.duration, m.ttfb, m.retries, m.ejections, m.gateway, &tableCollector{table: table})
+	reg.MustRegister(m.requests, m.duration, m.ttfb, m.retries, m.ejections, m.gateway, m.held, &tableCollector{table: table, held: held})
 	return m
 }
 
@@ -141,6 +161,7 @@ func (m *Metrics) Ejection(model string) { m.ejections.WithLabelValues(model).In
 // per endpoint from the current routing table.
 type tableCollector struct {
 	table func() *route.Table
+	held  func(model string) int
 }
 
 var (
@@ -156,6 +177,12 @@ var (
 	modelInflightDesc = prometheus.NewDesc(namespace+"_model_in_flight_requests",
 		"Requests this router has in flight to each model.",
 		[]string{"model"}, nil)
+	heldDesc = prometheus.NewDesc(namespace+"_model_held_requests",
+		"Requests this router holds for each model while it has no ready endpoint with room.",
+		[]string{"model"}, nil)
+	demandDesc = prometheus.NewDesc(namespace+"_model_demand",
+		"Requests of each model this router holds or has in flight: what the metrics adapter serves as requests_demand, summed over router replicas.",
+		[]string{"model"}, nil)
 	refusedDesc = prometheus.NewDesc(namespace+"_model_refused_claims",
 		"Services of a namespace that claim a model another namespace owns and does not share with it; they get no traffic.",
 		[]string{"model", "namespace"}, nil)
@@ -165,7 +192,7 @@ var (
 )
 
 func (c *tableCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{endpointsDesc, totalDesc, inflightDesc, modelInflightDesc, ejectedDesc, refusedDesc} {
+	for _, d := range []*prometheus.Desc{endpointsDesc, totalDesc, inflightDesc, modelInflightDesc, heldDesc, demandDesc, ejectedDesc, refusedDesc} {
 		ch <- d
 	}
 }
@@ -177,6 +204,12 @@ func (c *tableCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, float64(m.Terminating), m.Name, "terminating")
 		ch <- prometheus.MustNewConstMetric(totalDesc, prometheus.GaugeValue, float64(m.Total), m.Name)
 		ch <- prometheus.MustNewConstMetric(modelInflightDesc, prometheus.GaugeValue, float64(m.Pool.InFlight()), m.Name)
+		held := 0
+		if c.held != nil {
+			held = c.held(m.Name)
+		}
+		ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(held), m.Name)
+		ch <- prometheus.MustNewConstMetric(demandDesc, prometheus.GaugeValue, float64(held)+float64(m.Pool.InFlight()), m.Name)
 		refused := map[string]int{}
 		for _, c := range m.Refused {
 			refused[c.Service.Namespace]++

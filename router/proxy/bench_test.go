@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"k8s.io/apimachinery/pkg/types"
 
@@ -18,7 +19,8 @@ import (
 // cost per request, plus the Go HTTP stacks on both sides of it.
 func BenchmarkForward(b *testing.B) {
 	backends := []backend{startBackend(b, "a", ok), startBackend(b, "b", ok)}
-	f := newFixture(b, "llama", backends, func(o *Options) { o.AccessLog = false; o.Selector = balance.LeastRequestsSelection{} })
+	// Holding on, as the router runs by default.
+	f := newFixture(b, "llama", backends, func(o *Options) { o.AccessLog = false; o.Selector = balance.LeastRequestsSelection{} }, holding(100, time.Minute))
 	tr := &http.Transport{MaxIdleConnsPerHost: 256}
 	c := &http.Client{Transport: tr}
 	b.ReportAllocs()

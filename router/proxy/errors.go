@@ -32,6 +32,7 @@ const (
 	codeUpstreamReset       = "upstream_reset"
 	codeUpstreamBadResponse = "upstream_bad_response"
 	codeNoReadyEndpoints    = "no_ready_endpoints"
+	codeHoldQueueFull       = "hold_queue_full"
 	codeUpstreamTimeout     = "upstream_timeout"
 	codeNotSynced           = "router_not_ready"
 	codeRouterOverloaded    = "router_overloaded"

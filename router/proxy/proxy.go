@@ -33,6 +33,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/capstan-dev/capstan/router/balance"
+	"github.com/capstan-dev/capstan/router/hold"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/route"
 	"github.com/capstan-dev/capstan/router/upstream"
@@ -85,6 +86,11 @@ type Options struct {
 	IdleStreamTimeout time.Duration
 	// RetryAfter is the Retry-After of a 503 (no ready endpoint) or 429.
 	RetryAfter time.Duration
+	// Holds, when set, hold the requests of a model with no Ready endpoint
+	// for up to HoldTimeout instead of answering 503 at once. The Builder
+	// must kick them when it publishes a model.
+	Holds       *hold.Queues
+	HoldTimeout time.Duration
 	// PrefixBytes is how much of the prompt prefix affinity hashes; 0 when
 	// the balancer does not use it.
 	PrefixBytes int
@@ -162,7 +168,10 @@ func (h *Handler) CloseIdleConnections() { h.upstreams.CloseIdle(0) }
 // exchange is what the access log and metrics record about one request.
 type exchange struct {
 	start time.Time
-	id    string
+	// tryFrom is when attempts began: the arrival, or the release of a
+	// held request.
+	tryFrom time.Time
+	id      string
 	// idField is the X-Request-Id field's value, shared by the request
 	// sent upstream and the response (neither modifies it).
 	idField  []string
@@ -223,7 +232,8 @@ func (h *Handler) methodNotAllowed(w http.ResponseWriter, x *exchange, allow str
 // newExchange starts the record of a request: its id, the client's when it
 // is acceptable, is set on the response at once.
 func newExchange(w http.ResponseWriter, r *http.Request) exchange {
-	x := exchange{start: time.Now(), id: requestID(r)}
+	now := time.Now()
+	x := exchange{start: now, tryFrom: now, id: requestID(r)}
 	x.idField = []string{x.id}
 	w.Header()["X-Request-Id"] = x.idField
 	return x
@@ -345,24 +355,109 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 		return
 	}
 	x.model = m.Name
-	pool := m.Pool
-	if pool.Len() == 0 {
-		x.status = http.StatusServiceUnavailable
-		writeError(w, x.status, serverError, codeNoReadyEndpoints, m.Unavailable(), h.opts.RetryAfter)
-		return
-	}
-	if !pool.Admit() {
-		x.status = http.StatusTooManyRequests
-		writeError(w, x.status, rateLimit, codeModelOverloaded,
-			fmt.Sprintf("model %s already has the maximum of %d requests in flight through this router", m.Name, pool.MaxInFlight()), h.opts.RetryAfter)
-		return
-	}
-	defer pool.Done()
-
 	br := h.balanceRequest(r, req.Prefix)
-	t := target{kind: "model", name: m.Name, model: m.Name, pool: pool,
+	t := target{kind: "model", name: m.Name, model: m.Name, pool: m.Pool,
 		path: r.URL.Path, rawPath: r.URL.RawPath, header: h.outboundHeader(r, x.idField)}
+	// A model without a Ready endpoint holds the request, and so does one
+	// with earlier requests still held, which go first.
+	if hs := h.opts.Holds; hs != nil && (m.Pool.Len() == 0 || hs.Holding() && hs.Len(m.Name) > 0) {
+		if !h.hold(w, r, x, &t, &br) {
+			return
+		}
+	} else {
+		if m.Pool.Len() == 0 {
+			x.status = http.StatusServiceUnavailable
+			writeError(w, x.status, serverError, codeNoReadyEndpoints, m.Unavailable(), h.opts.RetryAfter)
+			return
+		}
+		if !m.Pool.Admit() {
+			h.modelOverloaded(w, x, m)
+			return
+		}
+	}
+	defer h.done(&t)
 	h.forward(w, r, x, &t, body, &br)
+}
+
+func (h *Handler) modelOverloaded(w http.ResponseWriter, x *exchange, m *route.Model) {
+	x.status = http.StatusTooManyRequests
+	writeError(w, x.status, rateLimit, codeModelOverloaded,
+		fmt.Sprintf("model %s already has the maximum of %d requests in flight through this router", m.Name, m.Pool.MaxInFlight()), h.opts.RetryAfter)
+}
+
+// done ends a request admitted to t's pool and lets the next held request
+// of the model try.
+func (h *Handler) done(t *target) {
+	t.pool.Done()
+	if h.opts.Holds != nil && t.model != "" {
+		h.opts.Holds.Kick(t.model)
+	}
+}
+
+// hold waits, behind the model's earlier held requests, until the model
+// has an endpoint with room, and admits the request to its pool with that
+// endpoint taken as t.first. Otherwise it answers the client (queue full,
+// hold timeout, a client gone) and returns false.
+func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *target, br *balance.Request) bool {
+	ctx, cancel := context.WithTimeout(r.Context(), h.opts.HoldTimeout)
+	defer cancel()
+	start := time.Now()
+	var last *route.Model
+	err := h.opts.Holds.Wait(ctx, t.model, func() bool {
+		m := h.routes.Table().Lookup(t.model)
+		last = m
+		if m == nil || m.Pool.Len() == 0 || !m.Pool.Admit() {
+			return false
+		}
+		e := h.opts.Selector.Select(m.Pool, br)
+		if e == nil || !m.Pool.Acquire(e) {
+			m.Pool.Done()
+			return false
+		}
+		t.pool, t.first = m.Pool, e
+		return true
+	})
+	if waited := time.Since(start); waited > time.Millisecond {
+		h.metrics.Held(t.model, waited.Seconds(), holdOutcome(err))
+	}
+	switch {
+	case err == nil:
+		// Attempts are bounded from the release, not the arrival.
+		x.tryFrom = time.Now()
+		return true
+	case errors.Is(err, hold.ErrFull):
+		x.status = http.StatusTooManyRequests
+		writeError(w, x.status, rateLimit, codeHoldQueueFull, fmt.Sprintf(
+			"model %s has no ready endpoint and already %d requests waiting for one in this router", t.model, h.opts.Holds.Len(t.model)), h.opts.RetryAfter)
+	case r.Context().Err() != nil:
+		x.status, x.err = statusClientClosed, context.Cause(r.Context())
+	default:
+		x.status = http.StatusServiceUnavailable
+		why := fmt.Sprintf("model %s is no longer served", t.model)
+		if last != nil {
+			if last.Pool.Len() > 0 {
+				why = fmt.Sprintf("model %s: all %d ready endpoints stayed busy", t.model, last.Pool.Len())
+			} else {
+				why = last.Unavailable()
+			}
+		}
+		writeError(w, x.status, serverError, codeNoReadyEndpoints, fmt.Sprintf("held %s for a ready endpoint: %s",
+			time.Since(start).Round(time.Second), why), h.opts.RetryAfter)
+	}
+	return false
+}
+
+func holdOutcome(err error) string {
+	switch {
+	case err == nil:
+		return metrics.HoldReleased
+	case errors.Is(err, hold.ErrFull):
+		return metrics.HoldFull
+	case errors.Is(err, context.DeadlineExceeded):
+		return metrics.HoldTimeout
+	default:
+		return metrics.HoldCancelled
+	}
 }
 
 // balanceRequest is what the balancers know about a request: its prompt
@@ -388,6 +483,9 @@ type target struct {
 	// none.
 	kind, name, model string
 	pool              *balance.Pool
+	// first, when set, is an endpoint of pool already acquired for the
+	// first attempt (by hold).
+	first *balance.Endpoint
 	// path and rawPath are the request's URL path as sent upstream.
 	path, rawPath string
 	// host is the Host header sent upstream; "" means the endpoint's
@@ -449,7 +547,7 @@ func classify(err error) failure {
 // generation is expensive, and a prompt that crashes pods would take one
 // down per attempt.
 func (h *Handler) retryable(err error, x *exchange) bool {
-	return upstream.Unsent(err) && x.attempts < h.opts.MaxAttempts && time.Since(x.start) < h.opts.TryDuration
+	return upstream.Unsent(err) && x.attempts < h.opts.MaxAttempts && time.Since(x.tryFrom) < h.opts.TryDuration
 }
 
 // pause waits the jittered retry interval, or until ctx ends.
@@ -480,19 +578,23 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 	// Picks that lose an endpoint's last slot to a concurrent request pick
 	// again; the guard bounds those, attempts bound the round trips.
 	for guard := 0; x.attempts < h.opts.MaxAttempts && guard < h.opts.MaxAttempts+16; guard++ {
-		e := h.opts.Selector.Select(pool, br)
+		e := t.first
+		t.first = nil
 		if e == nil {
-			if why := pool.Why(br); why.Ejected > 0 && !br.IgnoreEjection {
-				// Every remaining endpoint is ejected: trust the
-				// EndpointSlice over our suspicion rather than fail
-				// (Envoy's panic threshold).
-				br.IgnoreEjection = true
+			e = h.opts.Selector.Select(pool, br)
+			if e == nil {
+				if why := pool.Why(br); why.Ejected > 0 && !br.IgnoreEjection {
+					// Every remaining endpoint is ejected: trust the
+					// EndpointSlice over our suspicion rather than fail
+					// (Envoy's panic threshold).
+					br.IgnoreEjection = true
+					continue
+				}
+				break
+			}
+			if !pool.Acquire(e) {
 				continue
 			}
-			break
-		}
-		if !pool.Acquire(e) {
-			continue
 		}
 		if x.attempts > 0 {
 			// Another endpoint takes over from an attempt that reached

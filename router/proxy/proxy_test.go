@@ -100,9 +100,6 @@ type option func(*Options)
 func newFixture(t testing.TB, model string, backends []backend, opts ...option) *fixture {
 	t.Helper()
 	logger, _ := ktesting.NewTestContext(t)
-	b := route.NewBuilder(health.NewRegistry(health.EjectionPolicy{Base: time.Minute, Max: time.Minute}), route.Options{})
-	f := &fixture{t: t, builder: b, reg: prometheus.NewRegistry()}
-	f.setBackends(model, backends)
 	o := Options{
 		Selector:                balance.RoundRobinSelection{},
 		Balancer:                balance.RoundRobin,
@@ -122,7 +119,15 @@ func newFixture(t testing.TB, model string, backends []backend, opts ...option) 
 	for _, opt := range opts {
 		opt(&o)
 	}
-	f.handler = New(b, metrics.New(f.reg, b.Table), logger, o)
+	var ro route.Options
+	var held func(string) int
+	if o.Holds != nil {
+		ro.ModelChanged, held = o.Holds.Kick, o.Holds.Len
+	}
+	b := route.NewBuilder(health.NewRegistry(health.EjectionPolicy{Base: time.Minute, Max: time.Minute}), ro)
+	f := &fixture{t: t, builder: b, reg: prometheus.NewRegistry()}
+	f.setBackends(model, backends)
+	f.handler = New(b, metrics.New(f.reg, b.Table, held), logger, o)
 	f.url = serveRouter(t, f.handler)
 	t.Cleanup(f.handler.CloseIdleConnections)
 	return f

@@ -96,6 +96,10 @@ type Options struct {
 	BuildRing bool
 	// Claims, when set, is told about refused claims.
 	Claims ClaimRecorder
+	// ModelChanged, when set, is called with the name of every model
+	// whose entry a published table rebuilt, after publishing it. It is
+	// called with the Builder's lock held and must not block.
+	ModelChanged func(model string)
 }
 
 // Builder keeps the routing table up to date from Service snapshots. It
@@ -195,6 +199,11 @@ func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Servic
 	}
 	slices.SortFunc(next.sorted, func(a, b *Model) int { return cmp.Compare(a.Name, b.Name) })
 	b.table.Store(next)
+	if b.opts.ModelChanged != nil {
+		for name := range affected {
+			b.opts.ModelChanged(name)
+		}
+	}
 }
 
 // buildModel pools the endpoints of the Services of a model that its owner

@@ -7,6 +7,10 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+
 	"github.com/capstan-dev/capstan/test/cluster"
 )
 
@@ -136,4 +140,38 @@ func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, ext
 		return nil, err
 	}
 	return r.Start(ctx, RouterOptions{Name: name, Addr: addr, Args: extra})
+}
+
+// RouterPod creates a Pod in capstan-system that stands for a router
+// process the test runs itself: it has the router Deployment's labels and
+// ports, so that whatever finds routers by their pods (the metrics adapter)
+// finds it, and it is Running and Ready with an IP of the test network. Run
+// the router with its admin address on that IP (AdminAddr: ip:8081). It
+// must be the only router pod. The pod is deleted when the test ends.
+func RouterPod(t testing.TB, ctx context.Context, c *cluster.Cluster, name string) (ip string) {
+	t.Helper()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: Namespace, Name: name, Labels: map[string]string{"app.kubernetes.io/name": "capstan-router"}},
+		Spec: corev1.PodSpec{
+			SecurityContext: &corev1.PodSecurityContext{RunAsNonRoot: ptr.To(true), RunAsUser: ptr.To[int64](65532),
+				SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault}},
+			Containers: []corev1.Container{{Name: "router", Image: "capstan.dev/router-stand-in:latest",
+				Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}, {Name: "admin", ContainerPort: 8081}},
+				SecurityContext: &corev1.SecurityContext{AllowPrivilegeEscalation: ptr.To(false),
+					Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}}}}},
+		},
+	}
+	if _, err := c.Client.CoreV1().Pods(Namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = c.Client.CoreV1().Pods(Namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
+	})
+	pods, err := c.WaitForReadyPods(ctx, Namespace, "app.kubernetes.io/name=capstan-router", 1, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pods[0].Status.PodIP
 }

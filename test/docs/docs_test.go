@@ -49,7 +49,7 @@ func (n names) Unregister(prometheus.Collector) bool { return true }
 
 func exported(t *testing.T) names {
 	n := names{}
-	metrics.New(n, func() *route.Table { return nil })
+	metrics.New(n, func() *route.Table { return nil }, nil)
 	// The scraper as the load-aware router runs it.
 	observer := engineload.NewObserver(catalogue.Builtin(), time.Second)
 	if _, err := scrape.New(scrape.Options{Registerer: n, Observer: observer}); err != nil {

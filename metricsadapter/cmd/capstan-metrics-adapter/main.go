@@ -14,7 +14,9 @@ import (
 
 	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apiserver/pkg/server/healthz"
+	coreinformers "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
@@ -25,6 +27,7 @@ import (
 	cmmetrics "sigs.k8s.io/custom-metrics-apiserver/pkg/apiserver/metrics"
 	basecmd "sigs.k8s.io/custom-metrics-apiserver/pkg/cmd"
 
+	"github.com/capstan-dev/capstan/metricsadapter/demand"
 	"github.com/capstan-dev/capstan/metricsadapter/provider"
 	"github.com/capstan-dev/capstan/metricsadapter/scrape"
 	"github.com/capstan-dev/capstan/metricsadapter/store"
@@ -113,6 +116,29 @@ func (a *adapter) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	demandOpts, routerSelector, err := a.demandOptions(scrapeOpts)
+	if err != nil {
+		return err
+	}
+	var routers *demand.Demand
+	var routerInformer cache.SharedIndexInformer
+	if !routerSelector.Empty() {
+		demandOpts.Registerer = legacyregistry.Registerer()
+		routers = demand.New(demandOpts)
+		cfg, err := a.ClientConfig()
+		if err != nil {
+			return err
+		}
+		client, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			return err
+		}
+		routerInformer = coreinformers.NewFilteredPodInformer(client, a.RouterNamespace, 0, cache.Indexers{},
+			func(o *metav1.ListOptions) { o.LabelSelector = routerSelector.String() })
+		if err := routers.AddEventHandler(logger, routerInformer); err != nil {
+			return err
+		}
+	}
 	a.WithCustomMetrics(provider.New(provider.Config{
 		Catalogue:    cat,
 		Store:        st,
@@ -121,6 +147,7 @@ func (a *adapter) run(ctx context.Context) error {
 		StatefulSets: factory.Apps().V1().StatefulSets().Lister(),
 		Services:     factory.Core().V1().Services().Lister(),
 		Mapper:       mapper,
+		Demand:       demandSource(routers),
 	}))
 	if err := cmmetrics.RegisterMetrics(legacyregistry.Register); err != nil {
 		return err
@@ -139,9 +166,21 @@ func (a *adapter) run(ctx context.Context) error {
 	}
 	scrapeDone := make(chan error, 1)
 	go func() { scrapeDone <- scraper.Run(ctx) }()
+	if routers != nil {
+		go routerInformer.Run(ctx.Done())
+		go routers.Run(ctx)
+	}
 	logger.Info("Starting", "scrapeInterval", scrapeOpts.Interval, "scrapeTimeout", scrapeOpts.Timeout,
 		"maxAge", storeOpts.MaxAge, "window", storeOpts.Window, "metrics", len(cat.Served()))
 	err = a.Run(ctx)
 	<-scrapeDone
 	return err
+}
+
+// demandSource keeps a nil *demand.Demand a nil provider.Demand.
+func demandSource(d *demand.Demand) provider.Demand {
+	if d == nil {
+		return nil
+	}
+	return d
 }

@@ -6,9 +6,11 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
+	"github.com/capstan-dev/capstan/metricsadapter/demand"
 	"github.com/capstan-dev/capstan/metricsadapter/scrape"
 	"github.com/capstan-dev/capstan/metricsadapter/store"
 )
@@ -30,6 +32,11 @@ type options struct {
 	MaxAge            time.Duration
 	Window            time.Duration
 	CatalogueFile     string
+	// RouterNamespace and RouterSelector find the capstan-router pods
+	// whose demand is served as requests_demand; an empty selector turns
+	// requests_demand off.
+	RouterNamespace string
+	RouterSelector  string
 }
 
 func newOptions() *options {
@@ -42,6 +49,8 @@ func newOptions() *options {
 		MaxBuckets:        200,
 		MaxAge:            5 * time.Second,
 		Window:            30 * time.Second,
+		RouterNamespace:   "capstan-system",
+		RouterSelector:    "app.kubernetes.io/name=capstan-router",
 	}
 }
 
@@ -63,6 +72,9 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.MaxAge, "max-age", o.MaxAge,
 		"A pod's last good sample is served until it is this old; after that the pod is left out of answers (never reported as 0).")
 	fs.DurationVar(&o.Window, "window", o.Window, "Span over which rates (tokens per second) and latency quantiles are computed.")
+	fs.StringVar(&o.RouterNamespace, "router-namespace", o.RouterNamespace, "Namespace of the capstan-router pods whose held and in-flight requests are served as requests_demand.")
+	fs.StringVar(&o.RouterSelector, "router-selector", o.RouterSelector,
+		"Label selector of those pods; their admin port (named admin) is scraped every --scrape-interval. Empty turns requests_demand off.")
 	fs.StringVar(&o.CatalogueFile, "metrics-catalogue", o.CatalogueFile,
 		"YAML file merged over the built-in metric catalogue (engine metric names and what they are served as); see docs/metricsadapter.md.")
 }
@@ -118,6 +130,17 @@ func (o *options) storeOptions(c *catalogue.Catalogue) (store.Options, error) {
 	opts := store.Options{Window: o.Window, MaxAge: o.MaxAge, Catalogue: c}
 	store.SetDefaults(&opts)
 	return opts, flagErrors(store.Validate(nil, &opts), map[string]string{"window": "--window", "maxAge": "--max-age"})
+}
+
+// demandOptions configure the scrapes of the router replicas from the same
+// flags as the model servers'.
+func (o *options) demandOptions(scrapeOpts scrape.Options) (demand.Options, labels.Selector, error) {
+	sel, err := labels.Parse(o.RouterSelector)
+	if err != nil {
+		return demand.Options{}, nil, field.Invalid(field.NewPath("--router-selector"), o.RouterSelector, err.Error())
+	}
+	return demand.Options{Interval: scrapeOpts.Interval, Timeout: scrapeOpts.Timeout, MaxAge: o.MaxAge,
+		MaxPageBytes: o.MaxPageBytes, MaxModels: o.MaxSeries, Port: "admin"}, sel, nil
 }
 
 // checkSet rejects zero for the flags whose zero the packages would take

@@ -302,9 +302,9 @@ func TestNetworkPolicyComponent(t *testing.T) {
 	const monitoring = "namespaces kubernetes.io/metadata.name=monitoring"
 	want := map[string]map[int32][]string{
 		"capstan-router": {
-			8080: {"all"},      // the OpenAI API
-			8081: {monitoring}, // admin: health, metrics, profiles
-			80:   {"all"},      // Gateway listeners
+			8080: {"all"},                                                             // the OpenAI API
+			8081: {monitoring, "pods app.kubernetes.io/name=capstan-metrics-adapter"}, // admin: health, metrics, profiles; requests_demand
+			80:   {"all"},                                                             // Gateway listeners
 			443:  {"all"},
 		},
 		"capstan-metrics-adapter": {6443: {"all"}}, // the API server; see metricsadapter.yaml
