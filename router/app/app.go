@@ -28,6 +28,7 @@ import (
 	"github.com/capstan-dev/capstan/router/gateway"
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/hold"
+	"github.com/capstan-dev/capstan/router/replicas"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/proxy"
 	"github.com/capstan-dev/capstan/router/route"
@@ -55,6 +56,8 @@ type Router struct {
 	admin    *http.Server
 	draining atomic.Bool
 	events   *claimEvents
+	// pods are the informers of the model-server pods.
+	pods *replicas.Pods
 }
 
 // New builds a router from o, which must be valid: its clients, informers,
@@ -81,6 +84,9 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		holds = hold.New(o.MaxHeldRequestsPerModel)
 		modelChanged = holds.Kick
 	}
+	// The model-server pods: what a model with no Ready endpoint is doing,
+	// and the load-aware balancer's scrape targets.
+	r := &Router{opts: o, logger: logger, events: events, pods: replicas.New(client, o.Namespaces)}
 	routes := route.NewBuilder(hosts, route.Options{
 		MaxPerEndpoint: o.MaxRequestsPerEndpoint,
 		MaxPerModel:    o.MaxRequestsPerModel,
@@ -92,7 +98,6 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	// Gateway API on, to the gateway controller, which is added below
 	// (it waits for discovery to sync, so it is built after it).
 	handlers := &discovery.Handlers{routes}
-	r := &Router{opts: o, logger: logger, events: events}
 	r.discovery, err = discovery.New(client, handlers, discovery.Options{Namespaces: o.Namespaces, AllServices: o.GatewayEnabled()})
 	if err != nil {
 		return nil, err
@@ -123,6 +128,9 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		RetryAfter:              o.RetryAfter,
 		Holds:                   holds,
 		HoldTimeout:             o.HoldTimeout,
+		Replicas: func(model string, namespaces []string) string {
+			return r.pods.Describe(model, namespaces, time.Now())
+		},
 		MaxIdleConnsPerEndpoint: o.MaxIdleConnsPerEndpoint,
 		AccessLog:               o.AccessLog,
 		Synced:                  r.discovery.HasSynced,
@@ -143,7 +151,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		}
 	}
 	if o.Balancer == balance.LoadAware {
-		if r.engineLoad, err = newEngineLoadFeed(logger, client, o, routes, reg); err != nil {
+		if r.engineLoad, err = newEngineLoadFeed(logger, r.pods.Informers(), o, routes, reg); err != nil {
 			return nil, fmt.Errorf("load-aware balancing: %w", err)
 		}
 	}
@@ -246,6 +254,9 @@ func (r *Router) Run(ctx context.Context) error {
 			}
 			return nil
 		})
+	}
+	for _, pods := range r.pods.Informers() {
+		g.Go(func() error { pods.RunWithContext(gctx); return nil })
 	}
 	if r.engineLoad != nil {
 		g.Go(func() error { return r.engineLoad.Run(klog.NewContext(gctx, logger.WithName("engine-load"))) })

@@ -5,8 +5,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/klog/v2"
 
@@ -18,17 +16,16 @@ import (
 )
 
 // engineLoadFeed is what the load-aware balancer reads the engines' own load
-// from: the metrics adapter's target tracking (an informer over the model
-// pods of each namespace, which makes the Ready ones the scraper's targets)
-// and its scraper, observed by engineload, whose feeder copies each pod's
-// load into the routing table's hosts.
+// from: the metrics adapter's target tracking (on the router's informers
+// over the model pods of each namespace, which make the Ready ones the
+// scraper's targets) and its scraper, observed by engineload, whose feeder
+// copies each pod's load into the routing table's hosts.
 type engineLoadFeed struct {
-	pods    []cache.SharedIndexInformer
 	scraper *scrape.Scraper
 	feeder  *engineload.Feeder
 }
 
-func newEngineLoadFeed(logger klog.Logger, client kubernetes.Interface, o *Options, routes *route.Builder, reg prometheus.Registerer) (*engineLoadFeed, error) {
+func newEngineLoadFeed(logger klog.Logger, pods []cache.SharedIndexInformer, o *Options, routes *route.Builder, reg prometheus.Registerer) (*engineLoadFeed, error) {
 	c := catalogue.Builtin()
 	// A sample is served for as long as the metrics adapter serves one by
 	// default: five scrape intervals.
@@ -49,16 +46,10 @@ func newEngineLoadFeed(logger klog.Logger, client kubernetes.Interface, o *Optio
 		scraper: scraper,
 		feeder:  &engineload.Feeder{Source: observer, Table: routes.Table, Interval: o.ScrapeInterval / 4},
 	}
-	namespaces := o.Namespaces
-	if len(namespaces) == 0 {
-		namespaces = []string{metav1.NamespaceAll}
-	}
-	for _, ns := range namespaces {
-		pods := targets.NewPodInformer(client, ns)
-		if err := targets.AddEventHandler(logger, pods, scraper); err != nil {
+	for _, informer := range pods {
+		if err := targets.AddEventHandler(logger, informer, scraper); err != nil {
 			return nil, err
 		}
-		f.pods = append(f.pods, pods)
 	}
 	return f, nil
 }
@@ -66,9 +57,6 @@ func newEngineLoadFeed(logger klog.Logger, client kubernetes.Interface, o *Optio
 // Run scrapes and feeds until ctx ends, and waits for all of it to stop.
 func (f *engineLoadFeed) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
-	for _, pods := range f.pods {
-		g.Go(func() error { pods.RunWithContext(ctx); return nil })
-	}
 	g.Go(func() error { return f.scraper.Run(ctx) })
 	g.Go(func() error { f.feeder.Run(ctx); return nil })
 	return g.Wait()

@@ -24,6 +24,10 @@ type modelObject struct {
 	Owner      string         `json:"owner"`
 	SharedWith []string       `json:"shared_with,omitempty"`
 	Refused    []refusedClaim `json:"refused,omitempty"`
+	// Held counts the requests this router holds for the model; Replicas
+	// says, while it has no ready endpoint, what its pods are doing.
+	Held     int    `json:"held,omitempty"`
+	Replicas string `json:"replicas,omitempty"`
 }
 
 type refusedClaim struct {
@@ -38,7 +42,7 @@ type endpointCounts struct {
 	Total       int `json:"total"`
 }
 
-func toObject(m *route.Model) modelObject {
+func (h *Handler) toObject(m *route.Model) modelObject {
 	o := modelObject{ID: m.Name, Object: "model", OwnedBy: "capstan", Owner: m.Owner, SharedWith: m.SharedWith,
 		Endpoints: endpointCounts{Ready: m.Ready, NotReady: m.NotReady, Terminating: m.Terminating, Total: m.Total}}
 	for _, s := range m.Services {
@@ -46,6 +50,12 @@ func toObject(m *route.Model) modelObject {
 	}
 	for _, c := range m.Refused {
 		o.Refused = append(o.Refused, refusedClaim{Service: c.Service.String(), Reason: c.Reason(m.Name)})
+	}
+	if h.opts.Holds != nil {
+		o.Held = h.opts.Holds.Len(m.Name)
+	}
+	if m.Ready == 0 {
+		o.Replicas = h.replicas(m)
 	}
 	return o
 }
@@ -63,14 +73,14 @@ func (h *Handler) serveModels(w http.ResponseWriter, r *http.Request, x *exchang
 			return
 		}
 		x.model = m.Name
-		v = toObject(m)
+		v = h.toObject(m)
 	} else {
 		list := struct {
 			Object string        `json:"object"`
 			Data   []modelObject `json:"data"`
 		}{Object: "list", Data: []modelObject{}}
 		for _, m := range table.Models() {
-			list.Data = append(list.Data, toObject(m))
+			list.Data = append(list.Data, h.toObject(m))
 		}
 		v = list
 	}

@@ -91,6 +91,9 @@ type Options struct {
 	// must kick them when it publishes a model.
 	Holds       *hold.Queues
 	HoldTimeout time.Duration
+	// Replicas, when set, says what a model's pods in some namespaces are
+	// doing, for the answers of a model with no Ready endpoint.
+	Replicas func(model string, namespaces []string) string
 	// PrefixBytes is how much of the prompt prefix affinity hashes; 0 when
 	// the balancer does not use it.
 	PrefixBytes int
@@ -424,6 +427,9 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 	case err == nil:
 		// Attempts are bounded from the release, not the arrival.
 		x.tryFrom = time.Now()
+		if waited := x.tryFrom.Sub(start); waited >= time.Millisecond {
+			w.Header().Set("X-Capstan-Held", waited.Round(time.Millisecond).String())
+		}
 		return true
 	case errors.Is(err, hold.ErrFull):
 		x.status = http.StatusTooManyRequests
@@ -439,12 +445,24 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 				why = fmt.Sprintf("model %s: all %d ready endpoints stayed busy", t.model, last.Pool.Len())
 			} else {
 				why = last.Unavailable()
+				if r := h.replicas(last); r != "" {
+					why += "; " + r
+				}
 			}
 		}
 		writeError(w, x.status, serverError, codeNoReadyEndpoints, fmt.Sprintf("held %s for a ready endpoint: %s",
 			time.Since(start).Round(time.Second), why), h.opts.RetryAfter)
 	}
 	return false
+}
+
+// replicas says what the pods of m are doing, "" when the router does not
+// watch them.
+func (h *Handler) replicas(m *route.Model) string {
+	if h.opts.Replicas == nil || m.Owner == "" {
+		return ""
+	}
+	return h.opts.Replicas(m.Name, append([]string{m.Owner}, m.SharedWith...))
 }
 
 func holdOutcome(err error) string {

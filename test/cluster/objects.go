@@ -29,6 +29,7 @@ type ModelServer struct {
 	// Labels are added to the pod template.
 	Labels        map[string]string
 	SchedulerName string
+	NodeSelector  map[string]string
 }
 
 // Deployment returns the model server's Deployment.
@@ -51,6 +52,7 @@ func (m ModelServer) Deployment() *appsv1.Deployment {
 				ObjectMeta: metav1.ObjectMeta{Labels: labels, Annotations: m.Annotations},
 				Spec: corev1.PodSpec{
 					SchedulerName: m.SchedulerName,
+					NodeSelector:  m.NodeSelector,
 					Containers: []corev1.Container{{
 						Name:  "engine",
 						Image: "capstan.dev/simulated-" + string(engine) + ":latest",
