@@ -28,9 +28,9 @@ import (
 	"github.com/capstan-dev/capstan/router/gateway"
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/hold"
-	"github.com/capstan-dev/capstan/router/replicas"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/proxy"
+	"github.com/capstan-dev/capstan/router/replicas"
 	"github.com/capstan-dev/capstan/router/route"
 	"github.com/capstan-dev/capstan/router/server"
 )
@@ -111,23 +111,23 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	}
 	m := metrics.New(reg, routes.Table, held)
 	popts := proxy.Options{
-		Selector:                selector,
-		Balancer:                o.Balancer,
-		MaxBodyBytes:            o.maxBodyBytes(),
-		MaxInFlightBodyBytes:    o.maxInFlightBodyBytes(),
-		TrustedHops:             o.XFFTrustedHops,
-		MaxAttempts:             o.MaxAttempts,
-		TryDuration:             o.TryDuration,
-		RetryInterval:           o.RetryInterval,
-		OutlierErrors:           o.OutlierConsecutiveErrors,
-		OutlierStatuses:         o.OutlierStatuses,
-		MaxEjectionPercent:      o.MaxEjectionPercent,
-		ConnectTimeout:          o.ConnectTimeout,
-		FirstByteTimeout:        o.FirstByteTimeout,
-		IdleStreamTimeout:       o.IdleStreamTimeout,
-		RetryAfter:              o.RetryAfter,
-		Holds:                   holds,
-		HoldTimeout:             o.HoldTimeout,
+		Selector:             selector,
+		Balancer:             o.Balancer,
+		MaxBodyBytes:         o.maxBodyBytes(),
+		MaxInFlightBodyBytes: o.maxInFlightBodyBytes(),
+		TrustedHops:          o.XFFTrustedHops,
+		MaxAttempts:          o.MaxAttempts,
+		TryDuration:          o.TryDuration,
+		RetryInterval:        o.RetryInterval,
+		OutlierErrors:        o.OutlierConsecutiveErrors,
+		OutlierStatuses:      o.OutlierStatuses,
+		MaxEjectionPercent:   o.MaxEjectionPercent,
+		ConnectTimeout:       o.ConnectTimeout,
+		FirstByteTimeout:     o.FirstByteTimeout,
+		IdleStreamTimeout:    o.IdleStreamTimeout,
+		RetryAfter:           o.RetryAfter,
+		Holds:                holds,
+		HoldTimeout:          o.HoldTimeout,
 		Replicas: func(model string, namespaces []string) string {
 			return r.pods.Describe(model, namespaces, time.Now())
 		},
