@@ -11,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/test/cluster"
 )
 
@@ -146,8 +147,8 @@ func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, ext
 // process the test runs itself: it has the router Deployment's labels and
 // ports, so that whatever finds routers by their pods (the metrics adapter)
 // finds it, and it is Running and Ready with an IP of the test network. Run
-// the router with its admin address on that IP (AdminAddr: ip:8081). It
-// must be the only router pod. The pod is deleted when the test ends.
+// the router with its admin address on that IP (AdminAddr: ip:8081). The pod
+// is deleted when the test ends.
 func RouterPod(t testing.TB, ctx context.Context, c *cluster.Cluster, name string) (ip string) {
 	t.Helper()
 	pod := &corev1.Pod{
@@ -169,9 +170,16 @@ func RouterPod(t testing.TB, ctx context.Context, c *cluster.Cluster, name strin
 		defer cancel()
 		_ = c.Client.CoreV1().Pods(Namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
 	})
-	pods, err := c.WaitForReadyPods(ctx, Namespace, "app.kubernetes.io/name=capstan-router", 1, 30*time.Second)
+	err := c.WaitFor(ctx, 30*time.Second, "router stand-in pod "+name+" to be Ready", func(ctx context.Context) (bool, error) {
+		p, err := c.Client.CoreV1().Pods(Namespace).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		ip = p.Status.PodIP
+		return ip != "" && modelserver.IsReady(p), nil
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return pods[0].Status.PodIP
+	return ip
 }

@@ -2,6 +2,7 @@ package loop
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -25,16 +26,18 @@ import (
 	"github.com/capstan-dev/capstan/test/fleet"
 )
 
-// The HPA takes an idle model to zero replicas; 50 concurrent requests then
-// are held by the router, counted as requests_demand by the metrics
-// adapter, scale the model back to a replica and are all answered once it is
-// Ready; idle again, the model goes back to zero.
+// The HPA takes an idle model to zero replicas; 50 concurrent requests then,
+// 25 through each of two router replicas, are held, counted once each in
+// requests_demand by the metrics adapter, scale the model back up and are
+// all answered once a replica is Ready, no faster than each router's
+// per-endpoint limit lets them go (a release past it would be a 429); idle
+// again, the model goes back to zero.
 func TestScaleFromZero(t *testing.T) {
 	_, ctx := ktesting.NewTestContext(t)
 	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	defer cancel()
 	c := testCluster
-	const loadTime = 2 * time.Second // the simulated model load
+	const loadTime = 4 * time.Second // the simulated model load
 
 	ns, err := c.CreateNamespace(ctx, "zero")
 	if err != nil {
@@ -58,9 +61,13 @@ func TestScaleFromZero(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ip := components.RouterPod(t, ctx, c, "capstan-router-zero")
-	r := installed.StartTest(t, ctx, components.RouterOptions{Name: "router-zero", AdminAddr: ip + ":8081",
-		Args: []string{"--namespaces=" + ns, "--hold-timeout=2m"}})
+	var routers []*components.Component
+	for i := range 2 {
+		name := fmt.Sprintf("capstan-router-zero-%d", i)
+		ip := components.RouterPod(t, ctx, c, name)
+		routers = append(routers, installed.StartTest(t, ctx, components.RouterOptions{Name: name, AdminAddr: ip + ":8081",
+			Args: []string{"--namespaces=" + ns, "--hold-timeout=2m", "--max-requests-per-endpoint=4"}}))
+	}
 
 	model := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 1,
 		Annotations: map[string]string{"sim.capstan.dev/ready-after": loadTime.String()}}
@@ -112,7 +119,8 @@ func TestScaleFromZero(t *testing.T) {
 	var firstByte time.Duration
 	var failures []string
 	body := `{"model":"llama","prompt":"hello from zero","max_tokens":4}`
-	for range n {
+	for i := range n {
+		r := routers[i%len(routers)]
 		wg.Go(func() {
 			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, r.URL+"/v1/completions", strings.NewReader(body))
 			req.Header.Set("Content-Type", "application/json")
@@ -135,6 +143,28 @@ func TestScaleFromZero(t *testing.T) {
 			}
 		})
 	}
+	// While they are held, the adapter serves their sum over the routers.
+	demandPath := "/apis/custom.metrics.k8s.io/v1beta2/namespaces/" + ns + "/deployments.apps/llama/requests_demand"
+	var demand string
+	err = c.WaitFor(ctx, loadTime, "requests_demand to count both routers' held requests", func(ctx context.Context) (bool, error) {
+		raw, err := c.Client.CoreV1().RESTClient().Get().AbsPath(demandPath).DoRaw(ctx)
+		if err != nil {
+			return false, nil
+		}
+		var list struct {
+			Items []struct {
+				Value resource.Quantity `json:"value"`
+			} `json:"items"`
+		}
+		if err := json.Unmarshal(raw, &list); err != nil || len(list.Items) != 1 {
+			return false, err
+		}
+		demand = list.Items[0].Value.String()
+		return list.Items[0].Value.Value() == n, nil
+	})
+	if err != nil {
+		t.Errorf("%v; last requests_demand %s", err, demand)
+	}
 	wg.Wait()
 	if len(failures) > 0 {
 		t.Fatalf("%d of %d requests failed, e.g. %q", len(failures), n, failures[:min(3, len(failures))])
@@ -151,7 +181,7 @@ func TestScaleFromZero(t *testing.T) {
 
 	// Idle again: back to zero, and the router knows the model still.
 	waitReplicas(ctx, t, ns, 0, "the HPA to scale the model back to zero")
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.URL+"/v1/models/llama", nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, routers[0].URL+"/v1/models/llama", nil)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
