@@ -3,10 +3,14 @@ package router
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/capstan-dev/capstan/test/cluster"
 )
@@ -80,5 +84,81 @@ func TestHoldEndsWithTheSchedulersReason(t *testing.T) {
 	}
 	if held < 3*time.Second || held > 6*time.Second {
 		t.Errorf("the request was answered after %s, want the 3s hold", held)
+	}
+}
+
+// A router told to stop (SIGTERM) while it holds requests keeps holding
+// them through its drain: when a replica turns Ready within
+// --shutdown-timeout they are answered, then the router exits.
+func TestHeldRequestsSurviveAGracefulStop(t *testing.T) {
+	ctx := testContext(t, 2*time.Minute)
+	ns := namespace(t, ctx, "hold-stop")
+	simulate(t, ctx, ns, nil)
+	m := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 1,
+		NodeSelector: map[string]string{"e2e.capstan.dev/no-such-node": "true"}}
+	if err := testCluster.Deploy(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	r := startRouter(t, ctx, "router-hold-stop", "--namespaces="+ns, "--hold-timeout=1m", "--shutdown-timeout=30s")
+	r.waitModel(t, ctx, "llama")
+	const n = 3
+	results := make(chan result, n)
+	for range n {
+		go func() { results <- r.post(ctx, "/v1/completions", completion("llama")) }()
+	}
+	r.waitHeld(t, ctx, "llama", n)
+
+	stopped := make(chan struct{})
+	go func() { r.proc.Stop(30 * time.Second); close(stopped) }()
+	// The replica becomes schedulable only once the router is draining.
+	err := testCluster.WaitFor(ctx, 10*time.Second, "the router to fail /readyz", func(ctx context.Context) (bool, error) {
+		resp, err := http.Get(r.admin + "/readyz")
+		if err != nil {
+			return false, nil
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusServiceUnavailable, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	patch := []byte(`{"spec":{"template":{"spec":{"nodeSelector":null}}}}`)
+	if _, err := testCluster.Client.AppsV1().Deployments(ns).Patch(ctx, "llama", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		if res := <-results; res.err != nil || res.status != http.StatusOK {
+			t.Errorf("a request held through the drain: %d %v %s", res.status, res.err, res.body)
+		}
+	}
+	select {
+	case <-stopped:
+	case <-ctx.Done():
+		t.Fatal("the router did not exit after its held requests were answered")
+	}
+}
+
+// waitModel waits until the router knows the model (its Services exist).
+func (r *router) waitModel(t *testing.T, ctx context.Context, modelName string) {
+	t.Helper()
+	err := testCluster.WaitFor(ctx, 20*time.Second, "the router to know "+modelName, func(ctx context.Context) (bool, error) {
+		models, err := r.models(ctx)
+		_, ok := models[modelName]
+		return err == nil && ok, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitHeld waits until the router holds n requests for the model.
+func (r *router) waitHeld(t *testing.T, ctx context.Context, modelName string, n int) {
+	t.Helper()
+	err := testCluster.WaitFor(ctx, 10*time.Second, fmt.Sprintf("%d requests held for %s", n, modelName), func(ctx context.Context) (bool, error) {
+		v := r.metric(t, "capstan_router_model_held_requests", map[string]string{"model": modelName})
+		return v == float64(n), nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
