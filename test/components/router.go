@@ -144,13 +144,11 @@ func StartRouter(ctx context.Context, c *cluster.Cluster, name, addr string, ext
 }
 
 // RouterPod creates a Pod in capstan-system that stands for a router
-// process the test runs itself: it has the router Deployment's labels and
+// process run outside the cluster: it has the router Deployment's labels and
 // ports, so that whatever finds routers by their pods (the metrics adapter)
 // finds it, and it is Running and Ready with an IP of the test network. Run
-// the router with its admin address on that IP (AdminAddr: ip:8081). The pod
-// is deleted when the test ends.
-func RouterPod(t testing.TB, ctx context.Context, c *cluster.Cluster, name string) (ip string) {
-	t.Helper()
+// the router with its admin address on that IP (AdminAddr: ip:8081).
+func RouterPod(ctx context.Context, c *cluster.Cluster, name string) (ip string, err error) {
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: Namespace, Name: name, Labels: map[string]string{"app.kubernetes.io/name": "capstan-router"}},
 		Spec: corev1.PodSpec{
@@ -163,14 +161,9 @@ func RouterPod(t testing.TB, ctx context.Context, c *cluster.Cluster, name strin
 		},
 	}
 	if _, err := c.Client.CoreV1().Pods(Namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
+		return "", err
 	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = c.Client.CoreV1().Pods(Namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
-	})
-	err := c.WaitFor(ctx, 30*time.Second, "router stand-in pod "+name+" to be Ready", func(ctx context.Context) (bool, error) {
+	err = c.WaitFor(ctx, 30*time.Second, "router stand-in pod "+name+" to be Ready", func(ctx context.Context) (bool, error) {
 		p, err := c.Client.CoreV1().Pods(Namespace).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return false, err
@@ -178,8 +171,10 @@ func RouterPod(t testing.TB, ctx context.Context, c *cluster.Cluster, name strin
 		ip = p.Status.PodIP
 		return ip != "" && modelserver.IsReady(p), nil
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ip
+	return ip, err
+}
+
+// DeleteRouterPod removes a pod RouterPod made.
+func DeleteRouterPod(ctx context.Context, c *cluster.Cluster, name string) error {
+	return c.Client.CoreV1().Pods(Namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
 }

@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 )
 
@@ -78,24 +80,70 @@ func (d *Demo) RunLoad(ctx context.Context) error {
 // client sends requests for one model until stop is set. A request is never
 // abandoned half-way: only answers the system gave count.
 func (d *Demo) client(c *http.Client, model string, stop *atomic.Bool) {
-	body := fmt.Sprintf(`{"model":%q,"messages":[{"role":"user","content":"Explain autoscaling in one line."}],"max_tokens":16}`, model)
 	for !stop.Load() {
-		resp, err := c.Post(d.Router.URL+"/v1/chat/completions", "application/json", strings.NewReader(body))
-		now := time.Now()
-		if err != nil {
-			d.Stats.answered("", err.Error(), now)
+		if _, connected := d.request(c, model); !connected {
 			time.Sleep(100 * time.Millisecond) // a client backs off a little
-			continue
-		}
-		data, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		switch {
-		case err != nil:
-			d.Stats.answered("", "reading the answer: "+err.Error(), now)
-		case resp.StatusCode != http.StatusOK:
-			d.Stats.answered("", fmt.Sprintf("%s: %s", resp.Status, strings.TrimSpace(string(data))), now)
-		default:
-			d.Stats.answered(resp.Header.Get("X-Capstan-Pod"), "", now)
 		}
 	}
+}
+
+// request sends one chat completion through the router and records its
+// answer; it returns when the first byte of the answer came, and whether
+// the router answered at all.
+func (d *Demo) request(c *http.Client, model string) (firstByte time.Time, connected bool) {
+	body := fmt.Sprintf(`{"model":%q,"messages":[{"role":"user","content":"Explain autoscaling in one line."}],"max_tokens":16}`, model)
+	resp, err := c.Post(d.Router.URL+"/v1/chat/completions", "application/json", strings.NewReader(body))
+	now := time.Now()
+	if err != nil {
+		d.Stats.answered("", err.Error(), now)
+		return now, false
+	}
+	data, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	switch {
+	case err != nil:
+		d.Stats.answered("", "reading the answer: "+err.Error(), now)
+	case resp.StatusCode != http.StatusOK:
+		d.Stats.answered("", fmt.Sprintf("%s: %s", resp.Status, strings.TrimSpace(string(data))), now)
+	default:
+		d.Stats.answered(resp.Header.Get("X-Capstan-Pod"), "", now)
+	}
+	return now, true
+}
+
+// RunBurst waits until the idle model's HPA has taken it to zero replicas,
+// sends it Burst requests at once, which the router holds until a replica
+// is Ready, and waits for every answer and for the model to be back at zero.
+func (d *Demo) RunBurst(ctx context.Context) error {
+	atZero := func(what string) error {
+		return d.c.WaitFor(ctx, 3*time.Minute, what, func(ctx context.Context) (bool, error) {
+			dep, err := d.c.Client.AppsV1().Deployments(d.Namespace).Get(ctx, d.Idle.App, metav1.GetOptions{})
+			return err == nil && dep.Spec.Replicas != nil && *dep.Spec.Replicas == 0 && dep.Status.Replicas == 0, err
+		})
+	}
+	if err := atZero(d.Idle.Name + " to be at zero replicas"); err != nil {
+		return err
+	}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: d.Burst}, Timeout: 5 * time.Minute}
+	defer client.CloseIdleConnections()
+	start := time.Now()
+	d.Stats.update(func(f *Figures) { f.BurstStart = start })
+	var wg sync.WaitGroup
+	for range d.Burst {
+		wg.Go(func() {
+			at, _ := d.request(client, d.Idle.Name)
+			d.Stats.update(func(f *Figures) {
+				if f.BurstFirstByte.IsZero() || at.Before(f.BurstFirstByte) {
+					f.BurstFirstByte = at
+				}
+			})
+		})
+	}
+	wg.Wait()
+	d.Stats.update(func(f *Figures) { f.BurstEnd = time.Now() })
+	if err := atZero(d.Idle.Name + " to be back at zero replicas"); err != nil {
+		return err
+	}
+	d.Stats.update(func(f *Figures) { f.ZeroReturned = time.Now() })
+	return nil
 }

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -44,6 +46,11 @@ type ModelView struct {
 	Waiting                        string
 	Ready, Loading, Pending, Other int
 	Pods                           []PodView
+	// Idle marks the model that scales to zero; for it, Held is what the
+	// router holds for it and Demand its requests_demand.
+	Idle   bool
+	Held   int
+	Demand string
 }
 
 // Observe samples the cluster every interval until ctx ends: it records the
@@ -96,8 +103,12 @@ func (d *Demo) Observe(ctx context.Context, interval time.Duration, show func([]
 func (d *Demo) sample(ctx context.Context) ([]ModelView, error) {
 	served, since := d.Stats.takeServed()
 	var views []ModelView
-	for _, m := range d.Models {
-		v := ModelView{Model: m}
+	for _, m := range append(slices.Clone(d.Models), d.Idle) {
+		v := ModelView{Model: m, Idle: m == d.Idle}
+		if v.Idle {
+			v.Held = d.held(ctx, m.Name)
+			v.Demand = d.objectMetric(ctx, m.App, "requests_demand")
+		}
 		if h, err := d.c.Client.AutoscalingV2().HorizontalPodAutoscalers(d.Namespace).Get(ctx, m.App, metav1.GetOptions{}); err == nil {
 			v.Desired = h.Status.DesiredReplicas
 		}
@@ -155,6 +166,12 @@ func (d *Demo) record(views []ModelView) {
 		bound := 0
 		allOne := true
 		for _, v := range views {
+			if v.Idle {
+				f.PeakHeld = max(f.PeakHeld, v.Held)
+				if v.Replicas == 0 && len(v.Pods) == 0 && f.ZeroReached.IsZero() {
+					f.ZeroReached = time.Now()
+				}
+			}
 			n := v.Ready + v.Loading
 			bound += n
 			f.PeakReplicas[v.Name] = max(f.PeakReplicas[v.Name], n)
@@ -163,7 +180,7 @@ func (d *Demo) record(views []ModelView) {
 					f.PendingReasons[p.Reason]++
 				}
 			}
-			if v.Replicas != 1 || v.Ready != 1 || len(v.Pods) != 1 {
+			if !v.Idle && (v.Replicas != 1 || v.Ready != 1 || len(v.Pods) != 1) {
 				allOne = false
 			}
 		}
@@ -172,6 +189,24 @@ func (d *Demo) record(views []ModelView) {
 			f.ScaledDown = time.Now()
 		}
 	})
+}
+
+// held is how many requests the router holds for a model.
+func (d *Demo) held(ctx context.Context, model string) int {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, d.Router.URL+"/v1/models/"+model, nil)
+	if err != nil {
+		return 0
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	var m struct {
+		Held int `json:"held"`
+	}
+	_ = json.NewDecoder(resp.Body).Decode(&m)
+	return m.Held
 }
 
 // unschedulableMessage is the scheduler's reason for not placing the pod.
@@ -236,6 +271,9 @@ func Render(w io.Writer, views []ModelView, elapsed time.Duration, clients int, 
 	for _, v := range views {
 		fmt.Fprintf(w, "%s (%s)  HPA wants %d, Deployment %d: %d ready, %d loading, %d pending   waiting requests (Deployment): %s\n",
 			v.Name, v.Engine, v.Desired, v.Replicas, v.Ready, v.Loading, v.Pending, v.Waiting)
+		if v.Idle {
+			fmt.Fprintf(w, "  scales to zero: held by the router %d, requests_demand %s\n", v.Held, v.Demand)
+		}
 		fmt.Fprintf(w, "  %-28s %-12s %-12s %8s %8s %7s\n", "POD", "STATE", "NODE", "WAITING", "RUNNING", "REQ/S")
 		for _, p := range v.Pods {
 			line := fmt.Sprintf("  %-28s %-12s %-12s %8s %8s %7d", p.Name, p.State, orDash(p.Node), p.Waiting, p.Running, p.Served)
@@ -254,6 +292,9 @@ func RenderLine(w io.Writer, views []ModelView, elapsed time.Duration, clients i
 	fmt.Fprintf(&b, "%6s clients=%-3d requests=%-6d errors=%d", elapsed.Round(time.Second), clients, f.Requests, f.ClientErrors)
 	for _, v := range views {
 		fmt.Fprintf(&b, " | %s: want %d, %d ready %d loading %d pending, waiting %s", v.Name, v.Desired, v.Ready, v.Loading, v.Pending, v.Waiting)
+		if v.Idle {
+			fmt.Fprintf(&b, ", held %d, demand %s", v.Held, v.Demand)
+		}
 	}
 	fmt.Fprintln(w, b.String())
 }
@@ -279,4 +320,8 @@ func Summary(w io.Writer, cfg Config, f Figures) {
 		fmt.Fprintf(w, "  replicas waited Pending because:    %s\n", reason)
 	}
 	fmt.Fprintf(w, "  load end → back to one replica each: %s\n", since(f.LoadEnd, f.ScaledDown))
+	fmt.Fprintf(w, "  %s: at zero replicas %s after the load started; a burst of %d requests (at most %d held at once):\n",
+		cfg.Idle.Name, since(f.LoadStart, f.ZeroReached), cfg.Burst, f.PeakHeld)
+	fmt.Fprintf(w, "    time to first byte from zero:     %s, last answer after %s\n", since(f.BurstStart, f.BurstFirstByte), since(f.BurstStart, f.BurstEnd))
+	fmt.Fprintf(w, "    last answer → back at zero:       %s\n", since(f.BurstEnd, f.ZeroReturned))
 }

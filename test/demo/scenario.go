@@ -2,14 +2,17 @@
 // behind capstan-router, autoscaled by the HPA on capstan-metrics-adapter's
 // metrics, placed by capstan-scheduler on GPU nodes with fewer model slots
 // than the HPAs may ask for. A load ramp drives it up to the capacity cap and
-// back down. `make demo` shows it live (cmd/capstan-demo); the e2e suite
-// test/e2e/loop asserts on the same run.
+// back down. A third model, idle, is scaled to zero replicas by its HPA; a
+// burst of requests later is held by the router until the HPA brings a
+// replica back, and the model returns to zero. `make demo` shows it live
+// (cmd/capstan-demo); the e2e suite test/e2e/loop asserts on the same run.
 package demo
 
 import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -64,6 +67,10 @@ type Config struct {
 	Ramp, Hold time.Duration
 	// RouterAddr is where capstan-router listens.
 	RouterAddr string
+	// Idle is the model that scales to zero; Burst is how many requests it
+	// gets at once once it is there (RunBurst).
+	Idle  Model
+	Burst int
 }
 
 func (c Config) withDefaults() Config {
@@ -102,6 +109,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.RouterAddr == "" {
 		c.RouterAddr = "198.18.255.10:8080"
+	}
+	if c.Idle.Name == "" {
+		c.Idle = Model{Name: "mistral-7b", App: "mistral", Engine: modelserver.VLLM}
+	}
+	if c.Burst == 0 {
+		c.Burst = 20
 	}
 	return c
 }
@@ -164,12 +177,23 @@ func Setup(ctx context.Context, c *cluster.Cluster, cfg Config, progress io.Writ
 		return nil, fmt.Errorf("starting capstan-metrics-adapter: %w", err)
 	}
 	step("capstan-metrics-adapter serving custom.metrics.k8s.io through its APIServices")
-	if d.Router, err = components.StartRouter(ctx, c, "capstan-router", cfg.RouterAddr); err != nil {
+	// The router runs outside the cluster; a stand-in pod with its labels
+	// is how the adapter finds its admin port, as it finds the Deployment's
+	// pods.
+	ip, err := components.RouterPod(ctx, c, "capstan-router")
+	if err != nil {
+		return nil, err
+	}
+	installed, err := components.InstallRouter(ctx, c, "router", "Deployment")
+	if err != nil {
+		return nil, err
+	}
+	if d.Router, err = installed.Start(ctx, components.RouterOptions{Addr: cfg.RouterAddr, AdminAddr: ip + ":8081"}); err != nil {
 		return nil, fmt.Errorf("starting capstan-router: %w", err)
 	}
 	step("capstan-router listening on http://%s", cfg.RouterAddr)
 
-	for _, m := range cfg.Models {
+	for _, m := range append(slices.Clone(cfg.Models), cfg.Idle) {
 		ms := cluster.ModelServer{Namespace: cfg.Namespace, Name: m.App, Model: m.Name, Engine: m.Engine,
 			Replicas: 1, SchedulerName: "capstan-scheduler",
 			Annotations: map[string]string{
@@ -183,17 +207,39 @@ func Setup(ctx context.Context, c *cluster.Cluster, cfg Config, progress io.Writ
 		if err := c.Deploy(ctx, ms); err != nil {
 			return nil, err
 		}
-		if _, err := c.Client.AutoscalingV2().HorizontalPodAutoscalers(cfg.Namespace).Create(ctx, d.hpa(m), metav1.CreateOptions{}); err != nil {
+		hpa := d.hpa(m)
+		if m == cfg.Idle {
+			hpa = d.zeroHPA(m)
+		}
+		if _, err := c.Client.AutoscalingV2().HorizontalPodAutoscalers(cfg.Namespace).Create(ctx, hpa, metav1.CreateOptions{}); err != nil {
 			return nil, err
 		}
 	}
-	for _, m := range cfg.Models {
+	for _, m := range append(slices.Clone(cfg.Models), cfg.Idle) {
 		if _, err := c.WaitForReadyPods(ctx, cfg.Namespace, "app="+m.App, 1, time.Minute); err != nil {
 			return nil, err
 		}
 	}
-	step("models deployed, 1 replica each, HPAs on requests_waiting (target %d per replica, max %d)", cfg.TargetWaiting, cfg.MaxReplicas)
+	step("models deployed, 1 replica each, HPAs on requests_waiting (target %d per replica, max %d); %s idle, its HPA (minReplicas 0, requests_demand) takes it to zero",
+		cfg.TargetWaiting, cfg.MaxReplicas, cfg.Idle.Name)
 	return d, nil
+}
+
+// zeroHPA scales the idle model between 0 and 2 replicas on
+// requests_demand, the requests the routers hold or have in flight for it,
+// which has a value at zero replicas.
+func (d *Demo) zeroHPA(m Model) *autoscalingv2.HorizontalPodAutoscaler {
+	h := d.hpa(m)
+	h.Spec.MinReplicas, h.Spec.MaxReplicas = ptr.To[int32](0), 2
+	h.Spec.Metrics = []autoscalingv2.MetricSpec{{
+		Type: autoscalingv2.ObjectMetricSourceType,
+		Object: &autoscalingv2.ObjectMetricSource{
+			DescribedObject: autoscalingv2.CrossVersionObjectReference{APIVersion: "apps/v1", Kind: "Deployment", Name: m.App},
+			Metric:          autoscalingv2.MetricIdentifier{Name: "requests_demand"},
+			Target:          autoscalingv2.MetricTarget{Type: autoscalingv2.AverageValueMetricType, AverageValue: resource.NewQuantity(8, resource.DecimalSI)},
+		},
+	}}
+	return h
 }
 
 // hpa scales a model's Deployment on its waiting requests, as the adapter

@@ -34,6 +34,14 @@ type Figures struct {
 	// PendingReasons counts, by message, what the scheduler said about the
 	// model pods it could not place.
 	PendingReasons map[string]int
+
+	// ZeroReached is when the idle model was first seen at zero replicas;
+	// BurstStart when its burst was sent, BurstFirstByte when the first
+	// answer of it came, BurstEnd when the last did; ZeroReturned when,
+	// after the burst, it was back at zero.
+	ZeroReached, BurstStart, BurstFirstByte, BurstEnd, ZeroReturned time.Time
+	// PeakHeld is the most requests the router held at once.
+	PeakHeld int
 }
 
 // Stats collects Figures from the clients, the simulated pods and the

@@ -61,6 +61,9 @@ func TestClosedLoop(t *testing.T) {
 	err = testCluster.WaitFor(ctx, 2*time.Minute, "every model to scale back to one replica", func(context.Context) (bool, error) {
 		return !d.Stats.Figures().ScaledDown.IsZero(), nil
 	})
+	if err == nil {
+		err = d.RunBurst(ctx)
+	}
 	stopObserving()
 	<-observed
 	f := d.Stats.Figures()
@@ -73,6 +76,13 @@ func TestClosedLoop(t *testing.T) {
 		t.Error(err)
 	}
 
+	t.Logf("%s: at zero %s after the load started; %d requests from zero: first byte after %s, last %s; back at zero %s later (at most %d held)",
+		d.Idle.Name, f.ZeroReached.Sub(f.LoadStart).Round(time.Millisecond), d.Burst,
+		f.BurstFirstByte.Sub(f.BurstStart).Round(time.Millisecond), f.BurstEnd.Sub(f.BurstStart).Round(time.Millisecond),
+		f.ZeroReturned.Sub(f.BurstEnd).Round(time.Millisecond), f.PeakHeld)
+	if f.ZeroReached.IsZero() || f.BurstFirstByte.IsZero() || f.ZeroReturned.IsZero() {
+		t.Errorf("the idle model: at zero %v, first byte of the burst %v, back at zero %v", f.ZeroReached, f.BurstFirstByte, f.ZeroReturned)
+	}
 	if f.ClientErrors != 0 {
 		t.Errorf("%d client errors, e.g. %q", f.ClientErrors, f.ErrorSamples)
 	}

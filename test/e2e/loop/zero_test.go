@@ -64,7 +64,11 @@ func TestScaleFromZero(t *testing.T) {
 	var routers []*components.Component
 	for i := range 2 {
 		name := fmt.Sprintf("capstan-router-zero-%d", i)
-		ip := components.RouterPod(t, ctx, c, name)
+		ip, err := components.RouterPod(ctx, c, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = components.DeleteRouterPod(context.Background(), c, name) })
 		routers = append(routers, installed.StartTest(t, ctx, components.RouterOptions{Name: name, AdminAddr: ip + ":8081",
 			Args: []string{"--namespaces=" + ns, "--hold-timeout=2m", "--max-requests-per-endpoint=4"}}))
 	}

@@ -88,6 +88,9 @@ Send your own requests from another shell while it runs:
 	if err := d.RunLoad(runCtx); err != nil && runCtx.Err() == nil {
 		return err
 	}
+	if err := d.RunBurst(runCtx); err != nil && runCtx.Err() == nil {
+		return err
+	}
 	<-observed
 	demo.Summary(os.Stdout, d.Config, d.Stats.Figures())
 	if f := d.Stats.Figures(); f.ClientErrors > 0 {
