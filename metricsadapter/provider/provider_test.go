@@ -88,11 +88,16 @@ func fixture(t *testing.T) *Provider {
 		pod("a", llama), pod("b", llama), pod("c", llama), pod("d", llama),
 		pod("e", map[string]string{"app": "empty"}),
 		&appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "llama", Labels: map[string]string{modelserver.ModelLabel: "llama"}},
-			Spec: appsv1.DeploymentSpec{Selector: selector}},
+			Spec: appsv1.DeploymentSpec{Selector: selector, Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: llama}}}},
+		// A model at zero replicas.
+		&appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "zero"},
+			Spec: appsv1.DeploymentSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "zero"}},
+				Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"app": "zero", modelserver.ModelLabel: "mistral"}}}}},
 		&appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "empty"},
 			Spec: appsv1.DeploymentSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "empty"}}}},
 		&appsv1.StatefulSet{ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "llama"}, Spec: appsv1.StatefulSetSpec{Selector: selector}},
-		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "llama"}, Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "llama"}}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "llama", Labels: map[string]string{modelserver.ModelLabel: "llama"}},
+			Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "llama"}}},
 		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "external"}},
 	}
 	factory := informers.NewSharedInformerFactory(fake.NewClientset(), 0)
@@ -285,5 +290,54 @@ func TestQuantity(t *testing.T) {
 		if got := Quantity(v); got.String() != want {
 			t.Errorf("Quantity(%v) = %s, want %s", v, got.String(), want)
 		}
+	}
+}
+
+// fakeDemand has demand for the models in it, read at at.
+type fakeDemand map[string]float64
+
+var demandAt = now.Add(-time.Second)
+
+func (f fakeDemand) Value(model string, _ time.Time) (float64, time.Time, bool) {
+	if f == nil {
+		return 0, time.Time{}, false
+	}
+	return f[model], demandAt, true
+}
+
+// requests_demand is served on the objects of a model, found by the
+// capstan.dev/model label of a Deployment's pod template or of a Service,
+// whether or not the model has pods; not on pods.
+func TestRequestsDemand(t *testing.T) {
+	p := fixture(t)
+	p.Demand = fakeDemand{"llama": 7, "mistral": 3}
+	_, ctx := ktesting.NewTestContext(t)
+	for _, tc := range []struct{ resource, name, want string }{
+		{"deployments.apps", "llama", "7"},
+		{"services", "llama", "7"},
+		{"deployments.apps", "zero", "3"}, // no pod at all
+	} {
+		mv, err := p.GetMetricByName(ctx, types.NamespacedName{Namespace: "ml", Name: tc.name}, info(tc.resource, RequestsDemand), labels.Everything())
+		if err != nil {
+			t.Errorf("%s %s: %v", tc.resource, tc.name, err)
+			continue
+		}
+		if g := summarize(*mv); g.Value != tc.want || !g.Time.Equal(demandAt) {
+			t.Errorf("%s %s: %+v, want %s at %s", tc.resource, tc.name, g, tc.want, demandAt)
+		}
+	}
+	list, err := p.GetMetricBySelector(ctx, "ml", labels.Everything(), info("deployments.apps", RequestsDemand), labels.Everything())
+	if err != nil || len(list.Items) != 2 {
+		t.Errorf("requests_demand of every Deployment: %v %v, want llama's and zero's", list, err)
+	}
+	for _, tc := range []struct{ resource, name string }{{"pods", "a"}, {"deployments.apps", "empty"}} {
+		if _, err := p.GetMetricByName(ctx, types.NamespacedName{Namespace: "ml", Name: tc.name}, info(tc.resource, RequestsDemand), labels.Everything()); !apierrors.IsNotFound(err) {
+			t.Errorf("requests_demand of %s %s (no model): %v, want NotFound", tc.resource, tc.name, err)
+		}
+	}
+	// No router answered: NotFound, not 0.
+	p.Demand = fakeDemand(nil)
+	if _, err := p.GetMetricByName(ctx, types.NamespacedName{Namespace: "ml", Name: "llama"}, info("deployments.apps", RequestsDemand), labels.Everything()); !apierrors.IsNotFound(err) {
+		t.Errorf("with no router's value: %v, want NotFound", err)
 	}
 }
