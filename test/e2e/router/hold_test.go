@@ -162,3 +162,47 @@ func (r *router) waitHeld(t *testing.T, ctx context.Context, modelName string, n
 		t.Fatal(err)
 	}
 }
+
+// Beyond --max-held-requests-per-model a request gets 429 at once; a
+// client that leaves while held is out of the queue at once, and nothing
+// reaches the model server for it when a replica turns Ready.
+func TestHoldQueueLimitAndLeavingClients(t *testing.T) {
+	ctx := testContext(t, 2*time.Minute)
+	ns := namespace(t, ctx, "hold-queue")
+	var seen arrivals
+	simulate(t, ctx, ns, seen.add)
+	m := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 1,
+		NodeSelector: map[string]string{"e2e.capstan.dev/no-such-node": "true"}}
+	if err := testCluster.Deploy(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	r := startRouter(t, ctx, "router-hold-queue", "--namespaces="+ns, "--hold-timeout=1m", "--max-held-requests-per-model=2")
+	r.waitModel(t, ctx, "llama")
+	stays := make(chan result, 1)
+	go func() { stays <- r.post(ctx, "/v1/completions", completion("llama")) }()
+	leaveCtx, leave := context.WithCancel(ctx)
+	leaves := make(chan result, 1)
+	go func() { leaves <- r.post(leaveCtx, "/v1/completions", completion("llama")) }()
+	r.waitHeld(t, ctx, "llama", 2)
+
+	full := r.post(ctx, "/v1/completions", completion("llama"))
+	if full.status != http.StatusTooManyRequests || !strings.Contains(full.body, "hold_queue_full") {
+		t.Errorf("beyond the queue: %d %s, want 429 hold_queue_full", full.status, full.body)
+	}
+	leave()
+	if res := <-leaves; res.err == nil {
+		t.Errorf("the leaving client got %d", res.status)
+	}
+	r.waitHeld(t, ctx, "llama", 1)
+
+	patch := []byte(`{"spec":{"template":{"spec":{"nodeSelector":null}}}}`)
+	if _, err := testCluster.Client.AppsV1().Deployments(ns).Patch(ctx, "llama", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if res := <-stays; res.err != nil || res.status != http.StatusOK {
+		t.Fatalf("the request that stayed: %d %v %s", res.status, res.err, res.body)
+	}
+	if n := len(seen.all()); n != 1 {
+		t.Errorf("the model server got %d requests, want only the one that stayed", n)
+	}
+}
