@@ -10,9 +10,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // With --gateway-secret-namespaces (the gateway-scoped-secrets component's
@@ -23,16 +20,7 @@ func TestScopedSecretNamespaces(t *testing.T) {
 	ctx := testContext(t, 2*time.Minute)
 	ns := namespace(t, ctx, "scoped")
 	certs := namespace(t, ctx, "scoped-certs")
-	cert, key := selfSignedCert(t, "secure.example.com")
-	for _, n := range []string{ns, certs} {
-		_, err := testCluster.Client.CoreV1().Secrets(n).Create(ctx, &corev1.Secret{
-			ObjectMeta: metav1.ObjectMeta{Name: "tls"}, Type: corev1.SecretTypeTLS,
-			Data: map[string][]byte{corev1.TLSCertKey: cert, corev1.TLSPrivateKeyKey: key},
-		}, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	tlsSecrets(t, ctx, "secure.example.com", ns, certs)
 	startRouter(t, ctx, "router-scoped", "--gateway-secret-namespaces="+certs)
 	apply(t, ctx, certs, fmt.Sprintf(`
 apiVersion: gateway.networking.k8s.io/v1

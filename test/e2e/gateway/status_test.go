@@ -109,16 +109,7 @@ func TestStatusConditions(t *testing.T) {
 	other := namespace(t, ctx, "status-other")
 	simulate(t, ctx, ns, nil)
 	deployEcho(t, ctx, ns, 1, "echo")
-	cert, key := selfSignedCert(t, "secure.example.com")
-	for _, n := range []string{ns, other} {
-		_, err := testCluster.Client.CoreV1().Secrets(n).Create(ctx, &corev1.Secret{
-			ObjectMeta: metav1.ObjectMeta{Name: "tls"}, Type: corev1.SecretTypeTLS,
-			Data: map[string][]byte{corev1.TLSCertKey: cert, corev1.TLSPrivateKeyKey: key},
-		}, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	tlsSecrets(t, ctx, "secure.example.com", ns, other)
 	startRouter(t, ctx, "router-status")
 
 	// GatewayClasses.
@@ -425,4 +416,20 @@ func selfSignedCert(t *testing.T, host string) (cert, key []byte) {
 		t.Fatal(err)
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kd})
+}
+
+// tlsSecrets creates a TLS Secret "tls" for host, self-signed, in each
+// namespace.
+func tlsSecrets(t *testing.T, ctx context.Context, host string, namespaces ...string) {
+	t.Helper()
+	cert, key := selfSignedCert(t, host)
+	for _, n := range namespaces {
+		_, err := testCluster.Client.CoreV1().Secrets(n).Create(ctx, &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Name: "tls"}, Type: corev1.SecretTypeTLS,
+			Data: map[string][]byte{corev1.TLSCertKey: cert, corev1.TLSPrivateKeyKey: key},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 }

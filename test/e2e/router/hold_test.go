@@ -22,11 +22,7 @@ func TestHoldEndsWithTheSchedulersReason(t *testing.T) {
 	ctx := testContext(t, 2*time.Minute)
 	ns := namespace(t, ctx, "hold")
 	simulate(t, ctx, ns, nil)
-	m := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 1,
-		NodeSelector: map[string]string{"e2e.capstan.dev/no-such-node": "true"}}
-	if err := testCluster.Deploy(ctx, m); err != nil {
-		t.Fatal(err)
-	}
+	unschedulableModel(t, ctx, ns)
 	const reason = "didn't match Pod's node affinity/selector"
 	err := testCluster.WaitFor(ctx, 30*time.Second, "the replica to be Unschedulable", func(ctx context.Context) (bool, error) {
 		pods, err := testCluster.Pods(ctx, ns, "app=llama")
@@ -94,11 +90,7 @@ func TestHeldRequestsSurviveAGracefulStop(t *testing.T) {
 	ctx := testContext(t, 2*time.Minute)
 	ns := namespace(t, ctx, "hold-stop")
 	simulate(t, ctx, ns, nil)
-	m := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 1,
-		NodeSelector: map[string]string{"e2e.capstan.dev/no-such-node": "true"}}
-	if err := testCluster.Deploy(ctx, m); err != nil {
-		t.Fatal(err)
-	}
+	unschedulableModel(t, ctx, ns)
 	r := startRouter(t, ctx, "router-hold-stop", "--namespaces="+ns, "--hold-timeout=1m", "--shutdown-timeout=30s")
 	r.waitModel(t, ctx, "llama")
 	const n = 3
@@ -122,10 +114,7 @@ func TestHeldRequestsSurviveAGracefulStop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	patch := []byte(`{"spec":{"template":{"spec":{"nodeSelector":null}}}}`)
-	if _, err := testCluster.Client.AppsV1().Deployments(ns).Patch(ctx, "llama", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	makeSchedulable(t, ctx, ns)
 	for range n {
 		if res := <-results; res.err != nil || res.status != http.StatusOK {
 			t.Errorf("a request held through the drain: %d %v %s", res.status, res.err, res.body)
@@ -171,11 +160,7 @@ func TestHoldQueueLimitAndLeavingClients(t *testing.T) {
 	ns := namespace(t, ctx, "hold-queue")
 	var seen arrivals
 	simulate(t, ctx, ns, seen.add)
-	m := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 1,
-		NodeSelector: map[string]string{"e2e.capstan.dev/no-such-node": "true"}}
-	if err := testCluster.Deploy(ctx, m); err != nil {
-		t.Fatal(err)
-	}
+	unschedulableModel(t, ctx, ns)
 	r := startRouter(t, ctx, "router-hold-queue", "--namespaces="+ns, "--hold-timeout=1m", "--max-held-requests-per-model=2")
 	r.waitModel(t, ctx, "llama")
 	stays := make(chan result, 1)
@@ -195,14 +180,31 @@ func TestHoldQueueLimitAndLeavingClients(t *testing.T) {
 	}
 	r.waitHeld(t, ctx, "llama", 1)
 
-	patch := []byte(`{"spec":{"template":{"spec":{"nodeSelector":null}}}}`)
-	if _, err := testCluster.Client.AppsV1().Deployments(ns).Patch(ctx, "llama", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	makeSchedulable(t, ctx, ns)
 	if res := <-stays; res.err != nil || res.status != http.StatusOK {
 		t.Fatalf("the request that stayed: %d %v %s", res.status, res.err, res.body)
 	}
 	if n := len(seen.all()); n != 1 {
 		t.Errorf("the model server got %d requests, want only the one that stayed", n)
+	}
+}
+
+// unschedulableModel deploys one replica of model llama whose node selector
+// matches no node, so it stays Pending with the scheduler's reason.
+func unschedulableModel(t *testing.T, ctx context.Context, ns string) {
+	t.Helper()
+	m := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 1,
+		NodeSelector: map[string]string{"e2e.capstan.dev/no-such-node": "true"}}
+	if err := testCluster.Deploy(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// makeSchedulable drops the node selector unschedulableModel set.
+func makeSchedulable(t *testing.T, ctx context.Context, ns string) {
+	t.Helper()
+	patch := []byte(`{"spec":{"template":{"spec":{"nodeSelector":null}}}}`)
+	if _, err := testCluster.Client.AppsV1().Deployments(ns).Patch(ctx, "llama", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
 	}
 }
