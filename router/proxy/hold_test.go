@@ -124,7 +124,13 @@ func TestHoldTimeoutAndFullQueue(t *testing.T) {
 	if full.status != http.StatusTooManyRequests || full.code != codeHoldQueueFull || full.header.Get("Retry-After") == "" {
 		t.Errorf("beyond the queue: %d %s (Retry-After %q), want 429 %s", full.status, full.body, full.header.Get("Retry-After"), codeHoldQueueFull)
 	}
+	if n := f.histogramCount("capstan_router_hold_duration_seconds", map[string]string{"model": "llama", "outcome": "queue_full"}); n != 1 {
+		t.Errorf("queue_full holds counted %d, want 1", n)
+	}
 	r := <-first
+	if n := f.histogramCount("capstan_router_hold_duration_seconds", map[string]string{"model": "llama", "outcome": "timeout"}); n != 1 {
+		t.Errorf("timed-out holds counted %d, want 1", n)
+	}
 	if r.status != http.StatusServiceUnavailable || r.code != codeNoReadyEndpoints || r.header.Get("Retry-After") == "" ||
 		!strings.Contains(r.body, "held 0s for a ready endpoint: model llama has 0 ready of 0 endpoints") {
 		t.Errorf("after the hold timeout: %d %s (Retry-After %q), want 503 %s saying it was held", r.status, r.body, r.header.Get("Retry-After"), codeNoReadyEndpoints)
@@ -151,4 +157,22 @@ func TestLeftWhileHeld(t *testing.T) {
 	if n := a.hits.Load(); n != 1 {
 		t.Errorf("the endpoint got %d requests, want only the later one", n)
 	}
+}
+
+// histogramCount is the sample count of a histogram with exactly these
+// labels.
+func (f *fixture) histogramCount(name string, labels map[string]string) uint64 {
+	f.t.Helper()
+	families, err := f.reg.Gather()
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	for _, fam := range families {
+		for _, m := range fam.Metric {
+			if fam.GetName() == name && labelsMatch(m.Label, labels) && m.Histogram != nil {
+				return m.Histogram.GetSampleCount()
+			}
+		}
+	}
+	return 0
 }

@@ -420,7 +420,8 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 		t.pool, t.first = m.Pool, e
 		return true
 	})
-	if waited := time.Since(start); waited > time.Millisecond {
+	// A request that went on at once was not held.
+	if waited := time.Since(start); err != nil || waited > time.Millisecond {
 		h.metrics.Held(t.model, waited.Seconds(), holdOutcome(err))
 	}
 	switch {
