@@ -465,7 +465,8 @@ func TestErrorAnswers(t *testing.T) {
 	if err := testCluster.Deploy(ctx, loading); err != nil {
 		t.Fatal(err)
 	}
-	r := startRouter(t, ctx, "router-errors", "--namespaces="+ns, "--max-body-size=64Ki", "--retry-after=3s")
+	// A short hold: the model still loading is answered 503 after it.
+	r := startRouter(t, ctx, "router-errors", "--namespaces="+ns, "--max-body-size=64Ki", "--retry-after=3s", "--hold-timeout=1s")
 	r.waitReady(t, ctx, "served", 1)
 	err := testCluster.WaitFor(ctx, 20*time.Second, "the loading pods' endpoints", func(ctx context.Context) (bool, error) {
 		m, err := r.models(ctx)
