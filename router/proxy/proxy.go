@@ -370,7 +370,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 	} else {
 		if m.Pool.Len() == 0 {
 			x.status = http.StatusServiceUnavailable
-			writeError(w, x.status, serverError, codeNoReadyEndpoints, m.Unavailable(), h.opts.RetryAfter)
+			writeError(w, x.status, serverError, codeNoReadyEndpoints, h.unavailable(m), h.opts.RetryAfter)
 			return
 		}
 		if !m.Pool.Admit() {
@@ -420,15 +420,18 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 		t.pool, t.first = m.Pool, e
 		return true
 	})
+	now := time.Now()
+	waited := now.Sub(start)
 	// A request that went on at once was not held.
-	if waited := time.Since(start); err != nil || waited > time.Millisecond {
+	held := err != nil || waited >= time.Millisecond
+	if held {
 		h.metrics.Held(t.model, waited.Seconds(), holdOutcome(err))
 	}
 	switch {
 	case err == nil:
 		// Attempts are bounded from the release, not the arrival.
-		x.tryFrom = time.Now()
-		if waited := x.tryFrom.Sub(start); waited >= time.Millisecond {
+		x.tryFrom = now
+		if held {
 			w.Header().Set("X-Capstan-Held", waited.Round(time.Millisecond).String())
 		}
 		return true
@@ -440,21 +443,28 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 		x.status, x.err = statusClientClosed, context.Cause(r.Context())
 	default:
 		x.status = http.StatusServiceUnavailable
-		why := fmt.Sprintf("model %s is no longer served", t.model)
-		if last != nil {
-			if last.Pool.Len() > 0 {
-				why = fmt.Sprintf("model %s: all %d ready endpoints stayed busy", t.model, last.Pool.Len())
-			} else {
-				why = last.Unavailable()
-				if r := h.replicas(last); r != "" {
-					why += "; " + r
-				}
-			}
+		var why string
+		switch {
+		case last == nil:
+			why = fmt.Sprintf("model %s is no longer served", t.model)
+		case last.Pool.Len() > 0:
+			why = fmt.Sprintf("model %s: all %d ready endpoints stayed busy", t.model, last.Pool.Len())
+		default:
+			why = h.unavailable(last)
 		}
 		writeError(w, x.status, serverError, codeNoReadyEndpoints, fmt.Sprintf("held %s for a ready endpoint: %s",
-			time.Since(start).Round(time.Second), why), h.opts.RetryAfter)
+			waited.Round(time.Second), why), h.opts.RetryAfter)
 	}
 	return false
+}
+
+// unavailable says why m has no ready endpoint: its endpoints and, when the
+// router watches them, its pods.
+func (h *Handler) unavailable(m *route.Model) string {
+	if r := h.replicas(m); r != "" {
+		return m.Unavailable() + "; " + r
+	}
+	return m.Unavailable()
 }
 
 // replicas says what the pods of m are doing, "" when the router does not
