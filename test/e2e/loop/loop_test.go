@@ -9,6 +9,7 @@ import (
 	"context"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -47,7 +48,7 @@ func TestClosedLoop(t *testing.T) {
 
 	// When each pod was first seen running, to check the router kept new
 	// pods out while they were loading (ReadyAfter).
-	running := watchRunning(ctx, t, cfg.Namespace)
+	pods := watchPods(ctx, t, cfg.Namespace)
 
 	obsCtx, stopObserving := context.WithCancel(ctx)
 	observed := make(chan struct{})
@@ -110,7 +111,7 @@ func TestClosedLoop(t *testing.T) {
 
 	// The router sent nothing to a pod while it was still loading.
 	for pod, arrivals := range d.Stats.Arrivals() {
-		since, ok := running.first(pod)
+		since, ok := pods.loading(pod)
 		if !ok {
 			continue
 		}
@@ -127,47 +128,70 @@ func TestClosedLoop(t *testing.T) {
 	}
 }
 
-// runningTimes records when each model pod was first seen Running with an IP
-// but not yet Ready.
-type runningTimes struct {
-	informer cache.SharedIndexInformer
-	seen     map[types.NamespacedName]time.Time
-	mu       chan struct{}
+// podTimes records, per model pod, when a watch first saw it, first saw it
+// Running with an IP but not yet Ready (loading), and first saw it Ready.
+type podTimes struct {
+	mu                      sync.Mutex
+	created, running, ready map[types.NamespacedName]time.Time
 }
 
-func watchRunning(ctx context.Context, t *testing.T, ns string) *runningTimes {
-	r := &runningTimes{seen: map[types.NamespacedName]time.Time{}, mu: make(chan struct{}, 1)}
+func watchPods(ctx context.Context, t *testing.T, ns string) *podTimes {
+	p := &podTimes{created: map[types.NamespacedName]time.Time{}, running: map[types.NamespacedName]time.Time{},
+		ready: map[types.NamespacedName]time.Time{}}
 	factory := informers.NewSharedInformerFactoryWithOptions(testCluster.Client, 0, informers.WithNamespace(ns),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = modelserver.ModelLabel }))
-	r.informer = factory.Core().V1().Pods().Informer()
+	informer := factory.Core().V1().Pods().Informer()
 	note := func(obj any) {
-		p, ok := obj.(*corev1.Pod)
-		if !ok || p.Status.PodIP == "" || modelserver.IsReady(p) {
+		pod, ok := obj.(*corev1.Pod)
+		if !ok {
 			return
 		}
-		key := types.NamespacedName{Namespace: p.Namespace, Name: p.Name}
-		r.mu <- struct{}{}
-		if _, ok := r.seen[key]; !ok {
-			r.seen[key] = time.Now()
+		now, key := time.Now(), types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name}
+		first := func(m map[types.NamespacedName]time.Time) {
+			if _, ok := m[key]; !ok {
+				m[key] = now
+			}
 		}
-		<-r.mu
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		first(p.created)
+		switch {
+		case modelserver.IsReady(pod):
+			first(p.ready)
+		case pod.Status.PodIP != "":
+			first(p.running)
+		}
 	}
-	if _, err := r.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: note, UpdateFunc: func(_, o any) { note(o) }}); err != nil {
+	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: note, UpdateFunc: func(_, o any) { note(o) }}); err != nil {
 		t.Fatal(err)
 	}
 	factory.Start(ctx.Done())
 	t.Cleanup(factory.Shutdown)
-	if !cache.WaitForCacheSync(ctx.Done(), r.informer.HasSynced) {
+	if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
 		t.Fatal("pod cache did not sync")
 	}
-	return r
+	return p
 }
 
-func (r *runningTimes) first(pod types.NamespacedName) (time.Time, bool) {
-	r.mu <- struct{}{}
-	defer func() { <-r.mu }()
-	at, ok := r.seen[pod]
+// loading is when the pod was first seen Running and not Ready.
+func (p *podTimes) loading(pod types.NamespacedName) (time.Time, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	at, ok := p.running[pod]
 	return at, ok
+}
+
+// newest is the pod created last that turned Ready, and when it did both.
+func (p *podTimes) newest() (created, ready time.Time, ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for key, c := range p.created {
+		r, isReady := p.ready[key]
+		if isReady && c.After(created) {
+			created, ready, ok = c, r, true
+		}
+	}
+	return created, ready, ok
 }
 
 type testWriter struct{ t *testing.T }

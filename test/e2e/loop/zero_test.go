@@ -15,12 +15,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/tools/cache"
 	"k8s.io/klog/v2/ktesting"
 	"k8s.io/utils/ptr"
 
-	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/test/cluster"
 	"github.com/capstan-dev/capstan/test/components"
 	"github.com/capstan-dev/capstan/test/fleet"
@@ -173,7 +170,7 @@ func TestScaleFromZero(t *testing.T) {
 	if len(failures) > 0 {
 		t.Fatalf("%d of %d requests failed, e.g. %q", len(failures), n, failures[:min(3, len(failures))])
 	}
-	created, ready, ok := pods.first()
+	created, ready, ok := pods.newest()
 	if !ok {
 		t.Fatal("no pod of the model was seen created and Ready")
 	}
@@ -226,56 +223,4 @@ func waitScaledToZero(ctx context.Context, t *testing.T, ns string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-}
-
-// podTimes records when the watch first saw each model pod, and when it saw
-// it Ready.
-type podTimes struct {
-	mu             sync.Mutex
-	created, ready map[string]time.Time
-}
-
-func watchPods(ctx context.Context, t *testing.T, ns string) *podTimes {
-	p := &podTimes{created: map[string]time.Time{}, ready: map[string]time.Time{}}
-	factory := informers.NewSharedInformerFactoryWithOptions(testCluster.Client, 0, informers.WithNamespace(ns),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = modelserver.ModelLabel }))
-	informer := factory.Core().V1().Pods().Informer()
-	note := func(obj any) {
-		pod, ok := obj.(*corev1.Pod)
-		if !ok {
-			return
-		}
-		now := time.Now()
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		if _, ok := p.created[pod.Name]; !ok {
-			p.created[pod.Name] = now
-		}
-		if _, ok := p.ready[pod.Name]; !ok && modelserver.IsReady(pod) {
-			p.ready[pod.Name] = now
-		}
-	}
-	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: note, UpdateFunc: func(_, o any) { note(o) }}); err != nil {
-		t.Fatal(err)
-	}
-	factory.Start(ctx.Done())
-	t.Cleanup(factory.Shutdown)
-	if !cache.WaitForCacheSync(ctx.Done(), informer.HasSynced) {
-		t.Fatal("pod cache did not sync")
-	}
-	return p
-}
-
-// first is the pod created last (the one from zero) and when it turned
-// Ready.
-func (p *podTimes) first() (created, ready time.Time, ok bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for name, c := range p.created {
-		r, isReady := p.ready[name]
-		if isReady && c.After(created) {
-			created, ready, ok = c, r, true
-		}
-	}
-	return created, ready, ok
 }
