@@ -30,6 +30,9 @@ type ModelServer struct {
 	Labels        map[string]string
 	SchedulerName string
 	NodeSelector  map[string]string
+	// PreStopSleepSeconds, if set, is the engine container's preStop sleep:
+	// how long a deleted pod keeps serving while routers learn it is leaving.
+	PreStopSleepSeconds int64
 }
 
 // Deployment returns the model server's Deployment.
@@ -43,6 +46,11 @@ func (m ModelServer) Deployment() *appsv1.Deployment {
 	maps.Copy(labels, selector)
 	maps.Copy(labels, m.Labels)
 	replicas := m.Replicas
+	var lifecycle *corev1.Lifecycle
+	if m.PreStopSleepSeconds > 0 {
+		lifecycle = &corev1.Lifecycle{PreStop: &corev1.LifecycleHandler{
+			Sleep: &corev1.SleepAction{Seconds: m.PreStopSleepSeconds}}}
+	}
 	return &appsv1.Deployment{
 		ObjectMeta: metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Name, Labels: map[string]string{modelserver.ModelLabel: m.Model}},
 		Spec: appsv1.DeploymentSpec{
@@ -54,9 +62,10 @@ func (m ModelServer) Deployment() *appsv1.Deployment {
 					SchedulerName: m.SchedulerName,
 					NodeSelector:  m.NodeSelector,
 					Containers: []corev1.Container{{
-						Name:  "engine",
-						Image: "capstan.dev/simulated-" + string(engine) + ":latest",
-						Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: modelserver.DefaultPort}},
+						Name:      "engine",
+						Image:     "capstan.dev/simulated-" + string(engine) + ":latest",
+						Ports:     []corev1.ContainerPort{{Name: "http", ContainerPort: modelserver.DefaultPort}},
+						Lifecycle: lifecycle,
 					}},
 				},
 			},

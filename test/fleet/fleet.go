@@ -5,8 +5,9 @@
 // of the engine named by capstan.dev/engine (vLLM, SGLang, TGI or
 // Triton/TensorRT-LLM). Metric values follow the load each pod really
 // receives, and annotations (see params.go) set latency, batch size and
-// faults per pod. With Options.Echo it also plays the Gateway API
-// conformance suite's echo backends (see echo.go).
+// faults per pod. A deleted pod runs its preStop sleep, then drains. With
+// Options.Echo it also plays the Gateway API conformance suite's echo
+// backends (see echo.go).
 package fleet
 
 import (
@@ -211,8 +212,7 @@ func (f *Fleet) sync(pod *corev1.Pod) {
 	s := f.servers[pod.UID]
 	switch {
 	case pod.DeletionTimestamp != nil:
-		// SIGTERM: stop taking connections, finish what is in flight.
-		f.removeLocked(pod.UID)
+		f.terminateLocked(pod, s)
 	case pod.Spec.HostNetwork || pod.Status.PodIP == "":
 		return
 	case modelserver.Model(pod.Labels) == "" && !isEcho(pod):
@@ -228,6 +228,35 @@ func (f *Fleet) sync(pod *corev1.Pod) {
 	}
 }
 
+// terminateLocked does what the kubelet does to a deleted pod: it runs the
+// containers' preStop sleep, during which the engine serves as before, and
+// then sends SIGTERM: the engine stops taking connections and finishes what
+// is in flight. The pod object's own removal (the informer's delete) stops
+// the engine at once, as the kubelet's kill would.
+func (f *Fleet) terminateLocked(pod *corev1.Pod, s *podServer) {
+	if s == nil || s.preStop != nil {
+		return
+	}
+	sleep := preStopSleep(pod)
+	if sleep == 0 {
+		f.removeLocked(pod.UID)
+		return
+	}
+	s.logger.V(4).Info("Running the preStop sleep", "duration", sleep)
+	s.preStop = time.AfterFunc(sleep, func() { f.remove(pod.UID) })
+}
+
+// preStopSleep is the longest preStop sleep of the pod's containers.
+func preStopSleep(pod *corev1.Pod) time.Duration {
+	var longest int64
+	for _, c := range pod.Spec.Containers {
+		if c.Lifecycle != nil && c.Lifecycle.PreStop != nil && c.Lifecycle.PreStop.Sleep != nil {
+			longest = max(longest, c.Lifecycle.PreStop.Sleep.Seconds)
+		}
+	}
+	return time.Duration(longest) * time.Second
+}
+
 func (f *Fleet) remove(uid types.UID) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -240,6 +269,9 @@ func (f *Fleet) removeLocked(uid types.UID) {
 		return
 	}
 	delete(f.servers, uid)
+	if s.preStop != nil {
+		s.preStop.Stop()
+	}
 	f.drains.Add(1)
 	go func() {
 		defer f.drains.Done()
@@ -253,6 +285,9 @@ func (f *Fleet) stopAll() {
 	defer close(f.stopped)
 	for uid, s := range f.servers {
 		delete(f.servers, uid)
+		if s.preStop != nil {
+			s.preStop.Stop()
+		}
 		f.drains.Add(1)
 		go func() {
 			defer f.drains.Done()

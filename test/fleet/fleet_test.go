@@ -366,7 +366,8 @@ func dialOutcome(t *testing.T, addr string) string {
 	case err == nil:
 		c.Close()
 		return "ok"
-	case errors.Is(err, syscall.ECONNREFUSED):
+	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET):
+		// A reset is a connection caught in the backlog as the listener closed.
 		return "refused"
 	}
 	var ne net.Error
@@ -488,4 +489,66 @@ func TestKillCutsStreams(t *testing.T) {
 	if f.Kill(types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name}) {
 		t.Error("a second Kill found a server")
 	}
+}
+
+// A deleted pod with a preStop sleep keeps serving, kept-alive connections
+// included, until the sleep ends and only then drains, as the kubelet runs
+// it; without one it drains at once; the pod object's removal ends the sleep
+// early.
+func TestPreStopSleepDelaysDrain(t *testing.T) {
+	_, ctx := ktesting.NewTestContext(t)
+	f := New(nil, Options{})
+	f.logger = klog.FromContext(ctx)
+	t.Cleanup(f.stopAll)
+	deleting := func(pod *corev1.Pod, sleep int64) *corev1.Pod {
+		p := pod.DeepCopy()
+		p.DeletionTimestamp = &metav1.Time{Time: time.Now()}
+		if sleep > 0 {
+			p.Spec.Containers[0].Lifecycle = &corev1.Lifecycle{PreStop: &corev1.LifecycleHandler{Sleep: &corev1.SleepAction{Seconds: sleep}}}
+		}
+		return p
+	}
+
+	pod, addr := loopbackPod(t, nil)
+	f.sync(pod)
+	waitDial(t, addr, "ok")
+	keptAlive := &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: 5 * time.Second}
+	defer keptAlive.CloseIdleConnections()
+	if code, err := complete(keptAlive, addr); err != nil || code != http.StatusOK {
+		t.Fatalf("before the deletion: %d %v", code, err)
+	}
+	deleted := time.Now()
+	f.sync(deleting(pod, 1))
+	f.sync(deleting(pod, 1)) // a later update does not start the sleep again
+	if !f.Serving(pod) {
+		t.Fatal("a pod in its preStop sleep is no longer served")
+	}
+	if code, err := complete(keptAlive, addr); err != nil || code != http.StatusOK {
+		t.Errorf("on a kept-alive connection during the preStop sleep: %d %v", code, err)
+	}
+	waitDial(t, addr, "refused")
+	if d := time.Since(deleted); d < time.Second {
+		t.Errorf("the pod drained %s after its deletion, before its 1s preStop sleep ended", d)
+	}
+
+	pod, addr = loopbackPod(t, nil)
+	pod.UID = "uid-2"
+	f.sync(pod)
+	waitDial(t, addr, "ok")
+	f.sync(deleting(pod, 0))
+	if f.Serving(pod) {
+		t.Error("a deleted pod without a preStop sleep is still served")
+	}
+	waitDial(t, addr, "refused")
+
+	pod, addr = loopbackPod(t, nil)
+	pod.UID = "uid-3"
+	f.sync(pod)
+	waitDial(t, addr, "ok")
+	f.sync(deleting(pod, 60))
+	f.remove(pod.UID) // the pod object is gone: the kubelet killed it
+	if f.Serving(pod) {
+		t.Error("a removed pod in its preStop sleep is still served")
+	}
+	waitDial(t, addr, "refused")
 }

@@ -49,6 +49,10 @@ type podServer struct {
 	draining bool
 	// killed is set by kill: the server is gone for good.
 	killed bool
+
+	// preStop is the pod's running preStop sleep, after which it drains.
+	// Guarded by the Fleet's mutex.
+	preStop *time.Timer
 }
 
 func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger klog.Logger) *podServer {

@@ -305,7 +305,7 @@ func TestRollingUpdateUnderLoad(t *testing.T) {
 	ns := namespace(t, ctx, "roll")
 	var seen arrivals
 	simulate(t, ctx, ns, seen.add)
-	ms := cluster.ModelServer{Namespace: ns, Name: "roll", Model: "roll", Replicas: 4,
+	ms := cluster.ModelServer{Namespace: ns, Name: "roll", Model: "roll", Replicas: 4, PreStopSleepSeconds: 1,
 		Annotations: map[string]string{"sim.capstan.dev/terminate-after": "2s", "sim.capstan.dev/ttft": "5ms"}}
 	oldPods := deploy(t, ctx, ms)
 	routers := []*router{
