@@ -56,7 +56,7 @@ type Router struct {
 	admin    *http.Server
 	draining atomic.Bool
 	events   *claimEvents
-	// pods are the informers of the model-server pods.
+	// pods are the informers of the model-server pods and their workloads.
 	pods *replicas.Pods
 }
 
@@ -128,7 +128,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		RetryAfter:           o.RetryAfter,
 		Holds:                holds,
 		HoldTimeout:          o.HoldTimeout,
-		Replicas: func(model string, namespaces []string) string {
+		Replicas: func(model string, namespaces []string) (string, bool) {
 			return r.pods.Describe(model, namespaces, time.Now())
 		},
 		MaxIdleConnsPerEndpoint: o.MaxIdleConnsPerEndpoint,
@@ -151,7 +151,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		}
 	}
 	if o.Balancer == balance.LoadAware {
-		if r.engineLoad, err = newEngineLoadFeed(logger, r.pods.Informers(), o, routes, reg); err != nil {
+		if r.engineLoad, err = newEngineLoadFeed(logger, r.pods.PodInformers(), o, routes, reg); err != nil {
 			return nil, fmt.Errorf("load-aware balancing: %w", err)
 		}
 	}

@@ -176,3 +176,32 @@ func (f *fixture) histogramCount(name string, labels map[string]string) uint64 {
 	}
 	return 0
 }
+
+// A model that is switched off (no replica, none coming) is answered 503 at
+// once with the reason, not held; one whose replica is coming is held.
+func TestSwitchedOffModelIsNotHeld(t *testing.T) {
+	var on atomic.Bool
+	replicas := func(o *Options) {
+		o.Replicas = func(model string, namespaces []string) (string, bool) {
+			if !on.Load() {
+				return "the model is switched off: Deployment ml/llama is scaled to 0 and no HPA scales it", true
+			}
+			return "no replica exists: HPA ml/llama scaled Deployment ml/llama to zero and scales it up on demand", false
+		}
+	}
+	f := newFixture(t, "llama", nil, holding(10, 5*time.Second), replicas)
+	r := f.send(t.Context(), completion)
+	if r.status != http.StatusServiceUnavailable || r.code != codeNoReadyEndpoints || !strings.Contains(r.body, "switched off") || strings.Contains(r.body, "held") {
+		t.Errorf("a switched-off model: %d %s, want 503 %s naming why, not held", r.status, r.body, codeNoReadyEndpoints)
+	}
+	if n := f.histogramCount("capstan_router_hold_duration_seconds", map[string]string{"model": "llama", "outcome": "timeout"}); n != 0 {
+		t.Errorf("%d holds counted for a switched-off model", n)
+	}
+	on.Store(true)
+	results := f.sendAll(t.Context(), 1)
+	waitFor(t, "the request held", func() bool { return f.handler.opts.Holds.Len("llama") == 1 })
+	f.setBackends("llama", []backend{startBackend(t, "a", ok)})
+	if r := <-results; r.status != http.StatusOK {
+		t.Errorf("a held request once a replica is Ready: %d %s", r.status, r.body)
+	}
+}

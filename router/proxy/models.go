@@ -55,7 +55,7 @@ func (h *Handler) toObject(m *route.Model) modelObject {
 		o.Held = h.opts.Holds.Len(m.Name)
 	}
 	if m.Ready == 0 {
-		o.Replicas = h.replicas(m)
+		o.Replicas, _ = h.replicas(m)
 	}
 	return o
 }

@@ -87,13 +87,15 @@ type Options struct {
 	// RetryAfter is the Retry-After of a 503 (no ready endpoint) or 429.
 	RetryAfter time.Duration
 	// Holds, when set, hold the requests of a model with no Ready endpoint
-	// for up to HoldTimeout instead of answering 503 at once. The Builder
-	// must kick them when it publishes a model.
+	// for up to HoldTimeout instead of answering 503 at once, unless
+	// Replicas says the model is off. The Builder must kick them when it
+	// publishes a model.
 	Holds       *hold.Queues
 	HoldTimeout time.Duration
 	// Replicas, when set, says what a model's pods in some namespaces are
-	// doing, for the answers of a model with no Ready endpoint.
-	Replicas func(model string, namespaces []string) string
+	// doing, for the answers of a model with no Ready endpoint, and whether
+	// the model is off: it has no replica and none is coming.
+	Replicas func(model string, namespaces []string) (what string, off bool)
 	// PrefixBytes is how much of the prompt prefix affinity hashes; 0 when
 	// the balancer does not use it.
 	PrefixBytes int
@@ -361,16 +363,21 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 	br := h.balanceRequest(r, req.Prefix)
 	t := target{kind: "model", name: m.Name, model: m.Name, pool: m.Pool,
 		path: r.URL.Path, rawPath: r.URL.RawPath, header: h.outboundHeader(r, x.idField)}
-	// A model without a Ready endpoint holds the request, and so does one
-	// with earlier requests still held, which go first.
-	if hs := h.opts.Holds; hs != nil && (m.Pool.Len() == 0 || hs.Holding() && hs.Len(m.Name) > 0) {
+	// A model without a Ready endpoint holds the request, unless it is off,
+	// and so does one with earlier requests still held, which go first.
+	var why string
+	off := false
+	if m.Pool.Len() == 0 {
+		why, off = h.unavailable(m)
+	}
+	if hs := h.opts.Holds; hs != nil && !off && (m.Pool.Len() == 0 || hs.Holding() && hs.Len(m.Name) > 0) {
 		if !h.hold(w, r, x, &t, &br) {
 			return
 		}
 	} else {
 		if m.Pool.Len() == 0 {
 			x.status = http.StatusServiceUnavailable
-			writeError(w, x.status, serverError, codeNoReadyEndpoints, h.unavailable(m), h.opts.RetryAfter)
+			writeError(w, x.status, serverError, codeNoReadyEndpoints, why, h.opts.RetryAfter)
 			return
 		}
 		if !m.Pool.Admit() {
@@ -450,7 +457,7 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 		case last.Pool.Len() > 0:
 			why = fmt.Sprintf("model %s: all %d ready endpoints stayed busy", t.model, last.Pool.Len())
 		default:
-			why = h.unavailable(last)
+			why, _ = h.unavailable(last)
 		}
 		writeError(w, x.status, serverError, codeNoReadyEndpoints, fmt.Sprintf("held %s for a ready endpoint: %s",
 			waited.Round(time.Second), why), h.opts.RetryAfter)
@@ -459,19 +466,19 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 }
 
 // unavailable says why m has no ready endpoint: its endpoints and, when the
-// router watches them, its pods.
-func (h *Handler) unavailable(m *route.Model) string {
-	if r := h.replicas(m); r != "" {
-		return m.Unavailable() + "; " + r
+// router watches them, its pods; off as Options.Replicas says.
+func (h *Handler) unavailable(m *route.Model) (why string, off bool) {
+	if r, off := h.replicas(m); r != "" {
+		return m.Unavailable() + "; " + r, off
 	}
-	return m.Unavailable()
+	return m.Unavailable(), false
 }
 
 // replicas says what the pods of m are doing, "" when the router does not
 // watch them.
-func (h *Handler) replicas(m *route.Model) string {
+func (h *Handler) replicas(m *route.Model) (what string, off bool) {
 	if h.opts.Replicas == nil || m.Owner == "" {
-		return ""
+		return "", false
 	}
 	return h.opts.Replicas(m.Name, append([]string{m.Owner}, m.SharedWith...))
 }

@@ -1,6 +1,8 @@
 // Package replicas says what Kubernetes says about a model's pods, for the
 // answers of a model that has no Ready endpoint: a replica Pending with the
-// scheduler's reason, one starting and for how long, or none at all.
+// scheduler's reason, one starting and for how long, or none at all, and
+// then whether one is coming (an HPA scaled the model to zero and scales it
+// up on demand) or the model is switched off (scaled to zero by hand).
 package replicas
 
 import (
@@ -20,11 +22,13 @@ import (
 )
 
 // Pods watches the model-server pods (labelled capstan.dev/model) of some
-// namespaces.
+// namespaces, and the Deployments, StatefulSets and HPAs that decide
+// whether a model with no pod gets one back.
 type Pods struct {
 	// byNamespace holds one informer per watched namespace, or one under
-	// "" for all of them.
+	// "" for all of them; so does workloads.
 	byNamespace map[string]cache.SharedIndexInformer
+	workloads   map[string]workloads
 }
 
 // New returns the informers for namespaces (empty: all); run them with
@@ -33,16 +37,17 @@ func New(client kubernetes.Interface, namespaces []string) *Pods {
 	if len(namespaces) == 0 {
 		namespaces = []string{metav1.NamespaceAll}
 	}
-	p := &Pods{byNamespace: map[string]cache.SharedIndexInformer{}}
+	p := &Pods{byNamespace: map[string]cache.SharedIndexInformer{}, workloads: map[string]workloads{}}
 	for _, ns := range namespaces {
 		p.byNamespace[ns] = targets.NewPodInformer(client, ns)
+		p.workloads[ns] = newWorkloads(client, ns)
 	}
 	return p
 }
 
-// Informers are the pod informers, for the caller to run (and to share:
-// they are the ones targets.AddEventHandler takes).
-func (p *Pods) Informers() []cache.SharedIndexInformer {
+// PodInformers are the pod informers, to share: they are the ones
+// targets.AddEventHandler takes.
+func (p *Pods) PodInformers() []cache.SharedIndexInformer {
 	out := make([]cache.SharedIndexInformer, 0, len(p.byNamespace))
 	for _, ns := range slices.Sorted(maps.Keys(p.byNamespace)) {
 		out = append(out, p.byNamespace[ns])
@@ -50,11 +55,27 @@ func (p *Pods) Informers() []cache.SharedIndexInformer {
 	return out
 }
 
-func (p *Pods) list(ns, model string) []*corev1.Pod {
-	informer, ok := p.byNamespace[ns]
-	if !ok {
-		informer, ok = p.byNamespace[metav1.NamespaceAll]
+// Informers are all the informers, for the caller to run.
+func (p *Pods) Informers() []cache.SharedIndexInformer {
+	out := p.PodInformers()
+	for _, ns := range slices.Sorted(maps.Keys(p.workloads)) {
+		out = append(out, p.workloads[ns].informers()...)
 	}
+	return out
+}
+
+// inNamespace returns the value kept for namespace ns: its own or the one
+// for all namespaces.
+func inNamespace[T any](m map[string]T, ns string) (T, bool) {
+	v, ok := m[ns]
+	if !ok {
+		v, ok = m[metav1.NamespaceAll]
+	}
+	return v, ok
+}
+
+func (p *Pods) list(ns, model string) []*corev1.Pod {
+	informer, ok := inNamespace(p.byNamespace, ns)
 	if !ok {
 		return nil
 	}
@@ -70,8 +91,9 @@ func (p *Pods) list(ns, model string) []*corev1.Pod {
 
 // Describe says what the pods of model in namespaces are doing, e.g.
 // "replicas: 1 Pending: 0/3 nodes are available: …; 1 starting (not Ready
-// for 42s)", or that there is none.
-func (p *Pods) Describe(model string, namespaces []string, now time.Time) string {
+// for 42s)", or, when there is none, whether one is coming; off is true
+// when none is (see atZero).
+func (p *Pods) Describe(model string, namespaces []string, now time.Time) (what string, off bool) {
 	var pending []string
 	var starting, ready, terminating int
 	var longest time.Duration
@@ -120,9 +142,9 @@ func (p *Pods) Describe(model string, namespaces []string, now time.Time) string
 		parts = append(parts, fmt.Sprintf("%d terminating", terminating))
 	}
 	if len(parts) == 0 {
-		return "no replica exists (scaled to zero: an HPA that scaled it there scales it up on requests_demand; a Deployment scaled to 0 by hand stays off)"
+		return atZero(func(ns string) (workloads, bool) { return inNamespace(p.workloads, ns) }, model, namespaces)
 	}
-	return "replicas: " + strings.Join(parts, "; ")
+	return "replicas: " + strings.Join(parts, "; "), false
 }
 
 func condition(pod *corev1.Pod, t corev1.PodConditionType) *corev1.PodCondition {

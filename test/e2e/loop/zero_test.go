@@ -15,6 +15,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/klog/v2/ktesting"
 	"k8s.io/utils/ptr"
 
@@ -76,28 +77,7 @@ func TestScaleFromZero(t *testing.T) {
 		t.Fatal(err)
 	}
 	pods := watchPods(ctx, t, ns)
-	hpa := &autoscalingv2.HorizontalPodAutoscaler{
-		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "llama"},
-		Spec: autoscalingv2.HorizontalPodAutoscalerSpec{
-			ScaleTargetRef: autoscalingv2.CrossVersionObjectReference{APIVersion: "apps/v1", Kind: "Deployment", Name: "llama"},
-			MinReplicas:    ptr.To[int32](0), MaxReplicas: 2,
-			Metrics: []autoscalingv2.MetricSpec{{Type: autoscalingv2.ObjectMetricSourceType, Object: &autoscalingv2.ObjectMetricSource{
-				DescribedObject: autoscalingv2.CrossVersionObjectReference{APIVersion: "apps/v1", Kind: "Deployment", Name: "llama"},
-				Metric:          autoscalingv2.MetricIdentifier{Name: "requests_demand"},
-				Target:          autoscalingv2.MetricTarget{Type: autoscalingv2.AverageValueMetricType, AverageValue: resource.NewQuantity(8, resource.DecimalSI)},
-			}}, {Type: autoscalingv2.ObjectMetricSourceType, Object: &autoscalingv2.ObjectMetricSource{
-				// An engine metric beside it, as manifests/examples does:
-				// it has no value at zero replicas.
-				DescribedObject: autoscalingv2.CrossVersionObjectReference{APIVersion: "apps/v1", Kind: "Deployment", Name: "llama"},
-				Metric:          autoscalingv2.MetricIdentifier{Name: "requests_waiting"},
-				Target:          autoscalingv2.MetricTarget{Type: autoscalingv2.AverageValueMetricType, AverageValue: resource.NewQuantity(2, resource.DecimalSI)},
-			}}},
-			Behavior: &autoscalingv2.HorizontalPodAutoscalerBehavior{
-				ScaleDown: &autoscalingv2.HPAScalingRules{StabilizationWindowSeconds: ptr.To[int32](3)},
-				ScaleUp:   &autoscalingv2.HPAScalingRules{StabilizationWindowSeconds: ptr.To[int32](0)},
-			},
-		},
-	}
+	hpa := demandHPA(ns, "llama")
 	if _, err := c.Client.AutoscalingV2().HorizontalPodAutoscalers(ns).Create(ctx, hpa, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -180,16 +160,213 @@ func TestScaleFromZero(t *testing.T) {
 		firstByte.Round(time.Millisecond), created.Sub(start).Round(time.Millisecond), startup.Round(time.Millisecond), loadTime,
 		(firstByte - startup).Round(time.Millisecond))
 
-	// Idle again: back to zero, and the router knows the model still.
+	// Idle again: back to zero, and the router holds a request again,
+	// saying the HPA will bring a replica back.
 	waitReplicas(ctx, t, ns, 0, "the HPA to scale the model back to zero")
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, routers[0].URL+"/v1/models/llama", nil)
-	resp, err := http.DefaultClient.Do(req)
+	waitScaledToZero(ctx, t, ns)
+	heldCtx, leave := context.WithCancel(ctx)
+	defer leave()
+	go func() {
+		req, _ := http.NewRequestWithContext(heldCtx, http.MethodPost, routers[0].URL+"/v1/completions", strings.NewReader(body))
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	m := waitModel(ctx, t, routers[0].URL, "llama", "a request held at zero again", func(m modelInfo) bool { return m.Held == 1 })
+	if !strings.Contains(m.Replicas, "scales it up on demand") {
+		t.Errorf("/v1/models replicas at zero %q, want that the HPA scales it up on demand", m.Replicas)
+	}
+}
+
+// A model scaled to zero by hand is off: its HPA has scaling disabled, and
+// the router answers its requests 503 at once, saying so, instead of holding
+// them; scaled to one by hand it is served again. A model whose only replica
+// stays Pending for lack of model slots is held, and the 503 at the end of
+// the hold names capstan-scheduler's reason.
+func TestNoReplicaComing(t *testing.T) {
+	_, ctx := ktesting.NewTestContext(t)
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	c := testCluster
+	const holdTimeout = 5 * time.Second
+
+	ns, err := c.CreateNamespace(ctx, "nocoming")
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Errorf("GET /v1/models/llama at zero: %d", resp.StatusCode)
+	pool := map[string]string{"e2e.capstan.dev/pool": ns}
+	if err := c.CreateNodes(ctx, cluster.Node{Name: "nocoming-0", Labels: map[string]string{"e2e.capstan.dev/pool": ns, "capstan.dev/model-slots": "1"}}); err != nil {
+		t.Fatal(err)
+	}
+	sim := fleet.New(c.Client, fleet.Options{Namespace: ns})
+	simCtx, stopSim := context.WithCancel(ctx)
+	defer func() { stopSim(); sim.Wait() }()
+	if err := sim.Start(simCtx); err != nil {
+		t.Fatal(err)
+	}
+	sched, err := components.StartScheduler(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sched.Stop(10 * time.Second)
+	// The router runs as its manifests' ServiceAccount: the RBAC that lets
+	// it see Deployments and HPAs is the installed one.
+	installed, err := components.InstallRouter(ctx, c, "router", "Deployment")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := installed.StartTest(t, ctx, components.RouterOptions{Name: "capstan-router-nocoming",
+		Args: []string{"--namespaces=" + ns, "--hold-timeout=" + holdTimeout.String()}})
+
+	// The node's one slot goes to "filler"; "big" then waits for a slot.
+	for _, m := range []cluster.ModelServer{
+		{Namespace: ns, Name: "filler", Model: "filler", Replicas: 1, SchedulerName: "capstan-scheduler", NodeSelector: pool},
+		{Namespace: ns, Name: "big", Model: "big", Replicas: 1, SchedulerName: "capstan-scheduler", NodeSelector: pool},
+		{Namespace: ns, Name: "off", Model: "off", Replicas: 0},
+	} {
+		if err := c.Deploy(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+		if m.Name == "filler" {
+			if _, err := c.WaitForReadyPods(ctx, ns, "app=filler", 1, 30*time.Second); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	var reason string
+	err = c.WaitFor(ctx, 30*time.Second, "big's replica to be Unschedulable for lack of model slots", func(ctx context.Context) (bool, error) {
+		pods, err := c.Pods(ctx, ns, "app=big")
+		if err != nil || len(pods) != 1 {
+			return false, err
+		}
+		for _, cond := range pods[0].Status.Conditions {
+			if cond.Type == corev1.PodScheduled && cond.Status == corev1.ConditionFalse && strings.Contains(cond.Message, "model slot") {
+				reason = strings.TrimSuffix(cond.Message, ".")
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	heldStart := time.Now()
+	big := make(chan outcome, 1)
+	go func() { big <- post(ctx, r.URL, "big") }()
+
+	if _, err := c.Client.AutoscalingV2().HorizontalPodAutoscalers(ns).Create(ctx, demandHPA(ns, "off"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitHPACondition(ctx, t, ns, "off", autoscalingv2.ScalingActive, corev1.ConditionFalse, "ScalingDisabled")
+	start := time.Now()
+	res := post(ctx, r.URL, "off")
+	took := time.Since(start)
+	if res.status != http.StatusServiceUnavailable || !strings.Contains(res.body, "the model is switched off: Deployment "+ns+"/off is scaled to 0 and scaling is disabled") ||
+		strings.Contains(res.body, "held") {
+		t.Errorf("a model scaled to zero by hand: %d %s, want 503 saying it is switched off, not held", res.status, res.body)
+	}
+	if took >= holdTimeout {
+		t.Errorf("the switched-off model's 503 took %s, as long as a hold", took)
+	}
+	scale := []byte(`{"spec":{"replicas":1}}`)
+	if _, err := c.Client.AppsV1().Deployments(ns).Patch(ctx, "off", types.MergePatchType, scale, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Scaled up by hand, a replica is coming: the request is held until it
+	// is Ready, or served at once if it already is.
+	if res := post(ctx, r.URL, "off"); res.status != http.StatusOK {
+		t.Errorf("the model scaled to one by hand: %d %s, want 200", res.status, res.body)
+	}
+
+	res = <-big
+	held := time.Since(heldStart)
+	if res.status != http.StatusServiceUnavailable {
+		t.Fatalf("big after the hold: %d %s, want 503", res.status, res.body)
+	}
+	for _, want := range []string{"held 5s for a ready endpoint", "1 Pending: " + reason} {
+		if !strings.Contains(res.body, want) {
+			t.Errorf("big's 503 %s does not say %q", res.body, want)
+		}
+	}
+	if held < holdTimeout {
+		t.Errorf("big was answered after %s, before its %s hold ended", held, holdTimeout)
+	}
+}
+
+type outcome struct {
+	status int
+	body   string
+}
+
+// post sends a short completion for model and reads the whole answer.
+func post(ctx context.Context, url, model string) outcome {
+	body := fmt.Sprintf(`{"model":%q,"prompt":"x","max_tokens":2}`, model)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url+"/v1/completions", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return outcome{body: err.Error()}
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	return outcome{status: resp.StatusCode, body: string(data)}
+}
+
+// modelInfo is what GET /v1/models/{model} says of a model with no Ready
+// endpoint.
+type modelInfo struct {
+	Held     int    `json:"held"`
+	Replicas string `json:"replicas"`
+}
+
+// waitModel polls GET /v1/models/{model} until done says yes.
+func waitModel(ctx context.Context, t *testing.T, url, model, what string, done func(modelInfo) bool) modelInfo {
+	t.Helper()
+	var m modelInfo
+	err := testCluster.WaitFor(ctx, 10*time.Second, what, func(ctx context.Context) (bool, error) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url+"/v1/models/"+model, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return false, err
+		}
+		defer resp.Body.Close()
+		m = modelInfo{}
+		if err := json.NewDecoder(resp.Body).Decode(&m); err != nil {
+			return false, err
+		}
+		return done(m), nil
+	})
+	if err != nil {
+		t.Fatalf("%v; last %+v", err, m)
+	}
+	return m
+}
+
+// demandHPA scales Deployment name between 0 and 2 replicas on
+// requests_demand and requests_waiting, quick to scale down.
+func demandHPA(ns, name string) *autoscalingv2.HorizontalPodAutoscaler {
+	target := autoscalingv2.CrossVersionObjectReference{APIVersion: "apps/v1", Kind: "Deployment", Name: name}
+	return &autoscalingv2.HorizontalPodAutoscaler{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec: autoscalingv2.HorizontalPodAutoscalerSpec{
+			ScaleTargetRef: target,
+			MinReplicas:    ptr.To[int32](0), MaxReplicas: 2,
+			Metrics: []autoscalingv2.MetricSpec{{Type: autoscalingv2.ObjectMetricSourceType, Object: &autoscalingv2.ObjectMetricSource{
+				DescribedObject: target,
+				Metric:          autoscalingv2.MetricIdentifier{Name: "requests_demand"},
+				Target:          autoscalingv2.MetricTarget{Type: autoscalingv2.AverageValueMetricType, AverageValue: resource.NewQuantity(8, resource.DecimalSI)},
+			}}, {Type: autoscalingv2.ObjectMetricSourceType, Object: &autoscalingv2.ObjectMetricSource{
+				// An engine metric beside it, as manifests/examples does:
+				// it has no value at zero replicas.
+				DescribedObject: target,
+				Metric:          autoscalingv2.MetricIdentifier{Name: "requests_waiting"},
+				Target:          autoscalingv2.MetricTarget{Type: autoscalingv2.AverageValueMetricType, AverageValue: resource.NewQuantity(2, resource.DecimalSI)},
+			}}},
+			Behavior: &autoscalingv2.HorizontalPodAutoscalerBehavior{
+				ScaleDown: &autoscalingv2.HPAScalingRules{StabilizationWindowSeconds: ptr.To[int32](3)},
+				ScaleUp:   &autoscalingv2.HPAScalingRules{StabilizationWindowSeconds: ptr.To[int32](0)},
+			},
+		},
 	}
 }
 
@@ -208,14 +385,21 @@ func waitReplicas(ctx context.Context, t *testing.T, ns string, want int32, what
 // the HPA controller does not scale from zero.
 func waitScaledToZero(ctx context.Context, t *testing.T, ns string) {
 	t.Helper()
-	err := testCluster.WaitFor(ctx, 30*time.Second, "the HPA's ScaledToZero condition", func(ctx context.Context) (bool, error) {
-		h, err := testCluster.Client.AutoscalingV2().HorizontalPodAutoscalers(ns).Get(ctx, "llama", metav1.GetOptions{})
+	waitHPACondition(ctx, t, ns, "llama", autoscalingv2.ScaledToZero, corev1.ConditionTrue, "")
+}
+
+// waitHPACondition waits for a condition of HPA name with this status and,
+// unless empty, reason.
+func waitHPACondition(ctx context.Context, t *testing.T, ns, name string, cond autoscalingv2.HorizontalPodAutoscalerConditionType, status corev1.ConditionStatus, reason string) {
+	t.Helper()
+	err := testCluster.WaitFor(ctx, 30*time.Second, fmt.Sprintf("HPA %s's condition %s=%s %s", name, cond, status, reason), func(ctx context.Context) (bool, error) {
+		h, err := testCluster.Client.AutoscalingV2().HorizontalPodAutoscalers(ns).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return false, err
 		}
 		for _, c := range h.Status.Conditions {
-			if c.Type == autoscalingv2.ScaledToZero {
-				return c.Status == corev1.ConditionTrue, nil
+			if c.Type == cond {
+				return c.Status == status && (reason == "" || c.Reason == reason), nil
 			}
 		}
 		return false, nil

@@ -392,7 +392,7 @@ func TestRollingUpdateUnderLoad(t *testing.T) {
 			t.Errorf("the slice watch never saw old pod %s leave; the check above proves nothing for it", p.Name)
 		}
 	}
-	t.Logf("rollout of 4 pods took %s; %d requests, all answered 200", rolled.Round(time.Millisecond), len(all))
+	t.Logf("rollout of 4 pods took %s; %d requests, %d failed", rolled.Round(time.Millisecond), len(all), len(failures(all)))
 }
 
 // Test 3: a Ready pod that refuses connections costs the clients nothing: the
@@ -741,6 +741,11 @@ func TestManifests(t *testing.T) {
 		{"", "services", "watch", true},
 		{"discovery.k8s.io", "endpointslices", "list", true},
 		{"", "pods", "list", true},
+		{"apps", "deployments", "watch", true},
+		{"apps", "statefulsets", "watch", true},
+		{"autoscaling", "horizontalpodautoscalers", "watch", true},
+		{"apps", "deployments", "update", false},
+		{"autoscaling", "horizontalpodautoscalers", "update", false},
 		{"", "services", "update", false},
 		{"", "secrets", "get", false},
 		{"discovery.k8s.io", "endpointslices", "delete", false},
