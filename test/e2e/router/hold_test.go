@@ -127,6 +127,51 @@ func TestHeldRequestsSurviveAGracefulStop(t *testing.T) {
 	}
 }
 
+// A router killed (SIGKILL) while it holds requests drops their
+// connections at once, and nothing is ever sent for them: when a replica
+// turns Ready afterwards, it receives no request.
+func TestHeldRequestsOfAKilledRouter(t *testing.T) {
+	ctx := testContext(t, 2*time.Minute)
+	ns := namespace(t, ctx, "hold-kill")
+	var seen arrivals
+	simulate(t, ctx, ns, seen.add)
+	unschedulableModel(t, ctx, ns)
+	r := startRouter(t, ctx, "router-hold-kill", "--namespaces="+ns, "--hold-timeout=1m")
+	r.waitModel(t, ctx, "llama")
+	const n = 3
+	results := make(chan result, n)
+	for range n {
+		go func() { results <- r.post(ctx, "/v1/completions", completion("llama")) }()
+	}
+	r.waitHeld(t, ctx, "llama", n)
+	killed := time.Now()
+	r.proc.Kill()
+	for range n {
+		res := <-results
+		if res.err == nil {
+			t.Errorf("a request held by the killed router was answered %d %s", res.status, res.body)
+		} else {
+			t.Logf("a held client of the killed router: %v", res.err)
+		}
+	}
+	if d := time.Since(killed); d > 5*time.Second {
+		t.Errorf("the killed router's clients learnt it after %s", d)
+	}
+	makeSchedulable(t, ctx, ns)
+	if _, err := testCluster.WaitForReadyPods(ctx, ns, "app=llama", 1, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// A request through a new router is the model server's first.
+	r2 := startRouter(t, ctx, "router-hold-kill-2", "--namespaces="+ns)
+	r2.waitReady(t, ctx, "llama", 1)
+	if res := r2.post(ctx, "/v1/completions", completion("llama")); res.err != nil || res.status != http.StatusOK {
+		t.Fatalf("through the second router: %d %v %s", res.status, res.err, res.body)
+	}
+	if got := len(seen.all()); got != 1 {
+		t.Errorf("the model server got %d requests, want 1: none for the killed router's held requests", got)
+	}
+}
+
 // waitModel waits until the router knows the model (its Services exist).
 func (r *router) waitModel(t *testing.T, ctx context.Context, modelName string) {
 	t.Helper()
