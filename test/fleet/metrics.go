@@ -1,11 +1,14 @@
 package fleet
 
 import (
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/test/fleet/paged"
 )
 
 // load is what a simulated engine's gauges read.
@@ -16,10 +19,18 @@ type load interface {
 	KVCacheUsage() float64
 }
 
+// cacheStats is the load of an engine that models its KV and prefix cache
+// (package paged).
+type cacheStats interface {
+	Stats() paged.Stats
+}
+
 // finished describes one completed request, for the engine's counters and
 // histograms.
 type finished struct {
-	queued, ttft, e2e          time.Duration
+	// queued is the wait for the engine, prefill from then to the first
+	// token, ttft and e2e from the arrival.
+	queued, prefill, ttft, e2e time.Duration
 	promptTokens, outputTokens int
 	finishReason               string // "stop" or "length"
 }
@@ -75,9 +86,9 @@ func histogram(reg prometheus.Registerer, name, help string, labels prometheus.L
 
 // vLLM (v1 engine): colon-separated names, labelled with model_name and engine.
 type vllm struct {
-	promptTokens, generationTokens, preemptions prometheus.Counter
-	success                                     *prometheus.CounterVec
-	ttft, e2e, queue, itl                       prometheus.Histogram
+	promptTokens, generationTokens prometheus.Counter
+	success                        *prometheus.CounterVec
+	ttft, e2e, queue, prefill, itl prometheus.Histogram
 }
 
 func newVLLM(model string, legacy bool, st load, reg prometheus.Registerer) *vllm {
@@ -94,16 +105,48 @@ func newVLLM(model string, legacy bool, st load, reg prometheus.Registerer) *vll
 	v := &vllm{
 		promptTokens:     counter(reg, "vllm:prompt_tokens_total", "Number of prefill tokens processed.", l),
 		generationTokens: counter(reg, "vllm:generation_tokens_total", "Number of generation tokens processed.", l),
-		preemptions:      counter(reg, "vllm:num_preemptions_total", "Cumulative number of preemption from the engine.", l),
 		success: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "vllm:request_success_total",
 			Help: "Count of successfully processed requests.", ConstLabels: l}, []string{"finished_reason"}),
-		ttft:  histogram(reg, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", l, vllmTTFTBuckets),
-		e2e:   histogram(reg, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", l, vllmLatencyBuckets),
-		queue: histogram(reg, "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", l, vllmLatencyBuckets),
-		itl:   histogram(reg, itlName, "Histogram of inter-token latency in seconds.", l, vllmTTFTBuckets),
+		ttft:    histogram(reg, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", l, vllmTTFTBuckets),
+		e2e:     histogram(reg, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", l, vllmLatencyBuckets),
+		queue:   histogram(reg, "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", l, vllmLatencyBuckets),
+		prefill: histogram(reg, "vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", l, vllmLatencyBuckets),
+		itl:     histogram(reg, itlName, "Histogram of inter-token latency in seconds.", l, vllmTTFTBuckets),
 	}
 	reg.MustRegister(v.success)
+	stats := func() paged.Stats { return paged.Stats{} }
+	if cs, ok := st.(cacheStats); ok {
+		stats = cs.Stats
+	}
+	counterFunc := func(name, help string, f func(paged.Stats) int64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: l},
+			func() float64 { return float64(f(stats())) }))
+	}
+	counterFunc("vllm:num_preemptions_total", "Cumulative number of preemption from the engine.", func(s paged.Stats) int64 { return s.Preemptions })
+	counterFunc("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.", func(s paged.Stats) int64 { return s.PrefixQueries })
+	counterFunc("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", func(s paged.Stats) int64 { return s.PrefixHits })
+	if _, ok := st.(cacheStats); ok {
+		reg.MustRegister(loraInfo{model: model, stats: stats})
+	}
 	return v
+}
+
+// loraInfo is vLLM's vllm:lora_requests_info: one series whose labels name
+// the running and waiting adapters and the slots, valued with the time.
+type loraInfo struct {
+	model string
+	stats func() paged.Stats
+}
+
+var loraInfoDesc = prometheus.NewDesc("vllm:lora_requests_info", "Running stats on lora requests.",
+	[]string{"max_lora", "running_lora_adapters", "waiting_lora_adapters"}, nil)
+
+func (l loraInfo) Describe(ch chan<- *prometheus.Desc) { ch <- loraInfoDesc }
+
+func (l loraInfo) Collect(ch chan<- prometheus.Metric) {
+	st := l.stats()
+	ch <- prometheus.MustNewConstMetric(loraInfoDesc, prometheus.GaugeValue, float64(time.Now().Unix()),
+		strconv.Itoa(st.MaxLoRAs), strings.Join(st.RunningAdapters, ","), strings.Join(st.WaitingAdapters, ","))
 }
 
 func (v *vllm) prefilled(n int) { v.promptTokens.Add(float64(n)) }
@@ -114,6 +157,7 @@ func (v *vllm) done(f finished) {
 	v.ttft.Observe(f.ttft.Seconds())
 	v.e2e.Observe(f.e2e.Seconds())
 	v.queue.Observe(f.queued.Seconds())
+	v.prefill.Observe(f.prefill.Seconds())
 	if f.outputTokens > 1 {
 		v.itl.Observe((f.e2e - f.ttft).Seconds() / float64(f.outputTokens-1))
 	}
@@ -130,7 +174,14 @@ func newSGLang(model string, st load, reg prometheus.Registerer) *sglang {
 	gaugeFunc(reg, "sglang:num_running_reqs", "The number of running requests.", l, func() float64 { return float64(st.Running()) })
 	gaugeFunc(reg, "sglang:num_queue_reqs", "The number of requests in the waiting queue.", l, func() float64 { return float64(st.Waiting()) })
 	gaugeFunc(reg, "sglang:token_usage", "The token usage.", l, st.KVCacheUsage)
-	gaugeFunc(reg, "sglang:cache_hit_rate", "The prefix cache hit rate.", l, func() float64 { return 0 })
+	gaugeFunc(reg, "sglang:cache_hit_rate", "The prefix cache hit rate.", l, func() float64 {
+		if cs, ok := st.(cacheStats); ok {
+			if s := cs.Stats(); s.PrefixQueries > 0 {
+				return float64(s.PrefixHits) / float64(s.PrefixQueries)
+			}
+		}
+		return 0
+	})
 	return &sglang{
 		promptTokens:     counter(reg, "sglang:prompt_tokens_total", "Number of prefill tokens processed.", l),
 		generationTokens: counter(reg, "sglang:generation_tokens_total", "Number of generation tokens processed.", l),

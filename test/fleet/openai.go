@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/capstan-dev/capstan/test/fleet/paged"
 )
 
 // request is the part of an OpenAI request body the simulator reads.
@@ -45,14 +47,18 @@ const (
 	embeddings
 )
 
-// serveModels answers GET /v1/models with the pod's one model.
+// serveModels answers GET /v1/models with the pod's model and, as vLLM
+// lists them, its LoRA adapters with the model as their parent.
 func (s *podServer) serveModels(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{
-		"object": "list",
-		"data": []map[string]any{{
-			"id": s.model, "object": "model", "created": s.created.Unix(), "owned_by": "capstan-fleet", "root": s.model,
-		}},
-	})
+	data := []map[string]any{{
+		"id": s.model, "object": "model", "created": s.created.Unix(), "owned_by": "capstan-fleet", "root": s.model, "parent": nil,
+	}}
+	for _, a := range s.adapters {
+		data = append(data, map[string]any{
+			"id": a, "object": "model", "created": s.created.Unix(), "owned_by": "capstan-fleet", "root": "/adapters/" + a, "parent": s.model,
+		})
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data})
 }
 
 // serveInference answers the completion, chat and embedding endpoints the way
@@ -83,7 +89,7 @@ func (s *podServer) serveInference(w http.ResponseWriter, r *http.Request, kind 
 		writeError(w, http.StatusBadRequest, "invalid JSON body: "+err.Error(), "BadRequestError")
 		return
 	}
-	if req.Model != s.model {
+	if req.Model != s.model && !s.hasAdapter(req.Model) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("The model `%s` does not exist.", req.Model), "NotFoundError")
 		return
 	}
@@ -104,46 +110,60 @@ func (s *podServer) serveInference(w http.ResponseWriter, r *http.Request, kind 
 	}
 
 	ctx := r.Context()
-	if err := s.engine.admit(ctx); err != nil {
-		return // the client went away while queued
+	var gen generation
+	if s.paged != nil {
+		var adapter string
+		if req.Model != s.model {
+			adapter = req.Model
+		}
+		gen = s.paged.start(promptText(req, kind), max(outputTokens, 1), adapter)
+	} else {
+		gen = &fixedGeneration{engine: s.engine, ttft: p.ttft, tpot: p.tpot}
 	}
-	defer s.engine.release()
-	queued := time.Since(start)
-	s.exp.prefilled(promptTokens)
-	if !sleep(ctx, p.ttft) {
-		return
+	defer gen.close()
+	first, ok := gen.token(ctx, 0)
+	if !ok {
+		return // the client went away while queued or in prefill
 	}
+	queued, prefill := gen.queued()
 	ttft := time.Since(start)
+	s.exp.prefilled(promptTokens)
 
 	if kind == embeddings {
 		s.writeEmbeddings(w, req, promptTokens)
-		s.exp.done(finished{queued: queued, ttft: ttft, e2e: time.Since(start), promptTokens: promptTokens, finishReason: "stop"})
+		s.exp.done(s.scaled(finished{queued: queued, prefill: prefill, ttft: ttft, e2e: time.Since(start), promptTokens: promptTokens, finishReason: "stop"}))
 		return
 	}
 	id := fmt.Sprintf("cmpl-%s-%d", s.name, s.seq.Add(1))
 	u := usage{PromptTokens: promptTokens, CompletionTokens: outputTokens, TotalTokens: promptTokens + outputTokens}
 	if req.Stream {
-		if !s.stream(ctx, w, kind, id, req, outputTokens, finish, u, p.tpot) {
+		if !s.stream(ctx, w, kind, id, req, first, gen, outputTokens, finish, u) {
 			return
 		}
 	} else {
+		var b strings.Builder
+		if outputTokens > 0 {
+			b.WriteString(first)
+		}
 		for i := 1; i < outputTokens; i++ {
-			if p.tpot > 0 && !sleep(ctx, p.tpot) {
+			t, ok := gen.token(ctx, i)
+			if !ok {
 				return
 			}
+			b.WriteString(t)
 		}
 		s.exp.generated(outputTokens)
-		writeJSON(w, http.StatusOK, s.completion(kind, id, text(outputTokens), finish, u))
+		writeJSON(w, http.StatusOK, s.completion(kind, id, b.String(), finish, u))
 	}
-	s.exp.done(finished{queued: queued, ttft: ttft, e2e: time.Since(start),
-		promptTokens: promptTokens, outputTokens: outputTokens, finishReason: finish})
+	s.exp.done(s.scaled(finished{queued: queued, prefill: prefill, ttft: ttft, e2e: time.Since(start),
+		promptTokens: promptTokens, outputTokens: outputTokens, finishReason: finish}))
 }
 
-// stream writes a Server-Sent Events response, one chunk per token, flushed as
-// each is produced, ending with "data: [DONE]". It reports whether the whole
-// stream was written.
+// stream writes a Server-Sent Events response, one chunk per token (the
+// first, then gen's), flushed as each is produced, ending with
+// "data: [DONE]". It reports whether the whole stream was written.
 func (s *podServer) stream(ctx context.Context, w http.ResponseWriter, kind apiKind, id string, req request,
-	tokens int, finish string, u usage, tpot time.Duration) bool {
+	first string, gen generation, tokens int, finish string, u usage) bool {
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-cache")
@@ -155,11 +175,12 @@ func (s *podServer) stream(ctx context.Context, w http.ResponseWriter, kind apiK
 		}
 		return rc.Flush() == nil
 	}
-	for i := 0; i < tokens; i++ {
-		if i > 0 && !sleep(ctx, tpot) {
-			return false
+	for i := range tokens {
+		t, ok := first, true
+		if i > 0 {
+			t, ok = gen.token(ctx, i)
 		}
-		if !send(s.chunk(kind, id, word(i), nil)) {
+		if !ok || !send(s.chunk(kind, id, t, nil)) {
 			return false
 		}
 		s.exp.generated(1)
@@ -227,56 +248,66 @@ func (s *podServer) writeEmbeddings(w http.ResponseWriter, req request, promptTo
 		"usage": map[string]int{"prompt_tokens": promptTokens, "total_tokens": promptTokens}})
 }
 
-// countTokens approximates a tokenizer with whitespace-separated words.
+// countTokens approximates a tokenizer with whitespace-separated words of
+// the prompt's content.
 func countTokens(req request, kind apiKind) int {
 	var n int
 	switch kind {
 	case chatCompletions:
 		for _, m := range req.Messages {
-			n += words(m.Content)
+			n += len(strings.Fields(contentText(m.Content)))
 		}
 	case embeddings:
-		n = words(req.Input)
+		n = len(strings.Fields(contentText(req.Input)))
 	default:
-		n = words(req.Prompt)
+		n = len(strings.Fields(contentText(req.Prompt)))
 	}
 	return max(n, 1)
 }
 
-func words(raw json.RawMessage) int {
+// promptText is the text the engine tokenizes: the prompt, the input, or the
+// messages through the chat template.
+func promptText(req request, kind apiKind) string {
+	switch kind {
+	case chatCompletions:
+		msgs := make([]paged.Message, len(req.Messages))
+		for i, m := range req.Messages {
+			msgs[i] = paged.Message{Role: m.Role, Content: contentText(m.Content)}
+		}
+		return paged.ChatTemplate(msgs)
+	case embeddings:
+		return contentText(req.Input)
+	}
+	return contentText(req.Prompt)
+}
+
+// contentText is the text of a prompt, input or message content: a string,
+// a list of them, or chat content parts ({"type":"text","text":...}).
+func contentText(raw json.RawMessage) string {
 	var s string
 	if json.Unmarshal(raw, &s) == nil {
-		return len(strings.Fields(s))
+		return s
 	}
 	var list []json.RawMessage
 	if json.Unmarshal(raw, &list) == nil {
-		n := 0
+		parts := make([]string, 0, len(list))
 		for _, item := range list {
-			n += words(item)
+			parts = append(parts, contentText(item))
 		}
-		return n
+		return strings.Join(parts, " ")
 	}
-	// Chat content parts ({"type":"text","text":...}) and anything else.
 	var part struct {
 		Text string `json:"text"`
 	}
 	if json.Unmarshal(raw, &part) == nil {
-		return len(strings.Fields(part.Text))
+		return part.Text
 	}
-	return 0
+	return ""
 }
 
 var vocabulary = []string{"the", "model", "replies", "with", "simulated", "tokens", "from", "capstan"}
 
 func word(i int) string { return vocabulary[i%len(vocabulary)] + " " }
-
-func text(tokens int) string {
-	var b strings.Builder
-	for i := range tokens {
-		b.WriteString(word(i))
-	}
-	return b.String()
-}
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")

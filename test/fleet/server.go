@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -19,6 +20,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/test/fleet/paged"
 )
 
 // podServer is one simulated model-server pod: an HTTP server on each of the
@@ -53,6 +55,13 @@ type podServer struct {
 	// preStop is the pod's running preStop sleep, after which it drains.
 	// Guarded by the Fleet's mutex.
 	preStop *time.Timer
+
+	// paged, when set, is the vLLM-like engine that serves the requests
+	// (SchedulerAnnotation); adapters are its LoRA adapters and scale its
+	// time scale.
+	paged    *pagedEngine
+	adapters []string
+	scale    float64
 }
 
 func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger klog.Logger) *podServer {
@@ -75,8 +84,16 @@ func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger kl
 	s.pod.Store(pod)
 	p := paramsFor(pod, opts)
 	s.engine = newEngine(p.maxRunning)
+	var st load = s.engine
+	s.scale = 1
+	if pod.Annotations[SchedulerAnnotation] == "vllm" {
+		var cfg paged.Config
+		cfg, s.scale, s.adapters = pagedConfig(pod)
+		s.paged = newPagedEngine(cfg, s.scale)
+		st = s.paged
+	}
 	reg := prometheus.NewRegistry()
-	s.exp = newExporter(engineKind, pod.Annotations[EngineVersionAnnotation] == "legacy", s.model, s.engine, reg)
+	s.exp = newExporter(engineKind, pod.Annotations[EngineVersionAnnotation] == "legacy", s.model, st, reg)
 	s.metrics = promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true})
 	_, metricsPath, err := modelserver.MetricsEndpoint(pod)
 	if err != nil {
@@ -161,6 +178,16 @@ func (s *podServer) observe(next http.Handler) http.Handler {
 }
 
 func (s *podServer) params() params { return paramsFor(s.pod.Load(), s.opts) }
+
+func (s *podServer) hasAdapter(name string) bool { return slices.Contains(s.adapters, name) }
+
+// scaled turns a request's wall-clock durations into the modelled engine's.
+func (s *podServer) scaled(f finished) finished {
+	for _, d := range []*time.Duration{&f.queued, &f.prefill, &f.ttft, &f.e2e} {
+		*d = time.Duration(float64(*d) / s.scale)
+	}
+	return f
+}
 
 func (s *podServer) serveHealth(w http.ResponseWriter, r *http.Request) {
 	p := s.params()
