@@ -72,7 +72,8 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	selector, err := balance.New(o.Balancer, balance.Options{LoadFactor: o.LoadFactor, QueueWeight: o.QueueWeight, KVCacheWeight: o.KVCacheWeight})
+	selector, err := balance.New(o.Balancer, balance.Options{LoadFactor: o.LoadFactor, QueueWeight: o.QueueWeight, KVCacheWeight: o.KVCacheWeight,
+		CacheWeight: o.PrefixCacheWeight, BlocksPerEndpoint: o.PrefixCacheBlocksPerEndpoint})
 	if err != nil {
 		return nil, err
 	}
@@ -138,6 +139,8 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	switch o.Balancer {
 	case balance.PrefixAffinity:
 		popts.PrefixBytes = o.PrefixBytes
+	case balance.PrefixCache:
+		popts.PrefixBytes, popts.PromptBlocks = balance.MaxPromptBlocks*balance.PromptBlockBytes, true
 	case balance.SessionAffinity:
 		popts.SessionHeader = o.SessionHeader
 	}
@@ -150,7 +153,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 			return nil, err
 		}
 	}
-	if o.Balancer == balance.LoadAware {
+	if o.Balancer == balance.LoadAware || o.Balancer == balance.PrefixCache {
 		if r.engineLoad, err = newEngineLoadFeed(logger, r.pods.PodInformers(), o, routes, reg); err != nil {
 			return nil, fmt.Errorf("load-aware balancing: %w", err)
 		}

@@ -115,6 +115,10 @@ type Options struct {
 	// QueueWeight and KVCacheWeight weigh the load-aware score. Defaults
 	// 1 and 8.
 	QueueWeight, KVCacheWeight float64
+	// PrefixCacheWeight and PrefixCacheBlocksPerEndpoint configure the
+	// prefix-cache balancer. Defaults 4 and 8192.
+	PrefixCacheWeight            float64
+	PrefixCacheBlocksPerEndpoint int
 	// ScrapeInterval and ScrapeTimeout drive the load-aware balancer's
 	// metrics scraping. Defaults 1s and 500ms.
 	ScrapeInterval, ScrapeTimeout time.Duration
@@ -166,43 +170,45 @@ type Options struct {
 // NewOptions returns the default options.
 func NewOptions() *Options {
 	return &Options{
-		BindAddress:              ":8080",
-		AdminBindAddress:         ":8081",
-		ReadHeaderTimeout:        server.DefaultReadHeaderTimeout,
-		IdleTimeout:              server.DefaultIdleTimeout,
-		WriteTimeout:             server.DefaultWriteTimeout,
-		MaxHeaderBytes:           server.DefaultMaxHeaderBytes,
-		MaxHeaderFields:          server.DefaultMaxHeaderFields,
-		Balancer:                 balance.DefaultPolicy,
-		MaxBodySize:              "10Mi",
-		MaxInFlightBodySize:      "128Mi",
-		MaxAttempts:              3,
-		TryDuration:              15 * time.Second,
-		RetryInterval:            20 * time.Millisecond,
-		OutlierConsecutiveErrors: 5,
-		OutlierStatuses:          []int{500, 502, 503, 504},
-		MaxEjectionPercent:       50,
-		ConnectTimeout:           5 * time.Second,
-		FirstByteTimeout:         5 * time.Minute,
-		IdleStreamTimeout:        5 * time.Minute,
-		EjectionBase:             time.Second,
-		EjectionMax:              30 * time.Second,
-		RetryAfter:               2 * time.Second,
-		HoldTimeout:              5 * time.Minute,
-		MaxHeldRequestsPerModel:  100,
-		PrefixBytes:              512,
-		LoadFactor:               balance.DefaultLoadFactor,
-		SessionHeader:            "X-Session-Id",
-		QueueWeight:              balance.DefaultQueueWeight,
-		KVCacheWeight:            balance.DefaultKVCacheWeight,
-		ScrapeInterval:           time.Second,
-		ScrapeTimeout:            500 * time.Millisecond,
-		MaxIdleConnsPerEndpoint:  256,
-		ShutdownDelay:            5 * time.Second,
-		ShutdownTimeout:          60 * time.Second,
-		AccessLog:                true,
-		Workers:                  2,
-		GatewayControllerName:    gateway.DefaultControllerName,
+		BindAddress:                  ":8080",
+		AdminBindAddress:             ":8081",
+		ReadHeaderTimeout:            server.DefaultReadHeaderTimeout,
+		IdleTimeout:                  server.DefaultIdleTimeout,
+		WriteTimeout:                 server.DefaultWriteTimeout,
+		MaxHeaderBytes:               server.DefaultMaxHeaderBytes,
+		MaxHeaderFields:              server.DefaultMaxHeaderFields,
+		Balancer:                     balance.DefaultPolicy,
+		MaxBodySize:                  "10Mi",
+		MaxInFlightBodySize:          "128Mi",
+		MaxAttempts:                  3,
+		TryDuration:                  15 * time.Second,
+		RetryInterval:                20 * time.Millisecond,
+		OutlierConsecutiveErrors:     5,
+		OutlierStatuses:              []int{500, 502, 503, 504},
+		MaxEjectionPercent:           50,
+		ConnectTimeout:               5 * time.Second,
+		FirstByteTimeout:             5 * time.Minute,
+		IdleStreamTimeout:            5 * time.Minute,
+		EjectionBase:                 time.Second,
+		EjectionMax:                  30 * time.Second,
+		RetryAfter:                   2 * time.Second,
+		HoldTimeout:                  5 * time.Minute,
+		MaxHeldRequestsPerModel:      100,
+		PrefixBytes:                  512,
+		LoadFactor:                   balance.DefaultLoadFactor,
+		SessionHeader:                "X-Session-Id",
+		QueueWeight:                  balance.DefaultQueueWeight,
+		KVCacheWeight:                balance.DefaultKVCacheWeight,
+		PrefixCacheWeight:            balance.DefaultCacheWeight,
+		PrefixCacheBlocksPerEndpoint: balance.DefaultBlocksPerEndpoint,
+		ScrapeInterval:               time.Second,
+		ScrapeTimeout:                500 * time.Millisecond,
+		MaxIdleConnsPerEndpoint:      256,
+		ShutdownDelay:                5 * time.Second,
+		ShutdownTimeout:              60 * time.Second,
+		AccessLog:                    true,
+		Workers:                      2,
+		GatewayControllerName:        gateway.DefaultControllerName,
 		LeaderElection: componentbaseconfig.LeaderElectionConfiguration{
 			LeaderElect:       true,
 			LeaseDuration:     metav1.Duration{Duration: 15 * time.Second},
@@ -269,6 +275,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.SessionHeader, "session-header", o.SessionHeader, "Header whose value keeps a session on one endpoint with session-affinity.")
 	fs.Float64Var(&o.QueueWeight, "load-queue-weight", o.QueueWeight, "Weight of an engine's waiting requests in the load-aware score.")
 	fs.Float64Var(&o.KVCacheWeight, "load-kv-cache-weight", o.KVCacheWeight, "Weight of an engine's KV-cache usage (0-1) in the load-aware score.")
+	fs.Float64Var(&o.PrefixCacheWeight, "prefix-cache-weight", o.PrefixCacheWeight, "What a prompt found whole on an endpoint is worth in the prefix-cache score, in requests in flight.")
+	fs.IntVar(&o.PrefixCacheBlocksPerEndpoint, "prefix-cache-blocks-per-endpoint", o.PrefixCacheBlocksPerEndpoint, fmt.Sprintf("Prompt blocks (%d bytes each) the prefix-cache balancer remembers per endpoint.", balance.PromptBlockBytes))
 	fs.DurationVar(&o.ScrapeInterval, "scrape-interval", o.ScrapeInterval, "How often the load-aware balancer scrapes each Ready pod's metrics.")
 	fs.DurationVar(&o.ScrapeTimeout, "scrape-timeout", o.ScrapeTimeout, "Time allowed for one metrics scrape.")
 	fs.IntVar(&o.MaxIdleConnsPerEndpoint, "max-idle-conns-per-endpoint", o.MaxIdleConnsPerEndpoint, "Idle keep-alive connections kept to each endpoint.")
@@ -385,6 +393,12 @@ func (o *Options) Validate() error {
 		errs = append(errs, field.Required(field.NewPath("session-header"), ""))
 	} else if !httpguts.ValidHeaderFieldName(o.SessionHeader) {
 		errs = append(errs, field.Invalid(field.NewPath("session-header"), o.SessionHeader, "not a header name"))
+	}
+	if o.PrefixCacheWeight < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("prefix-cache-weight"), o.PrefixCacheWeight, "must not be negative"))
+	}
+	if o.PrefixCacheBlocksPerEndpoint < 1 {
+		errs = append(errs, field.Invalid(field.NewPath("prefix-cache-blocks-per-endpoint"), o.PrefixCacheBlocksPerEndpoint, "must be positive"))
 	}
 	if o.QueueWeight < 0 || o.KVCacheWeight < 0 {
 		errs = append(errs, field.Invalid(field.NewPath("load-queue-weight"), fmt.Sprint(o.QueueWeight, ",", o.KVCacheWeight), "weights must not be negative"))

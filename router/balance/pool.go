@@ -166,6 +166,9 @@ type Request struct {
 	// when HasPrefix.
 	PrefixHash uint64
 	HasPrefix  bool
+	// Blocks are the prompt's block hashes (PromptBlocks), for the
+	// cache-aware policy.
+	Blocks []uint64
 	// SessionHash hashes the session id, for session affinity; valid when
 	// HasSession.
 	SessionHash uint64

@@ -8,8 +8,9 @@ import (
 )
 
 // Selector is a balancing policy: it picks the endpoint of p that serves r,
-// or nil when none is available. Implementations must not allocate, must
-// not lock, and must only return endpoints for which p.available holds.
+// or nil when none is available. Implementations must only return endpoints
+// for which p.available holds, and must not allocate or lock, except the
+// cache-aware policy, whose shared index is the point of it.
 type Selector interface {
 	Select(p *Pool, r *Request) *Endpoint
 }
@@ -36,10 +37,13 @@ const (
 	// SessionAffinity hashes the x-session-id header onto a consistent-hash
 	// ring, so a conversation stays on one pod.
 	SessionAffinity Policy = "session-affinity"
+	// PrefixCache remembers which prompt blocks went to which endpoint and
+	// weighs the longest match against load (PrefixCacheSelection).
+	PrefixCache Policy = "prefix-cache"
 )
 
 // Policies lists every policy.
-var Policies = []Policy{LeastRequests, PowerOfTwo, RoundRobin, Random, LoadAware, PrefixAffinity, SessionAffinity}
+var Policies = []Policy{LeastRequests, PowerOfTwo, RoundRobin, Random, LoadAware, PrefixAffinity, SessionAffinity, PrefixCache}
 
 // DefaultPolicy is the policy used when none is configured.
 const DefaultPolicy = LeastRequests
@@ -56,6 +60,10 @@ type Options struct {
 	LoadFactor float64
 	// Weights of the load-aware score; see LoadAwareSelection.
 	QueueWeight, KVCacheWeight float64
+	// CacheWeight and BlocksPerEndpoint configure the cache-aware policy;
+	// see PrefixCacheSelection.
+	CacheWeight       float64
+	BlocksPerEndpoint int
 }
 
 // New returns the Selector for a policy.
@@ -78,6 +86,14 @@ func New(policy Policy, opts Options) (Selector, error) {
 		return PrefixAffinitySelection{LoadFactor: opts.LoadFactor}, nil
 	case SessionAffinity:
 		return SessionAffinitySelection{}, nil
+	case PrefixCache:
+		if !(opts.LoadFactor > 1) {
+			return nil, fmt.Errorf("load factor %v must be above 1", opts.LoadFactor)
+		}
+		if opts.BlocksPerEndpoint <= 0 {
+			return nil, fmt.Errorf("blocks per endpoint %d must be positive", opts.BlocksPerEndpoint)
+		}
+		return NewPrefixCache(opts.CacheWeight, opts.QueueWeight, opts.KVCacheWeight, opts.LoadFactor, opts.BlocksPerEndpoint), nil
 	}
 	return nil, fmt.Errorf("unknown balancer %q (supported: %v)", policy, Policies)
 }
@@ -322,7 +338,7 @@ func (SessionAffinitySelection) Select(p *Pool, r *Request) *Endpoint {
 // builder can build it before the first request instead of during it.
 func NeedsRing(s Selector) bool {
 	switch s.(type) {
-	case PrefixAffinitySelection, SessionAffinitySelection:
+	case PrefixAffinitySelection, SessionAffinitySelection, *PrefixCacheSelection:
 		return true
 	}
 	return false
@@ -337,6 +353,7 @@ var (
 	_ Selector = LoadAwareSelection{}
 	_ Selector = PrefixAffinitySelection{}
 	_ Selector = SessionAffinitySelection{}
+	_ Selector = &PrefixCacheSelection{}
 )
 
 // ValidPolicy reports whether p names a policy.

@@ -46,7 +46,8 @@ func index(p *Pool, e *Endpoint) int {
 
 func mustNew(t testing.TB, policy Policy) Selector {
 	t.Helper()
-	s, err := New(policy, Options{LoadFactor: DefaultLoadFactor, QueueWeight: DefaultQueueWeight, KVCacheWeight: DefaultKVCacheWeight})
+	s, err := New(policy, Options{LoadFactor: DefaultLoadFactor, QueueWeight: DefaultQueueWeight, KVCacheWeight: DefaultKVCacheWeight,
+		CacheWeight: DefaultCacheWeight, BlocksPerEndpoint: DefaultBlocksPerEndpoint})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -311,7 +312,7 @@ func TestSessionAffinityFollowsTheRingWhenItsEndpointFails(t *testing.T) {
 
 func TestNew(t *testing.T) {
 	for _, policy := range Policies {
-		if _, err := New(policy, Options{LoadFactor: 1.25}); err != nil {
+		if _, err := New(policy, Options{LoadFactor: 1.25, BlocksPerEndpoint: 1}); err != nil {
 			t.Errorf("New(%s): %v", policy, err)
 		}
 		if !ValidPolicy(policy) {
@@ -324,7 +325,10 @@ func TestNew(t *testing.T) {
 	if _, err := New(PrefixAffinity, Options{LoadFactor: 1}); err == nil {
 		t.Error("New accepted a load factor of 1, which leaves no room above the average")
 	}
-	if !NeedsRing(mustNew(t, PrefixAffinity)) || NeedsRing(mustNew(t, LeastRequests)) {
+	if _, err := New(PrefixCache, Options{LoadFactor: 1.25}); err == nil {
+		t.Error("New accepted a prefix cache of no blocks")
+	}
+	if !NeedsRing(mustNew(t, PrefixAffinity)) || !NeedsRing(mustNew(t, PrefixCache)) || NeedsRing(mustNew(t, LeastRequests)) {
 		t.Error("NeedsRing is wrong")
 	}
 }

@@ -99,6 +99,9 @@ type Options struct {
 	// PrefixBytes is how much of the prompt prefix affinity hashes; 0 when
 	// the balancer does not use it.
 	PrefixBytes int
+	// PromptBlocks hashes the prompt (PrefixBytes of it) in blocks, for
+	// the cache-aware balancer, instead of as one prefix.
+	PromptBlocks bool
 	// SessionHeader carries the session id for session affinity; "" when
 	// the balancer does not use it.
 	SessionHeader string
@@ -500,7 +503,10 @@ func holdOutcome(err error) string {
 // prefix and session id, when the balancer uses them.
 func (h *Handler) balanceRequest(r *http.Request, prefix []byte) balance.Request {
 	var br balance.Request
-	if len(prefix) > 0 {
+	switch {
+	case len(prefix) > 0 && h.opts.PromptBlocks:
+		br.Blocks = balance.PromptBlocks(nil, prefix)
+	case len(prefix) > 0:
 		br.PrefixHash, br.HasPrefix = balance.HashKey(prefix), true
 	}
 	if h.opts.SessionHeader != "" {
