@@ -25,7 +25,7 @@ SHELL_SCRIPTS := $(wildcard hack/*.sh) .ci/run
 VERIFY_CHECKS := verify-gofmt verify-tidy verify-vet verify-shellcheck verify-codegen verify-staticcheck
 
 .PHONY: all help demo build tools test test-unit test-e2e fuzz verify lint $(VERIFY_CHECKS) \
-	update-codegen cluster-up cluster-down clean images bench-router bench-adapter bench-scheduler
+	update-codegen cluster-up cluster-down clean images bench-router bench-adapter bench-scheduler bench-routing
 
 all: build
 
@@ -136,7 +136,9 @@ cluster-down:
 ## bench-adapter: capstan-metrics-adapter against Prometheus + prometheus-adapter
 ## bench-scheduler: capstan-scheduler's throughput with and without ModelSlots, and
 ## its Go benchmarks
-bench-router bench-adapter bench-scheduler: build
+## bench-routing: every balancer on the simulator's vLLM engine model, four workloads
+## (CAPSTAN_BENCH_ROUTING=quick for a short run; results in _output/bench/routing.md)
+bench-router bench-adapter bench-scheduler bench-routing: build
 	hack/$@.sh
 
 ## images: one image per binary from the Dockerfile (needs a Docker engine)

@@ -195,7 +195,7 @@ func TestNoReplicaComing(t *testing.T) {
 		t.Fatal(err)
 	}
 	pool := map[string]string{"e2e.capstan.dev/pool": ns}
-	if err := c.CreateNodes(ctx, cluster.Node{Name: "nocoming-0", Labels: map[string]string{"e2e.capstan.dev/pool": ns, "capstan.dev/model-slots": "1"}}); err != nil {
+	if err := c.CreateNodes(ctx, cluster.Node{Name: ns, Labels: map[string]string{"e2e.capstan.dev/pool": ns, "capstan.dev/model-slots": "1"}}); err != nil {
 		t.Fatal(err)
 	}
 	sim := fleet.New(c.Client, fleet.Options{Namespace: ns})
@@ -272,8 +272,12 @@ func TestNoReplicaComing(t *testing.T) {
 	if _, err := c.Client.AppsV1().Deployments(ns).Patch(ctx, "off", types.MergePatchType, scale, metav1.PatchOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	// Scaled up by hand, a replica is coming: the request is held until it
-	// is Ready, or served at once if it already is.
+	// Scaled up by hand, a replica is coming once the router's watch has
+	// seen the new count: the request is held until it is Ready, or served
+	// at once if it already is.
+	waitModel(ctx, t, r.URL, "off", "the router to see the Deployment scaled up", func(m modelInfo) bool {
+		return !strings.Contains(m.Replicas, "switched off")
+	})
 	if res := post(ctx, r.URL, "off"); res.status != http.StatusOK {
 		t.Errorf("the model scaled to one by hand: %d %s, want 200", res.status, res.body)
 	}

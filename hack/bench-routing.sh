@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The routing benchmark (make bench-routing): what each balancer is worth.
+#
+# On a local cluster, 8 pods of the simulator's vLLM engine model
+# (docs/simulator.md) serve one model behind capstan-router; an open-loop
+# Poisson generator sends streamed chat requests at rising rates, for four
+# workloads (shared-prefix with the group text first, shared-prefix behind a
+# common instruction block, multi-turn chat, no shared prefix), through
+# each balancer in turn, and once through two router replicas. Then
+# go test -bench for the cache-aware pick at 1,000 endpoints.
+#
+# Results go to stdout and to _output/bench/routing.md (with one SVG plot
+# per workload beside it). Needs root (the cluster runs in a private network
+# namespace).
+#
+# Environment: CAPSTAN_BENCH_ROUTING=quick for two rates of 6 s each (a few
+# minutes); the default is five rates of 20 s (about 45 minutes).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "${CAPSTAN_ROOT}"
+
+[[ "$(id -u)" == 0 ]] || die "the benchmark runs a local cluster in a network namespace, which needs root"
+
+out="${CAPSTAN_OUTPUT}/bench"
+mkdir -p "${out}"
+tools="$(hack/build-control-plane.sh)"
+
+log "pick path: go test -bench 'BenchmarkPrefixCacheSelect|BenchmarkSelect' ./router/balance"
+go test -run '^$' -bench 'BenchmarkPrefixCacheSelect|BenchmarkSelect/.*endpoints=1000' -benchmem ./router/balance | tee "${out}/routing-pick.txt"
+
+log "routing quality: every balancer, every workload"
+CAPSTAN_TOOLS_DIR="${tools}" CAPSTAN_BIN_DIR="${CAPSTAN_ROOT}/bin" CAPSTAN_BENCH_ROUTING="${CAPSTAN_BENCH_ROUTING:-full}" \
+  CAPSTAN_BENCH_OUT="${out}/routing.md" \
+  go test -count=1 -timeout 90m -run '^TestRoutingQuality$' -v ./test/e2e/router/ | grep -v '^=== RUN' || {
+    echo "the routing benchmark failed" >&2
+    exit 1
+  }
+echo
+cat "${out}/routing.md"
