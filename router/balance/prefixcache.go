@@ -79,10 +79,11 @@ const (
 // credit, so a hot prefix spills to other pods. When no endpoint was sent a
 // prompt's first placementBlocks blocks (a shorter match is a preamble
 // common to many prompts), the prompt is placed on the consistent-hash ring
-// by those blocks, with the same load bound: every router
-// replica places a new prefix on the same pod without sharing state, and
-// later requests find it there. A request without a prompt is placed by
-// load alone.
+// by those blocks, on the first endpoint there at most one request busier
+// than the least busy one: every router replica places a new prefix on the
+// same pod without sharing state, later requests find it there, and prompts
+// that share nothing are spread about as least-requests spreads them. A
+// request without a prompt is placed by load alone.
 //
 // Unlike the other policies it takes a lock (the index is shared by the
 // router's requests) and allocates when it records a pick.
@@ -126,6 +127,7 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 		ties    uint64
 		x       = rand.Uint64() | 1
 		nblocks = float64(len(r.Blocks))
+		fewest  = int64(math.MaxInt64) // in flight on the least busy usable endpoint
 	)
 	// The cache credit is at most CacheWeight, and only for a match.
 	maxCredit := 0.0
@@ -142,6 +144,7 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 		if !p.usable(e, n, r) {
 			continue
 		}
+		fewest = min(fewest, n)
 		waiting, kv := h.QueueAndKVCache()
 		score := float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
 		hit := false
@@ -170,9 +173,12 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 	if best == nil {
 		return nil
 	}
+	// A new prefix goes to its ring endpoint if that is at most one request
+	// busier than the least busy: replicas agree, and a fleet of prompts
+	// that share nothing is balanced as by least-requests.
 	if !credit && len(r.Blocks) > 0 && len(matches) == 0 {
 		key := r.Blocks[min(len(r.Blocks), placementBlocks)-1]
-		if e := p.walkRing(r, key, bound); e != nil {
+		if e := p.walkRing(r, key, min(bound, fewest+2)); e != nil {
 			best = e
 		}
 	}

@@ -160,3 +160,20 @@ func BenchmarkPrefixCacheSelect(b *testing.B) {
 		i++
 	}
 }
+
+// A prompt no endpoint has seen goes to its ring endpoint only if that is
+// at most one request busier than the least busy one.
+func TestPrefixCacheBalancesNewPrompts(t *testing.T) {
+	s := prefixCache(t)
+	p := testPool(8, PoolOptions{})
+	for i := range 8 {
+		setInFlight(p, i, 2)
+	}
+	setInFlight(p, 5, 0)
+	for i := range 200 {
+		r := &Request{Blocks: PromptBlocks(nil, prompt(text(fmt.Sprint("unique", i), 4*PromptBlockBytes)))}
+		if got := index(p, s.Select(p, r)); got != 5 {
+			t.Fatalf("new prompt %d went to endpoint %d with 2 in flight, not to the idle 5", i, got)
+		}
+	}
+}
