@@ -26,7 +26,7 @@ mkdir -p "${out}"
 tools="$(hack/build-control-plane.sh)"
 
 log "pick path: go test -bench 'BenchmarkPrefixCacheSelect|BenchmarkSelect' ./router/balance"
-go test -run '^$' -bench 'BenchmarkPrefixCacheSelect|BenchmarkSelect/.*endpoints=1000' -benchmem ./router/balance | tee "${out}/routing-pick.txt"
+go test -run '^$' -bench 'BenchmarkPrefixCacheSelect|BenchmarkSelect//endpoints=1000' -benchmem ./router/balance | tee "${out}/routing-pick.txt"
 
 log "routing quality: every balancer, every workload"
 CAPSTAN_TOOLS_DIR="${tools}" CAPSTAN_BIN_DIR="${CAPSTAN_ROOT}/bin" CAPSTAN_BENCH_ROUTING="${CAPSTAN_BENCH_ROUTING:-full}" \

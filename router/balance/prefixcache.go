@@ -3,7 +3,6 @@ package balance
 import (
 	"container/list"
 	"math"
-	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -124,8 +123,7 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 		best    *Endpoint
 		least   = math.Inf(1)
 		credit  bool // best got cache credit
-		ties    uint64
-		x       = rand.Uint64() | 1
+		tie     = newTieBreak()
 		nblocks = float64(len(r.Blocks))
 		fewest  = int64(math.MaxInt64) // in flight on the least busy usable endpoint
 	)
@@ -159,15 +157,10 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 		}
 		switch {
 		case best == nil || score < least:
-			best, least, credit, ties = e, score, hit, 1
-		case score == least:
-			ties++
-			x ^= x << 13
-			x ^= x >> 7
-			x ^= x << 17
-			if (x>>32)*ties>>32 == 0 {
-				best, credit = e, hit
-			}
+			best, least, credit = e, score, hit
+			tie.first()
+		case score == least && tie.another():
+			best, credit = e, hit
 		}
 	}
 	if best == nil {

@@ -107,16 +107,12 @@ func (LeastRequestsSelection) Select(p *Pool, r *Request) *Endpoint { return lea
 // leastRequests scans the pool once. It compares the in-flight count first
 // and checks availability only for endpoints that could win, so a scan of a
 // large pool is mostly one load and one comparison per endpoint. Ties are
-// broken by reservoir sampling (the k-th tie replaces the choice with
-// probability 1/k) with an inline xorshift generator seeded once per call,
-// so an idle pool of a thousand endpoints costs one call to the runtime's
-// generator, not a thousand.
+// broken at random (tieBreak).
 func leastRequests(p *Pool, r *Request) *Endpoint {
 	var (
 		best  *Endpoint
 		least int64 = math.MaxInt64
-		ties  uint64
-		x     = rand.Uint64() | 1
+		tie         = newTieBreak()
 	)
 	limited, checkTried, checkEjected := p.limit > 0, r.ntried > 0, !r.IgnoreEjection
 	for i, h := range p.hosts {
@@ -129,18 +125,36 @@ func leastRequests(p *Pool, r *Request) *Endpoint {
 		}
 		e := &p.endpoints[i]
 		if n < least {
-			best, least, ties = e, n, 1
+			best, least = e, n
+			tie.first()
 			continue
 		}
-		ties++
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		if (x>>32)*ties>>32 == 0 { // uniform in [0, ties) is 0
+		if tie.another() {
 			best = e
 		}
 	}
 	return best
+}
+
+// tieBreak chooses uniformly among tied candidates by reservoir sampling:
+// the k-th tie replaces the choice with probability 1/k. Its inline
+// xorshift generator is seeded once per pick, so a scan of a large idle
+// pool costs one call to the runtime's generator.
+type tieBreak struct{ x, ties uint64 }
+
+func newTieBreak() tieBreak { return tieBreak{x: rand.Uint64() | 1} }
+
+// first records a new best candidate, the only one so far.
+func (t *tieBreak) first() { t.ties = 1 }
+
+// another records a candidate tied with the best and reports whether it
+// takes the best's place.
+func (t *tieBreak) another() bool {
+	t.ties++
+	t.x ^= t.x << 13
+	t.x ^= t.x >> 7
+	t.x ^= t.x << 17
+	return (t.x>>32)*t.ties>>32 == 0 // uniform in [0, ties) is 0
 }
 
 // usable reports whether r may go to e, which has n requests in flight.
@@ -259,8 +273,7 @@ func (s LoadAwareSelection) Select(p *Pool, r *Request) *Endpoint {
 	var (
 		best  *Endpoint
 		least = math.Inf(1)
-		ties  uint64
-		x     = rand.Uint64() | 1
+		tie   = newTieBreak()
 	)
 	for i, h := range p.hosts {
 		n := h.InFlight()
@@ -277,15 +290,10 @@ func (s LoadAwareSelection) Select(p *Pool, r *Request) *Endpoint {
 		score := float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
 		switch {
 		case best == nil || score < least:
-			best, least, ties = e, score, 1
-		case score == least:
-			ties++
-			x ^= x << 13
-			x ^= x >> 7
-			x ^= x << 17
-			if (x>>32)*ties>>32 == 0 {
-				best = e
-			}
+			best, least = e, score
+			tie.first()
+		case score == least && tie.another():
+			best = e
 		}
 	}
 	return best

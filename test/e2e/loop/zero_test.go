@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"strings"
 	"sync"
@@ -37,19 +38,7 @@ func TestScaleFromZero(t *testing.T) {
 	c := testCluster
 	const loadTime = 4 * time.Second // the simulated model load
 
-	ns, err := c.CreateNamespace(ctx, "zero")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.CreateNodes(ctx, cluster.Node{Name: "zero-0"}); err != nil {
-		t.Fatal(err)
-	}
-	sim := fleet.New(c.Client, fleet.Options{Namespace: ns})
-	simCtx, stopSim := context.WithCancel(ctx)
-	defer func() { stopSim(); sim.Wait() }()
-	if err := sim.Start(simCtx); err != nil {
-		t.Fatal(err)
-	}
+	ns := simulatedNamespace(ctx, t, "zero", nil)
 	adapter, err := components.StartAdapter(ctx, c)
 	if err != nil {
 		t.Fatal(err)
@@ -190,20 +179,8 @@ func TestNoReplicaComing(t *testing.T) {
 	c := testCluster
 	const holdTimeout = 5 * time.Second
 
-	ns, err := c.CreateNamespace(ctx, "nocoming")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ns := simulatedNamespace(ctx, t, "nocoming", map[string]string{"capstan.dev/model-slots": "1"})
 	pool := map[string]string{"e2e.capstan.dev/pool": ns}
-	if err := c.CreateNodes(ctx, cluster.Node{Name: ns, Labels: map[string]string{"e2e.capstan.dev/pool": ns, "capstan.dev/model-slots": "1"}}); err != nil {
-		t.Fatal(err)
-	}
-	sim := fleet.New(c.Client, fleet.Options{Namespace: ns})
-	simCtx, stopSim := context.WithCancel(ctx)
-	defer func() { stopSim(); sim.Wait() }()
-	if err := sim.Start(simCtx); err != nil {
-		t.Fatal(err)
-	}
 	sched, err := components.StartScheduler(ctx, c)
 	if err != nil {
 		t.Fatal(err)
@@ -344,6 +321,30 @@ func waitModel(ctx context.Context, t *testing.T, url, model, what string, done 
 		t.Fatalf("%v; last %+v", err, m)
 	}
 	return m
+}
+
+// simulatedNamespace creates a namespace, a node named after it (labelled
+// e2e.capstan.dev/pool=<namespace> and with labels), and the fleet
+// simulator for the namespace until the test ends.
+func simulatedNamespace(ctx context.Context, t *testing.T, prefix string, labels map[string]string) string {
+	t.Helper()
+	c := testCluster
+	ns, err := c.CreateNamespace(ctx, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodeLabels := map[string]string{"e2e.capstan.dev/pool": ns}
+	maps.Copy(nodeLabels, labels)
+	if err := c.CreateNodes(ctx, cluster.Node{Name: ns, Labels: nodeLabels}); err != nil {
+		t.Fatal(err)
+	}
+	sim := fleet.New(c.Client, fleet.Options{Namespace: ns})
+	simCtx, stopSim := context.WithCancel(ctx)
+	t.Cleanup(func() { stopSim(); sim.Wait() })
+	if err := sim.Start(simCtx); err != nil {
+		t.Fatal(err)
+	}
+	return ns
 }
 
 // demandHPA scales Deployment name between 0 and 2 replicas on
