@@ -13,8 +13,9 @@
 # per workload beside it). Needs root (the cluster runs in a private network
 # namespace).
 #
-# Environment: CAPSTAN_BENCH_ROUTING=quick for two rates of 6 s each (a few
-# minutes); the default is five rates of 20 s (about 45 minutes).
+# Environment: CAPSTAN_BENCH_ROUTING=quick for two rates of 8 s each (about
+# 10 minutes); the default is four rates of 12 s (estimated 35 to 40
+# minutes: a point past saturation takes twice its window to drain).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "${CAPSTAN_ROOT}"

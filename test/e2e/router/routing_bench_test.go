@@ -25,8 +25,7 @@ import (
 )
 
 // routingBenchEnv turns on TestRoutingQuality (hack/bench-routing.sh sets
-// it): "quick" for two rates of a few seconds, anything else for the full
-// run.
+// it): "quick" for two rates of 8 s, anything else for four rates of 12 s.
 const routingBenchEnv = "CAPSTAN_BENCH_ROUTING"
 
 // The simulated fleet of the routing benchmark: 8 pods of the vLLM engine
@@ -55,7 +54,7 @@ func TestRoutingQuality(t *testing.T) {
 		t.Skip(routingBenchEnv + " is not set (make bench-routing)")
 	}
 	out := os.Getenv("CAPSTAN_BENCH_OUT")
-	rates, window := []float64{40, 80, 120, 160, 200}, 15*time.Second
+	rates, window := []float64{40, 100, 160, 220}, 12*time.Second
 	if mode == "quick" {
 		rates, window = []float64{80, 200}, 8*time.Second
 	}
