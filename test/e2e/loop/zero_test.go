@@ -74,12 +74,7 @@ func TestScaleFromZero(t *testing.T) {
 	// Idle: the HPA takes the model to zero itself.
 	waitReplicas(ctx, t, ns, 0, "the HPA to scale the idle model to zero")
 	waitScaledToZero(ctx, t, ns)
-	if err := c.WaitFor(ctx, 30*time.Second, "the model's pods to be gone", func(ctx context.Context) (bool, error) {
-		p, err := c.Pods(ctx, ns, "app=llama")
-		return err == nil && len(p) == 0, err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	waitNoPods(ctx, t, ns)
 
 	// 50 requests at once, to a model with no replica.
 	const n = 50
@@ -153,15 +148,25 @@ func TestScaleFromZero(t *testing.T) {
 	// saying the HPA will bring a replica back.
 	waitReplicas(ctx, t, ns, 0, "the HPA to scale the model back to zero")
 	waitScaledToZero(ctx, t, ns)
+	waitNoPods(ctx, t, ns)
 	heldCtx, leave := context.WithCancel(ctx)
 	defer leave()
+	answered := make(chan string, 1)
 	go func() {
 		req, _ := http.NewRequestWithContext(heldCtx, http.MethodPost, routers[0].URL+"/v1/completions", strings.NewReader(body))
 		if resp, err := http.DefaultClient.Do(req); err == nil {
 			resp.Body.Close()
+			answered <- resp.Status
 		}
 	}()
-	m := waitModel(ctx, t, routers[0].URL, "llama", "a request held at zero again", func(m modelInfo) bool { return m.Held == 1 })
+	m := waitModel(ctx, t, routers[0].URL, "llama", "a request held at zero again", func(m modelInfo) bool {
+		select {
+		case status := <-answered:
+			t.Fatalf("the request at zero was answered %s before it was seen held (%+v)", status, m)
+		default:
+		}
+		return m.Held == 1
+	})
 	if !strings.Contains(m.Replicas, "scales it up on demand") {
 		t.Errorf("/v1/models replicas at zero %q, want that the HPA scales it up on demand", m.Replicas)
 	}
@@ -372,6 +377,17 @@ func demandHPA(ns, name string) *autoscalingv2.HorizontalPodAutoscaler {
 				ScaleUp:   &autoscalingv2.HPAScalingRules{StabilizationWindowSeconds: ptr.To[int32](0)},
 			},
 		},
+	}
+}
+
+// waitNoPods waits until model llama has no pod left, terminating or not.
+func waitNoPods(ctx context.Context, t *testing.T, ns string) {
+	t.Helper()
+	if err := testCluster.WaitFor(ctx, 30*time.Second, "the model's pods to be gone", func(ctx context.Context) (bool, error) {
+		p, err := testCluster.Pods(ctx, ns, "app=llama")
+		return err == nil && len(p) == 0, err
+	}); err != nil {
+		t.Fatal(err)
 	}
 }
 
