@@ -92,13 +92,8 @@ func TestHeldRequestsSurviveAGracefulStop(t *testing.T) {
 	simulate(t, ctx, ns, nil)
 	unschedulableModel(t, ctx, ns)
 	r := startRouter(t, ctx, "router-hold-stop", "--namespaces="+ns, "--hold-timeout=1m", "--shutdown-timeout=30s")
-	r.waitModel(t, ctx, "llama")
 	const n = 3
-	results := make(chan result, n)
-	for range n {
-		go func() { results <- r.post(ctx, "/v1/completions", completion("llama")) }()
-	}
-	r.waitHeld(t, ctx, "llama", n)
+	results := r.holdRequests(t, ctx, "llama", n)
 
 	stopped := make(chan struct{})
 	go func() { r.proc.Stop(30 * time.Second); close(stopped) }()
@@ -137,13 +132,8 @@ func TestHeldRequestsOfAKilledRouter(t *testing.T) {
 	simulate(t, ctx, ns, seen.add)
 	unschedulableModel(t, ctx, ns)
 	r := startRouter(t, ctx, "router-hold-kill", "--namespaces="+ns, "--hold-timeout=1m")
-	r.waitModel(t, ctx, "llama")
 	const n = 3
-	results := make(chan result, n)
-	for range n {
-		go func() { results <- r.post(ctx, "/v1/completions", completion("llama")) }()
-	}
-	r.waitHeld(t, ctx, "llama", n)
+	results := r.holdRequests(t, ctx, "llama", n)
 	killed := time.Now()
 	r.proc.Kill()
 	for range n {
@@ -183,6 +173,19 @@ func (r *router) waitModel(t *testing.T, ctx context.Context, modelName string) 
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// holdRequests sends n completions for a known model that has no ready
+// endpoint and returns their results once the router holds all n.
+func (r *router) holdRequests(t *testing.T, ctx context.Context, modelName string, n int) <-chan result {
+	t.Helper()
+	r.waitModel(t, ctx, modelName)
+	results := make(chan result, n)
+	for range n {
+		go func() { results <- r.post(ctx, "/v1/completions", completion(modelName)) }()
+	}
+	r.waitHeld(t, ctx, modelName, n)
+	return results
 }
 
 // waitHeld waits until the router holds n requests for the model.
