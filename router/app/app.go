@@ -155,7 +155,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	}
 	if o.Balancer == balance.LoadAware || o.Balancer == balance.PrefixCache {
 		if r.engineLoad, err = newEngineLoadFeed(logger, r.pods.PodInformers(), o, routes, reg); err != nil {
-			return nil, fmt.Errorf("load-aware balancing: %w", err)
+			return nil, fmt.Errorf("%s balancing: %w", o.Balancer, err)
 		}
 	}
 	r.server = o.newServer()

@@ -122,7 +122,6 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 	var (
 		best    *Endpoint
 		least   = math.Inf(1)
-		credit  bool // best got cache credit
 		tie     = newTieBreak()
 		nblocks = float64(len(r.Blocks))
 		fewest  = int64(math.MaxInt64) // in flight on the least busy usable endpoint
@@ -145,22 +144,20 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 		fewest = min(fewest, n)
 		waiting, kv := h.QueueAndKVCache()
 		score := float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
-		hit := false
 		if n < bound {
 			for _, m := range matches {
 				if m.host == h {
 					score -= s.CacheWeight * float64(m.depth) / nblocks
-					hit = true
 					break
 				}
 			}
 		}
 		switch {
 		case best == nil || score < least:
-			best, least, credit = e, score, hit
+			best, least = e, score
 			tie.first()
 		case score == least && tie.another():
-			best, credit = e, hit
+			best = e
 		}
 	}
 	if best == nil {
@@ -169,7 +166,7 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 	// A new prefix goes to its ring endpoint if that is at most one request
 	// busier than the least busy: replicas agree, and a fleet of prompts
 	// that share nothing is balanced as by least-requests.
-	if !credit && len(r.Blocks) > 0 && len(matches) == 0 {
+	if len(r.Blocks) > 0 && len(matches) == 0 {
 		key := r.Blocks[min(len(r.Blocks), placementBlocks)-1]
 		if e := p.walkRing(r, key, min(bound, fewest+2)); e != nil {
 			best = e
@@ -310,15 +307,4 @@ func (x *prefixIndex) forget(h *health.Host, hb *hostBlocks, el *list.Element) {
 	} else {
 		x.blocks[b] = hosts
 	}
-}
-
-// tracked is the number of (block, endpoint) pairs remembered.
-func (x *prefixIndex) tracked() int {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	n := 0
-	for _, hb := range x.hosts {
-		n += hb.lru.Len()
-	}
-	return n
 }

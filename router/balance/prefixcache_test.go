@@ -177,3 +177,14 @@ func TestPrefixCacheBalancesNewPrompts(t *testing.T) {
 		}
 	}
 }
+
+// tracked is the number of (block, endpoint) pairs remembered.
+func (x *prefixIndex) tracked() int {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	n := 0
+	for _, hb := range x.hosts {
+		n += hb.lru.Len()
+	}
+	return n
+}

@@ -142,7 +142,7 @@ func (p *Pods) Describe(model string, namespaces []string, now time.Time) (what 
 		parts = append(parts, fmt.Sprintf("%d terminating", terminating))
 	}
 	if len(parts) == 0 {
-		return atZero(func(ns string) (workloads, bool) { return inNamespace(p.workloads, ns) }, model, namespaces)
+		return p.atZero(model, namespaces)
 	}
 	return "replicas: " + strings.Join(parts, "; "), false
 }

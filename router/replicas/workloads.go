@@ -16,8 +16,8 @@ import (
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 )
 
-// modelIndex indexes Deployments and StatefulSets by the model of their pod
-// template.
+// modelIndex indexes Deployments and StatefulSets by "<namespace>/<model>",
+// the model of their pod template.
 const modelIndex = "model"
 
 // workloads are the informers of one namespace (or all) for the objects that
@@ -32,7 +32,7 @@ func newWorkloads(client kubernetes.Interface, ns string) workloads {
 		cache.NamespaceIndex: cache.MetaNamespaceIndexFunc,
 		modelIndex: func(obj any) ([]string, error) {
 			if w, ok := asWorkload(obj); ok && w.model != "" {
-				return []string{w.model}, nil
+				return []string{w.namespace + "/" + w.model}, nil
 			}
 			return nil, nil
 		},
@@ -112,10 +112,10 @@ func replicasOf(n *int32) int32 {
 	return *n
 }
 
-func (w workloads) ofModel(model string) []workload {
+func (w workloads) ofModel(ns, model string) []workload {
 	var out []workload
 	for _, informer := range []cache.SharedIndexInformer{w.deployments, w.statefulSets} {
-		objs, _ := informer.GetIndexer().ByIndex(modelIndex, model)
+		objs, _ := informer.GetIndexer().ByIndex(modelIndex, ns+"/"+model)
 		for _, o := range objs {
 			if wl, ok := asWorkload(o); ok {
 				out = append(out, wl)
@@ -146,17 +146,14 @@ func (w workloads) hpaOf(wl workload) *autoscalingv2.HorizontalPodAutoscaler {
 // the model is scaled to zero and nothing will scale it up, either because
 // no HPA scales it or because its HPA has scaling disabled (an HPA scales up
 // from zero only when it set the zero itself: a zero set by hand means off).
-func atZero(byNamespace func(string) (workloads, bool), model string, namespaces []string) (why string, off bool) {
+func (p *Pods) atZero(model string, namespaces []string) (why string, off bool) {
 	var stopped []string
 	for _, ns := range namespaces {
-		w, ok := byNamespace(ns)
+		w, ok := inNamespace(p.workloads, ns)
 		if !ok {
 			continue
 		}
-		for _, wl := range w.ofModel(model) {
-			if wl.namespace != ns {
-				continue
-			}
+		for _, wl := range w.ofModel(ns, model) {
 			ref := fmt.Sprintf("%s %s/%s", wl.kind, wl.namespace, wl.name)
 			if wl.replicas > 0 {
 				return fmt.Sprintf("no replica exists yet (%s asks for %d)", ref, wl.replicas), false

@@ -58,8 +58,7 @@ type generation interface {
 type fixedGeneration struct {
 	engine            *engine
 	ttft, tpot        time.Duration
-	admitted          bool
-	start, admittedAt time.Time
+	start, admittedAt time.Time // admittedAt is zero until it has a slot
 	firstAt           time.Time
 }
 
@@ -69,7 +68,7 @@ func (g *fixedGeneration) token(ctx context.Context, i int) (string, bool) {
 		if g.engine.admit(ctx) != nil {
 			return "", false
 		}
-		g.admitted, g.admittedAt = true, time.Now()
+		g.admittedAt = time.Now()
 		if !sleep(ctx, g.ttft) {
 			return "", false
 		}
@@ -85,7 +84,7 @@ func (g *fixedGeneration) queued() (time.Duration, time.Duration) {
 }
 
 func (g *fixedGeneration) close() {
-	if g.admitted {
+	if !g.admittedAt.IsZero() {
 		g.engine.release()
 	}
 }
