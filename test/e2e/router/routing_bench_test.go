@@ -24,8 +24,10 @@ import (
 	"github.com/capstan-dev/capstan/test/fleet"
 )
 
-// routingBenchEnv turns on TestRoutingQuality (hack/bench-routing.sh sets
-// it): "quick" for two rates of 8 s, anything else for four rates of 12 s.
+// routingBenchEnv makes TestRoutingQuality the benchmark
+// (hack/bench-routing.sh sets it): "quick" for two rates of 8 s, anything
+// else for four rates of 12 s. Unset, as in make test, the test runs a
+// smoke version: round-robin and prefix-cache, one workload, one rate.
 const routingBenchEnv = "CAPSTAN_BENCH_ROUTING"
 
 // The simulated fleet of the routing benchmark: 8 pods of the vLLM engine
@@ -47,15 +49,18 @@ const (
 // workloads, measuring what clients see (TTFT, inter-token latency,
 // throughput, errors) and what the pods' own metrics say (prefix-cache hit
 // rate, preemptions). It writes a Markdown report and one SVG per workload
-// to $CAPSTAN_BENCH_OUT.
+// to $CAPSTAN_BENCH_OUT. Whatever the mode, it fails if prefix-cache does
+// not find more of the shared prefixes cached than round-robin does.
 func TestRoutingQuality(t *testing.T) {
-	mode := os.Getenv(routingBenchEnv)
-	if mode == "" {
-		t.Skip(routingBenchEnv + " is not set (make bench-routing)")
-	}
 	out := os.Getenv("CAPSTAN_BENCH_OUT")
+	balancers := []string{"round-robin", "random", "least-requests", "load-aware", "prefix-affinity", "prefix-cache"}
+	workloads := []benchWorkload{sharedPrefix("shared prefix, group text first", 0), sharedPrefix("shared prefix, common instructions first", 1536),
+		multiTurn(), noSharedPrefix()}
 	rates, window := []float64{40, 100, 160, 220}, 12*time.Second
-	if mode == "quick" {
+	switch os.Getenv(routingBenchEnv) {
+	case "":
+		balancers, workloads, rates, window = []string{"round-robin", "prefix-cache"}, workloads[:1], []float64{80}, 3*time.Second
+	case "quick":
 		rates, window = []float64{80, 200}, 8*time.Second
 	}
 	ctx := testContext(t, 80*time.Minute)
@@ -69,9 +74,6 @@ func TestRoutingQuality(t *testing.T) {
 		podURLs = append(podURLs, fmt.Sprintf("http://%s:%d", p.Status.PodIP, modelserver.DefaultPort))
 	}
 
-	balancers := []string{"round-robin", "random", "least-requests", "load-aware", "prefix-affinity", "prefix-cache"}
-	workloads := []benchWorkload{sharedPrefix("shared prefix, group text first", 0), sharedPrefix("shared prefix, common instructions first", 1536),
-		multiTurn(), noSharedPrefix()}
 	var report strings.Builder
 	fmt.Fprintf(&report, "Machine: %s; %d simulated vLLM pods (KV cache %s blocks each, time scale %d), %d output tokens per request, %s of wall time per rate. Rates, times and throughput are the modelled GPUs'.\n\n",
 		machine(), benchPods, benchKVBlocks, benchTimeScale, benchMaxTokens, window)
@@ -120,7 +122,11 @@ func TestRoutingQuality(t *testing.T) {
 			}
 		}
 	}
-	one := results[workloads[0].name]["prefix-cache"][len(rates)/2]
+	first := results[workloads[0].name]
+	if rr, pc := first["round-robin"][0].hitRate, first["prefix-cache"][0].hitRate; pc <= rr {
+		t.Errorf("%s at %.0f req/s: prefix-cache hit rate %.1f %%, round-robin %.1f %%: want prefix-cache higher", workloads[0].name, rates[0], 100*pc, 100*rr)
+	}
+	one := first["prefix-cache"][len(rates)/2]
 	fmt.Fprintf(&report, "### Two router replicas (prefix-cache, %s, %.0f req/s)\n\nhit rate %.1f %% with two replicas, %.1f %% with one; TTFT p90 %s and %s.\n",
 		workloads[0].name, mid, 100*two.hitRate, 100*one.hitRate, ms(two.ttft90), ms(one.ttft90))
 	t.Log("\n" + report.String())
