@@ -5,6 +5,8 @@
 package balance
 
 import (
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -198,4 +200,14 @@ func (r *Request) tried(h *health.Host) bool {
 		}
 	}
 	return false
+}
+
+// endpointOf returns the pool's endpoint of h, or nil if h is not in the
+// pool.
+func (p *Pool) endpointOf(h *health.Host) *Endpoint {
+	i, ok := slices.BinarySearchFunc(p.endpoints, h.Address(), func(e Endpoint, addr string) int { return strings.Compare(e.Address, addr) })
+	if !ok || p.endpoints[i].Host != h {
+		return nil
+	}
+	return &p.endpoints[i]
 }

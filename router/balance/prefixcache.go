@@ -68,21 +68,30 @@ const (
 // PrefixCacheSelection sends a request where its prompt is most likely
 // cached, unless that endpoint is loaded. It remembers, per endpoint, the
 // prompt blocks it recently sent there (bounded, least recently used
-// first), and picks the endpoint with the lowest
+// first). A prompt is placed by its first placementBlocks blocks (its key)
+// on the consistent-hash ring, so that every router replica sends the same
+// prefix to the same pod, and the same next pods when that one is busy,
+// without sharing state:
 //
-//	load − CacheWeight × (leading blocks the endpoint was sent) / (blocks)
+//   - When no endpoint was sent the prompt's key (a shorter match is a
+//     preamble common to many prompts), the prompt is new: it goes to the
+//     first endpoint on the ring from its key that has no more requests in
+//     flight than the least busy one, so that prompts that share nothing
+//     are spread as least-requests spreads them.
 //
-// where load is the load-aware score (in flight from this router +
-// QueueWeight × engine queue + KVCacheWeight × KV-cache usage). An endpoint
-// with LoadFactor × the average in-flight count or more gets no cache
-// credit, so a hot prefix spills to other pods. When no endpoint was sent a
-// prompt's first placementBlocks blocks (a shorter match is a preamble
-// common to many prompts), the prompt is placed on the consistent-hash ring
-// by those blocks, on the first endpoint there at most one request busier
-// than the least busy one: every router replica places a new prefix on the
-// same pod without sharing state, later requests find it there, and prompts
-// that share nothing are spread about as least-requests spreads them. A
-// request without a prompt is placed by load alone.
+//   - Otherwise it goes to the one with the lowest
+//
+//     load − CacheWeight × (leading blocks the endpoint was sent) / (blocks)
+//
+//     among the endpoints that were sent its key and the first endpoint on
+//     the ring from its key, leaving out those with LoadFactor × the
+//     average in-flight count or more, so that a hot prefix spills to the
+//     ring's next pods and no further. Load is the load-aware score (in
+//     flight from this router + QueueWeight × engine queue + KVCacheWeight
+//     × KV-cache usage).
+//
+// A request without a prompt, or one no such endpoint can take, is placed
+// by load alone, as load-aware places it.
 //
 // Unlike the other policies it takes a lock (the index is shared by the
 // router's requests) and allocates when it records a pick.
@@ -100,41 +109,52 @@ func NewPrefixCache(cacheWeight, queueWeight, kvWeight, loadFactor float64, bloc
 }
 
 func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
-	if len(p.endpoints) == 0 {
-		return nil
+	least, fewest := s.leastLoaded(p, r)
+	if least == nil || len(r.Blocks) == 0 {
+		return least
 	}
 	var found [maxMatches]match
-	var matches []match
-	if len(r.Blocks) > 0 {
-		matches = s.index.match(r.Blocks, &found)
-		// A match shorter than the placement key is a common preamble
-		// (an instruction block every prompt starts with), soon cached
-		// everywhere: the prompt is new and placed by the ring.
-		deepest := 0
-		for _, m := range matches {
-			deepest = max(deepest, m.depth)
-		}
-		if deepest < min(len(r.Blocks), placementBlocks) {
-			matches = nil
-		}
+	matches := s.index.match(r.Blocks, &found)
+	deepest := 0
+	for _, m := range matches {
+		deepest = max(deepest, m.depth)
 	}
+	keyBlocks := min(len(r.Blocks), placementBlocks)
+	key := r.Blocks[keyBlocks-1]
 	bound := int64(math.Ceil(s.LoadFactor * float64(p.InFlight()+1) / float64(len(p.endpoints))))
-	var (
-		best    *Endpoint
-		least   = math.Inf(1)
-		tie     = newTieBreak()
-		nblocks = float64(len(r.Blocks))
-		fewest  = int64(math.MaxInt64) // in flight on the least busy usable endpoint
-	)
-	// The cache credit is at most CacheWeight, and only for a match.
-	maxCredit := 0.0
-	if len(matches) > 0 {
-		maxCredit = s.CacheWeight
+	var best *Endpoint
+	if deepest < keyBlocks {
+		best = p.walkRing(r, key, min(bound, fewest+1))
+	} else {
+		best = s.cached(p, r, matches, bound, p.walkRing(r, key, bound))
 	}
+	if best == nil {
+		best = least
+	}
+	s.index.record(best.Host, r.Blocks, time.Now())
+	return best
+}
+
+// score is the load-aware score of h with n requests in flight.
+func (s *PrefixCacheSelection) score(h *health.Host, n int64) float64 {
+	waiting, kv := h.QueueAndKVCache()
+	return float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
+}
+
+// leastLoaded returns the endpoint r may use with the lowest load-aware
+// score, and the fewest requests in flight on an endpoint r may use.
+func (s *PrefixCacheSelection) leastLoaded(p *Pool, r *Request) (*Endpoint, int64) {
+	var (
+		best   *Endpoint
+		least  = math.Inf(1)
+		tie    = newTieBreak()
+		fewest = int64(math.MaxInt64)
+	)
 	for i, h := range p.hosts {
 		n := h.InFlight()
-		// The engine terms are never negative.
-		if float64(n)-maxCredit > least {
+		// The engine terms are never negative, and an endpoint with more
+		// in flight than the best score has more than the fewest.
+		if float64(n) > least {
 			continue
 		}
 		e := &p.endpoints[i]
@@ -142,17 +162,7 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 			continue
 		}
 		fewest = min(fewest, n)
-		waiting, kv := h.QueueAndKVCache()
-		score := float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
-		if n < bound {
-			for _, m := range matches {
-				if m.host == h {
-					score -= s.CacheWeight * float64(m.depth) / nblocks
-					break
-				}
-			}
-		}
-		switch {
+		switch score := s.score(h, n); {
 		case best == nil || score < least:
 			best, least = e, score
 			tie.first()
@@ -160,20 +170,38 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 			best = e
 		}
 	}
-	if best == nil {
-		return nil
-	}
-	// A new prefix goes to its ring endpoint if that is at most one request
-	// busier than the least busy: replicas agree, and a fleet of prompts
-	// that share nothing is balanced as by least-requests.
-	if len(r.Blocks) > 0 && len(matches) == 0 {
-		key := r.Blocks[min(len(r.Blocks), placementBlocks)-1]
-		if e := p.walkRing(r, key, min(bound, fewest+2)); e != nil {
-			best = e
+	return best, fewest
+}
+
+// cached picks, for a prompt whose key some endpoints were sent, among
+// those below bound and the ring's choice (which walkRing bounded), the
+// one with the lowest load less cache credit; nil if there is none.
+func (s *PrefixCacheSelection) cached(p *Pool, r *Request, matches []match, bound int64, ring *Endpoint) *Endpoint {
+	nblocks := float64(len(r.Blocks))
+	credit := func(h *health.Host) float64 {
+		for _, m := range matches {
+			if m.host == h {
+				return s.CacheWeight * float64(m.depth) / nblocks
+			}
 		}
+		return 0
 	}
-	if len(r.Blocks) > 0 {
-		s.index.record(best.Host, r.Blocks, time.Now())
+	best, least := ring, math.Inf(1)
+	if ring != nil {
+		least = s.score(ring.Host, ring.Host.InFlight()) - credit(ring.Host)
+	}
+	for _, m := range matches {
+		e := p.endpointOf(m.host)
+		if e == nil || e == ring {
+			continue
+		}
+		n, ok := p.candidate(e, r)
+		if !ok || n >= bound {
+			continue
+		}
+		if score := s.score(m.host, n) - credit(m.host); score < least {
+			best, least = e, score
+		}
 	}
 	return best
 }

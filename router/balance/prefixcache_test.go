@@ -65,6 +65,20 @@ func TestPrefixCacheFollowsThePrefix(t *testing.T) {
 	}
 }
 
+// A prompt goes where its prefix went before, not only where the ring
+// would place it: what the index remembers wins over the ring.
+func TestPrefixCacheRemembersOffTheRing(t *testing.T) {
+	p := testPool(8, PoolOptions{})
+	r := PromptBlocks(nil, prompt(text("document", 16*PromptBlockBytes)))
+	ring := index(p, prefixCache(t).Select(p, &Request{Blocks: r}))
+	s := prefixCache(t)
+	elsewhere := (ring + 3) % 8
+	s.index.record(p.endpoints[elsewhere].Host, r, time.Now())
+	if got := index(p, s.Select(p, &Request{Blocks: r})); got != elsewhere {
+		t.Errorf("the prompt went to %d, want %d where it was sent before (the ring's is %d)", got, elsewhere, ring)
+	}
+}
+
 // A prefix whose endpoint is loaded spills: the cache credit goes only to
 // endpoints below the load bound.
 func TestPrefixCacheSpillsAHotPrefix(t *testing.T) {
@@ -102,6 +116,29 @@ func TestPrefixCacheReplicasAgree(t *testing.T) {
 	}
 	if len(used) < 4 {
 		t.Errorf("16 groups behind one instruction block went to %d of 8 endpoints, want them spread", len(used))
+	}
+}
+
+// Two replicas whose pods are loaded differently spill a hot prefix to the
+// same next pod: the ring's, not each one's least busy.
+func TestPrefixCacheReplicasSpillAlike(t *testing.T) {
+	r := PromptBlocks(nil, prompt(text("hot", 16*PromptBlockBytes)))
+	spill := func(quiet int) int {
+		s, p := prefixCache(t), testPool(8, PoolOptions{})
+		home := index(p, s.Select(p, &Request{Blocks: r}))
+		for i := range 8 {
+			setInFlight(p, i, 2)
+		}
+		setInFlight(p, home, 10)
+		setInFlight(p, (home+quiet)%8, 0) // each replica's own least busy pod
+		for range 22 {
+			p.Admit()
+		}
+		return index(p, s.Select(p, &Request{Blocks: r}))
+	}
+	a, b := spill(1), spill(2)
+	if a != b {
+		t.Errorf("the hot prefix spilled to %d on one replica and %d on the other", a, b)
 	}
 }
 
@@ -161,19 +198,22 @@ func BenchmarkPrefixCacheSelect(b *testing.B) {
 	}
 }
 
-// A prompt no endpoint has seen goes to its ring endpoint only if that is
-// at most one request busier than the least busy one.
+// A prompt no endpoint has seen goes to its ring endpoint only if no
+// endpoint has fewer requests in flight.
 func TestPrefixCacheBalancesNewPrompts(t *testing.T) {
 	s := prefixCache(t)
 	p := testPool(8, PoolOptions{})
 	for i := range 8 {
 		setInFlight(p, i, 2)
 	}
-	setInFlight(p, 5, 0)
+	setInFlight(p, 5, 1)
+	for range 15 {
+		p.Admit()
+	}
 	for i := range 200 {
 		r := &Request{Blocks: PromptBlocks(nil, prompt(text(fmt.Sprint("unique", i), 4*PromptBlockBytes)))}
 		if got := index(p, s.Select(p, r)); got != 5 {
-			t.Fatalf("new prompt %d went to endpoint %d with 2 in flight, not to the idle 5", i, got)
+			t.Fatalf("new prompt %d went to endpoint %d with 2 in flight, not to 5 with 1", i, got)
 		}
 	}
 }
