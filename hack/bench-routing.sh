@@ -13,9 +13,11 @@
 # per workload beside it). Needs root (the cluster runs in a private network
 # namespace).
 #
-# Environment: CAPSTAN_BENCH_ROUTING=quick for two rates of 8 s each (about
-# 10 minutes); the default is four rates of 12 s (estimated 35 to 40
-# minutes: a point past saturation takes twice its window to drain).
+# Environment: CAPSTAN_BENCH_ROUTING=quick for two rates of 10 s each (about
+# 15 minutes); the default is four rates of 12 s (about 40 minutes: a point
+# past saturation takes longer than its window to drain).
+# For development, CAPSTAN_BENCH_BALANCERS=a,b measures only those balancers
+# and CAPSTAN_BENCH_ROUTER_FLAGS="--flag=value ..." adds flags to every router.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "${CAPSTAN_ROOT}"
