@@ -53,7 +53,7 @@ type Options struct {
 	// AdminBindAddress is where /healthz, /livez, /readyz, /metrics and,
 	// with Profiling, /debug/pprof/ are served. Default ":8081".
 	AdminBindAddress string
-	// Balancer is the balancing policy. Default least-requests.
+	// Balancer is the balancing policy. Default prefix-cache.
 	Balancer balance.Policy
 	// MaxBodySize bounds request bodies (a quantity: 10Mi). Default 10Mi.
 	MaxBodySize string

@@ -45,8 +45,9 @@ const (
 // Policies lists every policy.
 var Policies = []Policy{LeastRequests, PowerOfTwo, RoundRobin, Random, LoadAware, PrefixAffinity, SessionAffinity, PrefixCache}
 
-// DefaultPolicy is the policy used when none is configured.
-const DefaultPolicy = LeastRequests
+// DefaultPolicy is the policy used when none is configured: the one that
+// did best in make bench-routing (docs/benchmarks/routing.md).
+const DefaultPolicy = PrefixCache
 
 // DefaultLoadFactor is how far above the average in-flight count a prefix
 // affinity endpoint may go before requests spill to the next one on the

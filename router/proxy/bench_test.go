@@ -16,28 +16,42 @@ import (
 
 // BenchmarkForward measures one small non-streamed request through the
 // handler over loopback HTTP with keep-alive on both sides: the router's own
-// cost per request, plus the Go HTTP stacks on both sides of it.
+// cost per request, plus the Go HTTP stacks on both sides of it, with the
+// old default balancer and the cache-aware default (which hashes the
+// prompt and records it in its index).
 func BenchmarkForward(b *testing.B) {
-	backends := []backend{startBackend(b, "a", ok), startBackend(b, "b", ok)}
-	// Holding on, as the router runs by default.
-	f := newFixture(b, "llama", backends, func(o *Options) { o.AccessLog = false; o.Selector = balance.LeastRequestsSelection{} }, holding(100, time.Minute))
-	tr := &http.Transport{MaxIdleConnsPerHost: 256}
-	c := &http.Client{Transport: tr}
-	b.ReportAllocs()
-	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			resp, err := c.Post(f.url+"/v1/completions", "application/json", strings.NewReader(completion))
-			if err != nil {
-				b.Fatal(err)
-			}
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != http.StatusOK {
-				b.Fatalf("status %d", resp.StatusCode)
-			}
-		}
-	})
+	balancers := map[string]func(*Options){
+		"least-requests": func(o *Options) { o.Selector = balance.LeastRequestsSelection{} },
+		"prefix-cache": func(o *Options) {
+			o.Selector = balance.NewPrefixCache(balance.DefaultCacheWeight, balance.DefaultQueueWeight, balance.DefaultKVCacheWeight,
+				balance.DefaultLoadFactor, balance.DefaultBlocksPerEndpoint)
+			o.PrefixBytes, o.PromptBlocks = balance.MaxPromptBlocks*balance.PromptBlockBytes, true
+		},
+	}
+	for _, name := range []string{"least-requests", "prefix-cache"} {
+		b.Run(name, func(b *testing.B) {
+			backends := []backend{startBackend(b, "a", ok), startBackend(b, "b", ok)}
+			// Holding on, as the router runs by default.
+			f := newFixture(b, "llama", backends, func(o *Options) { o.AccessLog = false; balancers[name](o) }, holding(100, time.Minute))
+			tr := &http.Transport{MaxIdleConnsPerHost: 256}
+			c := &http.Client{Transport: tr}
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					resp, err := c.Post(f.url+"/v1/completions", "application/json", strings.NewReader(completion))
+					if err != nil {
+						b.Fatal(err)
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						b.Fatalf("status %d", resp.StatusCode)
+					}
+				}
+			})
+		})
+	}
 }
 
 // BenchmarkGatewayForward is BenchmarkForward through a Gateway listener: a

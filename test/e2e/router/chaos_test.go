@@ -283,7 +283,7 @@ func TestChaosBlackHoledPod(t *testing.T) {
 	}
 
 	const connectTimeout = 500 * time.Millisecond
-	r := startRouter(t, ctx, "router-chaos-hole", "--namespaces="+ns, "--connect-timeout="+connectTimeout.String(),
+	r := startRouter(t, ctx, "router-chaos-hole", "--namespaces="+ns, spreadEvenly, "--connect-timeout="+connectTimeout.String(),
 		"--ejection-base=30s", "--ejection-max=30s")
 	r.waitReady(t, ctx, "hole", 3)
 

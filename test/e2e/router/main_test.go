@@ -75,6 +75,11 @@ type router struct {
 	admin string
 }
 
+// spreadEvenly is for tests whose identical requests must reach every pod,
+// the faulty or the new one included: the default balancer, prefix-cache,
+// keeps one prompt on as few pods as its load allows.
+const spreadEvenly = "--balancer=least-requests"
+
 // startRouter runs capstan-router with the manifests' arguments, then extra
 // ones (later flags win), on a free loopback port, waits for /readyz, and
 // stops it when the test ends.

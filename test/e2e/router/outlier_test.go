@@ -177,7 +177,7 @@ func TestOutlierEjectsAPodAnswering500(t *testing.T) {
 	var seen arrivals
 	simulate(t, ctx, ns, seen.add)
 	faulty := faultyModel(t, ctx, ns, "o500", 3, map[string]string{fleet.FaultAnnotation: string(fleet.FaultHTTP500)})
-	r := startRouter(t, ctx, "router-outlier-500", "--namespaces="+ns,
+	r := startRouter(t, ctx, "router-outlier-500", "--namespaces="+ns, spreadEvenly,
 		"--outlier-consecutive-errors="+strconv.Itoa(outlierErrors), "--ejection-base=30s", "--ejection-max=30s")
 	r.waitReady(t, ctx, "o500", 4)
 
@@ -220,7 +220,7 @@ func TestOutlierEjectsAPodTimingOut(t *testing.T) {
 	const firstByteTimeout, faultDelay = time.Second, 5 * time.Second
 	faulty := faultyModel(t, ctx, ns, "oslow", 3, map[string]string{
 		fleet.FaultAnnotation: string(fleet.FaultSlow), fleet.FaultDelayAnnotation: faultDelay.String()})
-	r := startRouter(t, ctx, "router-outlier-slow", "--namespaces="+ns, "--first-byte-timeout="+firstByteTimeout.String(),
+	r := startRouter(t, ctx, "router-outlier-slow", "--namespaces="+ns, spreadEvenly, "--first-byte-timeout="+firstByteTimeout.String(),
 		"--outlier-consecutive-errors="+strconv.Itoa(outlierErrors), "--ejection-base=30s", "--ejection-max=30s")
 	r.waitReady(t, ctx, "oslow", 4)
 

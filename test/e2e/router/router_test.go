@@ -402,7 +402,7 @@ func TestRefusingPodIsRetriedAndEjected(t *testing.T) {
 	ns := namespace(t, ctx, "refuse")
 	sim := simulate(t, ctx, ns, nil)
 	pods := deploy(t, ctx, cluster.ModelServer{Namespace: ns, Name: "refuse", Model: "refuse", Replicas: 3})
-	r := startRouter(t, ctx, "router-refuse", "--namespaces="+ns)
+	r := startRouter(t, ctx, "router-refuse", "--namespaces="+ns, spreadEvenly)
 	r.waitReady(t, ctx, "refuse", 3)
 
 	victim := pods[0]
@@ -571,7 +571,7 @@ func TestAPIServerOutage(t *testing.T) {
 	sim := simulate(t, ctx, ns, seen.add)
 	ms := cluster.ModelServer{Namespace: ns, Name: "steady", Model: "steady", Replicas: 2}
 	deploy(t, ctx, ms)
-	r := startRouter(t, ctx, "router-outage", "--namespaces="+ns)
+	r := startRouter(t, ctx, "router-outage", "--namespaces="+ns, spreadEvenly)
 	r.waitReady(t, ctx, "steady", 2)
 
 	testCluster.StopAPIServer()

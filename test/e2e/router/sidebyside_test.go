@@ -70,7 +70,9 @@ func TestSideBySide(t *testing.T) {
 	if v := os.Getenv("CAPSTAN_BENCH_ROUTER_GOMAXPROCS"); v != "" {
 		t.Setenv("GOMAXPROCS", v) // inherited by the router process only
 	}
-	r := startRouter(t, ctx, "router-bench", "--namespaces="+ns, "--access-log=false", "--v=0", "--profiling")
+	// least-requests, as nginx's least_conn and HAProxy's leastconn: the
+	// comparison is of the proxies, not of their balancing.
+	r := startRouter(t, ctx, "router-bench", "--namespaces="+ns, "--balancer=least-requests", "--access-log=false", "--v=0", "--profiling")
 	r.waitReady(t, ctx, "bench", backends)
 
 	// comm is the process name whose CPU time is the proxy's cost.
