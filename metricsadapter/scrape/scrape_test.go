@@ -540,9 +540,13 @@ func TestHistogramsAreReadEveryHistogramInterval(t *testing.T) {
 
 func TestConcurrencyIsBounded(t *testing.T) {
 	srv := newEngineServer(t, testdata(t, "vllm-v1.prom"))
-	srv.set(func(s *engineServer) { s.delay = 20 * time.Millisecond })
+	srv.set(func(s *engineServer) { s.delay = 80 * time.Millisecond })
 	opts := fastOptions()
 	opts.Concurrency = 3
+	// Ten targets over the interval overlap about two at a time. No scrape
+	// may time out: an abandoned one can still be running on the server
+	// when the scraper starts the next, and the server would count both.
+	opts.Interval, opts.Timeout = 400*time.Millisecond, 300*time.Millisecond
 	s, rec := observedScraper(t, opts)
 	var ts []Target
 	for _, n := range []string{"a", "b", "c", "d", "e", "f", "g", "h", "i", "j"} {
