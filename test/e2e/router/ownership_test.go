@@ -57,7 +57,7 @@ func TestModelNameBelongsToItsOwner(t *testing.T) {
 	simulate(t, ctx, tenant, seen.add)
 	deploy(t, ctx, cluster.ModelServer{Namespace: owner, Name: "llama", Model: "llama", Replicas: 2})
 	deploy(t, ctx, cluster.ModelServer{Namespace: tenant, Name: "llama", Model: "llama", Replicas: 1})
-	r := startRouter(t, ctx, "router-ownership", "--namespaces="+owner+","+tenant)
+	r := startRouter(t, ctx, "router-ownership", "--namespaces="+owner+","+tenant, spreadEvenly)
 
 	var m modelClaims
 	err := testCluster.WaitFor(ctx, 20*time.Second, "the router to refuse the tenant's claim", func(ctx context.Context) (bool, error) {

@@ -130,7 +130,7 @@ func TestOnlyReadyEndpointsGetTraffic(t *testing.T) {
 	if err := testCluster.Deploy(ctx, loading); err != nil {
 		t.Fatal(err)
 	}
-	r := startRouter(t, ctx, "router-ready", "--namespaces="+ns)
+	r := startRouter(t, ctx, "router-ready", "--namespaces="+ns, spreadEvenly)
 	err := testCluster.WaitFor(ctx, 20*time.Second, "the router to pool 3 ready and 1 loading endpoint", func(ctx context.Context) (bool, error) {
 		m, err := r.models(ctx)
 		e := m["llama"].Endpoints
@@ -309,8 +309,8 @@ func TestRollingUpdateUnderLoad(t *testing.T) {
 		Annotations: map[string]string{"sim.capstan.dev/terminate-after": "2s", "sim.capstan.dev/ttft": "5ms"}}
 	oldPods := deploy(t, ctx, ms)
 	routers := []*router{
-		startRouter(t, ctx, "router-roll-0", "--namespaces="+ns),
-		startRouter(t, ctx, "router-roll-1", "--namespaces="+ns),
+		startRouter(t, ctx, "router-roll-0", "--namespaces="+ns, spreadEvenly),
+		startRouter(t, ctx, "router-roll-1", "--namespaces="+ns, spreadEvenly),
 	}
 	for _, r := range routers {
 		r.waitReady(t, ctx, "roll", 4)
