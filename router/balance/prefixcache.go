@@ -109,7 +109,7 @@ func NewPrefixCache(cacheWeight, queueWeight, kvWeight, loadFactor float64, bloc
 }
 
 func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
-	least, fewest := s.leastLoaded(p, r)
+	least, fewest := lowestLoad(p, r, s.QueueWeight, s.KVCacheWeight)
 	if least == nil || len(r.Blocks) == 0 {
 		return least
 	}
@@ -139,38 +139,6 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 func (s *PrefixCacheSelection) score(h *health.Host, n int64) float64 {
 	waiting, kv := h.QueueAndKVCache()
 	return float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
-}
-
-// leastLoaded returns the endpoint r may use with the lowest load-aware
-// score, and the fewest requests in flight on an endpoint r may use.
-func (s *PrefixCacheSelection) leastLoaded(p *Pool, r *Request) (*Endpoint, int64) {
-	var (
-		best   *Endpoint
-		least  = math.Inf(1)
-		tie    = newTieBreak()
-		fewest = int64(math.MaxInt64)
-	)
-	for i, h := range p.hosts {
-		n := h.InFlight()
-		// The engine terms are never negative, and an endpoint with more
-		// in flight than the best score has more than the fewest.
-		if float64(n) > least {
-			continue
-		}
-		e := &p.endpoints[i]
-		if !p.usable(e, n, r) {
-			continue
-		}
-		fewest = min(fewest, n)
-		switch score := s.score(h, n); {
-		case best == nil || score < least:
-			best, least = e, score
-			tie.first()
-		case score == least && tie.another():
-			best = e
-		}
-	}
-	return best, fewest
 }
 
 // cached picks, for a prompt whose key some endpoints were sent, among

@@ -159,7 +159,7 @@ func (t *tieBreak) another() bool {
 }
 
 // usable reports whether r may go to e, which has n requests in flight.
-// (leastRequests inlines the same test by hand.)
+// (leastRequests and lowestLoad inline the same test by hand.)
 func (p *Pool) usable(e *Endpoint, n int64, r *Request) bool {
 	return (p.limit <= 0 || n < p.limit) &&
 		(r.ntried == 0 || !r.tried(e.Host)) &&
@@ -271,33 +271,47 @@ const (
 )
 
 func (s LoadAwareSelection) Select(p *Pool, r *Request) *Endpoint {
+	best, _ := lowestLoad(p, r, s.QueueWeight, s.KVCacheWeight)
+	return best
+}
+
+// lowestLoad returns the endpoint r may use with the lowest load-aware
+// score (LoadAwareSelection's), ties broken at random, and the fewest
+// requests in flight on an endpoint r may use. Like leastRequests it
+// compares the in-flight count first: the engine terms are never negative
+// (health.Host clamps them), so an endpoint with more requests in flight
+// than the best score, rounded down, can neither win nor have the fewest.
+func lowestLoad(p *Pool, r *Request, queueWeight, kvWeight float64) (*Endpoint, int64) {
 	var (
-		best  *Endpoint
-		least = math.Inf(1)
-		tie   = newTieBreak()
+		best   *Endpoint
+		least  = math.Inf(1)
+		cut    = int64(math.MaxInt64)
+		fewest = int64(math.MaxInt64)
+		tie    = newTieBreak()
 	)
+	limited, checkTried, checkEjected := p.limit > 0, r.ntried > 0, !r.IgnoreEjection
 	for i, h := range p.hosts {
 		n := h.InFlight()
-		// The engine terms are never negative: an endpoint whose in-flight
-		// count alone exceeds the best score cannot win.
-		if float64(n) > least {
+		if n > cut {
 			continue
 		}
-		e := &p.endpoints[i]
-		if !p.usable(e, n, r) {
+		if (limited && n >= p.limit) || (checkTried && r.tried(h)) || (checkEjected && h.Ejected()) {
 			continue
 		}
+		fewest = min(fewest, n)
 		waiting, kv := h.QueueAndKVCache()
-		score := float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
-		switch {
+		switch score := float64(n) + queueWeight*waiting + kvWeight*kv; {
 		case best == nil || score < least:
-			best, least = e, score
+			best, least = &p.endpoints[i], score
+			if score < math.MaxInt64 {
+				cut = int64(score)
+			}
 			tie.first()
 		case score == least && tie.another():
-			best = e
+			best = &p.endpoints[i]
 		}
 	}
-	return best
+	return best, fewest
 }
 
 // PrefixAffinitySelection sends requests whose prompts start alike to the

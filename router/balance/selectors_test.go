@@ -193,6 +193,16 @@ func TestLoadAwarePrefersShortQueuesAndFreeCache(t *testing.T) {
 			inflight: []int64{0, 3, 1},
 			want:     0,
 		},
+		"a pod reporting a negative queue is not drawn to": {
+			loads:    []*health.EngineLoad{{Waiting: -100}, {Waiting: 0}, {Waiting: 1}},
+			inflight: []int64{3, 0, 1},
+			want:     1,
+		},
+		"in flight as many as the best score rounded down can still win": {
+			loads:    []*health.EngineLoad{{KVCacheUsage: 0.3}, nil, {KVCacheUsage: 0.4}},
+			inflight: []int64{0, 2, 0},
+			want:     1,
+		},
 		"a pod without metrics counts only its in-flight requests": {
 			loads:    []*health.EngineLoad{{Waiting: 4}, nil, {Waiting: 3}},
 			inflight: []int64{0, 2, 0},

@@ -190,14 +190,16 @@ func (h *Host) SetEngineLoad(l *EngineLoad) {
 	h.load.Store(l)
 	var waiting, kv float64
 	if l != nil {
-		waiting, kv = l.Waiting, l.KVCacheUsage
+		// A pod's metrics are its own to write: a negative queue or a
+		// usage outside 0 to 1 would draw every request to it.
+		waiting, kv = max(l.Waiting, 0), min(max(l.KVCacheUsage, 0), 1)
 	}
 	h.waiting.Store(math.Float64bits(waiting))
 	h.kvCache.Store(math.Float64bits(kv))
 }
 
-// QueueAndKVCache returns the engine's latest waiting requests and KV-cache
-// usage, both 0 when unknown. It reads two atomics and does not allocate.
+// QueueAndKVCache returns the engine's latest waiting requests (at least 0)
+// and KV-cache usage (0 to 1), both 0 when unknown. It reads two atomics and does not allocate.
 func (h *Host) QueueAndKVCache() (waiting, kvCache float64) {
 	return math.Float64frombits(h.waiting.Load()), math.Float64frombits(h.kvCache.Load())
 }

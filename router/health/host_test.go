@@ -144,6 +144,16 @@ func TestEngineLoad(t *testing.T) {
 	if w, kv := h.QueueAndKVCache(); w != 3 || kv != 0.5 {
 		t.Errorf("QueueAndKVCache() = %v, %v; want 3, 0.5", w, kv)
 	}
+	// What a pod reports is clamped: a balancer counts on neither term
+	// being negative.
+	h.SetEngineLoad(&EngineLoad{Waiting: -1e9, KVCacheUsage: 7})
+	if w, kv := h.QueueAndKVCache(); w != 0 || kv != 1 {
+		t.Errorf("QueueAndKVCache() of a negative queue and a usage of 7 = %v, %v; want 0, 1", w, kv)
+	}
+	h.SetEngineLoad(&EngineLoad{KVCacheUsage: -0.5})
+	if _, kv := h.QueueAndKVCache(); kv != 0 {
+		t.Errorf("QueueAndKVCache() of a negative usage = %v; want 0", kv)
+	}
 	h.SetEngineLoad(nil)
 	if h.EngineLoad() != nil {
 		t.Error("SetEngineLoad(nil) did not forget the load")
