@@ -126,7 +126,7 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 	if deepest < keyBlocks {
 		best = p.walkRing(r, key, min(bound, fewest+1))
 	} else {
-		best = s.cached(p, r, matches, bound, p.walkRing(r, key, bound))
+		best = s.cached(p, r, matches, keyBlocks, bound, p.walkRing(r, key, bound))
 	}
 	if best == nil {
 		best = least
@@ -141,10 +141,14 @@ func (s *PrefixCacheSelection) score(h *health.Host, n int64) float64 {
 	return float64(n) + s.QueueWeight*waiting + s.KVCacheWeight*kv
 }
 
-// cached picks, for a prompt whose key some endpoints were sent, among
-// those below bound and the ring's choice (which walkRing bounded), the
-// one with the lowest load less cache credit; nil if there is none.
-func (s *PrefixCacheSelection) cached(p *Pool, r *Request, matches []match, bound int64, ring *Endpoint) *Endpoint {
+// cached picks, for a prompt whose key (its first keyBlocks blocks) some
+// endpoints were sent, among those below bound and the ring's choice
+// (which walkRing bounded), the one with the lowest load less cache credit;
+// nil if there is none. An endpoint that matches less than the key shares
+// only a preamble common to many prompts: it is no place for this one,
+// or a prefix whose pod is busy would scatter over every pod that was sent
+// the preamble.
+func (s *PrefixCacheSelection) cached(p *Pool, r *Request, matches []match, keyBlocks int, bound int64, ring *Endpoint) *Endpoint {
 	nblocks := float64(len(r.Blocks))
 	credit := func(h *health.Host) float64 {
 		for _, m := range matches {
@@ -159,6 +163,9 @@ func (s *PrefixCacheSelection) cached(p *Pool, r *Request, matches []match, boun
 		least = s.score(ring.Host, ring.Host.InFlight()) - credit(ring.Host)
 	}
 	for _, m := range matches {
+		if m.depth < keyBlocks {
+			continue
+		}
 		e := p.endpointOf(m.host)
 		if e == nil || e == ring {
 			continue

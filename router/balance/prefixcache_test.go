@@ -2,6 +2,7 @@ package balance
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"testing"
@@ -227,4 +228,35 @@ func (x *prefixIndex) tracked() int {
 		n += hb.lru.Len()
 	}
 	return n
+}
+
+// A group whose pod is busier than the rest stays there while it is under
+// the load bound, even though every pod was sent the instruction block all
+// groups start with: sharing the preamble does not make a pod a place for
+// the group.
+func TestPrefixCacheIgnoresACommonPreamble(t *testing.T) {
+	s := prefixCache(t)
+	p := testPool(8, PoolOptions{})
+	instructions := text("You are a careful assistant. Follow the policy.", 6*PromptBlockBytes)
+	group := func(g, q int) *Request {
+		return &Request{Blocks: PromptBlocks(nil, prompt(instructions, text(fmt.Sprintf("context of group %d", g), 8*PromptBlockBytes), text(fmt.Sprint("question", q), PromptBlockBytes)))}
+	}
+	r := group(0, 0)
+	home := index(p, p.walkRing(r, r.Blocks[placementBlocks-1], math.MaxInt64))
+	s.index.record(p.endpoints[home].Host, r.Blocks, time.Now())
+	for i := range 8 {
+		if i != home {
+			s.index.record(p.endpoints[i].Host, group(i+1, 0).Blocks, time.Now())
+		}
+		setInFlight(p, i, 12)
+	}
+	setInFlight(p, home, 15)
+	for range 8*12 + 3 {
+		p.Admit()
+	}
+	for q := 1; q < 10; q++ {
+		if got := index(p, s.Select(p, group(0, q))); got != home {
+			t.Fatalf("question %d of the group went to %d, which was sent only the instructions; want the group's pod %d (15 in flight against 12, under the bound)", q, got, home)
+		}
+	}
 }
