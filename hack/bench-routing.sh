@@ -16,8 +16,10 @@
 # Environment: CAPSTAN_BENCH_ROUTING=quick for two rates of 10 s each (about
 # 15 minutes); the default is four rates of 12 s (about 40 minutes: a point
 # past saturation takes longer than its window to drain).
-# For development, CAPSTAN_BENCH_BALANCERS=a,b measures only those balancers
-# and CAPSTAN_BENCH_ROUTER_FLAGS="--flag=value ..." adds flags to every router.
+# For development, CAPSTAN_BENCH_BALANCERS=a,b measures only those balancers,
+# CAPSTAN_BENCH_WORKLOADS=2,3 only those workloads (numbered from 1 in the
+# order above) and CAPSTAN_BENCH_ROUTER_FLAGS="--flag=value ..." adds flags
+# to every router.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "${CAPSTAN_ROOT}"

@@ -11,6 +11,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,7 @@ import (
 const (
 	routingBenchEnv          = "CAPSTAN_BENCH_ROUTING"
 	routingBenchBalancersEnv = "CAPSTAN_BENCH_BALANCERS"
+	routingBenchWorkloadsEnv = "CAPSTAN_BENCH_WORKLOADS"
 	routingBenchFlagsEnv     = "CAPSTAN_BENCH_ROUTER_FLAGS"
 )
 
@@ -79,6 +81,17 @@ func TestRoutingQuality(t *testing.T) {
 	}
 	if only := os.Getenv(routingBenchBalancersEnv); only != "" {
 		balancers = strings.Split(only, ",")
+	}
+	if only := os.Getenv(routingBenchWorkloadsEnv); only != "" {
+		var chosen []benchWorkload
+		for _, f := range strings.Split(only, ",") {
+			i, err := strconv.Atoi(f)
+			if err != nil || i < 1 || i > len(workloads) {
+				t.Fatalf("%s=%q: want workload numbers from 1 to %d", routingBenchWorkloadsEnv, only, len(workloads))
+			}
+			chosen = append(chosen, workloads[i-1])
+		}
+		workloads = chosen
 	}
 	flags := strings.Fields(os.Getenv(routingBenchFlagsEnv))
 	ctx := testContext(t, 80*time.Minute)
