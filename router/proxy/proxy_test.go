@@ -762,6 +762,35 @@ func TestAffinityHeadersReachTheSelector(t *testing.T) {
 			t.Errorf("one shared prefix went to %d pods: %v", len(pods), pods)
 		}
 	})
+	// The cache-aware balancer gets the decoded messages as blocks: each
+	// group's prompts, behind an instruction block all of them share,
+	// follow the group to one pod. Without the blocks, it balances by load
+	// alone and idle pods tie, so a group is scattered.
+	t.Run("prompt blocks", func(t *testing.T) {
+		f := newFixture(t, "llama", []backend{a, b, c}, func(o *Options) {
+			o.Selector = balance.NewPrefixCache(balance.DefaultCacheWeight, balance.DefaultQueueWeight, balance.DefaultKVCacheWeight,
+				balance.DefaultLoadFactor, balance.DefaultBlocksPerEndpoint)
+			o.Balancer, o.PrefixBytes, o.PromptBlocks = balance.PrefixCache, balance.MaxPromptBlocks*balance.PromptBlockBytes, true
+			o.MaxBodyBytes = 64 << 10
+		})
+		instructions := strings.Repeat("Answer briefly and cite the handbook. ", 100)
+		for g := range 3 {
+			system := instructions + strings.Repeat(fmt.Sprintf("Group %d knowledge base entry. ", g), 100)
+			pods := map[string]bool{}
+			for q := range 10 {
+				body, _ := json.Marshal(map[string]any{"model": "llama", "messages": []map[string]string{
+					{"role": "system", "content": system}, {"role": "user", "content": fmt.Sprintf("Question %d?", q)}}})
+				resp, data := f.post("/v1/chat/completions", string(body))
+				if resp.StatusCode != http.StatusOK {
+					t.Fatalf("group %d question %d: %d %s", g, q, resp.StatusCode, data)
+				}
+				pods[resp.Header.Get("X-Capstan-Pod")] = true
+			}
+			if len(pods) != 1 {
+				t.Errorf("group %d went to %d pods: %v", g, len(pods), pods)
+			}
+		}
+	})
 }
 
 // Until discovery has synced, the router does not call models unknown.
