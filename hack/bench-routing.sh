@@ -14,7 +14,7 @@
 # namespace).
 #
 # Environment: CAPSTAN_BENCH_ROUTING=quick for two rates of 10 s each (about
-# 15 minutes); the default is four rates of 12 s (about 40 minutes: a point
+# 15 minutes); the default is five rates of 12 s (about 40 minutes: a point
 # past saturation takes longer than its window to drain).
 # For development, CAPSTAN_BENCH_BALANCERS=a,b measures only those balancers,
 # CAPSTAN_BENCH_WORKLOADS=2,3 only those workloads (numbered from 1 in the
