@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,10 +17,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
+	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
+	inferenceclient "sigs.k8s.io/gateway-api-inference-extension/client-go/clientset/versioned"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
@@ -28,6 +33,7 @@ import (
 	"github.com/capstan-dev/capstan/router/gateway"
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/hold"
+	"github.com/capstan-dev/capstan/router/inferencepool"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/proxy"
 	"github.com/capstan-dev/capstan/router/replicas"
@@ -58,6 +64,9 @@ type Router struct {
 	events   *claimEvents
 	// pods are the informers of the model-server pods and their workloads.
 	pods *replicas.Pods
+	// pools follows InferencePools; nil without the Gateway API or when
+	// the cluster does not serve the InferencePool API.
+	pools *inferencepool.Controller
 }
 
 // New builds a router from o, which must be valid: its clients, informers,
@@ -192,14 +201,33 @@ func (r *Router) newGateway(cfg *rest.Config, client kubernetes.Interface, route
 		NewServer: o.newServer,
 		Logger:    r.logger.WithName("gateway-listeners"),
 	})
-	r.gateway = gateway.New(client, gwClient, routes, r.listeners, r.discovery.HasSynced, reg, gateway.Options{
+	gopts := gateway.Options{
 		ControllerName:   o.GatewayControllerName,
 		Namespaces:       o.Namespaces,
 		SecretNamespaces: o.GatewaySecretNamespaces,
 		Addresses:        o.gatewayAddresses(),
 		LeaderElection:   o.LeaderElection,
 		BindRetry:        5 * time.Second,
-	})
+	}
+	served, err := inferencePoolsServed(client)
+	if err != nil {
+		return err
+	}
+	synced := r.discovery.HasSynced
+	if served {
+		infClient, err := inferenceclient.NewForConfig(rest.AddUserAgent(cfg, userAgent))
+		if err != nil {
+			return err
+		}
+		r.pools = inferencepool.New(client, infClient, routes, o.Namespaces)
+		reg.MustRegister(r.pools)
+		gopts.InferencePools = &gateway.InferencePools{Informers: r.pools.Informers(), Client: infClient}
+		// The first table is built once pools have their endpoints too.
+		synced = func() bool { return r.discovery.HasSynced() && r.pools.HasSynced() }
+	} else {
+		r.logger.Info("The InferencePool API is not served: HTTPRoutes cannot send traffic to InferencePools", "groupVersion", inferencev1.GroupVersion)
+	}
+	r.gateway = gateway.New(client, gwClient, routes, r.listeners, synced, reg, gopts)
 	*handlers = append(*handlers, r.gateway)
 	return nil
 }
@@ -254,6 +282,14 @@ func (r *Router) Run(ctx context.Context) error {
 		g.Go(func() error {
 			if err := r.gateway.Run(klog.NewContext(gctx, logger.WithName("gateway"))); err != nil {
 				return fmt.Errorf("the Gateway API controller stopped: %w", err)
+			}
+			return nil
+		})
+	}
+	if r.pools != nil {
+		g.Go(func() error {
+			if err := r.pools.Run(klog.NewContext(gctx, logger.WithName("inferencepool")), o.Workers); err != nil {
+				return fmt.Errorf("the InferencePool controller stopped: %w", err)
 			}
 			return nil
 		})
@@ -375,6 +411,21 @@ func checkGatewayAPI(client kubernetes.Interface) error {
 		}
 	}
 	return nil
+}
+
+// inferencePoolsServed reports whether the cluster serves the Gateway API
+// Inference Extension's InferencePools. It is asked once, at start: a
+// router started before the CRD was installed serves pools after a restart.
+func inferencePoolsServed(client kubernetes.Interface) (bool, error) {
+	gv := inferencev1.GroupVersion.String()
+	list, err := client.Discovery().ServerResourcesForGroupVersion(gv)
+	switch {
+	case apierrors.IsNotFound(err):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("asking whether %s is served: %w", gv, err)
+	}
+	return slices.ContainsFunc(list.APIResources, func(r metav1.APIResource) bool { return r.Name == "inferencepools" }), nil
 }
 
 // newAdminMux serves the health endpoints, metrics and, when asked,

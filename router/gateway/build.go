@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
+	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/capstan-dev/capstan/router/discovery"
@@ -25,6 +26,9 @@ const (
 	kindHTTPRoute = "HTTPRoute"
 	kindService   = "Service"
 	kindSecret    = "Secret"
+	// kindInferencePool is the Gateway API Inference Extension's backend
+	// kind, in group inferencev1.GroupName.
+	kindInferencePool = "InferencePool"
 )
 
 // inputs is everything one translation reads. Objects come from informer
@@ -46,6 +50,11 @@ type inputs struct {
 	secretNamespaces []string
 	// service returns a Service's snapshot, nil when it does not exist.
 	service func(types.NamespacedName) *discovery.Service
+	// poolsServed reports whether the cluster serves the InferencePool
+	// API; without it a backendRef to a pool is of an unknown kind.
+	poolsServed bool
+	// pool returns a cached InferencePool, nil when it does not exist.
+	pool func(types.NamespacedName) *inferencev1.InferencePool
 	// watched reports whether the router watches a namespace.
 	watched func(namespace string) bool
 	// backends turns the backend keys in use into Backends (see
@@ -61,6 +70,7 @@ type translation struct {
 	classes  map[string]classResult
 	gateways map[types.NamespacedName]*gatewayResult
 	routes   map[types.NamespacedName]routeResult
+	pools    map[types.NamespacedName]*poolResult
 }
 
 type classResult struct {
@@ -145,6 +155,7 @@ func translate(in *inputs) *translation {
 		classes:  map[string]classResult{},
 		gateways: map[types.NamespacedName]*gatewayResult{},
 		routes:   map[types.NamespacedName]routeResult{},
+		pools:    map[types.NamespacedName]*poolResult{},
 	}
 	accepted := map[string]bool{}
 	for _, c := range in.classes {
@@ -210,6 +221,7 @@ func translate(in *inputs) *translation {
 		}
 		if len(rr.parents) > 0 {
 			t.routes[types.NamespacedName{Namespace: r.Namespace, Name: r.Name}] = rr
+			t.notePools(in, cr, rr)
 		}
 		if attachedAnywhere {
 			for _, p := range cr.rules {

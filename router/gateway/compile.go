@@ -3,9 +3,11 @@ package gateway
 import (
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/types"
+	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/capstan-dev/capstan/router/route"
@@ -21,6 +23,9 @@ type compiledRoute struct {
 	// notes say which rules or backends answer 500 and why, for the
 	// Accepted condition's message.
 	notes []string
+	// pools are the InferencePools the route's backendRefs resolved to,
+	// once each: the route's parents are theirs.
+	pools []types.NamespacedName
 }
 
 // pendingRule is a rule whose backends are resolved to keys but not yet to
@@ -86,6 +91,9 @@ func (in *inputs) compileRoute(r *gatewayv1.HTTPRoute) *compiledRoute {
 				problems = append(problems, msg)
 			} else if pb.invalid != "" {
 				cr.notes = append(cr.notes, fmt.Sprintf("rule %s: %s", ruleName(rr), pb.invalid))
+			}
+			if p := pb.key.Pool; p.Name != "" && !slices.Contains(cr.pools, p) {
+				cr.pools = append(cr.pools, p)
 			}
 			pr.backends = append(pr.backends, pb)
 		}
@@ -229,10 +237,10 @@ func compileMatch(m gatewayv1.HTTPRouteMatch) (*route.Match, error) {
 	return out, nil
 }
 
-// resolveBackend checks one backendRef: a Service (the only kind
-// supported), in the route's namespace or one whose ReferenceGrant allows
-// it, that exists and has the port. A reference that fails gets a reason
-// for the route's ResolvedRefs condition; its share of requests gets a 500.
+// resolveBackend checks one backendRef: a Service or an InferencePool, in
+// the route's namespace or one whose ReferenceGrant allows it, that exists
+// (a Service with the port). A reference that fails gets a reason for the
+// route's ResolvedRefs condition; its share of requests gets a 500.
 func (in *inputs) resolveBackend(r *gatewayv1.HTTPRoute, br gatewayv1.HTTPBackendRef) (pendingBackend, gatewayv1.RouteConditionReason, string) {
 	pb := pendingBackend{weight: 1}
 	if br.Weight != nil {
@@ -254,31 +262,50 @@ func (in *inputs) resolveBackend(r *gatewayv1.HTTPRoute, br gatewayv1.HTTPBacken
 		pb.invalid = msg
 		return pb, reason, msg
 	}
-	if (group != "" && group != "core") || kind != kindService {
+	isPool := group == inferencev1.GroupName && kind == kindInferencePool
+	switch {
+	case isPool && !in.poolsServed:
+		return fail(gatewayv1.RouteReasonInvalidKind, fmt.Sprintf("backendRef %s is an %s/%s, but the InferencePool API (%s) is not installed in the cluster",
+			name, group, kind, inferencev1.GroupVersion))
+	case !isPool && ((group != "" && group != "core") || kind != kindService):
 		g := group
 		if g == "" {
 			g = "core"
 		}
-		return fail(gatewayv1.RouteReasonInvalidKind, fmt.Sprintf("backendRef %s is a %s/%s: capstan-router sends traffic to Services only", name, g, kind))
+		return fail(gatewayv1.RouteReasonInvalidKind, fmt.Sprintf("backendRef %s is a %s/%s: capstan-router sends traffic to Services and InferencePools only", name, g, kind))
 	}
-	if !in.grants.allowed(objectRef{groupName, kindHTTPRoute, r.Namespace, r.Name}, objectRef{"", kindService, ns, string(br.Name)}) {
+	to := objectRef{"", kindService, ns, string(br.Name)}
+	if isPool {
+		to = objectRef{inferencev1.GroupName, kindInferencePool, ns, string(br.Name)}
+	}
+	if !in.grants.allowed(objectRef{groupName, kindHTTPRoute, r.Namespace, r.Name}, to) {
 		return fail(gatewayv1.RouteReasonRefNotPermitted,
 			fmt.Sprintf("backendRef %s: no ReferenceGrant in namespace %s allows HTTPRoutes in %s to refer to it", name, ns, r.Namespace))
 	}
 	if !in.watched(ns) {
 		return fail(gatewayv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef %s: namespace %s is not watched by the router (--namespaces)", name, ns))
 	}
-	svc := in.service(types.NamespacedName{Namespace: ns, Name: string(br.Name)})
-	if svc == nil {
-		return fail(gatewayv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef %s: Service not found", name))
+	key := types.NamespacedName{Namespace: ns, Name: string(br.Name)}
+	if isPool {
+		// A pool has no port of its own to name: its targetPorts are its
+		// endpoints' ports, so a port on the reference is not used.
+		if in.pool(key) == nil {
+			return fail(gatewayv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef %s: InferencePool not found", name))
+		}
+		pb.key = route.BackendKey{Pool: key}
+	} else {
+		svc := in.service(key)
+		if svc == nil {
+			return fail(gatewayv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef %s: Service not found", name))
+		}
+		if br.Port == nil {
+			return fail(gatewayv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef %s: a port is required", name))
+		}
+		if svc.ServicePort(int32(*br.Port)) == nil {
+			return fail(gatewayv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef %s: the Service has no TCP port %d", name, *br.Port))
+		}
+		pb.key = route.BackendKey{Service: svc.Key, Port: int32(*br.Port)}
 	}
-	if br.Port == nil {
-		return fail(gatewayv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef %s: a port is required", name))
-	}
-	if svc.ServicePort(int32(*br.Port)) == nil {
-		return fail(gatewayv1.RouteReasonBackendNotFound, fmt.Sprintf("backendRef %s: the Service has no TCP port %d", name, *br.Port))
-	}
-	pb.key = route.BackendKey{Service: svc.Key, Port: int32(*br.Port)}
 	for _, f := range br.Filters {
 		switch f.Type {
 		case gatewayv1.HTTPRouteFilterRequestHeaderModifier:

@@ -1,6 +1,7 @@
 // Package gateway makes capstan-router a Gateway API implementation. It
 // watches GatewayClasses whose controllerName is the router's, their
-// Gateways, HTTPRoutes, ReferenceGrants, TLS Secrets and Namespaces;
+// Gateways, HTTPRoutes, ReferenceGrants, TLS Secrets and Namespaces, and
+// the InferencePools routes may send traffic to;
 // translates them into a route.HTTPTable that every router replica serves;
 // and, on the replica that holds a leader-election Lease, writes the status
 // of each object (conditions with reasons a person can act on), only when
@@ -42,6 +43,8 @@ import (
 	"k8s.io/client-go/util/workqueue"
 	componentbaseconfig "k8s.io/component-base/config"
 	"k8s.io/klog/v2"
+	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
+	inferenceclient "sigs.k8s.io/gateway-api-inference-extension/client-go/clientset/versioned"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gatewayclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 	gatewayinformers "sigs.k8s.io/gateway-api/pkg/client/informers/externalversions"
@@ -75,6 +78,19 @@ type Options struct {
 	// BindRetry is how soon a listen address that could not be bound is
 	// tried again.
 	BindRetry time.Duration
+	// InferencePools, when the cluster serves the InferencePool API, lets
+	// routes send traffic to pools; nil when it does not.
+	InferencePools *InferencePools
+}
+
+// InferencePools are what the controller needs of the Gateway API
+// Inference Extension's InferencePools.
+type InferencePools struct {
+	// Informers are the pool informers of the watched namespaces
+	// (inferencepool.Controller.Informers), which their owner runs.
+	Informers []cache.SharedIndexInformer
+	// Client writes the pools' status.
+	Client inferenceclient.Interface
 }
 
 // Services gives Service snapshots and Backends (route.Builder).
@@ -112,7 +128,9 @@ type Controller struct {
 	routeInfs   []cache.SharedIndexInformer
 	grantInfs   []cache.SharedIndexInformer
 	secretInfs  []cache.SharedIndexInformer
-	nsInf       cache.SharedIndexInformer
+	// poolInfs are Options.InferencePools' informers, nil without the API.
+	poolInfs []cache.SharedIndexInformer
+	nsInf    cache.SharedIndexInformer
 	// publishInf watches the Service whose address Gateways share, when
 	// there is one.
 	publishInf cache.SharedIndexInformer
@@ -183,6 +201,11 @@ func New(kube kubernetes.Interface, gw gatewayclient.Interface, services Service
 		c.routeInfs = append(c.routeInfs, add(f.Gateway().V1().HTTPRoutes().Informer()))
 		c.grantInfs = append(c.grantInfs, add(f.Gateway().V1().ReferenceGrants().Informer()))
 		c.informers.Add(f)
+	}
+	if ip := opts.InferencePools; ip != nil {
+		for _, inf := range ip.Informers {
+			c.poolInfs = append(c.poolInfs, add(inf))
+		}
 	}
 	secretNamespaces := namespaces
 	if len(opts.SecretNamespaces) > 0 {
@@ -353,8 +376,13 @@ func (c *Controller) inputs() *inputs {
 		},
 		secretNamespaces: c.opts.SecretNamespaces,
 		service:          c.services.Service,
-		watched:          func(ns string) bool { return len(watched) == 0 || watched[ns] },
-		backends:         c.services.SyncBackends,
+		poolsServed:      c.opts.InferencePools != nil,
+		pool: func(key types.NamespacedName) *inferencev1.InferencePool {
+			p, _ := get[*inferencev1.InferencePool](key.String(), c.poolInfs...)
+			return p
+		},
+		watched:  func(ns string) bool { return len(watched) == 0 || watched[ns] },
+		backends: c.services.SyncBackends,
 	}
 }
 
@@ -435,6 +463,41 @@ func (c *Controller) writeStatus(ctx context.Context, t *translation, bindErr fu
 		obj.Status = want
 		_, err := api.HTTPRoutes(obj.Namespace).UpdateStatus(ctx, obj, metav1.UpdateOptions{FieldManager: fieldManager})
 		errs = append(errs, c.recordWrite(ctx, "HTTPRoute", obj.Namespace+"/"+obj.Name, err))
+	}
+	if ip := c.opts.InferencePools; ip != nil {
+		errs = append(errs, c.writePoolStatus(ctx, t, ip.Client, now))
+	}
+	return errors.Join(errs...)
+}
+
+// writePoolStatus updates the status of every InferencePool a route of an
+// owned Gateway sends traffic to, and removes this controller's parents
+// from pools no such route refers to any more.
+func (c *Controller) writePoolStatus(ctx context.Context, t *translation, client inferenceclient.Interface, now metav1.Time) error {
+	controller := inferencev1.ControllerName(c.opts.ControllerName)
+	var errs []error
+	for _, p := range list[*inferencev1.InferencePool](c.poolInfs...) {
+		pr, ok := t.pools[types.NamespacedName{Namespace: p.Namespace, Name: p.Name}]
+		if !ok {
+			if !poolHasOurs(p, controller) {
+				continue
+			}
+			pr = &poolResult{pool: p}
+		}
+		want := poolStatus(pr, controller, now)
+		var conds [][]metav1.Condition
+		for _, ps := range p.Status.Parents {
+			if ps.ControllerName == controller {
+				conds = append(conds, ps.Conditions)
+			}
+		}
+		if staleCache(p.Generation, conds...) || equality.Semantic.DeepEqual(p.Status, want) {
+			continue
+		}
+		obj := p.DeepCopy()
+		obj.Status = want
+		_, err := client.InferenceV1().InferencePools(obj.Namespace).UpdateStatus(ctx, obj, metav1.UpdateOptions{FieldManager: fieldManager})
+		errs = append(errs, c.recordWrite(ctx, "InferencePool", obj.Namespace+"/"+obj.Name, err))
 	}
 	return errors.Join(errs...)
 }

@@ -101,6 +101,13 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 	st := rb.Backend.Load()
 	x.model = st.Model
 	pool := st.Pool
+	if st.Refused != "" {
+		// Not a passing state like having no Ready endpoint: no
+		// Retry-After.
+		x.status = http.StatusServiceUnavailable
+		gatewayError(w, r, x.status, serverError, codeEndpointPickerUnsupported, st.Refused, 0)
+		return
+	}
 	if pool.Len() == 0 {
 		x.status = http.StatusServiceUnavailable
 		gatewayError(w, r, x.status, serverError, codeNoReadyEndpoints, st.Unavailable(rb.Backend.Key), h.opts.RetryAfter)

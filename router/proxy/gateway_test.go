@@ -13,6 +13,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/inferencepool"
 	"github.com/capstan-dev/capstan/router/route"
 )
 
@@ -282,5 +283,44 @@ func TestGatewayMatchesTheNormalisedPath(t *testing.T) {
 				t.Errorf("GET %s: the upstream got %s, want %s", target, s.URI, want.uri)
 			}
 		}
+	}
+}
+
+// An InferencePool backend is balanced by the router, unless the pool's
+// endpoint picker must be asked (failureMode FailClose): that gets a 503
+// naming the picker, with no Retry-After, since waiting does not help.
+func TestGatewayInferencePools(t *testing.T) {
+	g := newGatewayFixture(t, nil, func(map[string]*route.Backend) map[string][]*route.Match { return nil })
+	up := echoUpstream(t, "pool-0")
+	var keys []route.BackendKey
+	for _, pool := range []*inferencepool.Pool{
+		{Key: types.NamespacedName{Namespace: "ns", Name: "open"}, EndpointPicker: "ns/epp:9002", FailOpen: true},
+		{Key: types.NamespacedName{Namespace: "ns", Name: "closed"}, EndpointPicker: "ns/epp:9002"},
+	} {
+		pool.Endpoints = []discovery.Endpoint{{Address: up.addr, Pod: types.NamespacedName{Namespace: "ns", Name: up.pod}, Ready: true}}
+		g.builder.PoolChanged(pool.Key, pool)
+		keys = append(keys, route.BackendKey{Pool: pool.Key})
+	}
+	backends := g.builder.SyncBackends(keys)
+	l := &route.Listener{Gateway: types.NamespacedName{Namespace: "ns", Name: "gw"}, Name: "http", Port: 80, Scheme: "http"}
+	p := func(v string) route.PathMatch { return mustMatch(route.NewPathMatch(route.PathExact, v)) }
+	l.AddHost("", []*route.Match{
+		match(newRule(0, route.RuleBackend{Weight: 1, Backend: backends[keys[0]]}), p("/open")),
+		match(newRule(1, route.RuleBackend{Weight: 1, Backend: backends[keys[1]]}), p("/closed")),
+	})
+	g.table = route.NewHTTPTable([]*route.Port{route.NewPort(gatewayAddr, false, []*route.Listener{l})})
+
+	if resp, data := g.do("POST", "h", "/open", "application/json", `{"model":"m"}`); resp.StatusCode != 200 || resp.Header.Get("X-Upstream") != "pool-0" {
+		t.Errorf("FailOpen pool: %d from %q: %s", resp.StatusCode, resp.Header.Get("X-Upstream"), data)
+	}
+	resp, data := g.do("POST", "h", "/closed", "application/json", `{"model":"m"}`)
+	var body errorBody
+	if err := json.Unmarshal([]byte(data), &body); err != nil {
+		t.Fatalf("FailClose pool: %d, not an OpenAI error: %s", resp.StatusCode, data)
+	}
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") != "" || resp.Header.Get("X-Upstream") != "" ||
+		body.Error.Code != codeEndpointPickerUnsupported || !strings.Contains(body.Error.Message, "Service ns/epp:9002") ||
+		!strings.Contains(body.Error.Message, "endpoint-picker protocol is not implemented yet") {
+		t.Errorf("FailClose pool: %d, Retry-After %q, upstream %q: %s", resp.StatusCode, resp.Header.Get("Retry-After"), resp.Header.Get("X-Upstream"), data)
 	}
 }

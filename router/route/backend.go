@@ -12,21 +12,31 @@ import (
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/inferencepool"
 )
 
-// BackendKey names a Gateway API backend: one port of one Service.
+// BackendKey names a Gateway API backend: one port of one Service, or an
+// InferencePool.
 type BackendKey struct {
 	Service types.NamespacedName
 	// Port is the Service port number a backendRef names.
 	Port int32
+	// Pool names an InferencePool; Service and Port are then zero.
+	Pool types.NamespacedName
 }
 
-func (k BackendKey) String() string { return fmt.Sprintf("%s:%d", k.Service, k.Port) }
+func (k BackendKey) String() string {
+	if k.Pool.Name != "" {
+		return "InferencePool " + k.Pool.String()
+	}
+	return fmt.Sprintf("%s:%d", k.Service, k.Port)
+}
 
-// Backend is a Service port that Gateway API routes send traffic to. Its
-// endpoints follow the Service's EndpointSlices like a model's do: Load
-// returns the current view without a lock, and a new one is swapped in when
-// the Service's snapshot changes, without rebuilding any route table.
+// Backend is a Service port or an InferencePool that Gateway API routes
+// send traffic to. Its endpoints follow the Service's EndpointSlices like a
+// model's do, or the pool's pods: Load returns the current view without a
+// lock, and a new one is swapped in when the snapshot changes, without
+// rebuilding any route table.
 type Backend struct {
 	Key   BackendKey
 	name  string
@@ -45,12 +55,18 @@ type BackendState struct {
 	// Total counts the port's endpoints; Ready, NotReady and Terminating
 	// split it.
 	Total, Ready, NotReady, Terminating int
-	// Missing says why the backend has no endpoints at all: the Service or
-	// the port does not exist (yet), or the Service has no usable port.
+	// Missing says why the backend has no endpoints at all: the Service,
+	// its port or the InferencePool does not exist (yet), or the Service
+	// has no usable port.
 	Missing string
+	// Refused, when set, says why every request for the backend gets a
+	// 503 whatever its endpoints: an InferencePool whose endpoint picker
+	// must be asked (failureMode FailClose), which this router cannot do.
+	Refused string
 }
 
-// Name is Key as a string, "<namespace>/<service>:<port>".
+// Name is Key as a string, "<namespace>/<service>:<port>" or
+// "InferencePool <namespace>/<name>".
 func (b *Backend) Name() string { return b.name }
 
 // Load returns the backend's current state.
@@ -69,7 +85,10 @@ func (s *BackendState) Unavailable(key BackendKey) string {
 	if s.Terminating > 0 {
 		why = append(why, fmt.Sprintf("%d terminating", s.Terminating))
 	}
-	if s.Total == 0 {
+	switch {
+	case s.Total == 0 && key.Pool.Name != "":
+		why = append(why, "no pod the InferencePool selects has an IP")
+	case s.Total == 0:
 		why = append(why, "no endpoints in the Service's EndpointSlices")
 	}
 	return msg + ": " + strings.Join(why, ", ")
@@ -84,8 +103,8 @@ type backendState struct {
 
 // SyncBackends makes the Builder keep exactly the backends named by keys and
 // returns them. A backend that was already kept is returned as is (its pool
-// and counters live on); a new one is built from the Service's latest
-// snapshot; one no longer named is dropped. Gateway API route compilation
+// and counters live on); a new one is built from its Service's or pool's
+// latest snapshot; one no longer named is dropped. Gateway API route compilation
 // calls it with every backendRef it resolved.
 func (b *Builder) SyncBackends(keys []BackendKey) map[BackendKey]*Backend {
 	b.mu.Lock()
@@ -111,6 +130,24 @@ func (b *Builder) SyncBackends(keys []BackendKey) map[BackendKey]*Backend {
 	return out
 }
 
+// PoolChanged implements inferencepool.Handler: it takes a pool's new
+// snapshot and swaps new pools into the backends on it, so that a pod that
+// stops being Ready leaves them at once, without retranslating any route.
+func (b *Builder) PoolChanged(key types.NamespacedName, pool *inferencepool.Pool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if pool == nil {
+		delete(b.pools, key)
+	} else {
+		b.pools[key] = pool
+	}
+	for k, st := range b.backends {
+		if k.Pool == key {
+			b.buildBackend(st)
+		}
+	}
+}
+
 // Service returns the latest snapshot of a Service, or nil when it does not
 // exist (or is outside the watched namespaces).
 func (b *Builder) Service(key types.NamespacedName) *discovery.Service {
@@ -123,19 +160,30 @@ func (b *Builder) Service(key types.NamespacedName) *discovery.Service {
 // changed. b.mu is held.
 func (b *Builder) rebuildBackends(svc types.NamespacedName) {
 	for k, st := range b.backends {
-		if k.Service == svc {
+		if k.Pool.Name == "" && k.Service == svc {
 			b.buildBackend(st)
 		}
 	}
 }
 
-// buildBackend publishes a new state for a backend from its Service's
-// snapshot. b.mu is held.
+// buildBackend publishes a new state for a backend from its Service's or
+// pool's snapshot. b.mu is held.
 func (b *Builder) buildBackend(st *backendState) {
 	k := st.backend.Key
 	next := &BackendState{}
 	var eps []discovery.Endpoint
 	switch snap := b.snapshots[k.Service]; {
+	case k.Pool.Name != "":
+		pool := b.pools[k.Pool]
+		if pool == nil {
+			next.Missing = fmt.Sprintf("InferencePool %s not found", k.Pool)
+			break
+		}
+		eps = pool.Endpoints
+		if pool.EndpointPicker != "" && !pool.FailOpen {
+			next.Refused = fmt.Sprintf("InferencePool %s must ask its endpoint picker, Service %s, which endpoint to use (failureMode FailClose), "+
+				"and the endpoint-picker protocol is not implemented yet by this version of capstan-router", k.Pool, pool.EndpointPicker)
+		}
 	case snap == nil:
 		next.Missing = fmt.Sprintf("Service %s not found", k.Service)
 	case snap.Problem != "":

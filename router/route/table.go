@@ -2,9 +2,10 @@
 // every Service labelled capstan.dev/model with its name, pooled; the Table
 // maps each model name to that pool. Gateway API routes are the second way
 // in: an HTTPTable maps a listener, host and request to a rule whose
-// weighted backends are Service ports, each a Backend whose pool is built
-// from the same per-Service snapshots. The discovery package knows
-// Services, this package knows models and routes, and the balance package
+// weighted backends are Service ports or InferencePools, each a Backend
+// whose pool is built from the same per-Service snapshots or from the
+// pool's own. The discovery and inferencepool packages know Services and
+// pools, this package knows models and routes, and the balance package
 // picks within one pool.
 package route
 
@@ -22,6 +23,7 @@ import (
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/health"
+	"github.com/capstan-dev/capstan/router/inferencepool"
 )
 
 // Model is an immutable view of one model: its routable pool and why the
@@ -118,6 +120,9 @@ type Builder struct {
 	// for Gateway API backends; backends are the backends routes use.
 	snapshots map[types.NamespacedName]*discovery.Service
 	backends  map[BackendKey]*backendState
+	// pools are the latest snapshot of every InferencePool, for the
+	// backends that name one.
+	pools map[types.NamespacedName]*inferencepool.Pool
 }
 
 type serviceState struct {
@@ -129,13 +134,17 @@ type serviceState struct {
 	refused bool
 }
 
-var _ discovery.Handler = (*Builder)(nil)
+var (
+	_ discovery.Handler     = (*Builder)(nil)
+	_ inferencepool.Handler = (*Builder)(nil)
+)
 
 // NewBuilder returns a Builder with an empty table, taking host state from
 // hosts.
 func NewBuilder(hosts *health.Registry, opts Options) *Builder {
 	b := &Builder{hosts: hosts, opts: opts, services: map[types.NamespacedName]*serviceState{}, inflight: map[string]*atomic.Int64{},
-		snapshots: map[types.NamespacedName]*discovery.Service{}, backends: map[BackendKey]*backendState{}}
+		snapshots: map[types.NamespacedName]*discovery.Service{}, backends: map[BackendKey]*backendState{},
+		pools: map[types.NamespacedName]*inferencepool.Pool{}}
 	b.table.Store(&Table{models: map[string]*Model{}})
 	return b
 }

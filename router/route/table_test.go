@@ -1,6 +1,7 @@
 package route
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -9,6 +10,7 @@ import (
 
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/health"
+	"github.com/capstan-dev/capstan/router/inferencepool"
 )
 
 func key(name string) types.NamespacedName { return types.NamespacedName{Namespace: "ns", Name: name} }
@@ -199,5 +201,40 @@ func TestBackendsFollowTheirService(t *testing.T) {
 	b.ServiceChanged(key("later"), nil)
 	if reg.Len() != 0 {
 		t.Errorf("%d hosts held after every Service went", reg.Len())
+	}
+}
+
+// A pool backend follows its InferencePool's snapshots, not a Service's of
+// the same name, and releases its hosts when the pool goes.
+func TestBackendsFollowTheirPool(t *testing.T) {
+	reg := health.NewRegistry(health.EjectionPolicy{})
+	b := NewBuilder(reg, Options{})
+	k := BackendKey{Pool: key("llama")}
+	got := b.SyncBackends([]BackendKey{k})[k]
+	if st := got.Load(); st.Missing != "InferencePool ns/llama not found" || st.Pool.Len() != 0 {
+		t.Errorf("before its snapshot: missing %q, %d endpoints", st.Missing, st.Pool.Len())
+	}
+	eps := []discovery.Endpoint{ready("198.18.0.1:8000", "p1"), {Address: "198.18.0.2:8000", Pod: key("p2")},
+		{Address: "198.18.0.3:8000", Pod: key("p3"), Terminating: true}}
+	b.PoolChanged(key("llama"), &inferencepool.Pool{Key: key("llama"), Endpoints: eps})
+	// A Service with the pool's name is another backend.
+	b.ServiceChanged(key("llama"), &discovery.Service{Key: key("llama"), Port: "http", Ports: []discovery.Port{{Name: "http", Number: 8000}}})
+	st := got.Load()
+	if st.Pool.Len() != 1 || st.Pool.Endpoints()[0].Pod != "ns/p1" || st.Total != 3 || st.NotReady != 1 || st.Terminating != 1 || st.Refused != "" {
+		t.Errorf("pool backend: %d routable, total %d, not ready %d, terminating %d, refused %q", st.Pool.Len(), st.Total, st.NotReady, st.Terminating, st.Refused)
+	}
+	if reg.Len() != 1 {
+		t.Errorf("%d hosts held, want the one routable endpoint's", reg.Len())
+	}
+	b.PoolChanged(key("llama"), &inferencepool.Pool{Key: key("llama"), Endpoints: eps[1:], EndpointPicker: "ns/epp:9002"})
+	if st := got.Load(); st.Pool.Len() != 0 || !strings.Contains(st.Refused, "Service ns/epp:9002") {
+		t.Errorf("FailClose pool: %d routable, refused %q", st.Pool.Len(), st.Refused)
+	}
+	if msg := got.Load().Unavailable(k); msg != "backend InferencePool ns/llama has 0 ready of 2 endpoints: 1 not ready, 1 terminating" {
+		t.Errorf("Unavailable: %q", msg)
+	}
+	b.PoolChanged(key("llama"), nil)
+	if st := got.Load(); st.Missing != "InferencePool ns/llama not found" || reg.Len() != 0 {
+		t.Errorf("after the pool went: missing %q, %d hosts held", st.Missing, reg.Len())
 	}
 }

@@ -41,9 +41,11 @@ const (
 var testCluster *cluster.Cluster
 
 func TestMain(m *testing.M) {
-	if err := components.LocateGatewayAPICRDs(); err != nil {
-		fmt.Fprintln(os.Stderr, "FAIL:", err)
-		os.Exit(1)
+	for _, locate := range []func() error{components.LocateGatewayAPICRDs, components.LocateInferencePoolCRD} {
+		if err := locate(); err != nil {
+			fmt.Fprintln(os.Stderr, "FAIL:", err)
+			os.Exit(1)
+		}
 	}
 	os.Exit(cluster.RunTests(m, cluster.Config{}, &testCluster))
 }

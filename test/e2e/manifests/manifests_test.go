@@ -22,14 +22,17 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	"sigs.k8s.io/kustomize/api/krusty"
 	kresource "sigs.k8s.io/kustomize/api/resource"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/yaml"
 
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/metricsadapter/provider"
+	"github.com/capstan-dev/capstan/router/inferencepool"
 	"github.com/capstan-dev/capstan/test/cluster"
 	"github.com/capstan-dev/capstan/test/components"
 )
@@ -37,9 +40,11 @@ import (
 var testCluster *cluster.Cluster
 
 func TestMain(m *testing.M) {
-	if err := components.LocateGatewayAPICRDs(); err != nil {
-		fmt.Fprintln(os.Stderr, "FAIL:", err)
-		os.Exit(1)
+	for _, locate := range []func() error{components.LocateGatewayAPICRDs, components.LocateInferencePoolCRD} {
+		if err := locate(); err != nil {
+			fmt.Fprintln(os.Stderr, "FAIL:", err)
+			os.Exit(1)
+		}
 	}
 	os.Exit(cluster.RunTests(m, cluster.Config{WithoutScheduler: true}, &testCluster))
 }
@@ -242,6 +247,85 @@ func TestDefaultAndExamplesApply(t *testing.T) {
 				if !slices.ContainsFunc(services, func(s corev1.Service) bool { return s.Name == string(ref.Name) }) {
 					t.Errorf("HTTPRoute %s sends to Service %s, which the examples lack", route.Name, ref.Name)
 				}
+			}
+		}
+	}
+}
+
+// The InferencePool example, which is not part of the examples'
+// kustomization, applies with the InferencePool CRD beside the examples: its
+// pool selects an example Deployment's pods on their container port, and its
+// route sends to the pool through the examples' Gateway.
+func TestInferencePoolExample(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := components.InstallGatewayAPICRDs(ctx, testCluster); err != nil {
+		t.Fatal(err)
+	}
+	uninstall, err := components.InstallInferencePoolCRD(ctx, testCluster)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := uninstall(context.Background()); err != nil {
+			t.Error(err)
+		}
+	}()
+	root, err := cluster.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(root, "manifests", "examples", "inferencepool.yaml")
+	if err := testCluster.Apply(ctx, "default", stream(t, render(t, "examples"))); err != nil {
+		t.Fatalf("applying manifests/examples: %v", err)
+	}
+	if err := testCluster.ApplyFile(ctx, "", file); err != nil {
+		t.Fatalf("applying %s: %v", file, err)
+	}
+	data, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pool inferencev1.InferencePool
+	var route gatewayv1.HTTPRoute
+	for _, doc := range strings.Split(string(data), "\n---\n") {
+		switch {
+		case strings.Contains(doc, "kind: InferencePool"):
+			err = yaml.Unmarshal([]byte(doc), &pool)
+		case strings.Contains(doc, "kind: HTTPRoute"):
+			err = yaml.Unmarshal([]byte(doc), &route)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	examples := render(t, "examples")
+	selected := false
+	for _, d := range decode[appsv1.Deployment](t, examples, "Deployment") {
+		pod := d.Spec.Template
+		if d.Namespace != pool.Namespace || !inferencepool.Selector(&pool).Matches(labels.Set(pod.Labels)) {
+			continue
+		}
+		selected = true
+		for _, port := range pool.Spec.TargetPorts {
+			if !slices.ContainsFunc(pod.Spec.Containers[0].Ports, func(p corev1.ContainerPort) bool { return p.ContainerPort == int32(port.Number) }) {
+				t.Errorf("Deployment %s has no container port %d, a target port of InferencePool %s", d.Name, port.Number, pool.Name)
+			}
+		}
+	}
+	if !selected {
+		t.Errorf("InferencePool %s selects no example Deployment's pods", pool.Name)
+	}
+	gateways := decode[gatewayv1.Gateway](t, examples, "Gateway")
+	for _, p := range route.Spec.ParentRefs {
+		if !slices.ContainsFunc(gateways, func(g gatewayv1.Gateway) bool { return g.Name == string(p.Name) && g.Namespace == route.Namespace }) {
+			t.Errorf("HTTPRoute %s has parent %s, which the examples lack", route.Name, p.Name)
+		}
+	}
+	for _, rule := range route.Spec.Rules {
+		for _, ref := range rule.BackendRefs {
+			if ref.Group == nil || string(*ref.Group) != inferencev1.GroupName || ref.Kind == nil || *ref.Kind != "InferencePool" || string(ref.Name) != pool.Name {
+				t.Errorf("HTTPRoute %s sends to %v, not InferencePool %s", route.Name, ref.BackendObjectReference, pool.Name)
 			}
 		}
 	}

@@ -1,0 +1,260 @@
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
+	inferenceclient "sigs.k8s.io/gateway-api-inference-extension/client-go/clientset/versioned"
+
+	"github.com/capstan-dev/capstan/test/cluster"
+	"github.com/capstan-dev/capstan/test/components"
+	"github.com/capstan-dev/capstan/test/fleet"
+)
+
+// podCounts counts the requests each pod received.
+type podCounts struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (c *podCounts) add(a fleet.Arrival) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.n[a.Pod.Name]++
+}
+
+func (c *podCounts) get() map[string]int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[string]int{}
+	for k, v := range c.n {
+		out[k] = v
+	}
+	return out
+}
+
+// TestInferencePool installs the Gateway API Inference Extension's
+// InferencePool CRD, and sends a Gateway's traffic to a pool of simulated
+// model servers: only the pool's Ready, non-terminating pods get requests,
+// at once after a pod loses readiness or is deleted; the pool's status has
+// the Gateway as an accepted parent; a route to a missing pool says
+// BackendNotFound; and a pool whose endpoint picker must be asked gets
+// 503s naming the picker.
+func TestInferencePool(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	setup(t)
+	uninstall, err := components.InstallInferencePoolCRD(ctx, testCluster)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Registered before the router starts, so it runs after the router has
+	// stopped: the other tests' routers find no InferencePool API, as on a
+	// cluster without the CRD.
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := uninstall(ctx); err != nil {
+			t.Errorf("uninstalling the InferencePool CRD: %v", err)
+		}
+	})
+	pools, err := inferenceclient.NewForConfig(testCluster.RESTConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := namespace(t, ctx, "pools")
+	counts := &podCounts{n: map[string]int{}}
+	simulate(t, ctx, ns, counts.add)
+
+	// Bare pods, so that no ReplicaSet replaces the one the test deletes.
+	// A deleted pod stays Terminating (and answering) for a minute: a
+	// request it got would be served, and counted.
+	template := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama-3-8b",
+		Annotations: map[string]string{"sim.capstan.dev/terminate-after": "60s"}}.Deployment().Spec.Template
+	for i := range 3 {
+		pod := &corev1.Pod{ObjectMeta: *template.ObjectMeta.DeepCopy(), Spec: *template.Spec.DeepCopy()}
+		pod.Namespace, pod.Name = ns, fmt.Sprintf("llama-%d", i)
+		if _, err := testCluster.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := testCluster.WaitForReadyPods(ctx, ns, "app=llama", 3, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, ctx, ns, httpGateway(ns, "inference")+`
+---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: llama}
+spec:
+  selector: {matchLabels: {app: llama}}
+  targetPorts: [{number: 8000}]
+---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: llama-picked}
+spec:
+  selector: {matchLabels: {app: llama}}
+  targetPorts: [{number: 8000}]
+  endpointPickerRef: {name: epp, port: {number: 9002}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: epp}
+spec:
+  selector: {app: epp}
+  ports: [{name: grpc, port: 9002}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: pool}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [llama.example.com]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: picked}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [picked.example.com]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama-picked}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: missing}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [missing.example.com]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: nonexistent}]
+`)
+	r := startRouter(t, ctx, "router-pools", "--namespaces="+ns)
+	addr := gatewayAddress(t, ctx, ns, "inference")
+	wantRouteCondition(t, ctx, types.NamespacedName{Namespace: ns, Name: "pool"}, "inference", "ResolvedRefs", metav1.ConditionTrue, "ResolvedRefs")
+	missing := wantRouteCondition(t, ctx, types.NamespacedName{Namespace: ns, Name: "missing"}, "inference", "ResolvedRefs", metav1.ConditionFalse, "BackendNotFound")
+	t.Logf("a route to a missing pool: %s", missing.Message)
+	wantPoolParent(t, ctx, pools, ns, "llama", "inference", accepted, resolved)
+
+	// Each prompt its own, so that a prefix-aware balancer has no reason
+	// to keep to one pod.
+	completion := func(i int) string {
+		return fmt.Sprintf(`{"model":"llama-3-8b","prompt":"%d: hello there","max_tokens":4}`, i)
+	}
+	// sendAll sends n completions through the pool's route; all must
+	// succeed.
+	sendAll := func(n int) {
+		t.Helper()
+		for i := range n {
+			res := send(ctx, "POST", addr, "llama.example.com", "/v1/completions", completion(i))
+			if res.err != nil || res.status != http.StatusOK {
+				t.Fatalf("request %d: %d %v %s", i, res.status, res.err, res.body)
+			}
+		}
+	}
+	// waitReady waits until the router counts n ready endpoints in the
+	// pool: it has seen the pod change.
+	waitReady := func(n float64) {
+		t.Helper()
+		err := testCluster.WaitFor(ctx, 10*time.Second, fmt.Sprintf("the router to count %v ready endpoints in the pool", n), func(context.Context) (bool, error) {
+			return r.metricValue(t, "capstan_router_inferencepool_ready_endpoints", map[string]string{"namespace": ns, "inferencepool": "llama"}) == n, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitReady(3)
+	sendAll(30)
+	before := counts.get()
+	for i := range 3 {
+		if pod := fmt.Sprintf("llama-%d", i); before[pod] == 0 {
+			t.Errorf("Ready pod %s got none of 30 requests: %v", pod, before)
+		}
+	}
+
+	// llama-0 loses readiness: it gets no request once the router has seen
+	// that, though it still answers.
+	patch := `{"metadata":{"annotations":{"sim.capstan.dev/unready":"true"}}}`
+	if _, err := testCluster.Client.CoreV1().Pods(ns).Patch(ctx, "llama-0", types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(2)
+	mark := counts.get()
+	sendAll(30)
+	after := counts.get()
+	if after["llama-0"] != mark["llama-0"] {
+		t.Errorf("the not Ready pod llama-0 got %d requests", after["llama-0"]-mark["llama-0"])
+	}
+
+	// llama-1 is deleted: Terminating, it gets none either.
+	if err := testCluster.Client.CoreV1().Pods(ns).Delete(ctx, "llama-1", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(1)
+	mark = counts.get()
+	sendAll(20)
+	after = counts.get()
+	for _, pod := range []string{"llama-0", "llama-1"} {
+		if after[pod] != mark[pod] {
+			t.Errorf("pod %s got %d requests after it left the pool", pod, after[pod]-mark[pod])
+		}
+	}
+	if got := after["llama-2"] - mark["llama-2"]; got != 20 {
+		t.Errorf("the one routable pod got %d of 20 requests", got)
+	}
+
+	// The pool whose picker must be asked (failureMode FailClose by
+	// default) gets 503s that name the picker, and no pod sees them.
+	mark = counts.get()
+	res := send(ctx, "POST", addr, "picked.example.com", "/v1/completions", completion(0))
+	if res.status != http.StatusServiceUnavailable || !strings.Contains(res.body, "Service "+ns+"/epp:9002") || !strings.Contains(res.body, "not implemented yet") {
+		t.Errorf("a FailClose pool: %d %s", res.status, res.body)
+	}
+	if res := send(ctx, "POST", addr, "missing.example.com", "/v1/completions", completion(0)); res.status != http.StatusInternalServerError {
+		t.Errorf("a route to a missing pool: %d %s", res.status, res.body)
+	}
+	if after := counts.get(); after["llama-2"] != mark["llama-2"] {
+		t.Errorf("requests for a FailClose pool or a missing one reached a pod")
+	}
+}
+
+// wantPoolParent waits until a pool's status has the router's parent entry
+// for a Gateway with the conditions, for the pool's current generation.
+func wantPoolParent(t *testing.T, ctx context.Context, client inferenceclient.Interface, ns, name, gateway string, wants ...want) {
+	t.Helper()
+	var last string
+	err := testCluster.WaitFor(ctx, 15*time.Second, fmt.Sprintf("InferencePool %s/%s: parent %s %v", ns, name, gateway, wants), func(ctx context.Context) (bool, error) {
+		pool, err := client.InferenceV1().InferencePools(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		for _, p := range pool.Status.Parents {
+			if p.ControllerName != inferencev1.ControllerName(controllerName) || string(p.ParentRef.Name) != gateway {
+				continue
+			}
+			if p.ParentRef.Kind != "Gateway" || p.ParentRef.Group == nil || *p.ParentRef.Group != "gateway.networking.k8s.io" || string(p.ParentRef.Namespace) != ns {
+				last = fmt.Sprintf("parentRef %+v", p.ParentRef)
+				return false, nil
+			}
+			ok, got := hasAll(p.Conditions, pool.Generation, wants...)
+			last = got
+			return ok, nil
+		}
+		last = fmt.Sprintf("no parent of %s among %d", controllerName, len(pool.Status.Parents))
+		return false, nil
+	})
+	if err != nil {
+		t.Fatalf("%v; last seen: %s", err, last)
+	}
+}
