@@ -7,8 +7,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 )
 
@@ -74,5 +78,52 @@ func TestInformersStart(t *testing.T) {
 	stop()
 	if err == nil || !strings.Contains(err.Error(), "Gateway API caches did not sync") {
 		t.Errorf("Start with a cancelled context: %v", err)
+	}
+}
+
+// Store reports a change only when a snapshot appears, goes or differs, so
+// that handlers are not told of resyncs.
+func TestSnapshotsStore(t *testing.T) {
+	type snap struct{ v int }
+	s := NewSnapshots(func(a, b *snap) bool { return a.v == b.v })
+	k := types.NamespacedName{Namespace: "ns", Name: "a"}
+	steps := []struct {
+		name string
+		snap *snap
+		want bool
+	}{
+		{"dropping what is not there", nil, false},
+		{"a first snapshot", &snap{1}, true},
+		{"an equal one", &snap{1}, false},
+		{"a different one", &snap{2}, true},
+		{"dropping it", nil, true},
+		{"dropping it again", nil, false},
+	}
+	for _, st := range steps {
+		if got := s.Store(k, st.snap); got != st.want {
+			t.Errorf("%s: Store = %v, want %v", st.name, got, st.want)
+		}
+		if got := s.Get(k); (got == nil) != (st.snap == nil) || (got != nil && got.v != st.snap.v) {
+			t.Errorf("%s: Get = %v, want %v", st.name, got, st.snap)
+		}
+	}
+	if s.Len() != 0 {
+		t.Errorf("Len = %d after the only snapshot went", s.Len())
+	}
+}
+
+// MemberHandler enqueues the old and the new object of a real change, skips
+// a resync, and unwraps tombstones.
+func TestMemberHandler(t *testing.T) {
+	var got []string
+	h := MemberHandler(func(obj any) {
+		got = append(got, obj.(*metav1.ObjectMeta).Name+"@"+obj.(*metav1.ObjectMeta).ResourceVersion)
+	})
+	v1, v2 := &metav1.ObjectMeta{Name: "a", ResourceVersion: "1"}, &metav1.ObjectMeta{Name: "b", ResourceVersion: "2"}
+	h.OnUpdate(v1, v1)
+	h.OnUpdate(v1, v2)
+	h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/b", Obj: v2})
+	if diff := cmp.Diff([]string{"a@1", "b@2", "b@2"}, got); diff != "" {
+		t.Errorf("enqueued (-want +got):\n%s", diff)
 	}
 }

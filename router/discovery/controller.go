@@ -3,7 +3,6 @@ package discovery
 import (
 	"context"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -74,8 +73,7 @@ type Controller struct {
 	slices   []cache.SharedIndexInformer
 	queue    workqueue.TypedRateLimitingInterface[cache.ObjectName]
 
-	mu        sync.RWMutex
-	snapshots map[types.NamespacedName]*Service
+	snapshots *controller.Snapshots[Service]
 
 	ready atomic.Bool
 }
@@ -108,7 +106,7 @@ func New(client kubernetes.Interface, handler Handler, opts Options) (*Controlle
 				&workqueue.TypedBucketRateLimiter[cache.ObjectName]{Limiter: rate.NewLimiter(rate.Limit(100), 500)},
 			),
 			workqueue.TypedRateLimitingQueueConfig[cache.ObjectName]{Name: "capstan-router-discovery"}),
-		snapshots: map[types.NamespacedName]*Service{},
+		snapshots: controller.NewSnapshots((*Service).equal),
 	}
 	for _, ns := range namespaces {
 		svcFactory := informers.NewSharedInformerFactoryWithOptions(client, opts.Resync, informers.WithNamespace(ns),
@@ -125,23 +123,9 @@ func New(client kubernetes.Interface, handler Handler, opts Options) (*Controlle
 		// AddIndexers and AddEventHandler fail only after the informer has
 		// started, which cannot have happened yet.
 		utilruntime.Must(sliceInformer.AddIndexers(cache.Indexers{serviceIndex: indexByService}))
-		_, err := svcInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    c.enqueueService,
-			UpdateFunc: func(old, new any) { c.enqueueService(new) },
-			DeleteFunc: c.enqueueService,
-		})
+		_, err := svcInformer.Informer().AddEventHandler(controller.ObjectHandler(c.enqueueService))
 		utilruntime.Must(err)
-		_, err = sliceInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc: c.enqueueSlice,
-			UpdateFunc: func(old, new any) {
-				if old.(*discoveryv1.EndpointSlice).ResourceVersion == new.(*discoveryv1.EndpointSlice).ResourceVersion {
-					return // a resync: nothing changed
-				}
-				c.enqueueSlice(old)
-				c.enqueueSlice(new)
-			},
-			DeleteFunc: c.enqueueSlice,
-		})
+		_, err = sliceInformer.AddEventHandler(controller.MemberHandler(c.enqueueSlice))
 		utilruntime.Must(err)
 	}
 	return c, nil
@@ -160,9 +144,6 @@ func indexByService(obj any) ([]string, error) {
 }
 
 func (c *Controller) enqueueService(obj any) {
-	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-		obj = tomb.Obj
-	}
 	if svc, ok := obj.(*corev1.Service); ok {
 		c.queue.Add(cache.ObjectName{Namespace: svc.Namespace, Name: svc.Name})
 	}
@@ -171,9 +152,6 @@ func (c *Controller) enqueueService(obj any) {
 // enqueueSlice enqueues the slice's Service if it is one the controller
 // watches; slices of other Services are ignored.
 func (c *Controller) enqueueSlice(obj any) {
-	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-		obj = tomb.Obj
-	}
 	slice, ok := obj.(*discoveryv1.EndpointSlice)
 	if !ok {
 		return
@@ -199,26 +177,10 @@ func (c *Controller) serviceLister(namespace string) corelisters.ServiceLister {
 // Service's snapshot, marks the controller synced, and then follows changes
 // with workers goroutines until ctx ends.
 func (c *Controller) Run(ctx context.Context, workers int) error {
-	defer utilruntime.HandleCrashWithContext(ctx)
-	defer c.queue.ShutDown()
-	logger := klog.FromContext(ctx)
-	logger.Info("Waiting for Service and EndpointSlice caches")
-	stop, err := c.informers.Start(ctx, "Service and EndpointSlice")
-	defer stop()
-	if err != nil {
-		return err
-	}
-	// Drain what the initial list enqueued before calling ourselves synced,
-	// so that a router that reports ready knows every model.
-	for c.queue.Len() > 0 {
-		if !c.processNextItem(ctx) {
-			return nil
-		}
-	}
-	c.ready.Store(true)
-	logger.Info("Caches synced", "services", c.Len())
-	controller.RunWorkers(ctx, c.queue, workers, c.processNextItem)
-	return nil
+	return controller.RunKeyed(ctx, &c.informers, "Service and EndpointSlice", c.queue, workers, c.processNextItem, func() {
+		c.ready.Store(true)
+		klog.FromContext(ctx).Info("Caches synced", "services", c.Len())
+	})
 }
 
 // HasSynced reports whether the caches have synced and every Service seen in
@@ -226,18 +188,7 @@ func (c *Controller) Run(ctx context.Context, workers int) error {
 func (c *Controller) HasSynced() bool { return c.ready.Load() }
 
 func (c *Controller) processNextItem(ctx context.Context) bool {
-	key, shutdown := c.queue.Get()
-	if shutdown {
-		return false
-	}
-	defer c.queue.Done(key)
-	if err := c.sync(ctx, key); err != nil {
-		utilruntime.HandleErrorWithContext(ctx, err, "Syncing Service endpoints failed; retrying", "service", key)
-		c.queue.AddRateLimited(key)
-		return true
-	}
-	c.queue.Forget(key)
-	return true
+	return controller.Process(ctx, c.queue, "Service endpoints", c.sync)
 }
 
 // sync rebuilds one Service's snapshot from the caches.
@@ -299,38 +250,18 @@ func (c *Controller) sync(ctx context.Context, key cache.ObjectName) error {
 // store swaps in a Service's new snapshot (nil to drop it) and tells the
 // handler, unless nothing changed.
 func (c *Controller) store(ctx context.Context, key types.NamespacedName, snap *Service) {
-	c.mu.Lock()
-	old, had := c.snapshots[key]
-	switch {
-	case snap == nil && !had:
-		c.mu.Unlock()
+	if !c.snapshots.Store(key, snap) {
 		return
-	case snap != nil && had && old.equal(snap):
-		c.mu.Unlock()
-		return
-	case snap == nil:
-		delete(c.snapshots, key)
-	default:
-		c.snapshots[key] = snap
 	}
-	c.mu.Unlock()
 	klog.FromContext(ctx).V(4).Info("Service endpoints changed", "service", key, "present", snap != nil)
 	c.handler.ServiceChanged(key, snap)
 }
 
 // Service returns the current snapshot of a Service, or nil.
-func (c *Controller) Service(key types.NamespacedName) *Service {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.snapshots[key]
-}
+func (c *Controller) Service(key types.NamespacedName) *Service { return c.snapshots.Get(key) }
 
 // Len is the number of Services with a snapshot.
-func (c *Controller) Len() int {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return len(c.snapshots)
-}
+func (c *Controller) Len() int { return c.snapshots.Len() }
 
 // HandlerFunc is a function that handles snapshots.
 type HandlerFunc func(key types.NamespacedName, svc *Service)

@@ -91,8 +91,12 @@ func (s *Service) ServicePort(number int32) *Port {
 
 // Counts returns how many endpoints are ready for traffic, not ready, and
 // terminating.
-func (s *Service) Counts() (ready, notReady, terminating int) {
-	for _, e := range s.Endpoints {
+func (s *Service) Counts() (ready, notReady, terminating int) { return Counts(s.Endpoints) }
+
+// Counts returns how many of eps are ready for traffic, not ready, and
+// terminating.
+func Counts(eps []Endpoint) (ready, notReady, terminating int) {
+	for _, e := range eps {
 		switch {
 		case e.Terminating:
 			terminating++
@@ -145,7 +149,7 @@ func ServicePort(svc *corev1.Service) (corev1.ServicePort, bool) {
 // controller moves endpoints between slices) appears once, routable if
 // either copy is. Only IPv4 and IPv6 slices are used.
 func BuildEndpoints(slices_ []*discoveryv1.EndpointSlice, port corev1.ServicePort) []Endpoint {
-	byAddr := map[string]Endpoint{}
+	all := []Endpoint{}
 	for _, slice := range slices_ {
 		if slice.AddressType != discoveryv1.AddressTypeIPv4 && slice.AddressType != discoveryv1.AddressTypeIPv6 {
 			continue
@@ -172,18 +176,29 @@ func BuildEndpoints(slices_ []*discoveryv1.EndpointSlice, port corev1.ServicePor
 				}
 				e.Pod = types.NamespacedName{Namespace: ns, Name: ref.Name}
 			}
-			if old, dup := byAddr[e.Address]; dup && (old.Routable() || !e.Routable()) {
-				continue
-			}
-			byAddr[e.Address] = e
+			all = append(all, e)
 		}
 	}
-	out := make([]Endpoint, 0, len(byAddr))
-	for _, e := range byAddr {
-		out = append(out, e)
-	}
-	slices.SortFunc(out, func(a, b Endpoint) int { return cmp.Compare(a.Address, b.Address) })
-	return out
+	return Unique(all)
+}
+
+// Unique sorts endpoints by address and keeps one per address: a routable
+// one when there is one. Two slices (or pods) may report one address for a
+// moment, as an old pod's IP is reused by its successor.
+func Unique(eps []Endpoint) []Endpoint {
+	slices.SortStableFunc(eps, func(a, b Endpoint) int {
+		if c := cmp.Compare(a.Address, b.Address); c != 0 {
+			return c
+		}
+		switch {
+		case a.Routable() == b.Routable():
+			return 0
+		case a.Routable():
+			return -1
+		}
+		return 1
+	})
+	return slices.CompactFunc(eps, func(a, b Endpoint) bool { return a.Address == b.Address })
 }
 
 // slicePort finds the port number a slice gives the Service port.

@@ -310,18 +310,7 @@ func (c *Controller) Run(ctx context.Context) error {
 }
 
 func (c *Controller) processNextItem(ctx context.Context) bool {
-	k, shutdown := c.queue.Get()
-	if shutdown {
-		return false
-	}
-	defer c.queue.Done(k)
-	if err := c.sync(ctx); err != nil {
-		utilruntime.HandleErrorWithContext(ctx, err, "Syncing Gateway API resources failed; retrying")
-		c.queue.AddRateLimited(k)
-		return true
-	}
-	c.queue.Forget(k)
-	return true
+	return controller.Process(ctx, c.queue, "Gateway API resources", func(ctx context.Context, _ string) error { return c.sync(ctx) })
 }
 
 // sync translates the current objects, publishes the table, binds its

@@ -2,7 +2,6 @@ package inferencepool
 
 import (
 	"context"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -43,8 +42,7 @@ type Controller struct {
 	pods  []cache.SharedIndexInformer
 	queue workqueue.TypedRateLimitingInterface[cache.ObjectName]
 
-	mu        sync.RWMutex
-	snapshots map[types.NamespacedName]*Pool
+	snapshots *controller.Snapshots[Pool]
 
 	ready atomic.Bool
 }
@@ -66,7 +64,7 @@ func New(kube kubernetes.Interface, client inferenceclient.Interface, handler Ha
 				&workqueue.TypedBucketRateLimiter[cache.ObjectName]{Limiter: rate.NewLimiter(rate.Limit(100), 500)},
 			),
 			workqueue.TypedRateLimitingQueueConfig[cache.ObjectName]{Name: "capstan-router-inferencepool"}),
-		snapshots: map[types.NamespacedName]*Pool{},
+		snapshots: controller.NewSnapshots((*Pool).equal),
 	}
 	for _, ns := range namespaces {
 		pf := inferenceinformers.NewSharedInformerFactoryWithOptions(client, 0, inferenceinformers.WithNamespace(ns))
@@ -80,25 +78,9 @@ func New(kube kubernetes.Interface, client inferenceclient.Interface, handler Ha
 		c.informers.Add(kf, pods.HasSynced)
 		c.pools = append(c.pools, pools)
 		c.pods = append(c.pods, pods)
-		_, err := pools.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    c.enqueuePool,
-			UpdateFunc: func(_, new any) { c.enqueuePool(new) },
-			DeleteFunc: c.enqueuePool,
-		})
+		_, err := pools.AddEventHandler(controller.ObjectHandler(c.enqueuePool))
 		utilruntime.Must(err)
-		_, err = pods.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc: c.enqueuePod,
-			UpdateFunc: func(old, new any) {
-				if old.(*corev1.Pod).ResourceVersion == new.(*corev1.Pod).ResourceVersion {
-					return // a resync: nothing changed
-				}
-				// Both: a pod whose labels changed may leave one pool and
-				// join another.
-				c.enqueuePod(old)
-				c.enqueuePod(new)
-			},
-			DeleteFunc: c.enqueuePod,
-		})
+		_, err = pods.AddEventHandler(controller.MemberHandler(c.enqueuePod))
 		utilruntime.Must(err)
 	}
 	return c
@@ -110,9 +92,6 @@ func New(kube kubernetes.Interface, client inferenceclient.Interface, handler Ha
 func (c *Controller) Informers() []cache.SharedIndexInformer { return c.pools }
 
 func (c *Controller) enqueuePool(obj any) {
-	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-		obj = tomb.Obj
-	}
 	if pool, ok := obj.(*inferencev1.InferencePool); ok {
 		c.queue.Add(cache.ObjectName{Namespace: pool.Namespace, Name: pool.Name})
 	}
@@ -121,9 +100,6 @@ func (c *Controller) enqueuePool(obj any) {
 // enqueuePod enqueues every pool of the pod's namespace that selects it;
 // pods no pool selects cost a lookup and nothing else.
 func (c *Controller) enqueuePod(obj any) {
-	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-		obj = tomb.Obj
-	}
 	pod, ok := obj.(*corev1.Pod)
 	if !ok {
 		return
@@ -173,27 +149,10 @@ func (c *Controller) podsIn(namespace string) ([]*corev1.Pod, error) {
 // snapshot, marks the controller synced, and then follows changes with
 // workers goroutines until ctx ends.
 func (c *Controller) Run(ctx context.Context, workers int) error {
-	defer utilruntime.HandleCrashWithContext(ctx)
-	defer c.queue.ShutDown()
-	logger := klog.FromContext(ctx)
-	logger.Info("Waiting for InferencePool and Pod caches")
-	stop, err := c.informers.Start(ctx, "InferencePool and Pod")
-	defer stop()
-	if err != nil {
-		return err
-	}
-	// Drain what the initial list enqueued before calling ourselves
-	// synced, so that the first routing table finds every pool's
-	// endpoints.
-	for c.queue.Len() > 0 {
-		if !c.processNextItem(ctx) {
-			return nil
-		}
-	}
-	c.ready.Store(true)
-	logger.Info("InferencePool caches synced", "pools", c.Len())
-	controller.RunWorkers(ctx, c.queue, workers, c.processNextItem)
-	return nil
+	return controller.RunKeyed(ctx, &c.informers, "InferencePool and Pod", c.queue, workers, c.processNextItem, func() {
+		c.ready.Store(true)
+		klog.FromContext(ctx).Info("InferencePool caches synced", "pools", c.Len())
+	})
 }
 
 // HasSynced reports whether the caches have synced and every pool seen in
@@ -201,18 +160,7 @@ func (c *Controller) Run(ctx context.Context, workers int) error {
 func (c *Controller) HasSynced() bool { return c.ready.Load() }
 
 func (c *Controller) processNextItem(ctx context.Context) bool {
-	key, shutdown := c.queue.Get()
-	if shutdown {
-		return false
-	}
-	defer c.queue.Done(key)
-	if err := c.sync(ctx, key); err != nil {
-		utilruntime.HandleErrorWithContext(ctx, err, "Syncing InferencePool endpoints failed; retrying", "inferencePool", key)
-		c.queue.AddRateLimited(key)
-		return true
-	}
-	c.queue.Forget(key)
-	return true
+	return controller.Process(ctx, c.queue, "InferencePool endpoints", c.sync)
 }
 
 // sync rebuilds one pool's snapshot from the caches.
@@ -249,31 +197,15 @@ func (c *Controller) sync(ctx context.Context, key cache.ObjectName) error {
 // store swaps in a pool's new snapshot (nil to drop it) and tells the
 // handler, unless nothing changed.
 func (c *Controller) store(ctx context.Context, key types.NamespacedName, snap *Pool) {
-	c.mu.Lock()
-	old, had := c.snapshots[key]
-	switch {
-	case snap == nil && !had:
-		c.mu.Unlock()
+	if !c.snapshots.Store(key, snap) {
 		return
-	case snap != nil && had && old.equal(snap):
-		c.mu.Unlock()
-		return
-	case snap == nil:
-		delete(c.snapshots, key)
-	default:
-		c.snapshots[key] = snap
 	}
-	c.mu.Unlock()
 	klog.FromContext(ctx).V(4).Info("InferencePool endpoints changed", "inferencePool", key, "present", snap != nil)
 	c.handler.PoolChanged(key, snap)
 }
 
 // Len is the number of pools with a snapshot.
-func (c *Controller) Len() int {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return len(c.snapshots)
-}
+func (c *Controller) Len() int { return c.snapshots.Len() }
 
 var readyDesc = prometheus.NewDesc("capstan_router_inferencepool_ready_endpoints",
 	"Ready, non-terminating endpoints (pod IP and target port) of each InferencePool, the ones the router sends its requests to.",
@@ -285,10 +217,8 @@ func (c *Controller) Describe(ch chan<- *prometheus.Desc) { ch <- readyDesc }
 // Collect implements prometheus.Collector: the counts are read from the
 // snapshots when Prometheus scrapes, so they cost nothing on a change.
 func (c *Controller) Collect(ch chan<- prometheus.Metric) {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	for key, p := range c.snapshots {
+	c.snapshots.Range(func(key types.NamespacedName, p *Pool) {
 		ready, _, _ := p.Counts()
 		ch <- prometheus.MustNewConstMetric(readyDesc, prometheus.GaugeValue, float64(ready), key.Namespace, key.Name)
-	}
+	})
 }

@@ -14,7 +14,6 @@
 package inferencepool
 
 import (
-	"cmp"
 	"net"
 	"slices"
 	"strconv"
@@ -25,6 +24,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 
+	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/router/discovery"
 )
 
@@ -49,19 +49,7 @@ func (p *Pool) equal(o *Pool) bool {
 
 // Counts returns how many endpoints are ready for traffic, not ready, and
 // terminating.
-func (p *Pool) Counts() (ready, notReady, terminating int) {
-	for _, e := range p.Endpoints {
-		switch {
-		case e.Terminating:
-			terminating++
-		case e.Ready:
-			ready++
-		default:
-			notReady++
-		}
-	}
-	return ready, notReady, terminating
-}
+func (p *Pool) Counts() (ready, notReady, terminating int) { return discovery.Counts(p.Endpoints) }
 
 // Selector is a pool's spec.selector as a label selector. matchLabels is
 // all the API has; an empty one selects nothing (the API requires at least
@@ -104,7 +92,7 @@ func Build(pool *inferencev1.InferencePool, pods []*corev1.Pod) *Pool {
 			continue
 		}
 		terminating := pod.DeletionTimestamp != nil
-		ready := !terminating && podReady(pod)
+		ready := !terminating && modelserver.IsReady(pod)
 		for _, port := range pool.Spec.TargetPorts {
 			p.Endpoints = append(p.Endpoints, discovery.Endpoint{
 				Address:     net.JoinHostPort(pod.Status.PodIP, strconv.Itoa(int(port.Number))),
@@ -114,38 +102,10 @@ func Build(pool *inferencev1.InferencePool, pods []*corev1.Pod) *Pool {
 			})
 		}
 	}
-	// Two pods cannot share an IP while both have it, but a recycled IP can
-	// be reported by a deleted pod and its successor for a moment: keep one
-	// endpoint per address, a routable copy if there is one (sorted first),
-	// as discovery does for EndpointSlices.
-	slices.SortFunc(p.Endpoints, func(a, b discovery.Endpoint) int {
-		if c := cmp.Compare(a.Address, b.Address); c != 0 {
-			return c
-		}
-		return boolOrder(b.Routable(), a.Routable())
-	})
-	p.Endpoints = slices.CompactFunc(p.Endpoints, func(a, b discovery.Endpoint) bool { return a.Address == b.Address })
+	// A recycled IP can be reported by a deleted pod and its successor
+	// for a moment.
+	p.Endpoints = discovery.Unique(p.Endpoints)
 	return p
-}
-
-// boolOrder orders false before true.
-func boolOrder(a, b bool) int {
-	switch {
-	case a == b:
-		return 0
-	case a:
-		return 1
-	}
-	return -1
-}
-
-func podReady(pod *corev1.Pod) bool {
-	for _, c := range pod.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
 }
 
 // Slim is the pod informer's transform: of a pod it keeps what selects it

@@ -27,18 +27,26 @@ const gatewayAPICRDsEnv = "CAPSTAN_GATEWAY_API_CRDS"
 // InstallGatewayAPICRDs. A TestMain calls it before cluster.RunTests re-runs
 // the tests inside the network namespace.
 func LocateGatewayAPICRDs() error {
-	if os.Getenv(gatewayAPICRDsEnv) != "" {
+	return locateInModule(gatewayAPICRDsEnv, "sigs.k8s.io/gateway-api", "config/crd/standard")
+}
+
+// locateInModule finds path in the module cache's copy of the module
+// version go.mod pins and puts it in the environment variable env, for the
+// tests the harness re-runs inside the network namespace; it does nothing
+// when env is already set.
+func locateInModule(env, module, path string) error {
+	if os.Getenv(env) != "" {
 		return nil
 	}
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", module).Output()
 	if err != nil {
-		return fmt.Errorf("locating the sigs.k8s.io/gateway-api module: %w", err)
+		return fmt.Errorf("locating the %s module: %w", module, err)
 	}
-	dir := filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "standard")
-	if _, err := os.Stat(dir); err != nil {
-		return fmt.Errorf("the gateway-api module has no standard CRDs: %w", err)
+	found := filepath.Join(strings.TrimSpace(string(out)), filepath.FromSlash(path))
+	if _, err := os.Stat(found); err != nil {
+		return fmt.Errorf("the %s module has no %s: %w", module, path, err)
 	}
-	return os.Setenv(gatewayAPICRDsEnv, dir)
+	return os.Setenv(env, found)
 }
 
 // InstallGatewayAPICRDs applies the standard-channel CRDs LocateGatewayAPICRDs

@@ -4,10 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
@@ -31,18 +28,8 @@ const inferencePoolCRD = "inferencepools.inference.networking.k8s.io"
 // cache, for InstallInferencePoolCRD. A TestMain calls it before
 // cluster.RunTests re-runs the tests inside the network namespace.
 func LocateInferencePoolCRD() error {
-	if os.Getenv(inferencePoolCRDEnv) != "" {
-		return nil
-	}
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api-inference-extension").Output()
-	if err != nil {
-		return fmt.Errorf("locating the sigs.k8s.io/gateway-api-inference-extension module: %w", err)
-	}
-	file := filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "bases", "inference.networking.k8s.io_inferencepools.yaml")
-	if _, err := os.Stat(file); err != nil {
-		return fmt.Errorf("the gateway-api-inference-extension module has no InferencePool CRD: %w", err)
-	}
-	return os.Setenv(inferencePoolCRDEnv, file)
+	return locateInModule(inferencePoolCRDEnv, "sigs.k8s.io/gateway-api-inference-extension",
+		"config/crd/bases/inference.networking.k8s.io_inferencepools.yaml")
 }
 
 // InstallInferencePoolCRD applies the InferencePool CRD LocateInferencePoolCRD
