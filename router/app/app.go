@@ -35,6 +35,7 @@ import (
 	"github.com/capstan-dev/capstan/router/hold"
 	"github.com/capstan-dev/capstan/router/inferencepool"
 	"github.com/capstan-dev/capstan/router/metrics"
+	"github.com/capstan-dev/capstan/router/picker"
 	"github.com/capstan-dev/capstan/router/proxy"
 	"github.com/capstan-dev/capstan/router/replicas"
 	"github.com/capstan-dev/capstan/router/route"
@@ -67,6 +68,9 @@ type Router struct {
 	// pools follows InferencePools; nil without the Gateway API or when
 	// the cluster does not serve the InferencePool API.
 	pools *inferencepool.Controller
+	// pickers asks InferencePools' endpoint pickers; nil without the
+	// Gateway API.
+	pickers *picker.Client
 }
 
 // New builds a router from o, which must be valid: its clients, informers,
@@ -155,6 +159,11 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	}
 	if o.GatewayEnabled() {
 		popts.Gateways = func() *route.HTTPTable { return r.gateway.Table() }
+		// Pickers are dialled at their Service's Ready endpoints, from the
+		// Service snapshots Gateway mode keeps of every watched namespace.
+		r.pickers = picker.New(picker.Options{Timeout: o.EndpointPickerTimeout, Services: routes.Service,
+			MaxBodyBytes: o.maxBodyBytes(), TLS: o.EndpointPickerTLS})
+		popts.Picker = r.pickers
 	}
 	r.handler = proxy.New(routes, m, logger.WithName("proxy"), popts)
 	if o.GatewayEnabled() {
@@ -373,6 +382,9 @@ func (r *Router) stopServing(ctx context.Context) {
 	}
 	wg.Wait()
 	r.handler.CloseIdleConnections()
+	if r.pickers != nil {
+		r.pickers.Close()
+	}
 }
 
 func restConfig(kubeconfig string) (*rest.Config, error) {

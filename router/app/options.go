@@ -139,6 +139,16 @@ type Options struct {
 	// Profiling serves net/http/pprof under /debug/pprof/. Default false.
 	Profiling bool
 
+	// EndpointPickerTimeout bounds each wait on an InferencePool's endpoint
+	// picker: its answer to a request, and to the response headers.
+	// Default 2s.
+	EndpointPickerTimeout time.Duration
+	// EndpointPickerTLS speaks TLS to endpoint pickers without verifying
+	// their certificate, as Envoy-based gateways do (the reference pickers
+	// serve a self-signed one); false speaks plaintext HTTP/2. Default
+	// true.
+	EndpointPickerTLS bool
+
 	// GatewayAddressPool, when set, turns on Gateway API support with an
 	// address of its own for every Gateway from this pool (a CIDR), which
 	// must be local to the router's network namespace. Default "".
@@ -209,6 +219,8 @@ func NewOptions() *Options {
 		AccessLog:                    true,
 		Workers:                      2,
 		GatewayControllerName:        gateway.DefaultControllerName,
+		EndpointPickerTimeout:        2 * time.Second,
+		EndpointPickerTLS:            true,
 		LeaderElection: componentbaseconfig.LeaderElectionConfiguration{
 			LeaderElect:       true,
 			LeaseDuration:     metav1.Duration{Duration: 15 * time.Second},
@@ -285,6 +297,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.AccessLog, "access-log", o.AccessLog, "Log every request (request id, model, pod, status, duration).")
 	fs.IntVar(&o.Workers, "discovery-workers", o.Workers, "Goroutines rebuilding Service endpoint sets.")
 	fs.BoolVar(&o.Profiling, "profiling", o.Profiling, "Serve Go profiles under /debug/pprof/ on --admin-bind-address.")
+	fs.DurationVar(&o.EndpointPickerTimeout, "endpoint-picker-timeout", o.EndpointPickerTimeout, "With the Gateway API, how long an InferencePool's endpoint picker may take to answer a request, and again to answer its response headers; a picker that does not answer in time has failed (failureMode FailOpen: the router balances the request; FailClose: 503).")
+	fs.BoolVar(&o.EndpointPickerTLS, "endpoint-picker-tls", o.EndpointPickerTLS, "Speak TLS to endpoint pickers without verifying their certificate, as Envoy-based gateways do (the reference pickers serve a self-signed one); false speaks plaintext HTTP/2.")
 	fs.StringVar(&o.GatewayAddressPool, "gateway-address-pool", o.GatewayAddressPool, "Serve the Gateway API, giving every Gateway an address of its own from this CIDR; the addresses must be local to the router (see docs/gateway.md).")
 	fs.StringVar(&o.GatewayAddress, "gateway-address", o.GatewayAddress, "Serve the Gateway API with every Gateway sharing this address (an IP or hostname that reaches the router); listeners are told apart by port and hostname.")
 	fs.StringVar(&o.GatewayPublishService, "gateway-publish-service", o.GatewayPublishService, "Serve the Gateway API with every Gateway sharing the address of this Service (namespace/name; its load balancer's, else an external IP, else its cluster IP), which must route to the router's pods; listeners are told apart by port and hostname.")
@@ -331,8 +345,8 @@ func (o *Options) Validate() error {
 	positive := map[string]time.Duration{
 		"connect-timeout": o.ConnectTimeout, "first-byte-timeout": o.FirstByteTimeout, "idle-stream-timeout": o.IdleStreamTimeout,
 		"try-duration": o.TryDuration, "read-header-timeout": o.ReadHeaderTimeout, "idle-timeout": o.IdleTimeout,
-		"write-timeout": o.WriteTimeout,
-		"retry-after":   o.RetryAfter, "scrape-interval": o.ScrapeInterval, "scrape-timeout": o.ScrapeTimeout, "shutdown-timeout": o.ShutdownTimeout,
+		"write-timeout": o.WriteTimeout, "endpoint-picker-timeout": o.EndpointPickerTimeout,
+		"retry-after": o.RetryAfter, "scrape-interval": o.ScrapeInterval, "scrape-timeout": o.ScrapeTimeout, "shutdown-timeout": o.ShutdownTimeout,
 	}
 	for _, name := range sortedKeys(positive) {
 		if positive[name] <= 0 {

@@ -49,8 +49,8 @@ func (t *translation) notePools(in *inputs, cr *compiledRoute, rr routeResult) {
 
 // poolConditions returns the message of a pool's Accepted condition, when
 // a parent accepted it, and its ResolvedRefs condition: whether its
-// endpointPickerRef names a Service that exists. The picker is not asked
-// yet either way, and the message says what that means for requests.
+// endpointPickerRef names a Service that exists. The Accepted message says
+// who picks the endpoints and what happens when the picker fails.
 func (in *inputs) poolConditions(pool *inferencev1.InferencePool) (string, condition) {
 	resolvedType := string(inferencev1.InferencePoolConditionResolvedRefs)
 	ref := pool.Spec.EndpointPickerRef
@@ -59,11 +59,11 @@ func (in *inputs) poolConditions(pool *inferencev1.InferencePool) (string, condi
 			trueCond(resolvedType, string(inferencev1.InferencePoolReasonResolvedRefs), "no endpointPickerRef to resolve")
 	}
 	epp := inferencepool.EndpointPicker(pool)
-	accepted := fmt.Sprintf("Accepted; the endpoint picker %s is not consulted yet by this version of capstan-router: "+
-		"failureMode FailOpen, so requests are balanced by capstan-router itself", epp)
+	accepted := fmt.Sprintf("Accepted; each request asks the endpoint picker %s which Ready endpoints to use: "+
+		"failureMode FailOpen, so when it fails capstan-router balances the request itself", epp)
 	if ref.FailureMode != inferencev1.EndpointPickerFailOpen {
-		accepted = fmt.Sprintf("Accepted; the endpoint picker %s is not consulted yet by this version of capstan-router, "+
-			"which does not implement the endpoint-picker protocol: failureMode FailClose, so requests get 503", epp)
+		accepted = fmt.Sprintf("Accepted; each request asks the endpoint picker %s which Ready endpoints to use: "+
+			"failureMode FailClose, so when it fails the request gets 503", epp)
 	}
 	group, kind := "", kindService
 	if ref.Group != nil {

@@ -116,8 +116,8 @@ func TestInferencePoolBackendResolution(t *testing.T) {
 }
 
 // Weights split a rule across pools and Services alike, and a pool's
-// Backend has the pool's Ready pods as endpoints, or refuses requests when
-// its endpoint picker must be asked.
+// Backend has the pool's Ready pods as endpoints and names its endpoint
+// picker and failure mode.
 func TestInferencePoolBackends(t *testing.T) {
 	f := newFixture()
 	pools := f.withPools()
@@ -146,7 +146,7 @@ func TestInferencePoolBackends(t *testing.T) {
 		}
 		b := m.Rule.Pick().Backend
 		st := b.Load()
-		v := backendView{Name: b.Name(), Refused: st.Refused}
+		v := backendView{Name: b.Name(), Picker: st.EndpointPicker, FailOpen: st.FailOpen}
 		for _, e := range st.Pool.Endpoints() {
 			v.Endpoints = append(v.Endpoints, e.Address+" "+e.Pod)
 		}
@@ -166,11 +166,13 @@ func TestInferencePoolBackends(t *testing.T) {
 	if diff := cmp.Diff(want, views[want.Name]); diff != "" {
 		t.Errorf("the pool's Backend (-want +got):\n%s", diff)
 	}
-	if got := pick("/open"); got.Refused != "" || len(got.Endpoints) != 1 {
-		t.Errorf("a FailOpen pool is balanced by the router: refused %q, %d endpoints", got.Refused, len(got.Endpoints))
-	}
-	if got := pick("/closed").Refused; !strings.Contains(got, "Service apps/epp:9002") || !strings.Contains(got, "not implemented yet") {
-		t.Errorf("a FailClose pool's refusal %q does not name its picker and say why", got)
+	for path, want := range map[string]backendView{
+		"/open":   {Name: "InferencePool apps/open", Picker: "apps/epp:9002", FailOpen: true, Endpoints: []string{"198.18.0.2:8000 apps/open-0"}},
+		"/closed": {Name: "InferencePool apps/closed", Picker: "apps/epp:9002", Endpoints: []string{"198.18.0.3:8000 apps/closed-0"}},
+	} {
+		if diff := cmp.Diff(want, pick(path)); diff != "" {
+			t.Errorf("%s: the Backend of a pool with a picker (-want +got):\n%s", path, diff)
+		}
 	}
 
 	// Endpoint changes swap the Backend's pool without a new translation.
@@ -184,7 +186,8 @@ func TestInferencePoolBackends(t *testing.T) {
 // backendView is what a test compares of a Backend.
 type backendView struct {
 	Name      string
-	Refused   string
+	Picker    string
+	FailOpen  bool
 	Endpoints []string
 }
 
@@ -249,13 +252,13 @@ func TestInferencePoolStatus(t *testing.T) {
 			epp:      epp(nil),
 			parents:  []gatewayv1.ParentReference{parent("", "open")},
 			want:     map[string][]cond{"apps/open": {poolAccepted, poolResolved}},
-			accepted: "the endpoint picker apps/epp:9002 is not consulted yet by this version of capstan-router",
+			accepted: "asks the endpoint picker apps/epp:9002 which Ready endpoints to use: failureMode FailOpen, so when it fails capstan-router balances the request itself",
 		},
 		"an endpoint picker, FailClose": {
 			epp:      epp(func(r *inferencev1.EndpointPickerRef) { r.FailureMode = inferencev1.EndpointPickerFailClose }),
 			parents:  []gatewayv1.ParentReference{parent("", "open")},
 			want:     map[string][]cond{"apps/open": {poolAccepted, poolResolved}},
-			accepted: "requests get 503",
+			accepted: "asks the endpoint picker apps/epp:9002 which Ready endpoints to use: failureMode FailClose, so when it fails the request gets 503",
 		},
 		"a missing endpoint picker Service": {
 			epp:     epp(func(r *inferencev1.EndpointPickerRef) { r.Name = "nonexistent" }),

@@ -17,14 +17,18 @@ const namespace = "capstan_router"
 
 // Metrics holds the router's collectors.
 type Metrics struct {
-	requests   *prometheus.CounterVec
-	duration   *prometheus.HistogramVec
-	ttfb       *prometheus.HistogramVec
-	retries    *prometheus.CounterVec
-	ejections  *prometheus.CounterVec
-	gateway    *prometheus.CounterVec
-	held       *prometheus.HistogramVec
-	codeLabels [600]string
+	requests  *prometheus.CounterVec
+	duration  *prometheus.HistogramVec
+	ttfb      *prometheus.HistogramVec
+	retries   *prometheus.CounterVec
+	ejections *prometheus.CounterVec
+	gateway   *prometheus.CounterVec
+	held      *prometheus.HistogramVec
+	// picker* are the endpoint-picker protocol's, by InferencePool.
+	pickerDuration *prometheus.HistogramVec
+	pickerFailures *prometheus.CounterVec
+	pickerFailOpen *prometheus.CounterVec
+	codeLabels     [600]string
 	// perModel holds each model's most used series (*modelSeries), so that
 	// a request does not hash its labels to find them.
 	perModel sync.Map
@@ -105,11 +109,24 @@ func New(reg prometheus.Registerer, table func() *route.Table, held func(model s
 			Help:    "Time requests were held for a model with no ready endpoint, by model and outcome (released, timeout, queue_full, client_gone).",
 			Buckets: []float64{.01, .1, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600},
 		}, []string{"model", "outcome"}),
+		pickerDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "endpoint_picker_duration_seconds",
+			Help:    "Time from opening the ext_proc stream to an InferencePool's endpoint picker to having its answer to the request, by pool, whether it succeeded or not.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}, []string{"pool"}),
+		pickerFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "endpoint_picker_failures_total",
+			Help: "Failed exchanges with an InferencePool's endpoint picker, by pool and kind (unreachable, timeout, protocol, not_ready: none of the picked endpoints is a Ready endpoint of the pool).",
+		}, []string{"pool", "kind"}),
+		pickerFailOpen: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "endpoint_picker_fail_open_total",
+			Help: "Requests of a FailOpen InferencePool balanced by the router because its endpoint picker failed, by pool.",
+		}, []string{"pool"}),
 	}
 	for i := range m.codeLabels {
 		m.codeLabels[i] = strconv.Itoa(i)
 	}
-	reg.MustRegister(m.requests, m.duration, m.ttfb, m.retries, m.ejections, m.gateway, m.held, &tableCollector{table: table, held: held})
+	reg.MustRegister(m.requests, m.duration, m.ttfb, m.retries, m.ejections, m.gateway, m.held, m.pickerDuration, m.pickerFailures, m.pickerFailOpen, &tableCollector{table: table, held: held})
 	return m
 }
 
@@ -156,6 +173,22 @@ func (m *Metrics) Retry(model, reason string) { m.retries.WithLabelValues(model,
 
 // Ejection records an ejection.
 func (m *Metrics) Ejection(model string) { m.ejections.WithLabelValues(model).Inc() }
+
+// EndpointPicker records how long a pool's endpoint picker took to answer a
+// request (or to fail).
+func (m *Metrics) EndpointPicker(pool string, seconds float64) {
+	m.pickerDuration.WithLabelValues(pool).Observe(seconds)
+}
+
+// EndpointPickerFailure records a failed exchange with a pool's endpoint
+// picker, by kind (a picker.Kind).
+func (m *Metrics) EndpointPickerFailure(pool, kind string) {
+	m.pickerFailures.WithLabelValues(pool, kind).Inc()
+}
+
+// FailOpen records a request the router balanced itself because the
+// pool's endpoint picker failed.
+func (m *Metrics) FailOpen(pool string) { m.pickerFailOpen.WithLabelValues(pool).Inc() }
 
 // tableCollector reports endpoint counts per model and in-flight requests
 // per endpoint from the current routing table.

@@ -40,9 +40,9 @@ const (
 	codeRouteNotFound       = "route_not_found"
 	codeInvalidRule         = "invalid_route_rule"
 	codeInvalidBackend      = "invalid_backend"
-	// codeEndpointPickerUnsupported answers for an InferencePool whose
-	// endpoint picker must be asked (failureMode FailClose).
-	codeEndpointPickerUnsupported = "endpoint_picker_not_supported"
+	// codeEndpointPickerFailed answers for an InferencePool whose endpoint
+	// picker failed (failureMode FailClose).
+	codeEndpointPickerFailed = "endpoint_picker_failed"
 )
 
 type errorBody struct {

@@ -101,13 +101,6 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 	st := rb.Backend.Load()
 	x.model = st.Model
 	pool := st.Pool
-	if st.Refused != "" {
-		// Not a passing state like having no Ready endpoint: no
-		// Retry-After.
-		x.status = http.StatusServiceUnavailable
-		gatewayError(w, r, x.status, serverError, codeEndpointPickerUnsupported, st.Refused, 0)
-		return
-	}
 	if pool.Len() == 0 {
 		x.status = http.StatusServiceUnavailable
 		gatewayError(w, r, x.status, serverError, codeNoReadyEndpoints, st.Unavailable(rb.Backend.Key), h.opts.RetryAfter)
@@ -129,6 +122,15 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 	}
 	rule.RequestHeaders.Apply(t.header)
 	rb.RequestHeaders.Apply(t.header)
+	if st.EndpointPicker != "" {
+		t.poolName = rb.Backend.Key.Pool.String()
+		if !h.askPicker(w, r, &x, &t, st, &body) {
+			return
+		}
+		if t.picker != nil {
+			defer t.picker.Close()
+		}
+	}
 	br := h.balanceRequest(r, prefix)
 	h.forward(w, r, &x, &t, body, &br)
 }

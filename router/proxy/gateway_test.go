@@ -44,12 +44,12 @@ type gatewayFixture struct {
 
 const gatewayAddr = "gw:80"
 
-func newGatewayFixture(t *testing.T, services map[string][]backend, rules func(backends map[string]*route.Backend) map[string][]*route.Match) *gatewayFixture {
+func newGatewayFixture(t *testing.T, services map[string][]backend, rules func(backends map[string]*route.Backend) map[string][]*route.Match, opts ...option) *gatewayFixture {
 	t.Helper()
 	g := &gatewayFixture{}
-	g.fixture = newFixture(t, "unused", nil, func(o *Options) {
+	g.fixture = newFixture(t, "unused", nil, append([]option{func(o *Options) {
 		o.Gateways = func() *route.HTTPTable { return g.table }
-	})
+	}}, opts...)...)
 	var keys []route.BackendKey
 	for name, bs := range services {
 		k := types.NamespacedName{Namespace: "ns", Name: name}
@@ -286,41 +286,24 @@ func TestGatewayMatchesTheNormalisedPath(t *testing.T) {
 	}
 }
 
-// An InferencePool backend is balanced by the router, unless the pool's
-// endpoint picker must be asked (failureMode FailClose): that gets a 503
-// naming the picker, with no Retry-After, since waiting does not help.
+// An InferencePool backend without an endpoint picker is balanced by the
+// router over the pool's Ready endpoints.
 func TestGatewayInferencePools(t *testing.T) {
 	g := newGatewayFixture(t, nil, func(map[string]*route.Backend) map[string][]*route.Match { return nil })
 	up := echoUpstream(t, "pool-0")
-	var keys []route.BackendKey
-	for _, pool := range []*inferencepool.Pool{
-		{Key: types.NamespacedName{Namespace: "ns", Name: "open"}, EndpointPicker: "ns/epp:9002", FailOpen: true},
-		{Key: types.NamespacedName{Namespace: "ns", Name: "closed"}, EndpointPicker: "ns/epp:9002"},
-	} {
-		pool.Endpoints = []discovery.Endpoint{{Address: up.addr, Pod: types.NamespacedName{Namespace: "ns", Name: up.pod}, Ready: true}}
-		g.builder.PoolChanged(pool.Key, pool)
-		keys = append(keys, route.BackendKey{Pool: pool.Key})
-	}
-	backends := g.builder.SyncBackends(keys)
+	pool := &inferencepool.Pool{Key: types.NamespacedName{Namespace: "ns", Name: "pool"}, Endpoints: []discovery.Endpoint{
+		{Address: up.addr, Pod: types.NamespacedName{Namespace: "ns", Name: up.pod}, Ready: true},
+		{Address: deadAddr(t), Pod: types.NamespacedName{Namespace: "ns", Name: "not-ready"}},
+	}}
+	g.builder.PoolChanged(pool.Key, pool)
+	key := route.BackendKey{Pool: pool.Key}
 	l := &route.Listener{Gateway: types.NamespacedName{Namespace: "ns", Name: "gw"}, Name: "http", Port: 80, Scheme: "http"}
-	p := func(v string) route.PathMatch { return mustMatch(route.NewPathMatch(route.PathExact, v)) }
-	l.AddHost("", []*route.Match{
-		match(newRule(0, route.RuleBackend{Weight: 1, Backend: backends[keys[0]]}), p("/open")),
-		match(newRule(1, route.RuleBackend{Weight: 1, Backend: backends[keys[1]]}), p("/closed")),
-	})
+	l.AddHost("", []*route.Match{match(newRule(0, route.RuleBackend{Weight: 1, Backend: g.builder.SyncBackends([]route.BackendKey{key})[key]}),
+		mustMatch(route.NewPathMatch(route.PathPrefix, "/")))})
 	g.table = route.NewHTTPTable([]*route.Port{route.NewPort(gatewayAddr, false, []*route.Listener{l})})
-
-	if resp, data := g.do("POST", "h", "/open", "application/json", `{"model":"m"}`); resp.StatusCode != 200 || resp.Header.Get("X-Upstream") != "pool-0" {
-		t.Errorf("FailOpen pool: %d from %q: %s", resp.StatusCode, resp.Header.Get("X-Upstream"), data)
-	}
-	resp, data := g.do("POST", "h", "/closed", "application/json", `{"model":"m"}`)
-	var body errorBody
-	if err := json.Unmarshal([]byte(data), &body); err != nil {
-		t.Fatalf("FailClose pool: %d, not an OpenAI error: %s", resp.StatusCode, data)
-	}
-	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") != "" || resp.Header.Get("X-Upstream") != "" ||
-		body.Error.Code != codeEndpointPickerUnsupported || !strings.Contains(body.Error.Message, "Service ns/epp:9002") ||
-		!strings.Contains(body.Error.Message, "endpoint-picker protocol is not implemented yet") {
-		t.Errorf("FailClose pool: %d, Retry-After %q, upstream %q: %s", resp.StatusCode, resp.Header.Get("Retry-After"), resp.Header.Get("X-Upstream"), data)
+	for range 3 {
+		if resp, data := g.do("POST", "h", "/v1/completions", "application/json", `{"model":"m"}`); resp.StatusCode != 200 || resp.Header.Get("X-Upstream") != "pool-0" {
+			t.Errorf("%d from %q: %s", resp.StatusCode, resp.Header.Get("X-Upstream"), data)
+		}
 	}
 }

@@ -35,6 +35,7 @@ import (
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/hold"
 	"github.com/capstan-dev/capstan/router/metrics"
+	"github.com/capstan-dev/capstan/router/picker"
 	"github.com/capstan-dev/capstan/router/route"
 	"github.com/capstan-dev/capstan/router/upstream"
 )
@@ -117,6 +118,9 @@ type Options struct {
 	// Gateways gives the Gateway API routing table that GatewayHandler
 	// serves. Nil when the router does not serve Gateways.
 	Gateways func() *route.HTTPTable
+	// Picker asks the endpoint pickers of InferencePools; required with
+	// Gateways.
+	Picker *picker.Client
 }
 
 // Handler serves the OpenAI API by forwarding to model servers.
@@ -537,6 +541,13 @@ type target struct {
 	header http.Header
 	// responseHeaders modify the response headers sent to the client.
 	responseHeaders [2]*route.HeaderModifier
+	// picker, for an InferencePool whose endpoint picker answered, is the
+	// stream to it, and picked the Ready endpoints it chose that remain to
+	// be tried, in order, instead of the Selector's; poolName names the
+	// pool in metrics.
+	picker   *picker.Exchange
+	picked   []*balance.Endpoint
+	poolName string
 }
 
 func (h *Handler) tooLarge(w http.ResponseWriter, x *exchange) {
@@ -623,8 +634,14 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		e := t.first
 		t.first = nil
 		if e == nil {
-			e = h.opts.Selector.Select(pool, br)
-			if e == nil {
+			if t.picker != nil {
+				// The picker's endpoints, in its order, under the same
+				// retry rule.
+				if len(t.picked) == 0 {
+					break
+				}
+				e, t.picked = t.picked[0], t.picked[1:]
+			} else if e = h.opts.Selector.Select(pool, br); e == nil {
 				if why := pool.Why(br); why.Ejected > 0 && !br.IgnoreEjection {
 					// Every remaining endpoint is ejected: trust the
 					// EndpointSlice over our suspicion rather than fail
@@ -715,6 +732,9 @@ func (h *Handler) respond(w http.ResponseWriter, x *exchange, t *target, e *bala
 	copyHeader(dst, resp.Header)
 	for _, m := range t.responseHeaders {
 		m.Apply(dst)
+	}
+	if t.picker != nil {
+		h.served(x, t, e, resp.StatusCode, dst)
 	}
 	if e.Pod != "" {
 		dst["X-Capstan-Pod"] = []string{e.Pod}

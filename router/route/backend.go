@@ -59,10 +59,13 @@ type BackendState struct {
 	// its port or the InferencePool does not exist (yet), or the Service
 	// has no usable port.
 	Missing string
-	// Refused, when set, says why every request for the backend gets a
-	// 503 whatever its endpoints: an InferencePool whose endpoint picker
-	// must be asked (failureMode FailClose), which this router cannot do.
-	Refused string
+	// EndpointPicker, for an InferencePool with an endpointPickerRef, is
+	// the picker Service, "<namespace>/<name>:<port>", that each request
+	// asks which endpoints to use; FailOpen says whether the router's
+	// balancer picks when the picker fails (failureMode FailOpen) rather
+	// than the request failing.
+	EndpointPicker string
+	FailOpen       bool
 }
 
 // Name is Key as a string, "<namespace>/<service>:<port>" or
@@ -180,10 +183,7 @@ func (b *Builder) buildBackend(st *backendState) {
 			break
 		}
 		eps = pool.Endpoints
-		if pool.EndpointPicker != "" && !pool.FailOpen {
-			next.Refused = fmt.Sprintf("InferencePool %s must ask its endpoint picker, Service %s, which endpoint to use (failureMode FailClose), "+
-				"and the endpoint-picker protocol is not implemented yet by this version of capstan-router", k.Pool, pool.EndpointPicker)
-		}
+		next.EndpointPicker, next.FailOpen = pool.EndpointPicker, pool.FailOpen
 	case snap == nil:
 		next.Missing = fmt.Sprintf("Service %s not found", k.Service)
 	case snap.Problem != "":

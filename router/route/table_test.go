@@ -1,7 +1,6 @@
 package route
 
 import (
-	"strings"
 	"testing"
 	"time"
 
@@ -220,15 +219,15 @@ func TestBackendsFollowTheirPool(t *testing.T) {
 	// A Service with the pool's name is another backend.
 	b.ServiceChanged(key("llama"), &discovery.Service{Key: key("llama"), Port: "http", Ports: []discovery.Port{{Name: "http", Number: 8000}}})
 	st := got.Load()
-	if st.Pool.Len() != 1 || st.Pool.Endpoints()[0].Pod != "ns/p1" || st.Total != 3 || st.NotReady != 1 || st.Terminating != 1 || st.Refused != "" {
-		t.Errorf("pool backend: %d routable, total %d, not ready %d, terminating %d, refused %q", st.Pool.Len(), st.Total, st.NotReady, st.Terminating, st.Refused)
+	if st.Pool.Len() != 1 || st.Pool.Endpoints()[0].Pod != "ns/p1" || st.Total != 3 || st.NotReady != 1 || st.Terminating != 1 || st.EndpointPicker != "" {
+		t.Errorf("pool backend: %d routable, total %d, not ready %d, terminating %d, picker %q", st.Pool.Len(), st.Total, st.NotReady, st.Terminating, st.EndpointPicker)
 	}
 	if reg.Len() != 1 {
 		t.Errorf("%d hosts held, want the one routable endpoint's", reg.Len())
 	}
-	b.PoolChanged(key("llama"), &inferencepool.Pool{Key: key("llama"), Endpoints: eps[1:], EndpointPicker: "ns/epp:9002"})
-	if st := got.Load(); st.Pool.Len() != 0 || !strings.Contains(st.Refused, "Service ns/epp:9002") {
-		t.Errorf("FailClose pool: %d routable, refused %q", st.Pool.Len(), st.Refused)
+	b.PoolChanged(key("llama"), &inferencepool.Pool{Key: key("llama"), Endpoints: eps[1:], EndpointPicker: "ns/epp:9002", FailOpen: true})
+	if st := got.Load(); st.Pool.Len() != 0 || st.EndpointPicker != "ns/epp:9002" || !st.FailOpen {
+		t.Errorf("pool with a picker: %d routable, picker %q, fail open %v", st.Pool.Len(), st.EndpointPicker, st.FailOpen)
 	}
 	if msg := got.Load().Unavailable(k); msg != "backend InferencePool ns/llama has 0 ready of 2 endpoints: 1 not ready, 1 terminating" {
 		t.Errorf("Unavailable: %q", msg)

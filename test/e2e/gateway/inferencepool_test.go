@@ -44,8 +44,8 @@ func (c *podCounts) get() map[string]int {
 // model servers: only the pool's Ready, non-terminating pods get requests,
 // at once after a pod loses readiness or is deleted; the pool's status has
 // the Gateway as an accepted parent; a route to a missing pool says
-// BackendNotFound; and a pool whose endpoint picker must be asked gets
-// 503s naming the picker.
+// BackendNotFound; and a FailClose pool whose endpoint picker Service has
+// no Ready endpoint gets 503s naming the picker.
 func TestInferencePool(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
 	setup(t)
@@ -211,11 +211,12 @@ spec:
 		t.Errorf("the one routable pod got %d of 20 requests", got)
 	}
 
-	// The pool whose picker must be asked (failureMode FailClose by
-	// default) gets 503s that name the picker, and no pod sees them.
+	// The pool whose picker cannot be reached (its Service has no pod;
+	// failureMode FailClose by default) gets 503s that name the picker,
+	// and no pod sees them.
 	mark = counts.get()
 	res := send(ctx, "POST", addr, "picked.example.com", "/v1/completions", completion(0))
-	if res.status != http.StatusServiceUnavailable || !strings.Contains(res.body, "Service "+ns+"/epp:9002") || !strings.Contains(res.body, "not implemented yet") {
+	if res.status != http.StatusServiceUnavailable || !strings.Contains(res.body, "Service "+ns+"/epp:9002") || !strings.Contains(res.body, "unreachable") {
 		t.Errorf("a FailClose pool: %d %s", res.status, res.body)
 	}
 	if res := send(ctx, "POST", addr, "missing.example.com", "/v1/completions", completion(0)); res.status != http.StatusInternalServerError {
