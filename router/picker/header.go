@@ -43,6 +43,7 @@ func (m *HeaderMutation) Apply(h http.Header) {
 		}
 		k, v := http.CanonicalHeaderKey(k), headerValue(o.GetHeader())
 		action := o.GetAppendAction()
+		//lint:ignore SA1019 Envoy still honours the deprecated append flag over append_action, and a picker may set it.
 		if a := o.GetAppend(); a != nil {
 			action = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
 			if a.GetValue() {

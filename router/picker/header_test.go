@@ -13,6 +13,7 @@ func TestHeaderMutationApply(t *testing.T) {
 	set := func(k, v string, action corev3.HeaderValueOption_HeaderAppendAction, appendFlag *bool) *corev3.HeaderValueOption {
 		o := &corev3.HeaderValueOption{Header: &corev3.HeaderValue{Key: k, RawValue: []byte(v)}, AppendAction: action}
 		if appendFlag != nil {
+			//lint:ignore SA1019 the deprecated flag is what this case tests.
 			o.Append = wrapperspb.Bool(*appendFlag)
 		}
 		return o

@@ -177,7 +177,7 @@ func (c *Client) conn(ref string) (*grpc.ClientConn, error) {
 	}
 	svc := c.opts.Services(key)
 	if svc == nil {
-		return nil, fmt.Errorf("Service %s not found", key)
+		return nil, fmt.Errorf("no Service %s", key)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -195,7 +195,7 @@ func (c *Client) conn(ref string) (*grpc.ClientConn, error) {
 		}
 	}
 	if len(addrs) == 0 {
-		return nil, fmt.Errorf("Service %s has no Ready endpoint on port %d", key, port)
+		return nil, fmt.Errorf("no Ready endpoint of Service %s on port %d", key, port)
 	}
 	if cn == nil {
 		if len(c.conns) >= maxConns {
