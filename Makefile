@@ -40,10 +40,13 @@ help:
 demo:
 	hack/demo.sh $(DEMO_ARGS)
 
-## build: the three binaries, the fleet simulator and the local-cluster runner, into bin/
+## build: the three binaries, the fleet simulator, the local-cluster runner and
+## the Inference Extension's lightweight endpoint picker (lwepp, a go.mod tool
+## the e2e tests run), into bin/
 build:
 	$(GO) build -o $(BIN)/ ./plugins/cmd/... ./metricsadapter/cmd/... ./router/cmd/... \
-		./test/fleet/cmd/... ./test/cluster/cmd/... ./test/demo/cmd/...
+		./test/fleet/cmd/... ./test/cluster/cmd/... ./test/demo/cmd/... \
+		sigs.k8s.io/gateway-api-inference-extension/cmd/lwepp
 
 ## tools: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok (cached)
 tools:

@@ -84,7 +84,8 @@ func prepareBinaries(root string) error {
 	}
 	if os.Getenv("CAPSTAN_BIN_DIR") == "" {
 		bin := filepath.Join(root, "bin")
-		cmd := exec.Command("go", "build", "-o", bin+"/", "./plugins/cmd/...", "./metricsadapter/cmd/...", "./router/cmd/...")
+		cmd := exec.Command("go", "build", "-o", bin+"/", "./plugins/cmd/...", "./metricsadapter/cmd/...", "./router/cmd/...",
+			"sigs.k8s.io/gateway-api-inference-extension/cmd/lwepp")
 		cmd.Dir = root
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
@@ -96,7 +97,9 @@ func prepareBinaries(root string) error {
 }
 
 // Binary returns the path of one of Capstan's binaries (capstan-router,
-// capstan-metrics-adapter, capstan-scheduler) as built for this test run.
+// capstan-metrics-adapter, capstan-scheduler), or of lwepp (the Inference
+// Extension's lightweight endpoint picker, a go.mod tool), as built for this
+// test run.
 func Binary(name string) (string, error) {
 	dir := os.Getenv("CAPSTAN_BIN_DIR")
 	if dir == "" {

@@ -48,44 +48,12 @@ func (c *podCounts) get() map[string]int {
 // no Ready endpoint gets 503s naming the picker.
 func TestInferencePool(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
-	setup(t)
-	uninstall, err := components.InstallInferencePoolCRD(ctx, testCluster)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Registered before the router starts, so it runs after the router has
-	// stopped: the other tests' routers find no InferencePool API, as on a
-	// cluster without the CRD.
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		if err := uninstall(ctx); err != nil {
-			t.Errorf("uninstalling the InferencePool CRD: %v", err)
-		}
-	})
-	pools, err := inferenceclient.NewForConfig(testCluster.RESTConfig)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pools := installInferencePools(t, ctx)
 	ns := namespace(t, ctx, "pools")
 	counts := &podCounts{n: map[string]int{}}
 	simulate(t, ctx, ns, counts.add)
 
-	// Bare pods, so that no ReplicaSet replaces the one the test deletes.
-	// A deleted pod stays Terminating (and answering) for a minute: a
-	// request it got would be served, and counted.
-	template := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama-3-8b",
-		Annotations: map[string]string{"sim.capstan.dev/terminate-after": "60s"}}.Deployment().Spec.Template
-	for i := range 3 {
-		pod := &corev1.Pod{ObjectMeta: *template.ObjectMeta.DeepCopy(), Spec: *template.Spec.DeepCopy()}
-		pod.Namespace, pod.Name = ns, fmt.Sprintf("llama-%d", i)
-		if _, err := testCluster.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := testCluster.WaitForReadyPods(ctx, ns, "app=llama", 3, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
+	modelPods(t, ctx, ns, 3)
 	apply(t, ctx, ns, httpGateway(ns, "inference")+`
 ---
 apiVersion: inference.networking.k8s.io/v1
@@ -225,6 +193,54 @@ spec:
 	if after := counts.get(); after["llama-2"] != mark["llama-2"] {
 		t.Errorf("requests for a FailClose pool or a missing one reached a pod")
 	}
+}
+
+// installInferencePools installs the InferencePool CRD for the test and
+// returns a client for pools. Call it before starting a router: the CRD
+// is removed when the test ends, after the router has stopped, so that the
+// other tests' routers find no InferencePool API, as on a cluster without
+// the CRD.
+func installInferencePools(t *testing.T, ctx context.Context) inferenceclient.Interface {
+	t.Helper()
+	setup(t)
+	uninstall, err := components.InstallInferencePoolCRD(ctx, testCluster)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := uninstall(ctx); err != nil {
+			t.Errorf("uninstalling the InferencePool CRD: %v", err)
+		}
+	})
+	pools, err := inferenceclient.NewForConfig(testCluster.RESTConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pools
+}
+
+// modelPods creates n bare model-server pods llama-0… with the label
+// app=llama (no ReplicaSet replaces one a test deletes) and waits until
+// they are Ready. A deleted pod stays Terminating, and answering, for a
+// minute: a request it got would be served, and counted.
+func modelPods(t *testing.T, ctx context.Context, ns string, n int) []corev1.Pod {
+	t.Helper()
+	template := cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama-3-8b",
+		Annotations: map[string]string{"sim.capstan.dev/terminate-after": "60s"}}.Deployment().Spec.Template
+	for i := range n {
+		pod := &corev1.Pod{ObjectMeta: *template.ObjectMeta.DeepCopy(), Spec: *template.Spec.DeepCopy()}
+		pod.Namespace, pod.Name = ns, fmt.Sprintf("llama-%d", i)
+		if _, err := testCluster.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pods, err := testCluster.WaitForReadyPods(ctx, ns, "app=llama", n, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pods
 }
 
 // wantPoolParent waits until a pool's status has the router's parent entry
