@@ -22,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/wait"
 	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
 	"sigs.k8s.io/kustomize/api/krusty"
@@ -350,25 +351,33 @@ func TestGatewayScopedSecretsComponent(t *testing.T) {
 		t.Fatal(err)
 	}
 	user := "system:serviceaccount:" + components.Namespace + ":capstan-router"
-	for _, check := range []struct {
-		namespace, verb string
-		allowed         bool
-	}{
-		{"capstan-gateway-certs", "get", true},
-		{"capstan-gateway-certs", "watch", true},
-		{"default", "get", false},
-		{components.Namespace, "list", false},
-		{"", "list", false}, // cluster-wide
-	} {
+	allowed := func(namespace, verb string) bool {
 		review, err := testCluster.Client.AuthorizationV1().SubjectAccessReviews().Create(ctx, &authorizationv1.SubjectAccessReview{
 			Spec: authorizationv1.SubjectAccessReviewSpec{User: user, Groups: []string{"system:serviceaccounts"},
-				ResourceAttributes: &authorizationv1.ResourceAttributes{Namespace: check.namespace, Resource: "secrets", Verb: check.verb}},
+				ResourceAttributes: &authorizationv1.ResourceAttributes{Namespace: namespace, Resource: "secrets", Verb: verb}},
 		}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if review.Status.Allowed != check.allowed {
-			t.Errorf("%s secrets in namespace %q: allowed=%v, want %v", check.verb, check.namespace, review.Status.Allowed, check.allowed)
+		return review.Status.Allowed
+	}
+	// The API server's RBAC authorizer sees new Roles and RoleBindings
+	// through its own informers, a moment after they were applied: the
+	// grants are awaited, and only then are the refusals checked, once.
+	for _, verb := range []string{"get", "watch"} {
+		if err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+			return allowed("capstan-gateway-certs", verb), nil
+		}); err != nil {
+			t.Errorf("%s secrets in namespace %q: still not allowed: %v", verb, "capstan-gateway-certs", err)
+		}
+	}
+	for _, check := range []struct{ namespace, verb string }{
+		{"default", "get"},
+		{components.Namespace, "list"},
+		{"", "list"}, // cluster-wide
+	} {
+		if allowed(check.namespace, check.verb) {
+			t.Errorf("%s secrets in namespace %q: allowed, want refused", check.verb, check.namespace)
 		}
 	}
 }
