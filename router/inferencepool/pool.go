@@ -112,7 +112,9 @@ func Build(pool *inferencev1.InferencePool, pods []*corev1.Pod) *Pool {
 // and what makes its endpoints (labels, deletionTimestamp, IP, the Ready
 // condition). Pools select pods by any label, so the informer caches every
 // pod of the watched namespaces; the rest of each pod would be most of the
-// cache.
+// cache. It keeps less than targets.Slim, the model-server pods' transform:
+// not annotations (an applied manifest's copy can be kilobytes on any pod)
+// nor containers.
 func Slim(obj any) (any, error) {
 	pod, ok := obj.(*corev1.Pod)
 	if !ok {
