@@ -99,7 +99,9 @@ func TestSmoke(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		scale.Spec.Replicas = 1
+		// Unconditional: the Deployment controller may write the Deployment
+		// between the read and this update, which is no conflict for a scale.
+		scale.Spec.Replicas, scale.ResourceVersion = 1, ""
 		if _, err := c.Client.AppsV1().Deployments(ns).UpdateScale(ctx, "llama", scale, metav1.UpdateOptions{}); err != nil {
 			t.Fatal(err)
 		}
