@@ -75,6 +75,7 @@ func TestScaleFromZero(t *testing.T) {
 	waitReplicas(ctx, t, ns, 0, "the HPA to scale the idle model to zero")
 	waitScaledToZero(ctx, t, ns)
 	waitNoPods(ctx, t, ns)
+	waitRoutersSeeNoReplica(ctx, t, routers)
 
 	// 50 requests at once, to a model with no replica.
 	const n = 50
@@ -149,6 +150,7 @@ func TestScaleFromZero(t *testing.T) {
 	waitReplicas(ctx, t, ns, 0, "the HPA to scale the model back to zero")
 	waitScaledToZero(ctx, t, ns)
 	waitNoPods(ctx, t, ns)
+	waitRoutersSeeNoReplica(ctx, t, routers)
 	heldCtx, leave := context.WithCancel(ctx)
 	defer leave()
 	answered := make(chan string, 1)
@@ -301,8 +303,24 @@ func post(ctx context.Context, url, model string) outcome {
 // modelInfo is what GET /v1/models/{model} says of a model with no Ready
 // endpoint.
 type modelInfo struct {
-	Held     int    `json:"held"`
-	Replicas string `json:"replicas"`
+	Held      int    `json:"held"`
+	Replicas  string `json:"replicas"`
+	Endpoints struct {
+		Ready int `json:"ready"`
+	} `json:"endpoints"`
+}
+
+// waitRoutersSeeNoReplica waits for each router to see no Ready endpoint of
+// llama. The pods are gone from the API before the EndpointSlice controller
+// and the routers' informers catch up; a request sent in between goes to
+// the last pod's address and is refused (502), rightly.
+func waitRoutersSeeNoReplica(ctx context.Context, t *testing.T, routers []*components.Component) {
+	t.Helper()
+	for _, r := range routers {
+		waitModel(ctx, t, r.URL, "llama", "the router to see no Ready endpoint of llama", func(m modelInfo) bool {
+			return m.Endpoints.Ready == 0
+		})
+	}
 }
 
 // waitModel polls GET /v1/models/{model} until done says yes.

@@ -160,7 +160,7 @@ func TestFailover(t *testing.T) {
 	}
 	for _, pods := range p.bound {
 		for _, pod := range pods {
-			if bound := boundLine(ns, pod.Name); !leader.logContains(t, bound) || standby.logContains(t, bound) {
+			if bound := boundLine(ns, pod.Name); !leader.logShows(ctx, t, bound) || standby.logContains(t, bound) {
 				t.Errorf("pod %s was not bound by the leader %s alone", pod.Name, leader.name)
 			}
 		}
@@ -213,7 +213,7 @@ func TestFailover(t *testing.T) {
 	}
 	t.Logf("after SIGKILL of the leader: the standby took the lease after %v and bound a new replica after %v (lease duration %v, retry period %v)",
 		tookLease.Round(time.Millisecond), bound.Round(time.Millisecond), failoverLease, failoverRetry)
-	if !standby.logContains(t, leaseAcquiredIn) || !standby.logContains(t, boundLine(ns, "after-0")) {
+	if !standby.logContains(t, leaseAcquiredIn) || !standby.logShows(ctx, t, boundLine(ns, "after-0")) {
 		t.Errorf("after-0 was not bound by the former standby %s", standby.name)
 	}
 
@@ -355,6 +355,16 @@ func (s *failoverScheduler) kill() time.Time {
 	at := time.Now()
 	s.Kill()
 	return at
+}
+
+// logShows waits a little for text in s's log: the scheduler logs a binding
+// after the API server has it, so the test may see the pod bound first.
+func (s *failoverScheduler) logShows(ctx context.Context, t *testing.T, text string) bool {
+	t.Helper()
+	err := testCluster.WaitFor(ctx, 5*time.Second, fmt.Sprintf("%q in %s's log", text, s.name), func(context.Context) (bool, error) {
+		return s.logContains(t, text), nil
+	})
+	return err == nil
 }
 
 func (s *failoverScheduler) logContains(t *testing.T, text string) bool {
