@@ -53,9 +53,9 @@ func (s *podServer) serveModels(w http.ResponseWriter, _ *http.Request) {
 	data := []map[string]any{{
 		"id": s.model, "object": "model", "created": s.created.Unix(), "owned_by": "capstan-fleet", "root": s.model, "parent": nil,
 	}}
-	for _, a := range s.adapters {
+	for _, a := range s.loras.list() {
 		data = append(data, map[string]any{
-			"id": a, "object": "model", "created": s.created.Unix(), "owned_by": "capstan-fleet", "root": "/adapters/" + a, "parent": s.model,
+			"id": a.name, "object": "model", "created": s.created.Unix(), "owned_by": "capstan-fleet", "root": a.path, "parent": s.model,
 		})
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data})
@@ -89,7 +89,7 @@ func (s *podServer) serveInference(w http.ResponseWriter, r *http.Request, kind 
 		writeError(w, http.StatusBadRequest, "invalid JSON body: "+err.Error(), "BadRequestError")
 		return
 	}
-	if req.Model != s.model && !s.hasAdapter(req.Model) {
+	if req.Model != s.model && !s.loras.has(req.Model) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("The model `%s` does not exist.", req.Model), "NotFoundError")
 		return
 	}

@@ -84,6 +84,7 @@ type params struct {
 	faultDelay   time.Duration
 	faultSeries  int
 	faultBuckets int
+	loraLoadTime time.Duration
 }
 
 func paramsFor(pod *corev1.Pod, d Options) params {
@@ -96,6 +97,7 @@ func paramsFor(pod *corev1.Pod, d Options) params {
 		faultDelay:   durationOr(a[FaultDelayAnnotation], 2*time.Second),
 		faultSeries:  intOr(a[FaultSeriesAnnotation], 1_000_000),
 		faultBuckets: intOr(a[FaultBucketsAnnotation], 10_000),
+		loraLoadTime: durationOr(a[LoRALoadTimeAnnotation], 0),
 	}
 	for _, f := range strings.Split(a[FaultAnnotation], ",") {
 		if f = strings.TrimSpace(f); f != "" {

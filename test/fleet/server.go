@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -57,11 +56,11 @@ type podServer struct {
 	preStop *time.Timer
 
 	// paged, when set, is the vLLM-like engine that serves the requests
-	// (SchedulerAnnotation); adapters are its LoRA adapters and scale its
-	// time scale.
-	paged    *pagedEngine
-	adapters []string
-	scale    float64
+	// (SchedulerAnnotation) and scale its time scale.
+	paged *pagedEngine
+	scale float64
+	// loras are the LoRA adapters the engine serves.
+	loras *loras
 }
 
 func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger klog.Logger) *podServer {
@@ -86,12 +85,14 @@ func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger kl
 	s.engine = newEngine(p.maxRunning)
 	var st load = s.engine
 	s.scale = 1
+	var adapters []string
 	if pod.Annotations[SchedulerAnnotation] == "vllm" {
 		var cfg paged.Config
-		cfg, s.scale, s.adapters = pagedConfig(pod)
+		cfg, s.scale, adapters = pagedConfig(pod)
 		s.paged = newPagedEngine(cfg, s.scale)
 		st = s.paged
 	}
+	s.loras = newLoRAs(adapters)
 	reg := prometheus.NewRegistry()
 	s.exp = newExporter(engineKind, pod.Annotations[EngineVersionAnnotation] == "legacy", s.model, st, reg)
 	s.metrics = promhttp.HandlerFor(reg, promhttp.HandlerOpts{EnableOpenMetrics: true})
@@ -105,7 +106,7 @@ func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger kl
 		s.ports = echoPorts
 		handler = s.echoHandler()
 	} else {
-		handler = s.engineHandler(metricsPath)
+		handler = s.engineHandler(metricsPath, runtimeLoRAUpdating(pod))
 	}
 	s.srv = &http.Server{
 		Handler:           s.observe(handler),
@@ -114,8 +115,9 @@ func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger kl
 	return s
 }
 
-// engineHandler routes a model server's endpoints.
-func (s *podServer) engineHandler(metricsPath string) http.Handler {
+// engineHandler routes a model server's endpoints, with vLLM's run-time
+// adapter loading when loraUpdating.
+func (s *podServer) engineHandler(metricsPath string, loraUpdating bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", s.serveHealth)
 	mux.HandleFunc("GET /v2/health/ready", s.serveHealth) // Triton's readiness path
@@ -124,6 +126,10 @@ func (s *podServer) engineHandler(metricsPath string) http.Handler {
 	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, completions) })
 	mux.HandleFunc("/v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, chatCompletions) })
 	mux.HandleFunc("/v1/embeddings", func(w http.ResponseWriter, r *http.Request) { s.serveInference(w, r, embeddings) })
+	if loraUpdating {
+		mux.HandleFunc("POST /v1/load_lora_adapter", s.serveLoadLoRA)
+		mux.HandleFunc("POST /v1/unload_lora_adapter", s.serveUnloadLoRA)
+	}
 	return mux
 }
 
@@ -178,8 +184,6 @@ func (s *podServer) observe(next http.Handler) http.Handler {
 }
 
 func (s *podServer) params() params { return paramsFor(s.pod.Load(), s.opts) }
-
-func (s *podServer) hasAdapter(name string) bool { return slices.Contains(s.adapters, name) }
 
 // scaled turns a request's wall-clock durations into the modelled engine's.
 func (s *podServer) scaled(f finished) finished {
