@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -24,17 +23,12 @@ func vllmPod(extra map[string]string) map[string]string {
 
 func post(t *testing.T, url, path, body string) (int, map[string]any) {
 	t.Helper()
-	resp, err := http.Post(url+path, "application/json", strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(resp.Body)
+	code, data := postText(t, url, path, body)
 	var out map[string]any
-	if err := json.Unmarshal(data, &out); err != nil {
+	if err := json.Unmarshal([]byte(data), &out); err != nil {
 		t.Fatalf("%s: %v: %s", path, err, data)
 	}
-	return resp.StatusCode, out
+	return code, out
 }
 
 // With the vLLM-like engine model, a second chat turn that repeats the
