@@ -580,8 +580,18 @@ func TestOneKeptAliveConnectionPerTarget(t *testing.T) {
 			defer rec.mu.Unlock()
 			return rec.observed[target.Key] >= 5
 		})
-		if n := srv.conns.Load(); n != 1 {
-			t.Errorf("gzip=%v: %d scrapes opened %d connections, want 1", gz, srv.requests.Load(), n)
+		// A scrape that fails (its 50ms timeout can pass on a loaded
+		// machine) closes its connection; every other one reuses it.
+		// Without failures that is exactly one connection.
+		var failed int64
+		st := s.state(target.Key)
+		for r := range numResults {
+			if r != Success {
+				failed += st.scrapes[r].Load()
+			}
+		}
+		if n := srv.conns.Load(); n < 1 || n > 1+failed {
+			t.Errorf("gzip=%v: %d scrapes, %d of them failed, opened %d connections, want 1 to %d", gz, srv.requests.Load(), failed, n, 1+failed)
 		}
 	}
 }
