@@ -34,6 +34,7 @@ import (
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/hold"
 	"github.com/capstan-dev/capstan/router/inferencepool"
+	"github.com/capstan-dev/capstan/router/lora"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/picker"
 	"github.com/capstan-dev/capstan/router/proxy"
@@ -56,7 +57,9 @@ type Router struct {
 	listeners *server.Listeners
 	// engineLoad is nil unless the balancer is load-aware.
 	engineLoad *engineLoadFeed
-	handler    *proxy.Handler
+	// loras is nil when adapter routing is off.
+	loras   *lora.Poller
+	handler *proxy.Handler
 	// server serves the API and nothing else; admin serves health,
 	// metrics and profiles on an address of their own.
 	server   *server.Server
@@ -175,6 +178,10 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		if r.engineLoad, err = newEngineLoadFeed(logger, r.pods.PodInformers(), o, routes, reg); err != nil {
 			return nil, fmt.Errorf("%s balancing: %w", o.Balancer, err)
 		}
+	}
+	if o.LoRAPollInterval > 0 {
+		r.loras = lora.New(lora.Options{Interval: o.LoRAPollInterval, Timeout: o.LoRAPollInterval / 2,
+			Endpoints: func() []string { return routes.Table().Addresses() }, Reporter: routes, UserAgent: userAgent})
 	}
 	r.server = o.newServer()
 	r.server.Handler, r.server.Logger = r.handler, logger.WithName("server")
@@ -308,6 +315,9 @@ func (r *Router) Run(ctx context.Context) error {
 	}
 	if r.engineLoad != nil {
 		g.Go(func() error { return r.engineLoad.Run(klog.NewContext(gctx, logger.WithName("engine-load"))) })
+	}
+	if r.loras != nil {
+		g.Go(func() error { r.loras.Run(klog.NewContext(gctx, logger.WithName("lora"))); return nil })
 	}
 	g.Go(func() error { r.handler.Run(gctx); return nil })
 	g.Go(func() error {

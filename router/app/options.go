@@ -122,6 +122,11 @@ type Options struct {
 	// ScrapeInterval and ScrapeTimeout drive the load-aware balancer's
 	// metrics scraping. Defaults 1s and 500ms.
 	ScrapeInterval, ScrapeTimeout time.Duration
+	// LoRAPollInterval is how often every Ready model endpoint is asked
+	// which LoRA adapters it has loaded (GET /v1/models), so that
+	// requests naming an adapter go to the endpoints that have it; 0
+	// turns adapter routing off. Default 5s.
+	LoRAPollInterval time.Duration
 	// MaxIdleConnsPerEndpoint is the keep-alive pool per endpoint.
 	// Default 256.
 	MaxIdleConnsPerEndpoint int
@@ -213,6 +218,7 @@ func NewOptions() *Options {
 		PrefixCacheBlocksPerEndpoint: balance.DefaultBlocksPerEndpoint,
 		ScrapeInterval:               time.Second,
 		ScrapeTimeout:                500 * time.Millisecond,
+		LoRAPollInterval:             5 * time.Second,
 		MaxIdleConnsPerEndpoint:      256,
 		ShutdownDelay:                5 * time.Second,
 		ShutdownTimeout:              60 * time.Second,
@@ -291,6 +297,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.PrefixCacheBlocksPerEndpoint, "prefix-cache-blocks-per-endpoint", o.PrefixCacheBlocksPerEndpoint, fmt.Sprintf("Prompt blocks (%d bytes each) the prefix-cache balancer remembers per endpoint.", balance.PromptBlockBytes))
 	fs.DurationVar(&o.ScrapeInterval, "scrape-interval", o.ScrapeInterval, "How often the load-aware balancer scrapes each Ready pod's metrics.")
 	fs.DurationVar(&o.ScrapeTimeout, "scrape-timeout", o.ScrapeTimeout, "Time allowed for one metrics scrape.")
+	fs.DurationVar(&o.LoRAPollInterval, "lora-poll-interval", o.LoRAPollInterval,
+		"How often every Ready model endpoint is asked which LoRA adapters it has loaded (GET /v1/models), so that a request naming an adapter goes to the endpoints that have it; each answer gets half of it. 0 turns adapter routing off.")
 	fs.IntVar(&o.MaxIdleConnsPerEndpoint, "max-idle-conns-per-endpoint", o.MaxIdleConnsPerEndpoint, "Idle keep-alive connections kept to each endpoint.")
 	fs.DurationVar(&o.ShutdownDelay, "shutdown-delay", o.ShutdownDelay, "On SIGTERM, keep serving this long while /readyz fails, so the router leaves its Service's endpoints before it stops accepting connections.")
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "Then wait at most this long for in-flight requests (streams included) to finish.")
@@ -355,6 +363,9 @@ func (o *Options) Validate() error {
 	}
 	if o.ScrapeTimeout >= o.ScrapeInterval {
 		errs = append(errs, field.Invalid(field.NewPath("scrape-timeout"), o.ScrapeTimeout.String(), "must be shorter than --scrape-interval"))
+	}
+	if o.LoRAPollInterval < 0 {
+		errs = append(errs, field.Invalid(field.NewPath("lora-poll-interval"), o.LoRAPollInterval.String(), "must not be negative"))
 	}
 	if o.EjectionBase < 0 {
 		errs = append(errs, field.Invalid(field.NewPath("ejection-base"), o.EjectionBase.String(), "must not be negative"))

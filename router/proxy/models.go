@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -28,6 +29,12 @@ type modelObject struct {
 	// says, while it has no ready endpoint, what its pods are doing.
 	Held     int    `json:"held,omitempty"`
 	Replicas string `json:"replicas,omitempty"`
+	// Parent is a LoRA adapter's base model, as vLLM names it; LoadedOn
+	// the pods whose engines report the adapter loaded; Problems why it
+	// is not served.
+	Parent   string   `json:"parent,omitempty"`
+	LoadedOn []string `json:"loaded_on,omitempty"`
+	Problems []string `json:"problems,omitempty"`
 }
 
 type refusedClaim struct {
@@ -57,6 +64,12 @@ func (h *Handler) toObject(m *route.Model) modelObject {
 	if m.Ready == 0 {
 		o.Replicas, _ = h.replicas(m)
 	}
+	if m.Base != "" {
+		o.Parent, o.Problems = m.Base, m.Problems
+		for _, e := range m.Pool.Endpoints() {
+			o.LoadedOn = append(o.LoadedOn, cmp.Or(e.Pod, e.Address))
+		}
+	}
 	return o
 }
 
@@ -80,6 +93,9 @@ func (h *Handler) serveModels(w http.ResponseWriter, r *http.Request, x *exchang
 			Data   []modelObject `json:"data"`
 		}{Object: "list", Data: []modelObject{}}
 		for _, m := range table.Models() {
+			list.Data = append(list.Data, h.toObject(m))
+		}
+		for _, m := range table.Adapters() {
 			list.Data = append(list.Data, h.toObject(m))
 		}
 		v = list

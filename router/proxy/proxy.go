@@ -18,6 +18,7 @@ package proxy
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -366,18 +367,23 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 			"model %q is not served here: no Service labelled capstan.dev/model=%s in the namespaces the router watches", echoed(req.Model), echoed(req.Model)), 0)
 		return
 	}
-	x.model = m.Name
+	// An adapter counts as its base model: in metrics (its name comes from
+	// the pods, so it would grow their label sets without bound), and in
+	// the model's in-flight count, which its requests free for the model's
+	// held ones.
+	x.model = cmp.Or(m.Base, m.Name)
 	br := h.balanceRequest(r, req.Prefix)
-	t := target{kind: "model", name: m.Name, model: m.Name, pool: m.Pool,
+	t := target{kind: "model", name: m.Name, model: x.model, pool: m.Pool,
 		path: r.URL.Path, rawPath: r.URL.RawPath, header: h.outboundHeader(r, x.idField)}
 	// A model without a Ready endpoint holds the request, unless it is off,
-	// and so does one with earlier requests still held, which go first.
+	// and so does one with earlier requests still held, which go first. An
+	// adapter is never held: it is known only while endpoints report it.
 	var why string
 	off := false
 	if m.Pool.Len() == 0 {
 		why, off = h.unavailable(m)
 	}
-	if hs := h.opts.Holds; hs != nil && !off && (m.Pool.Len() == 0 || hs.Holding() && hs.Len(m.Name) > 0) {
+	if hs := h.opts.Holds; hs != nil && !off && m.Base == "" && (m.Pool.Len() == 0 || hs.Holding() && hs.Len(m.Name) > 0) {
 		if !h.hold(w, r, x, &t, &br) {
 			return
 		}
@@ -484,7 +490,7 @@ func (h *Handler) unavailable(m *route.Model) (why string, off bool) {
 // replicas says what the pods of m are doing, "" when the router does not
 // watch them.
 func (h *Handler) replicas(m *route.Model) (what string, off bool) {
-	if h.opts.Replicas == nil || m.Owner == "" {
+	if h.opts.Replicas == nil || m.Owner == "" || m.Base != "" {
 		return "", false
 	}
 	return h.opts.Replicas(m.Name, append([]string{m.Owner}, m.SharedWith...))

@@ -30,6 +30,9 @@ import (
 // rest of its endpoints are not routable.
 type Model struct {
 	Name string
+	// Base, for a LoRA adapter, is the model whose endpoints have it
+	// loaded; "" for a model.
+	Base string
 	// Pool holds the Ready, non-terminating endpoints of all the model's
 	// Services, one per address.
 	Pool *balance.Pool
@@ -52,6 +55,11 @@ type Model struct {
 
 // Unavailable explains why the model has no Ready endpoint, for a 503.
 func (m *Model) Unavailable() string {
+	if m.Base != "" {
+		// An adapter is listed without endpoints only when it cannot be
+		// served at all.
+		return strings.Join(m.Problems, ", ")
+	}
 	msg := fmt.Sprintf("model %s has 0 ready of %d endpoints", m.Name, m.Total)
 	var why []string
 	if m.NotReady > 0 {
@@ -75,17 +83,30 @@ func joinKeys(keys []types.NamespacedName) string {
 	return strings.Join(s, ", ")
 }
 
-// Table is an immutable snapshot of every model. Lookups take no lock.
+// Table is an immutable snapshot of every model and LoRA adapter. Lookups
+// take no lock.
 type Table struct {
 	models map[string]*Model
 	sorted []*Model
+	// adapters are served from the endpoints of their base model that
+	// report them loaded; a model's own name is never an adapter's.
+	adapters       map[string]*Model
+	sortedAdapters []*Model
 }
 
-// Lookup returns a model, or nil when no Service serves it.
-func (t *Table) Lookup(name string) *Model { return t.models[name] }
+// Lookup returns a model or an adapter, or nil when nothing serves it.
+func (t *Table) Lookup(name string) *Model {
+	if m := t.models[name]; m != nil {
+		return m
+	}
+	return t.adapters[name]
+}
 
 // Models returns every model, sorted by name.
 func (t *Table) Models() []*Model { return t.sorted }
+
+// Adapters returns every LoRA adapter, sorted by name.
+func (t *Table) Adapters() []*Model { return t.sortedAdapters }
 
 // Options configures how pools are built.
 type Options struct {
@@ -123,6 +144,8 @@ type Builder struct {
 	// pools are the latest snapshot of every InferencePool, for the
 	// backends that name one.
 	pools map[types.NamespacedName]*inferencepool.Pool
+	// loaded are the LoRA adapters each endpoint address reports loaded.
+	loaded map[string][]string
 }
 
 type serviceState struct {
@@ -144,7 +167,7 @@ var (
 func NewBuilder(hosts *health.Registry, opts Options) *Builder {
 	b := &Builder{hosts: hosts, opts: opts, services: map[types.NamespacedName]*serviceState{}, inflight: map[string]*atomic.Int64{},
 		snapshots: map[types.NamespacedName]*discovery.Service{}, backends: map[BackendKey]*backendState{},
-		pools: map[types.NamespacedName]*inferencepool.Pool{}}
+		pools: map[types.NamespacedName]*inferencepool.Pool{}, loaded: map[string][]string{}}
 	b.table.Store(&Table{models: map[string]*Model{}})
 	return b
 }
@@ -207,6 +230,7 @@ func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Servic
 		next.sorted = append(next.sorted, m)
 	}
 	slices.SortFunc(next.sorted, func(a, b *Model) int { return cmp.Compare(a.Name, b.Name) })
+	b.addAdapters(next)
 	b.table.Store(next)
 	if b.opts.ModelChanged != nil {
 		for name := range affected {
@@ -291,4 +315,92 @@ func (b *Builder) buildModel(name string) *Model {
 		m.Pool.Ring()
 	}
 	return m
+}
+
+// AdaptersChanged takes the LoRA adapters an endpoint address reports
+// loaded (none: nil) and publishes a table whose adapters follow.
+func (b *Builder) AdaptersChanged(address string, adapters []string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(adapters) == 0 {
+		delete(b.loaded, address)
+	} else {
+		b.loaded[address] = adapters
+	}
+	current := b.table.Load()
+	next := &Table{models: current.models, sorted: current.sorted}
+	b.addAdapters(next)
+	b.table.Store(next)
+}
+
+// addAdapters gives t an entry for every adapter that a Ready endpoint of
+// a model reports, whose pool is exactly the endpoints of that model that
+// report it, sharing the model's hosts and its in-flight count and limit.
+// An adapter reported by endpoints of two models is served by neither (a
+// name tenants' pods report must not send one tenant's request to
+// another's model); one named like a model is that model.
+func (b *Builder) addAdapters(t *Table) {
+	t.adapters, t.sortedAdapters = map[string]*Model{}, nil
+	if len(b.loaded) == 0 {
+		return
+	}
+	type found struct {
+		base   *Model
+		eps    []balance.Endpoint
+		others []string // other models whose endpoints report it
+	}
+	byName := map[string]*found{}
+	for _, m := range t.sorted {
+		for _, e := range m.Pool.Endpoints() {
+			for _, name := range b.loaded[e.Address] {
+				f := byName[name]
+				if f == nil {
+					f = &found{base: m}
+					byName[name] = f
+				}
+				if f.base != m {
+					if !slices.Contains(f.others, m.Name) {
+						f.others = append(f.others, m.Name)
+					}
+					continue
+				}
+				f.eps = append(f.eps, e)
+			}
+		}
+	}
+	for name, f := range byName {
+		if t.models[name] != nil {
+			continue
+		}
+		base := f.base
+		a := &Model{Name: name, Base: base.Name, Owner: base.Owner, SharedWith: base.SharedWith, Services: base.Services}
+		eps := f.eps
+		if len(f.others) > 0 {
+			eps = nil
+			a.Problems = []string{fmt.Sprintf("LoRA adapter %s is loaded on endpoints of models %s and %s, so neither serves it",
+				name, base.Name, strings.Join(f.others, ", "))}
+		}
+		a.Ready, a.Total = len(eps), len(eps)
+		a.Pool = balance.NewPool(eps, balance.PoolOptions{MaxPerEndpoint: b.opts.MaxPerEndpoint, MaxInFlight: b.opts.MaxPerModel,
+			InFlight: b.inflight[base.Name]})
+		if b.opts.BuildRing {
+			a.Pool.Ring()
+		}
+		t.adapters[name] = a
+		t.sortedAdapters = append(t.sortedAdapters, a)
+	}
+	slices.SortFunc(t.sortedAdapters, func(a, b *Model) int { return cmp.Compare(a.Name, b.Name) })
+}
+
+// Addresses returns the address of every Ready endpoint of every model: the
+// endpoints asked which adapters they have loaded.
+func (t *Table) Addresses() []string {
+	var addrs []string
+	for _, m := range t.sorted {
+		for _, e := range m.Pool.Endpoints() {
+			addrs = append(addrs, e.Address)
+		}
+	}
+	slices.Sort(addrs)
+	return slices.Compact(addrs)
 }

@@ -30,6 +30,8 @@ type ModelServer struct {
 	Labels        map[string]string
 	SchedulerName string
 	NodeSelector  map[string]string
+	// Env is the engine container's environment.
+	Env []corev1.EnvVar
 	// PreStopSleepSeconds, if set, is the engine container's preStop sleep:
 	// how long a deleted pod keeps serving while routers learn it is leaving.
 	PreStopSleepSeconds int64
@@ -65,6 +67,7 @@ func (m ModelServer) Deployment() *appsv1.Deployment {
 						Name:      "engine",
 						Image:     "capstan.dev/simulated-" + string(engine) + ":latest",
 						Ports:     []corev1.ContainerPort{{Name: "http", ContainerPort: modelserver.DefaultPort}},
+						Env:       m.Env,
 						Lifecycle: lifecycle,
 					}},
 				},
