@@ -575,23 +575,17 @@ func TestOneKeptAliveConnectionPerTarget(t *testing.T) {
 		target := srv.target("p", modelserver.VLLM)
 		s.Upsert(target)
 		run(t, s)
-		waitFor(t, 5*time.Second, "five samples", func() bool {
+		waitFor(t, 5*time.Second, "nine samples", func() bool {
 			rec.mu.Lock()
 			defer rec.mu.Unlock()
-			return rec.observed[target.Key] >= 5
+			return rec.observed[target.Key] >= 9
 		})
-		// A scrape that fails (its 50ms timeout can pass on a loaded
-		// machine) closes its connection; every other one reuses it.
-		// Without failures that is exactly one connection.
-		var failed int64
-		st := s.state(target.Key)
-		for r := range numResults {
-			if r != Success {
-				failed += st.scrapes[r].Load()
-			}
-		}
-		if n := srv.conns.Load(); n < 1 || n > 1+failed {
-			t.Errorf("gzip=%v: %d scrapes, %d of them failed, opened %d connections, want 1 to %d", gz, srv.requests.Load(), failed, n, 1+failed)
+		// On a quiet machine this is one connection. The 50ms timeout
+		// can fire as a loaded machine's scrape closes the body, which
+		// then closes the connection though the page was read; without
+		// keep-alive every scrape would open one.
+		if n, scrapes := srv.conns.Load(), srv.requests.Load(); n < 1 || n > scrapes/3 {
+			t.Errorf("gzip=%v: %d scrapes opened %d connections, want 1 (at most a third as many on a loaded machine)", gz, scrapes, n)
 		}
 	}
 }
