@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 
 	"github.com/capstan-dev/capstan/router/health"
+	"github.com/capstan-dev/capstan/router/upstream"
 )
 
 // Endpoint is one address a pool's requests can go to.
@@ -22,6 +23,9 @@ type Endpoint struct {
 	Pod string
 	// Host is the address's live state, shared by every pool that holds it.
 	Host *health.Host
+	// Protocol is what the address speaks (an InferencePool's
+	// appProtocol); the zero value is HTTP/1.1.
+	Protocol upstream.Protocol
 }
 
 // Pool is a set of endpoints that may serve the same requests (the Ready

@@ -26,6 +26,7 @@ import (
 
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/upstream"
 )
 
 // Pool is an immutable snapshot of one InferencePool and its endpoints.
@@ -40,11 +41,16 @@ type Pool struct {
 	// FailOpen is the endpointPickerRef's failureMode: true for FailOpen,
 	// false for FailClose (the API's default) or without a picker.
 	FailOpen bool
+	// Protocol is what the endpoints speak: spec.appProtocol
+	// "kubernetes.io/h2c" is HTTP/2 with prior knowledge, "http" or none
+	// HTTP/1.1.
+	Protocol upstream.Protocol
 }
 
 // equal reports whether two snapshots would route the same way.
 func (p *Pool) equal(o *Pool) bool {
-	return p.Key == o.Key && p.EndpointPicker == o.EndpointPicker && p.FailOpen == o.FailOpen && slices.Equal(p.Endpoints, o.Endpoints)
+	return p.Key == o.Key && p.EndpointPicker == o.EndpointPicker && p.FailOpen == o.FailOpen && p.Protocol == o.Protocol &&
+		slices.Equal(p.Endpoints, o.Endpoints)
 }
 
 // Counts returns how many endpoints are ready for traffic, not ready, and
@@ -85,6 +91,9 @@ func Build(pool *inferencev1.InferencePool, pods []*corev1.Pod) *Pool {
 	p := &Pool{Key: types.NamespacedName{Namespace: pool.Namespace, Name: pool.Name}, EndpointPicker: EndpointPicker(pool)}
 	if ref := pool.Spec.EndpointPickerRef; ref != nil {
 		p.FailOpen = ref.FailureMode == inferencev1.EndpointPickerFailOpen
+	}
+	if pool.Spec.AppProtocol == inferencev1.AppProtocolH2C {
+		p.Protocol = upstream.H2C
 	}
 	sel := Selector(pool)
 	for _, pod := range pods {

@@ -11,6 +11,7 @@ import (
 	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 
 	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/upstream"
 )
 
 func testPool(ns, name string, ports ...int32) *inferencev1.InferencePool {
@@ -150,5 +151,24 @@ func TestSlim(t *testing.T) {
 	tomb := cache.DeletedFinalStateUnknown{Key: "ml/a", Obj: full}
 	if got, _ := Slim(tomb); got != any(tomb) {
 		t.Errorf("a tombstone became %v", got)
+	}
+}
+
+func TestBuildAppProtocol(t *testing.T) {
+	for proto, want := range map[inferencev1.AppProtocol]upstream.Protocol{
+		"":                          upstream.HTTP1,
+		inferencev1.AppProtocolHTTP: upstream.HTTP1,
+		inferencev1.AppProtocolH2C:  upstream.H2C,
+	} {
+		pool := testPool("ml", "llama", 8000)
+		pool.Spec.AppProtocol = proto
+		got := Build(pool, []*corev1.Pod{pod("ml", "a", "198.18.0.1")})
+		if got.Protocol != want {
+			t.Errorf("appProtocol %q: %v, want %v", proto, got.Protocol, want)
+		}
+		other := Build(testPool("ml", "llama", 8000), []*corev1.Pod{pod("ml", "a", "198.18.0.1")})
+		if got.equal(other) != (want == upstream.HTTP1) {
+			t.Errorf("appProtocol %q: a snapshot equal to the default one is %v", proto, got.equal(other))
+		}
 	}
 }

@@ -178,6 +178,10 @@ func (h *Handler) Run(ctx context.Context) { h.upstreams.Run(ctx) }
 // CloseIdleConnections closes idle upstream connections (at shutdown).
 func (h *Handler) CloseIdleConnections() { h.upstreams.CloseIdle(0) }
 
+// ForgetEndpoint closes the upstream connections to an address that left
+// every pool, those in use when their exchanges end.
+func (h *Handler) ForgetEndpoint(address string) { h.upstreams.Forget(address) }
+
 // exchange is what the access log and metrics record about one request.
 type exchange struct {
 	start time.Time
@@ -668,7 +672,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 		}
 		x.attempts++
 		x.pod, x.endpoint = e.Pod, e.Address
-		req.Host = t.host
+		req.Host, req.Protocol = t.host, e.Protocol
 		if req.Host == "" {
 			req.Host = e.Address
 		}

@@ -13,6 +13,7 @@ import (
 	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/inferencepool"
+	"github.com/capstan-dev/capstan/router/upstream"
 )
 
 // BackendKey names a Gateway API backend: one port of one Service, or an
@@ -175,6 +176,7 @@ func (b *Builder) buildBackend(st *backendState) {
 	k := st.backend.Key
 	next := &BackendState{}
 	var eps []discovery.Endpoint
+	var proto upstream.Protocol
 	switch snap := b.snapshots[k.Service]; {
 	case k.Pool.Name != "":
 		pool := b.pools[k.Pool]
@@ -182,7 +184,7 @@ func (b *Builder) buildBackend(st *backendState) {
 			next.Missing = fmt.Sprintf("InferencePool %s not found", k.Pool)
 			break
 		}
-		eps = pool.Endpoints
+		eps, proto = pool.Endpoints, pool.Protocol
 		next.EndpointPicker, next.FailOpen = pool.EndpointPicker, pool.FailOpen
 	case snap == nil:
 		next.Missing = fmt.Sprintf("Service %s not found", k.Service)
@@ -209,7 +211,7 @@ func (b *Builder) buildBackend(st *backendState) {
 			if e.Pod.Name != "" {
 				pod = e.Pod.String()
 			}
-			ready = append(ready, balance.Endpoint{Address: e.Address, Pod: pod, Host: b.hosts.Acquire(e.Address)})
+			ready = append(ready, balance.Endpoint{Address: e.Address, Pod: pod, Host: b.hosts.Acquire(e.Address), Protocol: proto})
 			hosts = append(hosts, e.Address)
 		default:
 			next.NotReady++

@@ -1,6 +1,9 @@
 // Package upstream keeps idle keep-alive HTTP/1.1 connections to servers, per
 // address, and makes one exchange at a time on a connection, in the caller's
-// goroutine. The router forwards requests to model servers with it.
+// goroutine; to addresses that speak HTTP/2 over cleartext (h2c, see
+// Protocol) it runs one stream per exchange on few connections instead. The
+// router forwards requests to model servers with it: the caller sees one
+// Request, Response and error contract whichever the address speaks.
 //
 // Why not net/http.Transport: it runs two goroutines per connection
 // (writeLoop, readLoop) and hands every request and response between them and
@@ -52,8 +55,12 @@ type Options struct {
 	// MaxResponseHeaderBytes bounds the response heads of one exchange,
 	// its interim (1xx) responses' included, together, in bytes: a server
 	// that sends more gets a *ResponseError (ErrHeadTooLarge) and its
-	// connection is closed. Default 64 KiB.
+	// connection (HTTP/2: its stream) is closed. Default 64 KiB.
 	MaxResponseHeaderBytes int
+	// MaxH2ConnsPerAddr bounds the HTTP/2 connections to one address; a
+	// new one is opened only while every open one is at the server's
+	// limit of concurrent streams. Default 4.
+	MaxH2ConnsPerAddr int
 }
 
 // maxInterim is how many interim (1xx) responses an exchange skips before
@@ -70,6 +77,8 @@ type Pool struct {
 
 	mu   sync.Mutex
 	idle map[string][]*conn
+
+	h2 *h2Pool
 }
 
 // peeked is what a peeker finds on a connection.
@@ -203,11 +212,15 @@ func New(opts Options) *Pool {
 	if opts.MaxResponseHeaderBytes <= 0 {
 		opts.MaxResponseHeaderBytes = 64 << 10
 	}
+	if opts.MaxH2ConnsPerAddr <= 0 {
+		opts.MaxH2ConnsPerAddr = 4
+	}
 	p := &Pool{
 		opts:   opts,
 		dialer: net.Dialer{Timeout: opts.ConnectTimeout, KeepAlive: 30 * time.Second},
 		idle:   map[string][]*conn{},
 	}
+	p.h2 = newH2Pool(opts, &p.dialer)
 	p.buffers.New = func() any {
 		return &buffers{r: bufio.NewReaderSize(nil, opts.BufferSize), w: bufio.NewWriterSize(nil, opts.BufferSize)}
 	}
@@ -281,11 +294,25 @@ func (p *Pool) put(c *conn) {
 
 // CloseIdle closes connections that have been idle for at least age (all of
 // them for 0).
-func (p *Pool) CloseIdle(age time.Duration) {
+func (p *Pool) CloseIdle(age time.Duration) { p.closeIdle("", age, false) }
+
+// Forget closes the connections to addr, once the exchanges running on them
+// end: the address left every pool, and its connections would otherwise
+// wait for the idle timeout.
+func (p *Pool) Forget(addr string) { p.closeIdle(addr, 0, true) }
+
+// closeIdle closes the idle connections of addr ("" for all) that have been
+// idle for at least age; with forget, also the HTTP/2 connections that
+// exchanges still use, when those end.
+func (p *Pool) closeIdle(addr string, age time.Duration, forget bool) {
+	p.h2.closeIdle(addr, age, forget)
 	now := time.Now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for addr, list := range p.idle {
+	for a, list := range p.idle {
+		if addr != "" && a != addr {
+			continue
+		}
 		kept := list[:0]
 		for _, c := range list {
 			if now.Sub(c.idleSince) >= age {
@@ -296,9 +323,9 @@ func (p *Pool) CloseIdle(age time.Duration) {
 		}
 		clear(list[len(kept):])
 		if len(kept) == 0 {
-			delete(p.idle, addr)
+			delete(p.idle, a)
 		} else {
-			p.idle[addr] = kept
+			p.idle[a] = kept
 		}
 	}
 }
@@ -335,10 +362,12 @@ var aLongTimeAgo = time.Unix(1, 0)
 // exchange without reading on.
 type Response struct {
 	*http.Response
+	// conn is the HTTP/1.1 connection, nil for an HTTP/2 stream (h2).
 	conn *conn
 	// stop unregisters the abort on the context; false means it fired.
 	stop func() bool
 	body body
+	h2   *h2Stream
 }
 
 // body is a Response's Body: the http.Response's, checked at its end.
@@ -377,15 +406,28 @@ func (b *body) Close() error { return nil }
 
 // Extend bounds the next reads of the body to about timeout from now (see
 // arm).
-func (r *Response) Extend(timeout time.Duration) error { return r.conn.arm(timeout) }
+func (r *Response) Extend(timeout time.Duration) error {
+	if r.h2 != nil {
+		return r.h2.extend(timeout)
+	}
+	return r.conn.arm(timeout)
+}
 
-// Abort closes the connection, so that the server sees the exchange end
-// early. Release must still be called.
-func (r *Response) Abort() { r.conn.Close() }
+// Abort closes the connection (HTTP/2: resets the stream), so that the
+// server sees the exchange end early. Release must still be called.
+func (r *Response) Abort() {
+	if r.h2 != nil {
+		r.h2.cancel(nil)
+		return
+	}
+	r.conn.Close()
+}
 
 // Request is a request to send.
 type Request struct {
-	Method string
+	// Protocol is what the address speaks.
+	Protocol Protocol
+	Method   string
 	// Target is the request target as sent: the path and the query.
 	Target string
 	// Host is the Host field.
@@ -460,6 +502,9 @@ var (
 	ErrTooManyInterim     = fmt.Errorf("more than %d interim (1xx) responses", maxInterim)
 	ErrSwitchingProtocols = errors.New("101 Switching Protocols, which no request asks for")
 	ErrBytesAfterResponse = errors.New("bytes after the end of the response")
+	// ErrHTTP1Answer: an H2C address answered in HTTP/1.1: it does not
+	// speak HTTP/2 with prior knowledge.
+	ErrHTTP1Answer = errors.New("the server answered in HTTP/1.1, not HTTP/2: it does not speak h2c")
 )
 
 // RoundTrip sends req to addr and reads the response headers; the deadline
@@ -472,7 +517,14 @@ var (
 // UnsentError; a response the pool refuses (see Options and Response) is a
 // *ResponseError. Interim responses (103 Early Hints) are skipped. Release
 // must be called once the response has been dealt with.
+//
+// To an H2C address the exchange is a stream on a shared connection, and
+// the timeout a timer that resets the stream; what is an UnsentError there
+// is h2Stream.failure's to say.
 func (p *Pool) RoundTrip(ctx context.Context, req *Request, addr string, timeout time.Duration) (*Response, error) {
+	if req.Protocol == H2C {
+		return p.h2.roundTrip(ctx, req, addr, timeout)
+	}
 	for fresh := false; ; fresh = true {
 		c, err := p.get(ctx, addr)
 		if err != nil {
@@ -530,15 +582,10 @@ func (c *conn) send(req *Request, timeout time.Duration, maxHead int) (*http.Res
 		default:
 			return nil, &ResponseError{Err: err} // it does not parse
 		}
-		switch {
-		case resp.StatusCode == http.StatusSwitchingProtocols:
-			// No request asks to upgrade (the caller leaves out
-			// Upgrade): what follows is not HTTP, and must not reach
-			// the client or another request.
-			return nil, &ResponseError{Err: ErrSwitchingProtocols}
-		case resp.StatusCode < 100 || resp.StatusCode > 599:
-			return nil, &ResponseError{Err: fmt.Errorf("status %d out of range", resp.StatusCode)}
-		case resp.StatusCode < 200:
+		if err := checkStatus(resp.StatusCode); err != nil {
+			return nil, err
+		}
+		if resp.StatusCode < 200 {
 			// Skip interim responses (103 Early Hints); the request
 			// sent no Expect, so no 100 Continue is due. A few at
 			// most: their heads count against the same bound.
@@ -552,6 +599,21 @@ func (c *conn) send(req *Request, timeout time.Duration, maxHead int) (*http.Res
 	}
 }
 
+// checkStatus refuses the statuses no response the pool passes on may have,
+// whichever protocol brought it.
+func checkStatus(code int) error {
+	switch {
+	case code == http.StatusSwitchingProtocols:
+		// No request asks to upgrade (the caller leaves out Upgrade):
+		// what follows is not HTTP, and must not reach the client or
+		// another request.
+		return &ResponseError{Err: ErrSwitchingProtocols}
+	case code < 100 || code > 599:
+		return &ResponseError{Err: fmt.Errorf("status %d out of range", code)}
+	}
+	return nil
+}
+
 // isChunked reports whether resp's body is chunked.
 func isChunked(resp *http.Response) bool {
 	return len(resp.TransferEncoding) > 0 && resp.TransferEncoding[0] == "chunked"
@@ -562,6 +624,10 @@ func isChunked(resp *http.Response) bool {
 // asked to close it, the server closed it, or the context aborted it.
 // Otherwise it is closed. The body must not be read after Release.
 func (p *Pool) Release(r *Response, complete bool) {
+	if r.h2 != nil {
+		r.h2.release()
+		return
+	}
 	stopped := r.stop()
 	clean := p.returnBuffers(r.conn)
 	if complete && r.body.end == io.EOF && stopped && clean && !r.Close && !r.conn.spent {
