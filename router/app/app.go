@@ -169,6 +169,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		popts.Picker = r.pickers
 	}
 	r.handler = proxy.New(routes, m, logger.WithName("proxy"), popts)
+	hosts.OnForget(r.handler.ForgetEndpoint)
 	if o.GatewayEnabled() {
 		if err := r.newGateway(cfg, client, routes, reg, handlers); err != nil {
 			return nil, err

@@ -162,3 +162,23 @@ func TestEngineLoad(t *testing.T) {
 		t.Errorf("QueueAndKVCache() after SetEngineLoad(nil) = %v, %v; want 0, 0", w, kv)
 	}
 }
+
+// TestRegistryForgets: the address is reported once, when its last
+// reference goes, not while another holder keeps it.
+func TestRegistryForgets(t *testing.T) {
+	r := NewRegistry(EjectionPolicy{})
+	var forgotten []string
+	r.OnForget(func(a string) { forgotten = append(forgotten, a) })
+	r.Acquire("10.0.0.1:80")
+	r.Acquire("10.0.0.1:80")
+	r.Acquire("10.0.0.2:80")
+	r.Release("10.0.0.1:80")
+	if len(forgotten) != 0 {
+		t.Fatalf("forgot %v while a holder keeps it", forgotten)
+	}
+	r.Release("10.0.0.1:80")
+	r.Release("10.0.0.1:80") // one too many: nothing to forget
+	if len(forgotten) != 1 || forgotten[0] != "10.0.0.1:80" || r.Len() != 1 {
+		t.Fatalf("forgot %v with %d left, want [10.0.0.1:80] with 1", forgotten, r.Len())
+	}
+}

@@ -7,6 +7,8 @@ import "sync"
 // shares one in-flight count and one ejection state.
 type Registry struct {
 	policy EjectionPolicy
+	// forgotten, when set, is told each address the registry forgets.
+	forgotten func(address string)
 
 	mu    sync.Mutex
 	hosts map[string]*entry
@@ -36,18 +38,26 @@ func (r *Registry) Acquire(address string) *Host {
 	return e.host
 }
 
+// OnForget makes the registry call forgotten with every address it forgets
+// (outside its lock), so that the connections to an address that left every
+// pool are closed. Call it before the registry is used.
+func (r *Registry) OnForget(forgotten func(address string)) { r.forgotten = forgotten }
+
 // Release gives back a reference taken by Acquire. When the last one goes,
 // the address is forgotten; requests still in flight to it hold the Host
 // and finish against it.
 func (r *Registry) Release(address string) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	e, ok := r.hosts[address]
-	if !ok {
-		return
-	}
-	if e.refs--; e.refs <= 0 {
+	gone := ok && e.refs <= 1
+	if gone {
 		delete(r.hosts, address)
+	} else if ok {
+		e.refs--
+	}
+	r.mu.Unlock()
+	if gone && r.forgotten != nil {
+		r.forgotten(address)
 	}
 }
 
