@@ -387,7 +387,6 @@ const connectionErrorPrefix = "connection error: "
 // when what came back starts like an HTTP/1.1 status line.
 const http1Header = "looked like an HTTP/1.1 header"
 
-
 // h2Body is an HTTP/2 Response's Body: the stream's, with its deadline's
 // end given as a timeout. It ends with io.EOF only at END_STREAM with the
 // length the server declared, if any.

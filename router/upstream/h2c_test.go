@@ -474,7 +474,10 @@ func TestH2CHostileServer(t *testing.T) {
 			c.fr.WriteData(id, false, []byte("partial"))
 			c.fr.WriteRSTStream(id, http2.ErrCodeInternal)
 			c.nextRequest()
-		}, false, func(err error) bool { var se http2.StreamError; return errors.As(err, &se) && se.Code == http2.ErrCodeInternal }},
+		}, false, func(err error) bool {
+			var se http2.StreamError
+			return errors.As(err, &se) && se.Code == http2.ErrCodeInternal
+		}},
 		{"body shorter than its content-length", 0, func(c *rawConn) {
 			id := c.nextRequest()
 			c.writeHead(id, false, ":status", "200", "content-length", "100")

@@ -19,6 +19,59 @@ const EchoAnnotation = "sim.capstan.dev/echo"
 // Echo backends listen where echo-basic does: HTTP on 3000 and 3001.
 var echoPorts = []int32{3000, 3001}
 
+// echoServing is how an echo backend serves: its ports, handler, and the
+// server's protocols (nil: HTTP/1.1). A pod whose container sets H2C_PORT
+// is the Inference Extension conformance suite's appProtocol backend, and
+// is served as echo-basic serves its two ports: HTTP/1.1 on HTTP_PORT
+// (default 3000), and on H2C_PORT HTTP/2 with prior knowledge, where an
+// HTTP/1.1 request that does not ask to upgrade gets echo-basic's 400
+// "Expected h2c request". One server serves both ports, so it also speaks
+// HTTP/2 on HTTP_PORT; there a stream is reset, where echo-basic's HTTP/1.1
+// server would answer the preface in HTTP/1.1: either way the request fails.
+func (s *podServer) echoServing(pod *corev1.Pod) ([]int32, http.Handler, *http.Protocols) {
+	httpPort, h2cPort := echoEnvPort(pod, "HTTP_PORT", 3000), echoEnvPort(pod, "H2C_PORT", 0)
+	if h2cPort == 0 {
+		return echoPorts, s.echoHandler(), nil
+	}
+	h2c := strconv.Itoa(int(h2cPort))
+	echo := s.echoHandler()
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var port string
+		if addr, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+			_, port, _ = net.SplitHostPort(addr.String())
+		}
+		switch {
+		case port == h2c && r.ProtoMajor != 2 && r.Header.Get("Upgrade") != "h2c":
+			w.WriteHeader(http.StatusBadRequest)
+			_, _ = w.Write([]byte("Expected h2c request"))
+		case port != h2c && r.ProtoMajor == 2:
+			panic(http.ErrAbortHandler)
+		default:
+			echo.ServeHTTP(w, r)
+		}
+	})
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
+	return []int32{httpPort, h2cPort}, handler, protocols
+}
+
+// echoEnvPort is the port a container of the pod sets in the environment
+// variable name, or def.
+func echoEnvPort(pod *corev1.Pod, name string, def int32) int32 {
+	for _, c := range pod.Spec.Containers {
+		for _, e := range c.Env {
+			if e.Name != name {
+				continue
+			}
+			if n, err := strconv.ParseUint(e.Value, 10, 16); err == nil && n > 0 {
+				return int32(n)
+			}
+		}
+	}
+	return def
+}
+
 // isEcho reports whether the pod should be served as an echo backend.
 func isEcho(pod *corev1.Pod) bool {
 	if pod.Annotations[EchoAnnotation] == "true" {

@@ -102,15 +102,16 @@ func newPodServer(pod *corev1.Pod, opts Options, served *atomic.Int64, logger kl
 	}
 
 	var handler http.Handler
+	var protocols *http.Protocols
 	if isEcho(pod) {
-		s.ports = echoPorts
-		handler = s.echoHandler()
+		s.ports, handler, protocols = s.echoServing(pod)
 	} else {
 		handler = s.engineHandler(metricsPath, runtimeLoRAUpdating(pod))
 	}
 	s.srv = &http.Server{
 		Handler:           s.observe(handler),
 		ReadHeaderTimeout: 10 * time.Second,
+		Protocols:         protocols,
 	}
 	return s
 }
