@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"net/http"
@@ -271,4 +272,163 @@ func wantPoolParent(t *testing.T, ctx context.Context, client inferenceclient.In
 	if err != nil {
 		t.Fatalf("%v; last seen: %s", err, last)
 	}
+}
+
+// TestInferencePoolAppProtocol serves the Inference Extension conformance
+// suite's appProtocol backend (echo-basic with HTTP_PORT and H2C_PORT, as in
+// its resources/base.yaml) through three pools: appProtocol
+// kubernetes.io/h2c on the h2c port is spoken to in HTTP/2, as the backends
+// report; no appProtocol on the HTTP port is HTTP/1.1; appProtocol http on
+// the h2c port gets the backend's own answer to an HTTP/1.1 request there,
+// echo-basic's 400 "Expected h2c request", passed on as the pod's answer
+// (the pod answered: the router neither hides nor retries it), until the
+// pool's appProtocol is changed to kubernetes.io/h2c.
+func TestInferencePoolAppProtocol(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	pools := installInferencePools(t, ctx)
+	ns := namespace(t, ctx, "appprotocol")
+	simulate(t, ctx, ns, nil)
+	apply(t, ctx, ns, httpGateway(ns, "inference")+`
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echoserver
+        image: gcr.io/k8s-staging-gateway-api/echo-basic:v20251106-v1.3.0-263-g47c3435c
+        ports: [{containerPort: 3000}, {containerPort: 3001}]
+        env:
+        - {name: HTTP_PORT, value: "3000"}
+        - {name: H2C_PORT, value: "3001"}
+---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: h2c}
+spec:
+  selector: {matchLabels: {app: echo}}
+  targetPorts: [{number: 3001}]
+  appProtocol: kubernetes.io/h2c
+---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: http}
+spec:
+  selector: {matchLabels: {app: echo}}
+  targetPorts: [{number: 3000}]
+---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: mismatched}
+spec:
+  selector: {matchLabels: {app: echo}}
+  targetPorts: [{number: 3001}]
+  appProtocol: http
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: h2c}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [h2c.example.com]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: h2c}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: http}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [http.example.com]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: http}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mismatched}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [mismatched.example.com]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: mismatched}]
+`)
+	pods, err := testCluster.WaitForReadyPods(ctx, ns, "app=echo", 2, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startRouter(t, ctx, "router-appprotocol", "--namespaces="+ns)
+	addr := gatewayAddress(t, ctx, ns, "inference")
+	for _, pool := range []string{"h2c", "http", "mismatched"} {
+		wantPoolParent(t, ctx, pools, ns, pool, "inference", accepted, resolved)
+		err := testCluster.WaitFor(ctx, 10*time.Second, "the router to count 2 ready endpoints in pool "+pool, func(context.Context) (bool, error) {
+			return r.metricValue(t, "capstan_router_inferencepool_ready_endpoints", map[string]string{"namespace": ns, "inferencepool": pool}) == 2, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// echo is one request through a route, and what the backend saw.
+	type echo struct {
+		Proto string `json:"proto"`
+		Pod   string `json:"pod"`
+	}
+	request := func(host string, i int) (result, echo) {
+		t.Helper()
+		res := send(ctx, "POST", addr, host, "/v1/completions", fmt.Sprintf(`{"model":"echo","prompt":"%d"}`, i))
+		var e echo
+		if res.status == http.StatusOK {
+			if err := json.Unmarshal([]byte(res.body), &e); err != nil {
+				t.Fatalf("%s: %v in %s", host, err, res.body)
+			}
+		}
+		return res, e
+	}
+	// wantProto sends n requests through a route: all are served, in
+	// proto, by the pool's pods, each pod getting some.
+	wantProto := func(host, proto string, n int) {
+		t.Helper()
+		served := map[string]int{}
+		for i := range n {
+			res, e := request(host, i)
+			if res.err != nil || res.status != http.StatusOK || e.Proto != proto || res.header.Get("X-Capstan-Pod") != ns+"/"+e.Pod {
+				t.Fatalf("%s, request %d: %d %v %s (pod header %q); want 200 from a pod that saw %s",
+					host, i, res.status, res.err, res.body, res.header.Get("X-Capstan-Pod"), proto)
+			}
+			served[e.Pod]++
+		}
+		for _, p := range pods {
+			if served[p.Name] == 0 {
+				t.Errorf("%s: pod %s got none of %d requests: %v", host, p.Name, n, served)
+			}
+		}
+	}
+	wantProto("h2c.example.com", "HTTP/2.0", 20)
+	wantProto("http.example.com", "HTTP/1.1", 20)
+
+	res, _ := request("mismatched.example.com", 0)
+	if res.err != nil || res.status != http.StatusBadRequest || res.body != "Expected h2c request" || !strings.HasPrefix(res.header.Get("X-Capstan-Pod"), ns+"/echo-") {
+		t.Errorf("appProtocol http to the h2c port: %d %v %q from %q; want the pod's 400 Expected h2c request",
+			res.status, res.err, res.body, res.header.Get("X-Capstan-Pod"))
+	}
+
+	// The pool's appProtocol is corrected: the router speaks HTTP/2 to it
+	// from its next snapshot on, with no route retranslated.
+	patch := `{"spec":{"appProtocol":"kubernetes.io/h2c"}}`
+	if _, err := pools.InferenceV1().InferencePools(ns).Patch(ctx, "mismatched", types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	err = testCluster.WaitFor(ctx, 10*time.Second, "the router to speak h2c to the corrected pool", func(context.Context) (bool, error) {
+		res, e := request("mismatched.example.com", 0)
+		return res.status == http.StatusOK && e.Proto == "HTTP/2.0", nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantProto("mismatched.example.com", "HTTP/2.0", 20)
 }
