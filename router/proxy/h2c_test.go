@@ -152,10 +152,23 @@ func TestGatewayInferencePoolH2C(t *testing.T) {
 		}
 	})
 	t.Run("h2c to an HTTP/1.1 server", func(t *testing.T) {
+		// The server answers the preface (as a request "PRI *") in
+		// HTTP/1.1 and closes the connection; where that meets the
+		// request is a race. Read before the request's HEADERS are
+		// written, the connection fails and the request reached no
+		// server (upstream_unreachable once attempts run out); read
+		// after, the answer is refused, saying why
+		// (upstream_bad_response); a close that breaks the write of
+		// the request is a reset after sending (upstream_reset), as
+		// on HTTP/1.1. Each is a 502.
 		g := poolGateway(t, upstream.H2C, echoUpstream(t, "http1-0"))
 		resp, data := post(g)
-		if resp.StatusCode != http.StatusBadGateway || !strings.Contains(data, codeUpstreamBadResponse) || !strings.Contains(data, "does not speak h2c") {
-			t.Errorf("%d: %s; want 502 %s saying the server does not speak h2c", resp.StatusCode, data, codeUpstreamBadResponse)
+		switch {
+		case resp.StatusCode != http.StatusBadGateway:
+			t.Errorf("%d: %s; want 502", resp.StatusCode, data)
+		case strings.Contains(data, codeUpstreamReset), strings.Contains(data, codeUpstreamUnreached):
+		case !strings.Contains(data, codeUpstreamBadResponse) || !strings.Contains(data, "does not speak h2c"):
+			t.Errorf("%s; want %s saying the server does not speak h2c", data, codeUpstreamBadResponse)
 		}
 	})
 	t.Run("HTTP/1.1 to an h2c server", func(t *testing.T) {

@@ -48,11 +48,10 @@ func (p Protocol) String() string {
 // ClientConnPool are deprecated in its favour, and from Go 1.27 x/net/http2
 // wraps it); a ClientConn is one connection that never retries a request
 // by itself, so the pool keeps the rule of what may be retried (see
-// h2Failure) and how many connections an address gets.
+// h2Stream.failure) and how many connections an address gets.
 type h2Pool struct {
-	t           *http.Transport
-	maxConns    int
-	idleTimeout time.Duration
+	t        *http.Transport
+	maxConns int
 
 	mu sync.Mutex
 	// conns are the usable connections per address.
@@ -113,8 +112,7 @@ func newH2Pool(opts Options, dialer *net.Dialer) *h2Pool {
 	}
 	t.Protocols = new(http.Protocols)
 	t.Protocols.SetUnencryptedHTTP2(true)
-	return &h2Pool{t: t, maxConns: opts.MaxH2ConnsPerAddr, idleTimeout: opts.IdleTimeout,
-		conns: map[string][]*h2Conn{}, dialing: map[string]chan struct{}{}}
+	return &h2Pool{t: t, maxConns: opts.MaxH2ConnsPerAddr, conns: map[string][]*h2Conn{}, dialing: map[string]chan struct{}{}}
 }
 
 // get returns a connection to addr with a stream reserved on it when it
@@ -338,15 +336,21 @@ const headerListTooLarge = "http2: response header list larger than advertised l
 // 8.7 says it was not processed), and one above the last stream ID of the
 // server's GOAWAY. Everything else may have started the work it asks for.
 func (s *h2Stream) failure(ctx context.Context, err error) error {
-	var bad *ResponseError
-	if ctx.Err() != nil || errors.As(err, &bad) {
-		return err // the caller's own cancellation, or checkStatus's
+	if ctx.Err() != nil {
+		return err // the caller's own cancellation
 	}
 	if s.timedOut() {
 		err = fmt.Errorf("http2 stream: %w", errStreamTimeout)
 	}
+	if strings.Contains(err.Error(), http1Header) {
+		err = &ResponseError{Err: ErrHTTP1Answer}
+	}
 	if !s.wrote.Load() {
 		return &UnsentError{Err: err}
+	}
+	var bad *ResponseError
+	if errors.As(err, &bad) {
+		return err // ErrHTTP1Answer, or checkStatus's
 	}
 	var se http2.StreamError
 	if errors.As(err, &se) {
@@ -355,7 +359,7 @@ func (s *h2Stream) failure(ctx context.Context, err error) error {
 			return &UnsentError{Err: err}
 		case se.Cause != nil && se.Cause.Error() == headerListTooLarge:
 			return &ResponseError{Err: fmt.Errorf("%w: more than %d bytes", ErrHeadTooLarge, s.pool.t.MaxResponseHeaderBytes)}
-		case se.Cause != nil && se.Cause.Error() != "received from peer":
+		case se.Cause != nil && se.Cause.Error() != fromPeer:
 			// The client found the server's frames broken (a
 			// malformed head, a bad status, content-length).
 			return &ResponseError{Err: err}
@@ -365,8 +369,6 @@ func (s *h2Stream) failure(ctx context.Context, err error) error {
 	switch {
 	case msg == goAwayUnprocessed:
 		return &UnsentError{Err: err}
-	case strings.Contains(msg, http1Header):
-		return &ResponseError{Err: ErrHTTP1Answer}
 	case strings.HasPrefix(msg, connectionErrorPrefix):
 		// The client found the server's frames broken and closed
 		// the connection (a frame too large or on the wrong stream,
@@ -376,6 +378,11 @@ func (s *h2Stream) failure(ctx context.Context, err error) error {
 	}
 	return err
 }
+
+// fromPeer is the Cause of a StreamError the server sent (RST_STREAM), as
+// against one the client raised (held by TestH2CRetryRule: a reset from the
+// server is not a ResponseError).
+const fromPeer = "received from peer"
 
 // connectionErrorPrefix begins the message of the error net/http's HTTP/2
 // client fails every stream with when it finds the server broke the

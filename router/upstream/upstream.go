@@ -622,7 +622,9 @@ func isChunked(resp *http.Response) bool {
 // Release ends an exchange. complete says the body was read to its end
 // (io.EOF); the connection is then kept for reuse, unless the response
 // asked to close it, the server closed it, or the context aborted it.
-// Otherwise it is closed. The body must not be read after Release.
+// Otherwise it is closed. An HTTP/2 stream that did not end is reset
+// instead, and its connection kept for the other streams. The body must
+// not be read after Release.
 func (p *Pool) Release(r *Response, complete bool) {
 	if r.h2 != nil {
 		r.h2.release()
