@@ -1,12 +1,13 @@
 package route
 
 import (
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"slices"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"sync"
 
 	"k8s.io/apimachinery/pkg/types"
 )
@@ -33,12 +34,13 @@ type Rule struct {
 	// Backends share the rule's traffic by weight.
 	Backends []RuleBackend
 
-	// cum[i] is the sum of the weights of Backends[:i+1]; picks walks the
-	// weights (see Pick).
-	cum       []uint64
+	// total is the sum of the weights. A cycle is total picks: left[i]
+	// is how many of the current cycle's picks Backends[i] still has
+	// coming, leftTotal their sum (see Pick).
 	total     uint64
-	step      uint64
-	picks     atomic.Uint64
+	mu        sync.Mutex
+	left      []uint64
+	leftTotal uint64
 	routeName string
 }
 
@@ -61,52 +63,42 @@ type RuleBackend struct {
 func (r *Rule) SetBackends(backends []RuleBackend) {
 	r.routeName = r.Route.String()
 	r.Backends = backends
-	r.cum = make([]uint64, len(backends))
 	r.total = 0
-	for i, b := range backends {
+	for _, b := range backends {
 		r.total += uint64(max(b.Weight, 0))
-		r.cum[i] = r.total
 	}
-	r.step = coprimeStep(r.total)
-}
-
-// coprimeStep returns a step near total/φ that shares no factor with total,
-// so that i·step mod total visits every position of [0, total) once per
-// total picks, in a well-spread order (the golden-ratio sequence).
-func coprimeStep(total uint64) uint64 {
-	if total <= 2 {
-		return 1
-	}
-	step := uint64(float64(total)*0.6180339887498949) | 1
-	for gcd(step, total) != 1 {
-		step++
-	}
-	return step
-}
-
-func gcd(a, b uint64) uint64 {
-	for b != 0 {
-		a, b = b, a%b
-	}
-	return a
+	r.left, r.leftTotal = make([]uint64, len(backends)), 0
 }
 
 // Pick returns the backend for the next request, or nil when the rule has
-// no backend with a positive weight. Over any total-weight consecutive
-// picks each backend gets exactly its weight, interleaved rather than in
-// runs; a pick is one atomic add and no allocation.
+// no backend with a positive weight. Over each cycle of total-weight picks
+// each backend gets exactly its weight, in a random order: each pick draws
+// at random from what the cycle has left. Exact shares keep a small split
+// (99/1) honest over few requests; the random order lets a backend take
+// several requests in a row, as a weighted random pick would (a client
+// that retries until one backend answers gets there).
 func (r *Rule) Pick() *RuleBackend {
 	if r.total == 0 {
 		return nil
 	}
-	n := (r.picks.Add(1) - 1) % r.total
-	pos := n * r.step % r.total
-	for i, c := range r.cum {
-		if pos < c {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.leftTotal == 0 {
+		for i, b := range r.Backends {
+			r.left[i] = uint64(max(b.Weight, 0))
+		}
+		r.leftTotal = r.total
+	}
+	n := rand.Uint64N(r.leftTotal)
+	for i, left := range r.left {
+		if n < left {
+			r.left[i]--
+			r.leftTotal--
 			return &r.Backends[i]
 		}
+		n -= left
 	}
-	return nil
+	return nil // unreachable: n < leftTotal, the sum of left
 }
 
 // HeaderModifier is a compiled RequestHeaderModifier or
