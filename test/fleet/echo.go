@@ -1,9 +1,11 @@
 package fleet
 
 import (
+	"maps"
 	"net"
 	"net/http"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -16,35 +18,44 @@ import (
 // are echo backends without it.
 const EchoAnnotation = "sim.capstan.dev/echo"
 
-// Echo backends listen where echo-basic does: HTTP on 3000 and 3001.
-var echoPorts = []int32{3000, 3001}
+// echoPorts maps where an echo backend listens to whether echo-basic
+// serves h2c there: each of its containers' HTTP_PORT (HTTP/1.1) and
+// H2C_PORT (default 3000 and 3001; the Inference Extension's suite runs
+// three in one pod, on 3000/3001, 3002/3003 and 3004/3005).
+func echoPorts(pod *corev1.Pod) map[int32]bool {
+	ports := map[int32]bool{}
+	for _, c := range pod.Spec.Containers {
+		for name, def := range map[string]int32{"HTTP_PORT": 3000, "H2C_PORT": 3001} {
+			port := def
+			for _, e := range c.Env {
+				if n, err := strconv.ParseInt(e.Value, 10, 32); e.Name == name && err == nil {
+					port = int32(n)
+				}
+			}
+			ports[port] = name == "H2C_PORT"
+		}
+	}
+	return ports
+}
 
 // echoServing is how an echo backend serves: its ports, handler, and the
-// server's protocols (nil: HTTP/1.1). A pod whose container sets H2C_PORT
-// is the Inference Extension conformance suite's appProtocol backend, and
-// is served as echo-basic serves its two ports: HTTP/1.1 on HTTP_PORT
-// (default 3000), and on H2C_PORT HTTP/2 with prior knowledge, where an
-// HTTP/1.1 request that does not ask to upgrade gets echo-basic's 400
-// "Expected h2c request". One server serves both ports, so it also speaks
-// HTTP/2 on HTTP_PORT; there a stream is reset, where echo-basic's HTTP/1.1
-// server would answer the preface in HTTP/1.1: either way the request fails.
+// server's protocols. As echo-basic, each port of echoPorts speaks
+// HTTP/1.1 or h2c (HTTP/2 with prior knowledge), where an HTTP/1.1 request
+// that does not ask to upgrade gets echo-basic's 400 "Expected h2c
+// request". One server serves every port, so it also speaks HTTP/2 on the
+// HTTP/1.1 ports; there a stream is reset, where echo-basic's HTTP/1.1
+// server would answer the preface in HTTP/1.1: either way the request
+// fails.
 func (s *podServer) echoServing(pod *corev1.Pod) ([]int32, http.Handler, *http.Protocols) {
-	httpPort, h2cPort := echoEnvPort(pod, "HTTP_PORT", 3000), echoEnvPort(pod, "H2C_PORT", 0)
-	if h2cPort == 0 {
-		return echoPorts, s.echoHandler(), nil
-	}
-	h2c := strconv.Itoa(int(h2cPort))
+	ports := echoPorts(pod)
 	echo := s.echoHandler()
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var port string
-		if addr, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
-			_, port, _ = net.SplitHostPort(addr.String())
-		}
-		switch {
-		case port == h2c && r.ProtoMajor != 2 && r.Header.Get("Upgrade") != "h2c":
+		port, _ := strconv.ParseInt(localPort(r), 10, 32)
+		switch h2c := ports[int32(port)]; {
+		case h2c && r.ProtoMajor != 2 && r.Header.Get("Upgrade") != "h2c":
 			w.WriteHeader(http.StatusBadRequest)
 			_, _ = w.Write([]byte("Expected h2c request"))
-		case port != h2c && r.ProtoMajor == 2:
+		case !h2c && r.ProtoMajor == 2:
 			panic(http.ErrAbortHandler)
 		default:
 			echo.ServeHTTP(w, r)
@@ -53,23 +64,7 @@ func (s *podServer) echoServing(pod *corev1.Pod) ([]int32, http.Handler, *http.P
 	protocols := new(http.Protocols)
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
-	return []int32{httpPort, h2cPort}, handler, protocols
-}
-
-// echoEnvPort is the port a container of the pod sets in the environment
-// variable name, or def.
-func echoEnvPort(pod *corev1.Pod, name string, def int32) int32 {
-	for _, c := range pod.Spec.Containers {
-		for _, e := range c.Env {
-			if e.Name != name {
-				continue
-			}
-			if n, err := strconv.ParseUint(e.Value, 10, 16); err == nil && n > 0 {
-				return int32(n)
-			}
-		}
-	}
-	return def
+	return slices.Sorted(maps.Keys(ports)), handler, protocols
 }
 
 // isEcho reports whether the pod should be served as an echo backend.
@@ -129,10 +124,6 @@ func (s *podServer) echoHandler() http.Handler {
 				return
 			}
 		}
-		var port string
-		if addr, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
-			_, port, _ = net.SplitHostPort(addr.String())
-		}
 		for _, kv := range r.Header.Values("X-Echo-Set-Header") {
 			for _, pair := range strings.Split(kv, ",") {
 				name, value, _ := strings.Cut(strings.TrimSpace(pair), ":")
@@ -142,7 +133,7 @@ func (s *podServer) echoHandler() http.Handler {
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		writeJSON(w, http.StatusOK, echoed{
 			Path: r.RequestURI, Host: r.Host, Method: r.Method, Proto: r.Proto, Headers: r.Header,
-			HTTPPort: port, Namespace: s.key.Namespace, Pod: s.key.Name,
+			HTTPPort: localPort(r), Namespace: s.key.Namespace, Pod: s.key.Name,
 		})
 	})
 	// echo-basic collapses doubled slashes before routing.
@@ -150,4 +141,14 @@ func (s *podServer) echoHandler() http.Handler {
 		r.URL.Path = strings.ReplaceAll(r.URL.Path, "//", "/")
 		mux.ServeHTTP(w, r)
 	})
+}
+
+// localPort is the port a request arrived on.
+func localPort(r *http.Request) string {
+	addr, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	if !ok {
+		return ""
+	}
+	_, port, _ := net.SplitHostPort(addr.String())
+	return port
 }

@@ -7,7 +7,8 @@
 // receives, and annotations (see params.go) set latency, batch size and
 // faults per pod. A deleted pod runs its preStop sleep, then drains. With
 // Options.Echo it also plays the Gateway API conformance suite's echo
-// backends (see echo.go).
+// backends (see echo.go), and with Options.LWEPP the Inference Extension's
+// lightweight endpoint picker (see lwepp.go).
 package fleet
 
 import (
@@ -48,6 +49,10 @@ type Options struct {
 	// (see EchoAnnotation), as the Gateway API conformance suite deploys.
 	// It widens the watch from model pods to all pods.
 	Echo bool
+	// LWEPP, if set, also plays pods running the Gateway API Inference
+	// Extension's lwepp image by running lwepp for each (see LWEPP). It
+	// widens the watch from model pods to all pods.
+	LWEPP *LWEPP
 	// OnRequest, if set, is called as each API request arrives at a pod
 	// (not for /metrics or /health). It must be quick and safe for
 	// concurrent use.
@@ -90,6 +95,7 @@ type Fleet struct {
 
 	mu      sync.Mutex
 	servers map[types.UID]*podServer
+	pickers map[types.UID]*lweppPod
 	served  map[types.NamespacedName]*atomic.Int64 // outlives the pods
 	drains  sync.WaitGroup
 	stopped chan struct{} // closed once every server has been told to stop
@@ -98,7 +104,7 @@ type Fleet struct {
 // New returns a fleet that watches pods through client.
 func New(client kubernetes.Interface, opts Options) *Fleet {
 	return &Fleet{client: client, opts: opts.withDefaults(), servers: map[types.UID]*podServer{},
-		served: map[types.NamespacedName]*atomic.Int64{}, stopped: make(chan struct{})}
+		pickers: map[types.UID]*lweppPod{}, served: map[types.NamespacedName]*atomic.Int64{}, stopped: make(chan struct{})}
 }
 
 // Start watches model pods until ctx ends and returns once the pods that
@@ -108,7 +114,7 @@ func (f *Fleet) Start(ctx context.Context) error {
 	factory := informers.NewSharedInformerFactoryWithOptions(f.client, 0,
 		informers.WithNamespace(f.opts.Namespace),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			if !f.opts.Echo {
+			if !f.opts.Echo && f.opts.LWEPP == nil {
 				o.LabelSelector = modelserver.ModelLabel
 			}
 		}))
@@ -209,6 +215,10 @@ func (f *Fleet) sync(pod *corev1.Pod) {
 		return
 	default:
 	}
+	if f.opts.LWEPP != nil && lweppContainer(pod) != nil {
+		f.syncPickerLocked(pod)
+		return
+	}
 	s := f.servers[pod.UID]
 	switch {
 	case pod.DeletionTimestamp != nil:
@@ -225,6 +235,21 @@ func (f *Fleet) sync(pod *corev1.Pod) {
 		f.newServerLocked(pod)
 	default:
 		s.update(pod)
+	}
+}
+
+// syncPickerLocked runs lwepp for a pod with an IP, and stops it when the
+// pod is deleted or its IP changes. A deleted pod's lwepp stops at once:
+// the pods the suite deploys have no preStop hook.
+func (f *Fleet) syncPickerLocked(pod *corev1.Pod) {
+	p := f.pickers[pod.UID]
+	if p != nil && (pod.DeletionTimestamp != nil || p.ip != pod.Status.PodIP) {
+		f.removeLocked(pod.UID)
+		p = nil
+	}
+	if p == nil && pod.DeletionTimestamp == nil && pod.Status.PodIP != "" && !pod.Spec.HostNetwork {
+		f.pickers[pod.UID] = startLWEPP(pod, f.opts.LWEPP, f.logger)
+		f.logger.V(4).Info("Running lwepp", "pod", klog.KObj(pod), "ip", pod.Status.PodIP)
 	}
 }
 
@@ -264,6 +289,11 @@ func (f *Fleet) remove(uid types.UID) {
 }
 
 func (f *Fleet) removeLocked(uid types.UID) {
+	if p, ok := f.pickers[uid]; ok {
+		delete(f.pickers, uid)
+		f.drains.Go(p.stop)
+		return
+	}
 	s, ok := f.servers[uid]
 	if !ok {
 		return
@@ -283,6 +313,10 @@ func (f *Fleet) stopAll() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	defer close(f.stopped)
+	for uid, p := range f.pickers {
+		delete(f.pickers, uid)
+		f.drains.Go(p.stop)
+	}
 	for uid, s := range f.servers {
 		delete(f.servers, uid)
 		if s.preStop != nil {

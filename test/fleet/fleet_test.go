@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -277,14 +278,47 @@ func TestUnknownModel(t *testing.T) {
 	}
 }
 
+// An echo pod listens where each of its echo-basic containers would: on
+// HTTP_PORT and H2C_PORT (the latter h2c), 3000 and 3001 by default.
+func TestEchoPorts(t *testing.T) {
+	const image = "gcr.io/k8s-staging-gateway-api/echo-basic:v20251106-v1.3.0-263-g47c3435c"
+	env := func(httpPort, h2cPort string) []corev1.EnvVar {
+		return []corev1.EnvVar{{Name: "HTTP_PORT", Value: httpPort}, {Name: "H2C_PORT", Value: h2cPort}}
+	}
+	pod := testPod(modelserver.VLLM, nil)
+	pod.Labels = nil
+	pod.Spec.Containers = []corev1.Container{
+		{Name: "a", Image: image, Env: env("3000", "3001")},
+		{Name: "b", Image: image, Env: env("3002", "3003")},
+		{Name: "c", Image: image, Env: []corev1.EnvVar{{Name: "HTTP_PORT", Value: "3004"}}},
+	}
+	want := map[int32]bool{3000: false, 3001: true, 3002: false, 3003: true, 3004: false}
+	if diff := cmp.Diff(want, echoPorts(pod)); diff != "" {
+		t.Errorf("echo ports (-want +got):\n%s", diff)
+	}
+
+	// HTTP/1.1 is echoed on an HTTP port and refused on an h2c port, as
+	// echo-basic does.
+	s, _ := testServer(t, pod, Options{})
+	for port, status := range map[int]int{3002: http.StatusOK, 3003: http.StatusBadRequest} {
+		req := httptest.NewRequest(http.MethodGet, "/", nil)
+		req = req.WithContext(context.WithValue(req.Context(), http.LocalAddrContextKey, &net.TCPAddr{IP: net.ParseIP(pod.Status.PodIP), Port: port}))
+		rec := httptest.NewRecorder()
+		s.srv.Handler.ServeHTTP(rec, req)
+		if rec.Code != status {
+			t.Errorf("HTTP/1.1 on port %d: %d, want %d", port, rec.Code, status)
+		}
+	}
+}
+
 // An echo backend answers the way the conformance suite's echo-basic does.
 func TestEchoBackend(t *testing.T) {
 	pod := testPod(modelserver.VLLM, nil)
 	pod.Labels = nil
 	pod.Spec.Containers = []corev1.Container{{Name: "echo", Image: "registry.k8s.io/gateway-api/echo-basic:v1.5.1"}}
 	s, ts := testServer(t, pod, Options{})
-	if !slices.Equal(s.ports, echoPorts) {
-		t.Errorf("echo ports %v, want %v", s.ports, echoPorts)
+	if want := []int32{3000, 3001}; !slices.Equal(s.ports, want) {
+		t.Errorf("echo ports %v, want %v", s.ports, want)
 	}
 	req, _ := http.NewRequest(http.MethodGet, ts.URL+"/some//path?x=1", nil)
 	req.Host = "example.com"

@@ -1,0 +1,139 @@
+package fleet
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/klog/v2/ktesting"
+)
+
+// The ports are read with lwepp's own flags and defaults, whatever other
+// flags (zap's, controller-runtime's) the pod passes.
+func TestLWEPPPorts(t *testing.T) {
+	for name, tc := range map[string]struct {
+		args []string
+		want [3]int
+	}{
+		"defaults": {nil, [3]int{9002, 9003, 9090}},
+		"the conformance suite's": {
+			[]string{"--pool-name", "primary-inference-pool", "--pool-namespace", "inference-conformance-app-backend",
+				"--zap-encoder", "json", "--grpc-port", "9002", "--grpc-health-port", "9003"},
+			[3]int{9002, 9003, 9090},
+		},
+		"all set, the last one wins": {
+			[]string{"--grpc-port=1", "--zap-log-level=debug", "--grpc-health-port=2", "--metrics-port=3", "--grpc-port=4"},
+			[3]int{4, 2, 3},
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var got [3]int
+			var err error
+			got[0], got[1], got[2], err = lweppPorts(tc.args)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tc.want {
+				t.Errorf("ports %v, want %v", got, tc.want)
+			}
+		})
+	}
+	if _, _, _, err := lweppPorts([]string{"--grpc-port=x"}); err == nil {
+		t.Error("a port that is not a number was accepted")
+	}
+}
+
+func TestLWEPPContainer(t *testing.T) {
+	pod := &corev1.Pod{Spec: corev1.PodSpec{Containers: []corev1.Container{
+		{Name: "sidecar", Image: "registry.k8s.io/pause:3.10"},
+		{Name: "epp", Image: "registry.k8s.io/gateway-api-inference-extension/lwepp:v1.6.0", Args: []string{"--pool-name=p"}},
+	}}}
+	c := lweppContainer(pod)
+	if c == nil || c.Name != "epp" {
+		t.Fatalf("lwepp container %v, want epp", c)
+	}
+	pod.Spec.Containers = pod.Spec.Containers[:1]
+	if c := lweppContainer(pod); c != nil {
+		t.Errorf("a pod without lwepp has lwepp container %s", c.Name)
+	}
+}
+
+// A forwarder copies bytes both ways, and closing it cuts the connections
+// it carries and refuses new ones.
+func TestForwarder(t *testing.T) {
+	logger, _ := ktesting.NewTestContext(t)
+	backend, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer backend.Close()
+	// The backend answers each line with it in upper case.
+	go func() {
+		for {
+			c, err := backend.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if _, err := io.WriteString(c, strings.ToUpper(line)); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+
+	f, err := forward("127.0.0.1:0", backend.Addr().String(), logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	defer func() {
+		if !closed {
+			f.close()
+		}
+	}()
+	c, err := net.Dial("tcp", f.l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	for _, line := range []string{"hello\n", "again\n"} {
+		if _, err := io.WriteString(c, line); err != nil {
+			t.Fatal(err)
+		}
+		got, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(strings.ToUpper(line), got); diff != "" {
+			t.Errorf("answer (-want +got):\n%s", diff)
+		}
+	}
+
+	f.close()
+	closed = true
+	if err := c.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.ReadByte(); err != io.EOF {
+		t.Errorf("reading after the forwarder closed: %v, want EOF", err)
+	}
+	if c, err := net.Dial("tcp", f.l.Addr().String()); err == nil {
+		c.Close()
+		t.Error("the closed forwarder accepted a connection")
+	}
+}
