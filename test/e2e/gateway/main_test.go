@@ -136,7 +136,13 @@ func namespace(t *testing.T, ctx context.Context, prefix string) string {
 // or echo backend until the test ends.
 func simulate(t *testing.T, ctx context.Context, ns string, onRequest func(fleet.Arrival)) *fleet.Fleet {
 	t.Helper()
-	sim := fleet.New(testCluster.Client, fleet.Options{Namespace: ns, Echo: true, OnRequest: onRequest})
+	return runFleet(t, ctx, fleet.Options{Namespace: ns, Echo: true, OnRequest: onRequest})
+}
+
+// runFleet runs the fleet simulator until the test ends.
+func runFleet(t *testing.T, ctx context.Context, opts fleet.Options) *fleet.Fleet {
+	t.Helper()
+	sim := fleet.New(testCluster.Client, opts)
 	simCtx, stop := context.WithCancel(ctx)
 	if err := sim.Start(simCtx); err != nil {
 		stop()
