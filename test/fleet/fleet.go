@@ -20,6 +20,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
@@ -240,16 +241,42 @@ func (f *Fleet) sync(pod *corev1.Pod) {
 
 // syncPickerLocked runs lwepp for a pod with an IP, and stops it when the
 // pod is deleted or its IP changes. A deleted pod's lwepp stops at once:
-// the pods the suite deploys have no preStop hook.
+// the pods the suite deploys have no preStop hook. The pod is Ready only
+// while its lwepp serves (see LWEPP).
 func (f *Fleet) syncPickerLocked(pod *corev1.Pod) {
 	p := f.pickers[pod.UID]
 	if p != nil && (pod.DeletionTimestamp != nil || p.ip != pod.Status.PodIP) {
 		f.removeLocked(pod.UID)
 		p = nil
 	}
-	if p == nil && pod.DeletionTimestamp == nil && pod.Status.PodIP != "" && !pod.Spec.HostNetwork {
-		f.pickers[pod.UID] = startLWEPP(pod, f.opts.LWEPP, f.logger)
+	if pod.DeletionTimestamp != nil {
+		return
+	}
+	if p == nil && pod.Status.PodIP != "" && !pod.Spec.HostNetwork {
+		ns, name := pod.Namespace, pod.Name
+		p = startLWEPP(pod, f.opts.LWEPP, f.logger, func(serving bool) {
+			f.drains.Go(func() { f.setUnready(ns, name, !serving) })
+		})
+		f.pickers[pod.UID] = p
 		f.logger.V(4).Info("Running lwepp", "pod", klog.KObj(pod), "ip", pod.Status.PodIP)
+	}
+	if serving := p != nil && p.serving.Load(); (pod.Annotations[unreadyAnnotation] == "true") == serving {
+		f.drains.Go(func() { f.setUnready(pod.Namespace, pod.Name, !serving) })
+	}
+}
+
+// setUnready sets or removes a pod's unready annotation.
+func (f *Fleet) setUnready(namespace, name string, unready bool) {
+	value := "null"
+	if unready {
+		value = `"true"`
+	}
+	patch := fmt.Sprintf(`{"metadata":{"annotations":{%q:%s}}}`, unreadyAnnotation, value)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := f.client.CoreV1().Pods(namespace).Patch(ctx, name, types.MergePatchType, []byte(patch), metav1.PatchOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		f.logger.Error(err, "Setting the pod's readiness", "pod", klog.KRef(namespace, name), "unready", unready)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -36,11 +37,15 @@ import (
 // process therefore gets ports of its own on loopback instead (its port
 // flags are given again after the pod's: the last one wins), and the fleet
 // forwards the pod's IP and ports to them, byte for byte: TLS, HTTP/2 and
-// gRPC pass through untouched. The forwarders open only once lwepp's gRPC
-// health service reports "inference-extension" SERVING (it does once it
-// has synced its pool), the check the pods' readiness probe makes: until
-// then connecting to the pod is refused, as to a process not yet
-// listening. (The pod's Ready condition is kwok's, which sets it at once.)
+// gRPC pass through untouched.
+//
+// The pods' readiness probe asks lwepp's gRPC health service for
+// "inference-extension", which lwepp reports SERVING once it has synced its
+// pool. The fleet plays that probe: it withholds the pod's readiness from
+// kwok (which would mark it Ready at once) with the unready annotation from
+// the moment it sees the pod, and opens the forwarders and lifts the
+// annotation once lwepp reports SERVING; if lwepp exits, the pod loses
+// readiness again (lwepp is not restarted).
 type LWEPP struct {
 	// Binary is the path of lwepp (cmd/lwepp of
 	// sigs.k8s.io/gateway-api-inference-extension).
@@ -83,6 +88,10 @@ func lweppPorts(args []string) (grpcPort, healthPort, metricsPort int, err error
 	return opts.GRPCPort, opts.GRPCHealthPort, opts.MetricsPort, nil
 }
 
+// unreadyAnnotation "true" withholds a pod's readiness from kwok, or takes
+// it away (see test/cluster/stages.yaml).
+const unreadyAnnotation = "sim.capstan.dev/unready"
+
 // lweppHealthService is the gRPC health service lwepp reports SERVING once
 // it has synced its pool, and the pods' readiness probe checks.
 const lweppHealthService = "inference-extension"
@@ -94,10 +103,14 @@ type lweppPod struct {
 	logger klog.Logger
 	cancel context.CancelFunc
 	done   chan struct{}
+	// serving is set while lwepp serves on the pod's ports.
+	serving atomic.Bool
 }
 
-// startLWEPP runs lwepp for a pod until stop is called.
-func startLWEPP(pod *corev1.Pod, cfg *LWEPP, logger klog.Logger) *lweppPod {
+// startLWEPP runs lwepp for a pod until stop is called. ready is called
+// with true once lwepp serves on the pod's ports, with false if it stops
+// serving before stop.
+func startLWEPP(pod *corev1.Pod, cfg *LWEPP, logger klog.Logger, ready func(bool)) *lweppPod {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &lweppPod{
 		key:    types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name},
@@ -108,8 +121,12 @@ func startLWEPP(pod *corev1.Pod, cfg *LWEPP, logger klog.Logger) *lweppPod {
 	}
 	go func() {
 		defer close(p.done)
-		if err := p.run(ctx, pod, cfg); err != nil && ctx.Err() == nil {
+		err := p.run(ctx, pod, cfg, ready)
+		if ctx.Err() == nil {
 			p.logger.Error(err, "lwepp stopped")
+			if p.serving.Swap(false) {
+				ready(false)
+			}
 		}
 	}()
 	return p
@@ -126,7 +143,7 @@ func (p *lweppPod) stop() {
 // streams.
 const lweppGrace = 5 * time.Second
 
-func (p *lweppPod) run(ctx context.Context, pod *corev1.Pod, cfg *LWEPP) error {
+func (p *lweppPod) run(ctx context.Context, pod *corev1.Pod, cfg *LWEPP, ready func(bool)) error {
 	c := lweppContainer(pod)
 	podPorts := [3]int{}
 	var err error
@@ -197,6 +214,8 @@ func (p *lweppPod) run(ctx context.Context, pod *corev1.Pod, cfg *LWEPP) error {
 		fwds = append(fwds, f)
 	}
 	p.logger.V(2).Info("lwepp is serving", "ports", podPorts)
+	p.serving.Store(true)
+	ready(true)
 	select {
 	case <-ctx.Done():
 		return nil
