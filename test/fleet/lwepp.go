@@ -21,7 +21,6 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/klog/v2"
 	lwepp "sigs.k8s.io/gateway-api-inference-extension/pkg/lwepp/server"
 )
@@ -75,7 +74,7 @@ func lweppContainer(pod *corev1.Pod) *corev1.Container {
 // lweppPorts reads the ports lwepp serves with these arguments, with
 // lwepp's own flag definitions and defaults: ext_proc gRPC, gRPC health,
 // metrics.
-func lweppPorts(args []string) (grpcPort, healthPort, metricsPort int, err error) {
+func lweppPorts(args []string) ([3]int, error) {
 	fs := pflag.NewFlagSet("lwepp", pflag.ContinueOnError)
 	// lwepp's main also takes zap's and controller-runtime's flags.
 	fs.ParseErrorsAllowlist.UnknownFlags = true
@@ -83,9 +82,9 @@ func lweppPorts(args []string) (grpcPort, healthPort, metricsPort int, err error
 	opts := lwepp.NewOptions()
 	opts.AddFlags(fs)
 	if err := fs.Parse(args); err != nil {
-		return 0, 0, 0, fmt.Errorf("lwepp arguments %q: %w", args, err)
+		return [3]int{}, fmt.Errorf("lwepp arguments %q: %w", args, err)
 	}
-	return opts.GRPCPort, opts.GRPCHealthPort, opts.MetricsPort, nil
+	return [3]int{opts.GRPCPort, opts.GRPCHealthPort, opts.MetricsPort}, nil
 }
 
 // unreadyAnnotation "true" withholds a pod's readiness from kwok, or takes
@@ -98,7 +97,6 @@ const lweppHealthService = "inference-extension"
 
 // lweppPod is one pod's lwepp process and the forwarders from the pod's IP.
 type lweppPod struct {
-	key    types.NamespacedName
 	ip     string
 	logger klog.Logger
 	cancel context.CancelFunc
@@ -113,7 +111,6 @@ type lweppPod struct {
 func startLWEPP(pod *corev1.Pod, cfg *LWEPP, logger klog.Logger, ready func(bool)) *lweppPod {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &lweppPod{
-		key:    types.NamespacedName{Namespace: pod.Namespace, Name: pod.Name},
 		ip:     pod.Status.PodIP,
 		logger: klog.LoggerWithValues(logger, "pod", klog.KObj(pod), "ip", pod.Status.PodIP),
 		cancel: cancel,
@@ -145,9 +142,7 @@ const lweppGrace = 5 * time.Second
 
 func (p *lweppPod) run(ctx context.Context, pod *corev1.Pod, cfg *LWEPP, ready func(bool)) error {
 	c := lweppContainer(pod)
-	podPorts := [3]int{}
-	var err error
-	podPorts[0], podPorts[1], podPorts[2], err = lweppPorts(c.Args)
+	podPorts, err := lweppPorts(c.Args)
 	if err != nil {
 		return err
 	}

@@ -32,9 +32,7 @@ func TestLWEPPPorts(t *testing.T) {
 		},
 	} {
 		t.Run(name, func(t *testing.T) {
-			var got [3]int
-			var err error
-			got[0], got[1], got[2], err = lweppPorts(tc.args)
+			got, err := lweppPorts(tc.args)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -43,7 +41,7 @@ func TestLWEPPPorts(t *testing.T) {
 			}
 		})
 	}
-	if _, _, _, err := lweppPorts([]string{"--grpc-port=x"}); err == nil {
+	if _, err := lweppPorts([]string{"--grpc-port=x"}); err == nil {
 		t.Error("a port that is not a number was accepted")
 	}
 }
