@@ -44,7 +44,7 @@ import (
 // kwok (which would mark it Ready at once) with the unready annotation from
 // the moment it sees the pod, and opens the forwarders and lifts the
 // annotation once lwepp reports SERVING; if lwepp exits, the pod loses
-// readiness again (lwepp is not restarted).
+// readiness until lwepp, restarted, serves again.
 type LWEPP struct {
 	// Binary is the path of lwepp (cmd/lwepp of
 	// sigs.k8s.io/gateway-api-inference-extension).
@@ -105,9 +105,9 @@ type lweppPod struct {
 	serving atomic.Bool
 }
 
-// startLWEPP runs lwepp for a pod until stop is called. ready is called
-// with true once lwepp serves on the pod's ports, with false if it stops
-// serving before stop.
+// startLWEPP runs lwepp for a pod until stop is called, restarting it when
+// it exits. ready is called with true whenever lwepp starts serving on the
+// pod's ports, with false whenever it stops before stop is called.
 func startLWEPP(pod *corev1.Pod, cfg *LWEPP, logger klog.Logger, ready func(bool)) *lweppPod {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &lweppPod{
@@ -118,11 +118,22 @@ func startLWEPP(pod *corev1.Pod, cfg *LWEPP, logger klog.Logger, ready func(bool
 	}
 	go func() {
 		defer close(p.done)
-		err := p.run(ctx, pod, cfg, ready)
-		if ctx.Err() == nil {
-			p.logger.Error(err, "lwepp stopped")
+		for {
+			err := p.run(ctx, pod, cfg, ready)
+			if ctx.Err() != nil {
+				return
+			}
+			// As the kubelet restarts a container that exits (here
+			// without its back-off); a port another process took
+			// between loopbackPorts and lwepp's bind is one cause.
+			p.logger.Error(err, "lwepp stopped; restarting it", "after", lweppRestartDelay)
 			if p.serving.Swap(false) {
 				ready(false)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(lweppRestartDelay):
 			}
 		}
 	}()
@@ -135,6 +146,9 @@ func (p *lweppPod) stop() {
 	p.cancel()
 	<-p.done
 }
+
+// lweppRestartDelay is how long an exited lwepp stays down.
+const lweppRestartDelay = time.Second
 
 // lweppGrace bounds lwepp's graceful stop: its gRPC servers wait for open
 // streams.

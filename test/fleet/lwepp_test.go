@@ -2,14 +2,19 @@ package fleet
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/klog/v2/ktesting"
 )
 
@@ -133,5 +138,50 @@ func TestForwarder(t *testing.T) {
 	if c, err := net.Dial("tcp", f.l.Addr().String()); err == nil {
 		c.Close()
 		t.Error("the closed forwarder accepted a connection")
+	}
+}
+
+// An lwepp that exits is restarted, the pod is never reported serving, and
+// stop ends the restarts.
+func TestLWEPPRestartsAnExitedProcess(t *testing.T) {
+	logger, _ := ktesting.NewTestContext(t)
+	dir := t.TempDir()
+	runs := filepath.Join(dir, "runs")
+	bin := filepath.Join(dir, "lwepp")
+	if err := os.WriteFile(bin, []byte("#!/bin/sh\necho \"$@\" >> "+runs+"\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "epp"},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "epp",
+			Image: "registry.k8s.io/gateway-api-inference-extension/lwepp:v1.6.0", Args: []string{"--pool-name=p"}}}},
+		Status: corev1.PodStatus{PodIP: "127.0.0.1"},
+	}
+	cfg := &LWEPP{Binary: bin, LogDir: dir, Kubeconfig: func(context.Context, *corev1.Pod) (string, error) { return "kc", nil }}
+	var served atomic.Bool
+	p := startLWEPP(pod, cfg, logger, func(serving bool) { served.Store(served.Load() || serving) })
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		data, _ := os.ReadFile(runs)
+		if lines := strings.Split(strings.TrimSpace(string(data)), "\n"); len(lines) >= 2 {
+			if !strings.HasPrefix(lines[0], "--pool-name=p --grpc-port=") || !strings.HasSuffix(lines[0], " --kubeconfig=kc") {
+				t.Errorf("lwepp ran with %q, want the pod's arguments, then its own ports and the kubeconfig", lines[0])
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("lwepp ran %d times in 10s, want it restarted", len(strings.Fields(string(data))))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	stopped := make(chan struct{})
+	go func() { p.stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("stop did not return")
+	}
+	if served.Load() {
+		t.Error("an lwepp that never served was reported serving")
 	}
 }
