@@ -1,7 +1,9 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"net/http"
@@ -13,11 +15,20 @@ import (
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	eppmeta "sigs.k8s.io/gateway-api-inference-extension/pkg/lwepp/metadata"
 
 	"github.com/capstan-dev/capstan/test/cluster"
 	"github.com/capstan-dev/capstan/test/fleet"
@@ -28,7 +39,7 @@ import (
 const (
 	// servedHeader is the response header lwepp sets to the endpoint the
 	// gateway reported as having served the request.
-	servedHeader = "x-conformance-test-served-endpoint"
+	servedHeader = eppmeta.ConformanceTestResultHeader
 	// steerHeader restricts lwepp's choice to the pods with these IPs.
 	steerHeader = "test-epp-endpoint-selection"
 )
@@ -170,62 +181,11 @@ func TestEndpointPicker(t *testing.T) {
 		podByIP[p.Status.PodIP] = p.Name
 	}
 
-	apply(t, ctx, ns, httpGateway(ns, "inference")+`
----
-apiVersion: inference.networking.k8s.io/v1
-kind: InferencePool
-metadata: {name: llama}
-spec:
-  selector: {matchLabels: {app: llama}}
-  targetPorts: [{number: 8000}]
-  endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailOpen}
----
-apiVersion: inference.networking.k8s.io/v1
-kind: InferencePool
-metadata: {name: llama-strict}
-spec:
-  selector: {matchLabels: {app: llama}}
-  targetPorts: [{number: 8000}]
-  endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailClose}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: open}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [open.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: strict}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [strict.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama-strict}]
-`)
+	apply(t, ctx, ns, pickedPools(ns))
 	// One lwepp serves both pools: they select the same pods, and lwepp
 	// picks among the pods of the pool it watches.
 	epp := startLWEPP(t, ctx, bin, ns, "llama")
-	apply(t, ctx, ns, fmt.Sprintf(`
-apiVersion: v1
-kind: Service
-metadata: {name: epp}
-spec:
-  selector: {app: epp}
-  ports: [{name: grpc, port: 9002, targetPort: %d}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: epp, labels: {app: epp}}
-spec:
-  containers:
-  - name: epp
-    image: registry.k8s.io/gateway-api-inference-extension/lwepp:v1.6.0
-    ports: [{name: grpc, containerPort: %d}]
-`, epp.grpcPort, epp.grpcPort))
+	apply(t, ctx, ns, pickerService("registry.k8s.io/gateway-api-inference-extension/lwepp:v1.6.0", epp.grpcPort))
 	if _, err := testCluster.WaitForReadyPods(ctx, ns, "app=epp", 1, 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
@@ -481,6 +441,73 @@ spec:
 	}
 }
 
+// pickedPools is a Gateway "inference" and two InferencePools of the pods
+// app=llama whose endpoint picker is Service epp port 9002: llama fails
+// open, llama-strict fails closed; the HTTPRoute "open" sends
+// open.example.com to llama, "strict" sends strict.example.com to
+// llama-strict.
+func pickedPools(ns string) string {
+	return httpGateway(ns, "inference") + `
+---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: llama}
+spec:
+  selector: {matchLabels: {app: llama}}
+  targetPorts: [{number: 8000}]
+  endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailOpen}
+---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: llama-strict}
+spec:
+  selector: {matchLabels: {app: llama}}
+  targetPorts: [{number: 8000}]
+  endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailClose}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: open}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [open.example.com]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: strict}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [strict.example.com]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama-strict}]
+`
+}
+
+// pickerService is the picker Service epp, port 9002 (named grpc) to the
+// target port of its one pod, a kwok pod epp with the label app=epp: what
+// listens on the target port of any pod IP reaches the picker.
+func pickerService(image string, targetPort int) string {
+	return fmt.Sprintf(`
+apiVersion: v1
+kind: Service
+metadata: {name: epp}
+spec:
+  selector: {app: epp}
+  ports: [{name: grpc, port: 9002, targetPort: %d}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: epp, labels: {app: epp}}
+spec:
+  containers:
+  - name: epp
+    image: %s
+    ports: [{name: grpc, containerPort: %d}]
+`, targetPort, image, targetPort)
+}
+
 // pickerFailures returns the router's endpoint-picker failures for the
 // test's pools, by kind.
 func pickerFailures(t *testing.T, r *router, ns string) map[string]float64 {
@@ -500,4 +527,588 @@ func diffCounts(after, before map[string]float64) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// testPicker is an endpoint picker the test serves itself, as the
+// extension's protocol (docs/proposals/004-endpoint-picker-protocol,
+// v1.6.0) and its lwepp have it, except for the one fault the test sets:
+// it reads the request headers and body to the end of the body, answers
+// each body message, then names the endpoints it picks in both the
+// x-gateway-destination-endpoint header mutation and the envoy.lb dynamic
+// metadata, picking round-robin among the subset hint (an ImmediateResponse
+// 503 when the hint is empty); it answers the response headers by setting
+// x-conformance-test-served-endpoint to the endpoint the router reports as
+// served. It serves TLS with a certificate of the test cluster's CA, which
+// the router's default --endpoint-picker-tls speaks without verifying.
+type testPicker struct {
+	extprocv3.UnimplementedExternalProcessorServer
+	addr string
+
+	mu sync.Mutex
+	// The faults: delay holds the answer to a request, servedDelay the
+	// answer to the response headers (each until the router ends the
+	// stream, if sooner); stale, when set, is the picker's own view of the
+	// pool, from which it picks in this order, whatever the hint says.
+	delay, servedDelay time.Duration
+	stale              []string
+	next               int
+	// What it saw, by X-Request-Id: the subset hint, what it picked, the
+	// endpoint reported as served; abandoned counts the streams the
+	// router ended while the picker was holding an answer.
+	hints     map[string][]string
+	picked    map[string]string
+	served    map[string]string
+	abandoned int
+}
+
+// servePicker serves a testPicker at the IP of a Ready pod (the picker
+// Service's endpoint) on port, until the test ends.
+func servePicker(t *testing.T, ip string, port int) *testPicker {
+	t.Helper()
+	certFile, keyFile, err := testCluster.IssueServingCert("epp-"+ip, ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &testPicker{addr: l.Addr().String(), hints: map[string][]string{}, picked: map[string]string{}, served: map[string]string{}}
+	s := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})))
+	extprocv3.RegisterExternalProcessorServer(s, p)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = s.Serve(l)
+	}()
+	t.Cleanup(func() {
+		s.Stop()
+		<-done
+	})
+	return p
+}
+
+// set changes the picker's faults.
+func (p *testPicker) set(delay, servedDelay time.Duration, stale ...string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.delay, p.servedDelay, p.stale = delay, servedDelay, stale
+}
+
+// saw returns what the picker saw of a request.
+func (p *testPicker) saw(id string) (hint []string, picked, served string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.hints[id], p.picked[id], p.served[id]
+}
+
+func (p *testPicker) abandonedStreams() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.abandoned
+}
+
+// hold waits d, or until the router ends the stream; it reports whether
+// the picker may still answer.
+func (p *testPicker) hold(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return true
+	}
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return true
+	case <-ctx.Done():
+		p.mu.Lock()
+		p.abandoned++
+		p.mu.Unlock()
+		return false
+	}
+}
+
+// pick chooses the endpoints of a request with this subset hint.
+func (p *testPicker) pick(id string, hint []string) (string, time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.hints[id] = hint
+	picked := strings.Join(p.stale, ",")
+	if picked == "" && len(hint) > 0 {
+		picked = hint[p.next%len(hint)]
+		p.next++
+	}
+	p.picked[id] = picked
+	return picked, p.delay
+}
+
+func (p *testPicker) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
+	ctx := srv.Context()
+	var id string
+	var hint []string
+	for {
+		req, err := srv.Recv()
+		if err != nil {
+			return nil // the router ended the stream
+		}
+		var out []*extprocv3.ProcessingResponse
+		end := false
+		switch r := req.Request.(type) {
+		case *extprocv3.ProcessingRequest_RequestHeaders:
+			for _, h := range r.RequestHeaders.GetHeaders().GetHeaders() {
+				if h.GetKey() == "x-request-id" {
+					id = cmp.Or(string(h.GetRawValue()), h.GetValue())
+				}
+			}
+			for _, v := range req.GetMetadataContext().GetFilterMetadata()[eppmeta.SubsetFilterNamespace].GetFields()[eppmeta.SubsetFilterKey].GetListValue().GetValues() {
+				hint = append(hint, v.GetStringValue())
+			}
+			end = r.RequestHeaders.EndOfStream
+		case *extprocv3.ProcessingRequest_RequestBody:
+			end = r.RequestBody.EndOfStream
+			if !end {
+				out = append(out, bodyAnswer())
+			}
+		case *extprocv3.ProcessingRequest_ResponseHeaders:
+			served := req.GetMetadataContext().GetFilterMetadata()[eppmeta.DestinationEndpointNamespace].GetFields()[eppmeta.DestinationEndpointServedKey].GetStringValue()
+			p.mu.Lock()
+			p.served[id] = served
+			delay := p.servedDelay
+			p.mu.Unlock()
+			if !p.hold(ctx, delay) {
+				return ctx.Err()
+			}
+			out = append(out, &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: &extprocv3.HeadersResponse{
+				Response: &extprocv3.CommonResponse{HeaderMutation: setHeader(eppmeta.ConformanceTestResultHeader, served)}}}})
+		default:
+			return status.Errorf(codes.InvalidArgument, "unexpected %T", r)
+		}
+		if end {
+			picked, delay := p.pick(id, hint)
+			if !p.hold(ctx, delay) {
+				return ctx.Err()
+			}
+			out = append(out, pickAnswer(picked))
+			// An immediate response ends the request; otherwise the last
+			// body message is answered too, as lwepp does.
+			if _, body := req.Request.(*extprocv3.ProcessingRequest_RequestBody); body && picked != "" {
+				out = append(out, bodyAnswer())
+			}
+		}
+		for _, resp := range out {
+			if err := srv.Send(resp); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// pickAnswer is the answer to a request's headers that names the picked
+// endpoints, or, with none, the 503 the protocol asks for.
+func pickAnswer(picked string) *extprocv3.ProcessingResponse {
+	if picked == "" {
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{ImmediateResponse: &extprocv3.ImmediateResponse{
+			Status: &typev3.HttpStatus{Code: typev3.StatusCode_ServiceUnavailable}, Body: []byte("no endpoint to pick")}}}
+	}
+	return &extprocv3.ProcessingResponse{
+		Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{
+			Response: &extprocv3.CommonResponse{ClearRouteCache: true, HeaderMutation: setHeader(eppmeta.DestinationEndpointKey, picked)}}},
+		DynamicMetadata: &structpb.Struct{Fields: map[string]*structpb.Value{eppmeta.DestinationEndpointNamespace: structpb.NewStructValue(
+			&structpb.Struct{Fields: map[string]*structpb.Value{eppmeta.DestinationEndpointKey: structpb.NewStringValue(picked)}})}},
+	}
+}
+
+// bodyAnswer lets a body message go on unchanged.
+func bodyAnswer() *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: &extprocv3.CommonResponse{}}}}
+}
+
+func setHeader(k, v string) *extprocv3.HeaderMutation {
+	return &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{{Header: &corev3.HeaderValue{Key: k, RawValue: []byte(v)}}}}
+}
+
+// pickerEnv is the picked pools (pickedPools) of three simulated model
+// servers llama-0…2, whose picker Service's one pod is served by a
+// testPicker, behind a router of the test's own.
+type pickerEnv struct {
+	ns      string
+	r       *router
+	addr    string
+	epp     *testPicker
+	pods    []corev1.Pod
+	seen    *arrivals
+	podByIP map[string]string
+	seq     atomic.Int64
+}
+
+// startPickerEnv sets up a pickerEnv, its router run with routerArgs, and
+// waits until a request to the FailClose pool is served through the
+// picker.
+func startPickerEnv(t *testing.T, ctx context.Context, name string, routerArgs ...string) *pickerEnv {
+	t.Helper()
+	installInferencePools(t, ctx)
+	e := &pickerEnv{ns: namespace(t, ctx, name), seen: &arrivals{byID: map[string]fleet.Arrival{}}, podByIP: map[string]string{}}
+	simulate(t, ctx, e.ns, e.seen.add)
+	e.pods = modelPods(t, ctx, e.ns, 3)
+	for _, p := range e.pods {
+		e.podByIP[p.Status.PodIP] = p.Name
+	}
+	apply(t, ctx, e.ns, pickedPools(e.ns))
+	apply(t, ctx, e.ns, pickerService("capstan.dev/test-endpoint-picker", 9002))
+	epp, err := testCluster.WaitForReadyPods(ctx, e.ns, "app=epp", 1, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.epp = servePicker(t, epp[0].Status.PodIP, 9002)
+	e.r = startRouter(t, ctx, "router-"+name, append([]string{"--namespaces=" + e.ns}, routerArgs...)...)
+	e.addr = gatewayAddress(t, ctx, e.ns, "inference")
+	for _, route := range []string{"open", "strict"} {
+		wantRouteCondition(t, ctx, types.NamespacedName{Namespace: e.ns, Name: route}, "inference", "ResolvedRefs", metav1.ConditionTrue, "ResolvedRefs")
+	}
+	var last string
+	err = testCluster.WaitFor(ctx, 30*time.Second, "a request through the FailClose pool to be served through the test picker", func(context.Context) (bool, error) {
+		res, _ := e.completion(ctx, "strict.example.com")
+		_, err := e.throughPicker(res)
+		if err != nil {
+			last = err.Error()
+		}
+		return err == nil, nil
+	})
+	if err != nil {
+		t.Fatalf("%v; last: %s", err, last)
+	}
+	return e
+}
+
+// completion sends one completion, each prompt its own, and says how long
+// the answer took.
+func (e *pickerEnv) completion(ctx context.Context, host string) (result, time.Duration) {
+	body := fmt.Sprintf(`{"model":"llama-3-8b","prompt":"%d: hello there","max_tokens":4}`, e.seq.Add(1))
+	start := time.Now()
+	res := send(ctx, "POST", e.addr, host, "/v1/completions", body)
+	return res, time.Since(start)
+}
+
+// endpoint is a pod's model-server endpoint.
+func endpoint(p corev1.Pod) string { return net.JoinHostPort(p.Status.PodIP, "8000") }
+
+// servedBy returns the pod the fleet saw a request at, checking that the
+// router's X-Capstan-Pod names it.
+func (e *pickerEnv) servedBy(res result) (fleet.Arrival, error) {
+	if res.err != nil || res.status != http.StatusOK {
+		return fleet.Arrival{}, fmt.Errorf("%d %v %s", res.status, res.err, res.body)
+	}
+	id := res.header.Get("X-Request-Id")
+	got, ok := e.seen.get(id)
+	if !ok {
+		return got, fmt.Errorf("request %s reached no pod the fleet knows", id)
+	}
+	if pod := res.header.Get("X-Capstan-Pod"); pod != got.Pod.String() {
+		return got, fmt.Errorf("X-Capstan-Pod is %q, the fleet saw request %s at %s", pod, id, got.Pod)
+	}
+	return got, nil
+}
+
+// throughPicker checks that a response came from an endpoint the picker
+// picked, which the router reported back to it as served (and whose
+// answer to that, x-conformance-test-served-endpoint, the client got). It
+// returns the pod.
+func (e *pickerEnv) throughPicker(res result) (string, error) {
+	got, err := e.servedBy(res)
+	if err != nil {
+		return "", err
+	}
+	id := res.header.Get("X-Request-Id")
+	_, picked, served := e.epp.saw(id)
+	at := net.JoinHostPort(got.IP, "8000")
+	if !slices.Contains(strings.Split(picked, ","), at) || served != at || res.header.Get(servedHeader) != at {
+		return "", fmt.Errorf("request %s: the picker picked %q, was told %q served it, the client got %s %q; the fleet saw it at %s",
+			id, picked, served, servedHeader, res.header.Get(servedHeader), at)
+	}
+	return got.Pod.Name, nil
+}
+
+// pickerMetrics is a pool's endpoint-picker failures of a kind and its
+// fail-open decisions.
+func (e *pickerEnv) pickerMetrics(t *testing.T, pool, kind string) (failures, failOpen float64) {
+	t.Helper()
+	key := e.ns + "/" + pool
+	return e.r.metricValue(t, "capstan_router_endpoint_picker_failures_total", map[string]string{"pool": key, "kind": kind}),
+		e.r.metricValue(t, "capstan_router_endpoint_picker_fail_open_total", map[string]string{"pool": key})
+}
+
+// wantPickerMetrics checks that a pool's failures of a kind and fail-open
+// decisions grew by these counts since before.
+func (e *pickerEnv) wantPickerMetrics(t *testing.T, pool, kind string, before [2]float64, failures, failOpen float64) {
+	t.Helper()
+	f, o := e.pickerMetrics(t, pool, kind)
+	if f-before[0] != failures || o-before[1] != failOpen {
+		t.Errorf("pool %s: %v more %s failures and %v more fail-open decisions, want %v and %v", pool, f-before[0], kind, o-before[1], failures, failOpen)
+	}
+}
+
+func (e *pickerEnv) metricsNow(t *testing.T, pool, kind string) [2]float64 {
+	t.Helper()
+	f, o := e.pickerMetrics(t, pool, kind)
+	return [2]float64{f, o}
+}
+
+// TestEndpointPickerSlow runs the router with --endpoint-picker-timeout=300ms
+// against a picker that answers slowly. A picker slower than usual but
+// within the timeout is obeyed. One that holds its answer for 10 s is
+// given up at the timeout: FailOpen requests are served by the router's
+// balancer in about the timeout, FailClose ones get 503
+// endpoint_picker_failed naming the picker Service and the timeout, none
+// of them reaching a pod, and the router counts timeouts, fail-open
+// decisions, and ends every stream it gave up. A picker that holds its
+// answer to the response headers delays the response by about the timeout,
+// which then goes on unchanged from the pod that served it, even for a
+// FailClose pool.
+func TestEndpointPickerSlow(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	// bound is the most a request may take: the timeout, plus a margin for
+	// a shared 2-CPU machine (the simulated pods answer in 10 ms), far
+	// below the picker's 10 s.
+	const bound = timeout + time.Second
+	ctx := testContext(t, 3*time.Minute)
+	e := startPickerEnv(t, ctx, "picker-slow", "--endpoint-picker-timeout="+timeout.String())
+
+	e.epp.set(timeout/4, 0)
+	for i := range 3 {
+		res, took := e.completion(ctx, "strict.example.com")
+		if _, err := e.throughPicker(res); err != nil {
+			t.Fatalf("request %d to a picker answering in %s: %v", i, timeout/4, err)
+		}
+		if took < timeout/4 {
+			t.Errorf("request %d was answered in %s, before its picker did (%s)", i, took, timeout/4)
+		}
+	}
+
+	e.epp.set(10*time.Second, 0)
+	openBefore, strictBefore := e.metricsNow(t, "llama", "timeout"), e.metricsNow(t, "llama-strict", "timeout")
+	abandoned := e.epp.abandonedStreams()
+	var slowest time.Duration
+	inTime := func(what string, took time.Duration) {
+		t.Helper()
+		slowest = max(slowest, took)
+		if took < timeout || took > bound {
+			t.Errorf("%s took %s, want between the timeout %s and %s", what, took, timeout, bound)
+		}
+	}
+	for i := range 10 {
+		res, took := e.completion(ctx, "open.example.com")
+		inTime(fmt.Sprintf("FailOpen request %d", i), took)
+		if _, err := e.servedBy(res); err != nil {
+			t.Errorf("FailOpen request %d with the picker answering too late: %v", i, err)
+		} else if h := res.header.Get(servedHeader); h != "" {
+			t.Errorf("FailOpen request %d, which the router's balancer served, has the picker's %s %q", i, servedHeader, h)
+		}
+	}
+	marks := map[string]int{}
+	for _, p := range e.pods {
+		marks[p.Name] = e.seen.to(p.Name)
+	}
+	for i := range 5 {
+		res, took := e.completion(ctx, "strict.example.com")
+		inTime(fmt.Sprintf("FailClose request %d", i), took)
+		if res.status != http.StatusServiceUnavailable || res.header.Get("Retry-After") == "" {
+			t.Errorf("FailClose request %d with the picker answering too late: %d (Retry-After %q) %s", i, res.status, res.header.Get("Retry-After"), res.body)
+		}
+		for _, want := range []string{`"code":"endpoint_picker_failed"`, "Service " + e.ns + "/epp:9002", "timeout", "no answer within " + timeout.String()} {
+			if !strings.Contains(res.body, want) {
+				t.Errorf("FailClose request %d: the error does not say %q: %s", i, want, res.body)
+			}
+		}
+		if i == 0 {
+			t.Logf("FailClose with a picker too slow: %d %s", res.status, strings.TrimSpace(res.body))
+		}
+	}
+	for _, p := range e.pods {
+		if n := e.seen.to(p.Name) - marks[p.Name]; n != 0 {
+			t.Errorf("pod %s got %d FailClose requests whose picker answered too late", p.Name, n)
+		}
+	}
+	t.Logf("with the picker answering after 10s and a %s timeout, the slowest answer took %s", timeout, slowest)
+	e.wantPickerMetrics(t, "llama", "timeout", openBefore, 10, 10)
+	e.wantPickerMetrics(t, "llama-strict", "timeout", strictBefore, 5, 0)
+	e.wantAbandoned(t, ctx, abandoned+15)
+
+	// Too slow on the response headers: the model server has answered,
+	// so the request is not failed, whatever the failureMode.
+	e.epp.set(0, 10*time.Second)
+	strictBefore = e.metricsNow(t, "llama-strict", "timeout")
+	abandoned = e.epp.abandonedStreams()
+	for i := range 3 {
+		res, took := e.completion(ctx, "strict.example.com")
+		inTime(fmt.Sprintf("FailClose request %d with the picker slow on its response", i), took)
+		got, err := e.servedBy(res)
+		if err != nil {
+			t.Errorf("FailClose request %d, the picker slow on its response: %v", i, err)
+			continue
+		}
+		_, picked, served := e.epp.saw(res.header.Get("X-Request-Id"))
+		at := net.JoinHostPort(got.IP, "8000")
+		if picked != at || served != at {
+			t.Errorf("request %d was served at %s, picked %q, reported as served at %q", i, at, picked, served)
+		}
+		if h := res.header.Get(servedHeader); h != "" {
+			t.Errorf("request %d has the %s %q the picker set after the timeout", i, servedHeader, h)
+		}
+	}
+	e.wantPickerMetrics(t, "llama-strict", "timeout", strictBefore, 3, 0)
+	e.wantAbandoned(t, ctx, abandoned+3)
+}
+
+// wantAbandoned waits until the router has ended n streams on which the
+// picker was holding an answer.
+func (e *pickerEnv) wantAbandoned(t *testing.T, ctx context.Context, n int) {
+	t.Helper()
+	err := testCluster.WaitFor(ctx, 10*time.Second, fmt.Sprintf("the router to end the %d streams it gave up on", n), func(context.Context) (bool, error) {
+		return e.epp.abandonedStreams() >= n, nil
+	})
+	if err != nil {
+		t.Errorf("%v: %d", err, e.epp.abandonedStreams())
+	}
+}
+
+// TestEndpointPickerStaleView runs the router against a picker whose view
+// of the pool is staler than the router's: it picks from its own list,
+// ignoring the subset hint (which the router sends with the pool's Ready
+// endpoints only: the hint never has the pod that left). An endpoint the
+// picker names that is not a Ready endpoint of the pool, because its pod
+// is not Ready or is terminating (and still answering), gets no request:
+// the router goes on to the next endpoint the picker named that is Ready,
+// reports that one as served, and when none is, the picker has failed
+// (not_ready): FailOpen requests are balanced over the Ready pods,
+// FailClose ones get 503 naming the picker Service.
+func TestEndpointPickerStaleView(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	e := startPickerEnv(t, ctx, "picker-stale")
+	unready, terminating, ready := e.pods[0], e.pods[2], e.pods[1]
+
+	patch := `{"metadata":{"annotations":{"sim.capstan.dev/unready":"true"}}}`
+	if _, err := testCluster.Client.CoreV1().Pods(e.ns).Patch(ctx, unready.Name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitReadyEndpoints(t, ctx, 2)
+	marks := e.marks()
+	e.epp.set(0, 0, endpoint(unready), endpoint(ready))
+	for i := range 6 {
+		res, _ := e.completion(ctx, "strict.example.com")
+		pod, err := e.throughPicker(res)
+		if err != nil {
+			t.Fatalf("FailClose request %d, %s then %s picked: %v", i, unready.Name, ready.Name, err)
+		}
+		if pod != ready.Name {
+			t.Errorf("FailClose request %d, %s then %s picked, was served by %s", i, unready.Name, ready.Name, pod)
+		}
+		if hint, _, _ := e.epp.saw(res.header.Get("X-Request-Id")); slices.Contains(hint, endpoint(unready)) || len(hint) != 2 {
+			t.Errorf("request %d: the subset hint %v is not the pool's 2 Ready endpoints", i, hint)
+		}
+	}
+	// When the picker names no Ready endpoint, it has failed.
+	e.epp.set(0, 0, endpoint(unready))
+	e.noReadyPick(t, ctx, 10, 5, "")
+	e.wantNone(t, marks, unready.Name)
+
+	// llama-2 is deleted: Terminating, its simulated server answers for
+	// another minute, but it is no endpoint of the pool any more.
+	if err := testCluster.Client.CoreV1().Pods(e.ns).Delete(ctx, terminating.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitReadyEndpoints(t, ctx, 1)
+	marks = e.marks()
+	e.epp.set(0, 0, endpoint(terminating), endpoint(unready), endpoint(ready))
+	for i := range 6 {
+		host := "strict.example.com"
+		if i%2 == 1 {
+			host = "open.example.com"
+		}
+		res, _ := e.completion(ctx, host)
+		pod, err := e.throughPicker(res)
+		if err != nil || pod != ready.Name {
+			t.Errorf("request %d to %s, %s, %s then %s picked: served by %q: %v", i, host, terminating.Name, unready.Name, ready.Name, pod, err)
+		}
+	}
+	e.epp.set(0, 0, endpoint(terminating), endpoint(unready))
+	e.noReadyPick(t, ctx, 10, 5, ready.Name)
+	e.wantNone(t, marks, terminating.Name, unready.Name)
+}
+
+// noReadyPick sends open requests to the FailOpen pool and strict ones to
+// the FailClose pool while the picker names no Ready endpoint: the first
+// are balanced, each to the only pod that may serve them when only is
+// set, the others get 503 naming the picker and reach no pod; each counts
+// as a not_ready failure.
+func (e *pickerEnv) noReadyPick(t *testing.T, ctx context.Context, open, strict int, only string) {
+	t.Helper()
+	openBefore, strictBefore := e.metricsNow(t, "llama", "not_ready"), e.metricsNow(t, "llama-strict", "not_ready")
+	for i := range open {
+		res, _ := e.completion(ctx, "open.example.com")
+		got, err := e.servedBy(res)
+		switch {
+		case err != nil:
+			t.Errorf("FailOpen request %d, no Ready endpoint picked: %v", i, err)
+		case res.header.Get(servedHeader) != "":
+			t.Errorf("FailOpen request %d, which the router's balancer served, has the picker's %s", i, servedHeader)
+		case only != "" && got.Pod.Name != only:
+			t.Errorf("FailOpen request %d, no Ready endpoint picked, was served by %s, not the one Ready pod %s", i, got.Pod.Name, only)
+		}
+	}
+	marks := e.marks()
+	for i := range strict {
+		res, _ := e.completion(ctx, "strict.example.com")
+		if res.status != http.StatusServiceUnavailable || !strings.Contains(res.body, "Service "+e.ns+"/epp:9002") || !strings.Contains(res.body, "not_ready") {
+			t.Errorf("FailClose request %d, no Ready endpoint picked: %d %s", i, res.status, res.body)
+		}
+		if i == 0 {
+			t.Logf("FailClose, no Ready endpoint picked: %d %s", res.status, strings.TrimSpace(res.body))
+		}
+	}
+	e.wantNone(t, marks)
+	e.wantPickerMetrics(t, "llama", "not_ready", openBefore, float64(open), float64(open))
+	e.wantPickerMetrics(t, "llama-strict", "not_ready", strictBefore, float64(strict), 0)
+}
+
+// marks counts the requests each pod has received.
+func (e *pickerEnv) marks() map[string]int {
+	m := map[string]int{}
+	for _, p := range e.pods {
+		m[p.Name] = e.seen.to(p.Name)
+	}
+	return m
+}
+
+// wantNone checks that these pods (all when none is named) got no request
+// since marks.
+func (e *pickerEnv) wantNone(t *testing.T, marks map[string]int, pods ...string) {
+	t.Helper()
+	for name, n := range marks {
+		if len(pods) > 0 && !slices.Contains(pods, name) {
+			continue
+		}
+		if got := e.seen.to(name) - n; got != 0 {
+			t.Errorf("pod %s got %d requests", name, got)
+		}
+	}
+}
+
+// waitReadyEndpoints waits until the router counts n ready endpoints in
+// each pool.
+func (e *pickerEnv) waitReadyEndpoints(t *testing.T, ctx context.Context, n float64) {
+	t.Helper()
+	err := testCluster.WaitFor(ctx, 10*time.Second, fmt.Sprintf("the router to count %v ready endpoints in each pool", n), func(context.Context) (bool, error) {
+		for _, pool := range []string{"llama", "llama-strict"} {
+			if e.r.metricValue(t, "capstan_router_inferencepool_ready_endpoints", map[string]string{"namespace": e.ns, "inferencepool": pool}) != n {
+				return false, nil
+			}
+		}
+		return true, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
