@@ -261,6 +261,9 @@ type Exchange struct {
 	timeout time.Duration
 	stream  extprocv3.ExternalProcessor_ProcessClient
 	cancel  context.CancelFunc
+	// bodyMessages is how many messages carried the request body: how
+	// many answers to it may still be on their way (see served).
+	bodyMessages int
 }
 
 // Immediate is a response the picker sends the client itself.
@@ -414,6 +417,7 @@ func (x *Exchange) sendRequest(req *Request) error {
 		if err := x.stream.Send(chunk); err != nil {
 			return streamError(x.picker, err)
 		}
+		x.bodyMessages++
 		body = body[n:]
 	}
 	return nil
@@ -461,13 +465,25 @@ func (x *Exchange) served(endpoint string, code int, header http.Header) (Header
 	if err := x.stream.Send(msg); err != nil {
 		return m, streamError(x.picker, err)
 	}
-	resp, err := x.stream.Recv()
-	if err != nil {
-		return m, streamError(x.picker, err)
-	}
-	r, ok := resp.Response.(*extprocv3.ProcessingResponse_ResponseHeaders)
-	if !ok {
-		return m, fmt.Errorf("an answer of type %T to the response headers", resp.Response)
+	// A picker may answer every body message, as lwepp does, the last
+	// answers coming after its pick (which ended pick's wait): they are
+	// skipped, at most one per body message sent.
+	var r *extprocv3.ProcessingResponse_ResponseHeaders
+	for late := 0; r == nil; late++ {
+		resp, err := x.stream.Recv()
+		if err != nil {
+			return m, streamError(x.picker, err)
+		}
+		switch a := resp.Response.(type) {
+		case *extprocv3.ProcessingResponse_ResponseHeaders:
+			r = a
+		case *extprocv3.ProcessingResponse_RequestBody:
+			if late >= x.bodyMessages {
+				return m, fmt.Errorf("more answers to the request body than the %d messages that carried it", x.bodyMessages)
+			}
+		default:
+			return m, fmt.Errorf("an answer of type %T to the response headers", resp.Response)
+		}
 	}
 	if hm := r.ResponseHeaders.GetResponse().GetHeaderMutation(); hm != nil {
 		m.add(hm)

@@ -270,6 +270,16 @@ func TestEndpointPicker(t *testing.T) {
 		}
 	}
 
+	// A prompt of several ext_proc messages (the router sends a body in
+	// chunks of 256 KiB, and lwepp answers each): picked, and reported
+	// back, as a small one.
+	for i := range 3 {
+		body := fmt.Sprintf(`{"model":"llama-3-8b","prompt":"%d: %s","max_tokens":4}`, seq.Add(1), strings.Repeat("hello ", 100<<10))
+		if _, err := pickedAndServed(send(ctx, "POST", addr, "strict.example.com", "/v1/completions", body)); err != nil {
+			t.Errorf("a 600 KiB request %d: %v", i, err)
+		}
+	}
+
 	// lwepp's steering header: each request reaches the pod it names.
 	for _, p := range pods {
 		for range 3 {
