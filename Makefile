@@ -25,7 +25,7 @@ SHELL_SCRIPTS := $(wildcard hack/*.sh) .ci/run
 VERIFY_CHECKS := verify-gofmt verify-tidy verify-vet verify-shellcheck verify-codegen verify-staticcheck
 
 .PHONY: all help demo build tools test test-unit test-e2e fuzz verify lint $(VERIFY_CHECKS) \
-	update-codegen cluster-up cluster-down clean images bench-router bench-adapter bench-scheduler bench-routing
+	update-codegen cluster-up cluster-down clean images bench-router bench-adapter bench-scheduler bench-routing bench-picker
 
 all: build
 
@@ -141,7 +141,9 @@ cluster-down:
 ## its Go benchmarks
 ## bench-routing: every balancer on the simulator's vLLM engine model, four workloads
 ## (CAPSTAN_BENCH_ROUTING=quick for a short run; results in _output/bench/routing.md)
-bench-router bench-adapter bench-scheduler bench-routing: build
+## bench-picker: what asking an InferencePool's endpoint picker (lwepp) adds per
+## request, against the router's own balancer (results in _output/bench/endpoint-picker.md)
+bench-router bench-adapter bench-scheduler bench-routing bench-picker: build
 	hack/$@.sh
 
 ## images: one image per binary from the Dockerfile (needs a Docker engine)

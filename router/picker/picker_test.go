@@ -2,7 +2,9 @@ package picker
 
 import (
 	"context"
+	"fmt"
 	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -63,6 +65,25 @@ func (p *perMessagePicker) Process(srv extprocv3.ExternalProcessor_ProcessServer
 	}
 }
 
+// serve serves a picker on loopback as Service ns/epp port 9002 until the
+// test ends and returns a client of it (plaintext HTTP/2).
+func serve(t testing.TB, p extprocv3.ExternalProcessorServer) *Client {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := grpc.NewServer()
+	extprocv3.RegisterExternalProcessorServer(s, p)
+	go func() { _ = s.Serve(l) }()
+	t.Cleanup(s.Stop)
+	key := types.NamespacedName{Namespace: "ns", Name: "epp"}
+	svc := &discovery.Service{Key: key, Ports: []discovery.Port{{Name: "grpc", Number: 9002,
+		Endpoints: []discovery.Endpoint{{Address: l.Addr().String(), Ready: true}}}}}
+	c := New(Options{Timeout: 5 * time.Second, MaxBodyBytes: 1 << 20, Services: func(types.NamespacedName) *discovery.Service { return svc }})
+	t.Cleanup(c.Close)
+	return c
+}
+
 // A picker that answers each body message is understood whatever the
 // body's size: its pick is used, and the served endpoint is reported and
 // the picker's answer to it applied, the late answers to the body skipped.
@@ -78,20 +99,7 @@ func TestAnswersToEveryBodyMessage(t *testing.T) {
 		"more answers than body messages": {body: 2*bodyChunk + 1, extra: 3, wantErr: "protocol: more answers to the request body than the 3 messages"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			l, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			s := grpc.NewServer()
-			extprocv3.RegisterExternalProcessorServer(s, &perMessagePicker{pick: "10.0.0.2:8000", extra: tc.extra})
-			go func() { _ = s.Serve(l) }()
-			t.Cleanup(s.Stop)
-			key := types.NamespacedName{Namespace: "ns", Name: "epp"}
-			svc := &discovery.Service{Key: key, Ports: []discovery.Port{{Name: "grpc", Number: 9002,
-				Endpoints: []discovery.Endpoint{{Address: l.Addr().String(), Ready: true}}}}}
-			c := New(Options{Timeout: 5 * time.Second, MaxBodyBytes: 1 << 20, Services: func(types.NamespacedName) *discovery.Service { return svc }})
-			t.Cleanup(c.Close)
-
+			c := serve(t, &perMessagePicker{pick: "10.0.0.2:8000", extra: tc.extra})
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			x, err := c.Pick(ctx, "ns/epp:9002", &Request{Method: "POST", Path: "/v1/completions", Authority: "a", Body: []byte(strings.Repeat("a", tc.body))})
@@ -114,6 +122,32 @@ func TestAnswersToEveryBodyMessage(t *testing.T) {
 			}
 			if len(m.Set) != 1 || m.Set[0].GetHeader().GetKey() != "x-served" || string(m.Set[0].GetHeader().GetRawValue()) != "10.0.0.2:8000" {
 				t.Errorf("the answer to the response headers: %v", m.Set)
+			}
+		})
+	}
+}
+
+// BenchmarkPick is one request's exchange with a picker on loopback, as
+// lwepp answers it: the pick (headers and body sent, the answer read) and
+// the served report with its answer. The picker's own work, in the same
+// process, is included.
+func BenchmarkPick(b *testing.B) {
+	for _, size := range []int{1 << 10, 220 << 10} {
+		b.Run(fmt.Sprintf("body=%dKiB", size>>10), func(b *testing.B) {
+			c := serve(b, &perMessagePicker{pick: "10.0.0.2:8000"})
+			req := &Request{Method: "POST", Path: "/v1/completions", Authority: "a", Body: []byte(strings.Repeat("a", size)),
+				Header: http.Header{"Content-Type": {"application/json"}, "X-Request-Id": {"0123456789abcdef"}}, Subset: []string{"10.0.0.1:8000", "10.0.0.2:8000"}}
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				x, err := c.Pick(context.Background(), "ns/epp:9002", req)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := x.Served("10.0.0.2:8000", 200, http.Header{"Content-Type": {"text/event-stream"}}); err != nil {
+					b.Fatal(err)
+				}
+				x.Close()
 			}
 		})
 	}
