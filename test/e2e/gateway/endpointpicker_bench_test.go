@@ -48,8 +48,9 @@ const pickerBenchBlocks = 10
 // fixed number of requests in alternating blocks; the client measures the
 // time to the first byte of the streamed body and to its end. It writes a
 // Markdown report to $CAPSTAN_BENCH_OUT: p50 and p99 of each arm, the
-// latency the picker adds (picker arm minus the other) and the ratio, the
-// router's and lwepp's CPU time per request, and the picker round trip as
+// latency the picker adds (picker arm minus the other) and the ratio, each
+// arm's throughput while its blocks ran, the router's and lwepp's CPU time
+// per request, and the picker round trip as
 // the router measures it. Every request must succeed, and every one of the
 // picker arm must have been picked by lwepp.
 func TestEndpointPickerOverhead(t *testing.T) {
@@ -153,7 +154,7 @@ spec:
 	fmt.Fprintf(&report, "%s, %d CPUs, load average at the start %s. %d simulated pods (TTFT 5 ms, 4 tokens 1 ms apart, streamed); "+
 		"%d measured requests per arm and cell, in %d alternating blocks per arm, after a warm-up; router balancer: its default.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 MST"), runtime.NumCPU(), loadAverage(), pods, requests, pickerBenchBlocks)
-	fmt.Fprintf(&report, "| prompt | clients | arm | TTFB p50 | TTFB p99 | total p50 | total p99 | router CPU/req | lwepp CPU/req |\n|---|---:|---|---:|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&report, "| prompt | clients | arm | TTFB p50 | TTFB p99 | total p50 | total p99 | req/s | router CPU/req | lwepp CPU/req |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
 	var added strings.Builder
 	fmt.Fprintf(&added, "| prompt | clients | TTFB p50 added | TTFB p99 added | total p50 added | total p99 added | TTFB p50 ratio | TTFB p99 ratio | picker round trip (router's mean) | router CPU added/req |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	var failed []string
@@ -171,8 +172,9 @@ spec:
 			for b := range 2 * pickerBenchBlocks {
 				i := (b + 1) / 2 % 2 // A B B A A B B A …
 				n := requests / pickerBenchBlocks
-				cpu := cpuTimes(t, pids)
+				cpu, start := cpuTimes(t, pids), time.Now()
 				arms[i].run(ctx, addr, size, clients, n, &seq, &res[i])
+				res[i].wall += time.Since(start)
 				after := cpuTimes(t, pids)
 				res[i].routerCPU += after["capstan-router"] - cpu["capstan-router"]
 				res[i].lweppCPU += after["lwepp"] - cpu["lwepp"]
@@ -183,9 +185,9 @@ spec:
 				if len(s.errors) > 0 {
 					failed = append(failed, fmt.Sprintf("%s, %s: %d errors, first: %s", cell, a.name, len(s.errors), s.errors[0]))
 				}
-				fmt.Fprintf(&report, "| %d KiB | %d | %s | %s | %s | %s | %s | %s | %s |\n", size>>10, clients, a.name,
+				fmt.Fprintf(&report, "| %d KiB | %d | %s | %s | %s | %s | %s | %.0f | %s | %s |\n", size>>10, clients, a.name,
 					ms(percentile(s.ttfb, 50)), ms(percentile(s.ttfb, 99)), ms(percentile(s.total, 50)), ms(percentile(s.total, 99)),
-					us(s.perRequest(s.routerCPU)), us(s.perRequest(s.lweppCPU)))
+					float64(len(s.ttfb))/s.wall.Seconds(), us(s.perRequest(s.routerCPU)), us(s.perRequest(s.lweppCPU)))
 			}
 			base, picked := &res[0], &res[1]
 			diff := func(p float64, of func(*pickerArmResult) []time.Duration) string {
@@ -233,6 +235,8 @@ type pickerArmResult struct {
 	ttfb, total         []time.Duration
 	errors              []string
 	routerCPU, lweppCPU time.Duration
+	// wall is the time its blocks took.
+	wall time.Duration
 }
 
 // perRequest divides a CPU time by the requests measured.
