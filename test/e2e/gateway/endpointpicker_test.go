@@ -163,7 +163,8 @@ func lweppBinary(t *testing.T) string {
 // endpointPickerRef, one FailOpen and one FailClose. Every request is
 // served by the pod lwepp picked (the served endpoint lwepp reports in
 // x-conformance-test-served-endpoint is the pod the fleet saw the request
-// at), lwepp's steering header sends requests to the pod it names, a pod
+// at), a 600 KiB prompt (several ext_proc body messages) included, lwepp's
+// steering header sends requests to the pod it names, a pod
 // that is not Ready gets no request even when lwepp is asked for it, and
 // when lwepp is killed under load the FailOpen pool loses no request (the
 // router balances them and counts fail-open decisions) while the FailClose
@@ -552,7 +553,6 @@ func diffCounts(after, before map[string]float64) map[string]float64 {
 // the router's default --endpoint-picker-tls speaks without verifying.
 type testPicker struct {
 	extprocv3.UnimplementedExternalProcessorServer
-	addr string
 
 	mu sync.Mutex
 	// The faults: delay holds the answer to a request, servedDelay the
@@ -587,7 +587,7 @@ func servePicker(t *testing.T, ip string, port int) *testPicker {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &testPicker{addr: l.Addr().String(), hints: map[string][]string{}, picked: map[string]string{}, served: map[string]string{}}
+	p := &testPicker{hints: map[string][]string{}, picked: map[string]string{}, served: map[string]string{}}
 	s := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})))
 	extprocv3.RegisterExternalProcessorServer(s, p)
 	done := make(chan struct{})
@@ -616,6 +616,8 @@ func (p *testPicker) saw(id string) (hint []string, picked, served string) {
 	return p.hints[id], p.picked[id], p.served[id]
 }
 
+// abandonedStreams counts the streams the router ended while the picker
+// held an answer.
 func (p *testPicker) abandonedStreams() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
