@@ -83,14 +83,18 @@ func TestInferenceConformance(t *testing.T) {
 	// The suite's defaults wait up to five minutes for what happens here in
 	// milliseconds or not at all; these bounds keep a failing test short
 	// while leaving the router and lwepp ample time. (Its status helpers
-	// keep their own fixed bounds.)
+	// keep their own fixed bounds.) MaxTimeToConsistency keeps the suite's
+	// five minutes: GatewayWeightedAcrossTwoInferencePools warms each pod up
+	// with requests steered to it, a second apart, until three in a row
+	// succeed, and a request steered to a pod of the pool weighted 30
+	// succeeds only when the weighted pick sends it there, three times
+	// running: about 50 requests on average, a minute at the suite's pace.
 	timeouts := inferenceconfig.DefaultInferenceExtensionTimeoutConfig().TimeoutConfig
 	for _, d := range []*time.Duration{&timeouts.GatewayMustHaveAddress, &timeouts.GatewayMustHaveCondition,
 		&timeouts.GWCMustBeAccepted, &timeouts.HTTPRouteMustHaveCondition, &timeouts.RouteMustHaveParents,
 		&timeouts.NamespacesMustBeReady, &timeouts.LatestObservedGenerationSet} {
 		*d = 30 * time.Second
 	}
-	timeouts.MaxTimeToConsistency = 20 * time.Second
 
 	gatewayNamespacePod(t, ctx)
 
