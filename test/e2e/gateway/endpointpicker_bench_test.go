@@ -95,25 +95,7 @@ metadata: {name: llama}
 spec:
   selector: {matchLabels: {app: llama}}
   targetPorts: [{number: 8000}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: picker}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [picker.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama-epp}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: builtin}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [builtin.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama}]
-`)
+`+poolRoute("picker", "picker.example.com", "llama-epp")+poolRoute("builtin", "builtin.example.com", "llama"))
 	epp := startLWEPP(t, ctx, bin, ns, "llama-epp")
 	apply(t, ctx, ns, pickerService("registry.k8s.io/gateway-api-inference-extension/lwepp:v1.6.0", epp.grpcPort))
 	if _, err := testCluster.WaitForReadyPods(ctx, ns, "app=epp", 1, 30*time.Second); err != nil {

@@ -475,25 +475,7 @@ spec:
   selector: {matchLabels: {app: llama}}
   targetPorts: [{number: 8000}]
   endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailClose}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: open}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [open.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: strict}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [strict.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama-strict}]
-`
+` + poolRoute("open", "open.example.com", "llama") + poolRoute("strict", "strict.example.com", "llama-strict")
 }
 
 // pickerService is the picker Service epp, port 9002 (named grpc) to the

@@ -78,34 +78,7 @@ metadata: {name: epp}
 spec:
   selector: {app: epp}
   ports: [{name: grpc, port: 9002}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: pool}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [llama.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: picked}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [picked.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: llama-picked}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: missing}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [missing.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: nonexistent}]
-`)
+`+poolRoute("pool", "llama.example.com", "llama")+poolRoute("picked", "picked.example.com", "llama-picked")+poolRoute("missing", "missing.example.com", "nonexistent"))
 	r := startRouter(t, ctx, "router-pools", "--namespaces="+ns)
 	addr := gatewayAddress(t, ctx, ns, "inference")
 	wantRouteCondition(t, ctx, types.NamespacedName{Namespace: ns, Name: "pool"}, "inference", "ResolvedRefs", metav1.ConditionTrue, "ResolvedRefs")
@@ -194,6 +167,22 @@ spec:
 	if after := counts.get(); after["llama-2"] != mark["llama-2"] {
 		t.Errorf("requests for a FailClose pool or a missing one reached a pod")
 	}
+}
+
+// poolRoute is an HTTPRoute, as a YAML document to append to others, that
+// sends the requests for host through the Gateway "inference" to the
+// InferencePool pool.
+func poolRoute(name, host, pool string) string {
+	return fmt.Sprintf(`---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: %s}
+spec:
+  parentRefs: [{name: inference}]
+  hostnames: [%s]
+  rules:
+  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: %s}]
+`, name, host, pool)
 }
 
 // installInferencePools installs the InferencePool CRD for the test and
@@ -329,34 +318,7 @@ spec:
   selector: {matchLabels: {app: echo}}
   targetPorts: [{number: 3001}]
   appProtocol: http
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: h2c}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [h2c.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: h2c}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: http}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [http.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: http}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: mismatched}
-spec:
-  parentRefs: [{name: inference}]
-  hostnames: [mismatched.example.com]
-  rules:
-  - backendRefs: [{group: inference.networking.k8s.io, kind: InferencePool, name: mismatched}]
-`)
+`+poolRoute("h2c", "h2c.example.com", "h2c")+poolRoute("http", "http.example.com", "http")+poolRoute("mismatched", "mismatched.example.com", "mismatched"))
 	pods, err := testCluster.WaitForReadyPods(ctx, ns, "app=echo", 2, 30*time.Second)
 	if err != nil {
 		t.Fatal(err)
