@@ -88,8 +88,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	selector, err := balance.New(o.Balancer, balance.Options{LoadFactor: o.LoadFactor, QueueWeight: o.QueueWeight, KVCacheWeight: o.KVCacheWeight,
-		CacheWeight: o.PrefixCacheWeight, BlocksPerEndpoint: o.PrefixCacheBlocksPerEndpoint})
+	balancers, err := newBalancers(o)
 	if err != nil {
 		return nil, err
 	}
@@ -107,7 +106,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	routes := route.NewBuilder(hosts, route.Options{
 		MaxPerEndpoint: o.MaxRequestsPerEndpoint,
 		MaxPerModel:    o.MaxRequestsPerModel,
-		BuildRing:      balance.NeedsRing(selector),
+		BuildRing:      balance.NeedsRing(o.Balancer),
 		Claims:         events,
 		ModelChanged:   modelChanged,
 	})
@@ -128,8 +127,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	}
 	m := metrics.New(reg, routes.Table, held)
 	popts := proxy.Options{
-		Selector:             selector,
-		Balancer:             o.Balancer,
+		Balancing:            *balancers[o.Balancer],
 		MaxBodyBytes:         o.maxBodyBytes(),
 		MaxInFlightBodyBytes: o.maxInFlightBodyBytes(),
 		TrustedHops:          o.XFFTrustedHops,
@@ -152,15 +150,9 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		AccessLog:               o.AccessLog,
 		Synced:                  r.discovery.HasSynced,
 	}
-	switch o.Balancer {
-	case balance.PrefixAffinity:
-		popts.PrefixBytes = o.PrefixBytes
-	case balance.PrefixCache:
-		popts.PrefixBytes, popts.PromptBlocks = balance.MaxPromptBlocks*balance.PromptBlockBytes, true
-	case balance.SessionAffinity:
-		popts.SessionHeader = o.SessionHeader
-	}
 	if o.GatewayEnabled() {
+		// InferencePools may choose any policy (capstan.dev/balancer).
+		popts.Balancers = balancers
 		popts.Gateways = func() *route.HTTPTable { return r.gateway.Table() }
 		// Pickers are dialled at their Service's Ready endpoints, from the
 		// Service snapshots Gateway mode keeps of every watched namespace.
@@ -474,4 +466,28 @@ func newAdminMux(reg *prometheus.Registry, ready func() error, profiling bool) h
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
+}
+
+// balancers builds every balancing policy with the options' parameters,
+// one Selector each, shared by every pool that uses the policy.
+func newBalancers(o *Options) (map[balance.Policy]*proxy.Balancing, error) {
+	out := make(map[balance.Policy]*proxy.Balancing, len(balance.Policies))
+	for _, p := range balance.Policies {
+		sel, err := balance.New(p, balance.Options{LoadFactor: o.LoadFactor, QueueWeight: o.QueueWeight, KVCacheWeight: o.KVCacheWeight,
+			CacheWeight: o.PrefixCacheWeight, BlocksPerEndpoint: o.PrefixCacheBlocksPerEndpoint})
+		if err != nil {
+			return nil, fmt.Errorf("balancer %s: %w", p, err)
+		}
+		b := &proxy.Balancing{Policy: p, Selector: sel}
+		switch p {
+		case balance.PrefixAffinity:
+			b.PrefixBytes = o.PrefixBytes
+		case balance.PrefixCache:
+			b.PrefixBytes, b.PromptBlocks = balance.MaxPromptBlocks*balance.PromptBlockBytes, true
+		case balance.SessionAffinity:
+			b.SessionHeader = o.SessionHeader
+		}
+		out[p] = b
+	}
+	return out, nil
 }

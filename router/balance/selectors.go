@@ -357,11 +357,12 @@ func (SessionAffinitySelection) Select(p *Pool, r *Request) *Endpoint {
 	return leastRequests(p, r)
 }
 
-// NeedsRing reports whether a Selector uses the pool's hash ring, so a pool
-// builder can build it before the first request instead of during it.
-func NeedsRing(s Selector) bool {
-	switch s.(type) {
-	case PrefixAffinitySelection, SessionAffinitySelection, *PrefixCacheSelection:
+// NeedsRing reports whether a policy's Selector uses the pool's hash ring,
+// so a pool builder can build it before the first request instead of
+// during it.
+func NeedsRing(policy Policy) bool {
+	switch policy {
+	case PrefixAffinity, SessionAffinity, PrefixCache:
 		return true
 	}
 	return false

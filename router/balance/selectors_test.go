@@ -338,7 +338,7 @@ func TestNew(t *testing.T) {
 	if _, err := New(PrefixCache, Options{LoadFactor: 1.25}); err == nil {
 		t.Error("New accepted a prefix cache of no blocks")
 	}
-	if !NeedsRing(mustNew(t, PrefixAffinity)) || !NeedsRing(mustNew(t, PrefixCache)) || NeedsRing(mustNew(t, LeastRequests)) {
+	if !NeedsRing(PrefixAffinity) || !NeedsRing(PrefixCache) || !NeedsRing(SessionAffinity) || NeedsRing(LeastRequests) {
 		t.Error("NeedsRing is wrong")
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 
+	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/inferencepool"
 )
 
@@ -55,12 +56,12 @@ func (in *inputs) poolConditions(pool *inferencev1.InferencePool) (string, condi
 	resolvedType := string(inferencev1.InferencePoolConditionResolvedRefs)
 	ref := pool.Spec.EndpointPickerRef
 	if ref == nil {
-		return "Accepted; balanced by capstan-router (no endpointPickerRef)",
+		return "Accepted; balanced by " + balancedBy(pool) + " (no endpointPickerRef)",
 			trueCond(resolvedType, string(inferencev1.InferencePoolReasonResolvedRefs), "no endpointPickerRef to resolve")
 	}
 	epp := inferencepool.EndpointPicker(pool)
 	accepted := fmt.Sprintf("Accepted; each request asks the endpoint picker %s which Ready endpoints to use: "+
-		"failureMode FailOpen, so when it fails capstan-router balances the request itself", epp)
+		"failureMode FailOpen, so when it fails the request is balanced by %s", epp, balancedBy(pool))
 	if ref.FailureMode != inferencev1.EndpointPickerFailOpen {
 		accepted = fmt.Sprintf("Accepted; each request asks the endpoint picker %s which Ready endpoints to use: "+
 			"failureMode FailClose, so when it fails the request gets 503", epp)
@@ -91,6 +92,20 @@ func (in *inputs) poolConditions(pool *inferencev1.InferencePool) (string, condi
 		return invalid(fmt.Sprintf("endpointPickerRef %s: the Service has no TCP port %d", key, ref.Port.Number))
 	}
 	return accepted, trueCond(resolvedType, string(inferencev1.InferencePoolReasonResolvedRefs), "endpointPickerRef resolved to Service "+epp)
+}
+
+// balancedBy says which of capstan-router's policies balances the pool:
+// the one its capstan.dev/balancer annotation names, or the router's own,
+// also when the annotation names none.
+func balancedBy(pool *inferencev1.InferencePool) string {
+	name, ok := pool.Annotations[inferencepool.BalancerAnnotation]
+	switch {
+	case !ok:
+		return "capstan-router's --balancer policy"
+	case slices.Contains(balance.Policies, balance.Policy(name)):
+		return fmt.Sprintf("capstan-router's %s policy (%s)", name, inferencepool.BalancerAnnotation)
+	}
+	return fmt.Sprintf("capstan-router's --balancer policy: %s %q is not one of %v", inferencepool.BalancerAnnotation, name, balance.Policies)
 }
 
 // maxPoolParents is the most parents an InferencePool's status may list

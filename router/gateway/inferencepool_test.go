@@ -235,6 +235,7 @@ func TestInferencePoolStatus(t *testing.T) {
 	closed := gw("infra", "closed", 2, listener("http", 80, gatewayv1.HTTPProtocolType, ""))
 	for name, tc := range map[string]struct {
 		epp      *inferencev1.EndpointPickerRef
+		balancer *string // the pool's capstan.dev/balancer
 		parents  []gatewayv1.ParentReference
 		want     map[string][]cond
 		accepted string // in the Accepted messages
@@ -242,7 +243,19 @@ func TestInferencePoolStatus(t *testing.T) {
 		"no endpoint picker": {
 			parents:  []gatewayv1.ParentReference{parent("", "open")},
 			want:     map[string][]cond{"apps/open": {poolAccepted, poolResolved}},
-			accepted: "balanced by capstan-router",
+			accepted: "balanced by capstan-router's --balancer policy (no endpointPickerRef)",
+		},
+		"no endpoint picker, a policy of its own": {
+			balancer: ptrTo("session-affinity"),
+			parents:  []gatewayv1.ParentReference{parent("", "open")},
+			want:     map[string][]cond{"apps/open": {poolAccepted, poolResolved}},
+			accepted: "balanced by capstan-router's session-affinity policy (capstan.dev/balancer)",
+		},
+		"no endpoint picker, a policy that does not exist": {
+			balancer: ptrTo("fastest"),
+			parents:  []gatewayv1.ParentReference{parent("", "open")},
+			want:     map[string][]cond{"apps/open": {poolAccepted, poolResolved}},
+			accepted: `balanced by capstan-router's --balancer policy: capstan.dev/balancer "fastest" is not one of [least-requests`,
 		},
 		"a parent that does not accept the route": {
 			parents: []gatewayv1.ParentReference{parent("", "open"), parent("infra", "closed")},
@@ -252,7 +265,7 @@ func TestInferencePoolStatus(t *testing.T) {
 			epp:      epp(nil),
 			parents:  []gatewayv1.ParentReference{parent("", "open")},
 			want:     map[string][]cond{"apps/open": {poolAccepted, poolResolved}},
-			accepted: "asks the endpoint picker apps/epp:9002 which Ready endpoints to use: failureMode FailOpen, so when it fails capstan-router balances the request itself",
+			accepted: "asks the endpoint picker apps/epp:9002 which Ready endpoints to use: failureMode FailOpen, so when it fails the request is balanced by capstan-router's --balancer policy",
 		},
 		"an endpoint picker, FailClose": {
 			epp:      epp(func(r *inferencev1.EndpointPickerRef) { r.FailureMode = inferencev1.EndpointPickerFailClose }),
@@ -286,6 +299,9 @@ func TestInferencePoolStatus(t *testing.T) {
 			pools := f.withPools()
 			f.addService("apps", "epp", 9002, "198.18.0.8")
 			pool := f.addPool(pools, "apps", "llama", "198.18.0.1", tc.epp)
+			if tc.balancer != nil {
+				pool.Annotations = map[string]string{inferencepool.BalancerAnnotation: *tc.balancer}
+			}
 			theirs := gw("apps", "theirs", 3, listener("http", 80, gatewayv1.HTTPProtocolType, ""))
 			theirs.Spec.GatewayClassName = "other"
 			f.gateways = []*gatewayv1.Gateway{open, closed, theirs}

@@ -29,6 +29,11 @@ import (
 	"github.com/capstan-dev/capstan/router/upstream"
 )
 
+// BalancerAnnotation on an InferencePool names the balancing policy that
+// picks its endpoints (without an endpoint picker, or when a FailOpen one
+// fails) instead of the router's --balancer.
+const BalancerAnnotation = "capstan.dev/balancer"
+
 // Pool is an immutable snapshot of one InferencePool and its endpoints.
 type Pool struct {
 	Key types.NamespacedName
@@ -41,6 +46,9 @@ type Pool struct {
 	// FailOpen is the endpointPickerRef's failureMode: true for FailOpen,
 	// false for FailClose (the API's default) or without a picker.
 	FailOpen bool
+	// Balancer is the pool's capstan.dev/balancer annotation: the
+	// balancing policy the pool asks for, as written ("" for none).
+	Balancer string
 	// Protocol is what the endpoints speak: spec.appProtocol
 	// "kubernetes.io/h2c" is HTTP/2 with prior knowledge, "http" or none
 	// HTTP/1.1.
@@ -49,7 +57,7 @@ type Pool struct {
 
 // equal reports whether two snapshots would route the same way.
 func (p *Pool) equal(o *Pool) bool {
-	return p.Key == o.Key && p.EndpointPicker == o.EndpointPicker && p.FailOpen == o.FailOpen && p.Protocol == o.Protocol &&
+	return p.Key == o.Key && p.EndpointPicker == o.EndpointPicker && p.FailOpen == o.FailOpen && p.Protocol == o.Protocol && p.Balancer == o.Balancer &&
 		slices.Equal(p.Endpoints, o.Endpoints)
 }
 
@@ -92,6 +100,7 @@ func Build(pool *inferencev1.InferencePool, pods []*corev1.Pod) *Pool {
 	if ref := pool.Spec.EndpointPickerRef; ref != nil {
 		p.FailOpen = ref.FailureMode == inferencev1.EndpointPickerFailOpen
 	}
+	p.Balancer = pool.Annotations[BalancerAnnotation]
 	if pool.Spec.AppProtocol == inferencev1.AppProtocolH2C {
 		p.Protocol = upstream.H2C
 	}

@@ -21,12 +21,10 @@ import (
 // prompt and records it in its index).
 func BenchmarkForward(b *testing.B) {
 	balancers := map[string]func(*Options){
-		"least-requests": func(o *Options) { o.Selector = balance.LeastRequestsSelection{} },
-		"prefix-cache": func(o *Options) {
-			o.Selector = balance.NewPrefixCache(balance.DefaultCacheWeight, balance.DefaultQueueWeight, balance.DefaultKVCacheWeight,
-				balance.DefaultLoadFactor, balance.DefaultBlocksPerEndpoint)
-			o.PrefixBytes, o.PromptBlocks = balance.MaxPromptBlocks*balance.PromptBlockBytes, true
+		"least-requests": func(o *Options) {
+			o.Balancing = Balancing{Policy: balance.LeastRequests, Selector: balance.LeastRequestsSelection{}}
 		},
+		"prefix-cache": func(o *Options) { o.Balancing = prefixCache() },
 	}
 	for _, name := range []string{"least-requests", "prefix-cache"} {
 		b.Run(name, func(b *testing.B) {
@@ -62,7 +60,7 @@ func BenchmarkGatewayForward(b *testing.B) {
 	g := &gatewayFixture{}
 	g.fixture = newFixture(b, "unused", nil, func(o *Options) {
 		o.AccessLog = false
-		o.Selector = balance.LeastRequestsSelection{}
+		o.Balancing = Balancing{Policy: balance.LeastRequests, Selector: balance.LeastRequestsSelection{}}
 		o.Gateways = func() *route.HTTPTable { return g.table }
 	})
 	k := types.NamespacedName{Namespace: "ns", Name: "llama"}

@@ -58,7 +58,7 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 		defer h.putBody(buf)
 		body = buf.Bytes()
 		if isJSON(r.Header.Get("Content-Type")) {
-			if req, err := Decode(body, h.opts.PrefixBytes); err == nil {
+			if req, err := Decode(body, h.maxPrefixBytes); err == nil {
 				r.Header[ModelHeader] = []string{req.Model}
 				x.asked, prefix = req.Model, req.Prefix
 			}
@@ -109,7 +109,9 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 	pool.Admit() // backends have no in-flight limit of their own
 	defer pool.Done()
 
-	t := target{kind: "backend", name: x.backend, model: st.Model, pool: pool,
+	bal := h.balancing(st.Balancer)
+	x.balancer = bal.Policy
+	t := target{kind: "backend", name: x.backend, model: st.Model, pool: pool, balancing: bal,
 		path: r.URL.Path, rawPath: r.URL.RawPath, host: r.Host, header: h.outboundHeader(r, x.idField),
 		responseHeaders: [2]*route.HeaderModifier{rule.ResponseHeaders, rb.ResponseHeaders}}
 	if rw := rule.Rewrite; rw != nil {
@@ -131,7 +133,7 @@ func (h *Handler) serveGateway(w http.ResponseWriter, r *http.Request, address s
 			defer t.picker.Close()
 		}
 	}
-	br := h.balanceRequest(r, prefix)
+	br := h.balanceRequest(r, prefix, bal)
 	h.forward(w, r, &x, &t, body, &br)
 }
 

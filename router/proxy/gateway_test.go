@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/inferencepool"
 	"github.com/capstan-dev/capstan/router/route"
@@ -305,5 +306,54 @@ func TestGatewayInferencePools(t *testing.T) {
 		if resp, data := g.do("POST", "h", "/v1/completions", "application/json", `{"model":"m"}`); resp.StatusCode != 200 || resp.Header.Get("X-Upstream") != "pool-0" {
 			t.Errorf("%d from %q: %s", resp.StatusCode, resp.Header.Get("X-Upstream"), data)
 		}
+	}
+}
+
+// A pool whose capstan.dev/balancer names a policy is balanced by it, with
+// what that policy reads of a request, while the router's default balances
+// the rest: with session-affinity chosen, a session stays on one pod that
+// round-robin, the default here, would rotate; the requests are counted
+// under the policy that balanced them.
+func TestGatewayInferencePoolChoosesItsPolicy(t *testing.T) {
+	ups := []backend{startBackend(t, "a", ok), startBackend(t, "b", ok), startBackend(t, "c", ok)}
+	var eps []discovery.Endpoint
+	for _, up := range ups {
+		eps = append(eps, discovery.Endpoint{Address: up.addr, Pod: types.NamespacedName{Namespace: "ns", Name: up.pod}, Ready: true})
+	}
+	session := &Balancing{Policy: balance.SessionAffinity, Selector: balance.SessionAffinitySelection{}, SessionHeader: "X-Session-Id"}
+	g := newGatewayFixture(t, nil, func(map[string]*route.Backend) map[string][]*route.Match { return nil },
+		func(o *Options) { o.Balancers = map[balance.Policy]*Balancing{balance.SessionAffinity: session} })
+	l := &route.Listener{Gateway: types.NamespacedName{Namespace: "ns", Name: "gw"}, Name: "http", Port: 80, Scheme: "http"}
+	for i, name := range []string{"plain", "sticky"} {
+		pool := &inferencepool.Pool{Key: types.NamespacedName{Namespace: "ns", Name: name}, Endpoints: eps}
+		if name == "sticky" {
+			pool.Balancer = string(balance.SessionAffinity)
+		}
+		g.builder.PoolChanged(pool.Key, pool)
+		key := route.BackendKey{Pool: pool.Key}
+		l.AddHost(name, []*route.Match{match(newRule(i, route.RuleBackend{Weight: 1, Backend: g.builder.SyncBackends([]route.BackendKey{key})[key]}),
+			mustMatch(route.NewPathMatch(route.PathPrefix, "/")))})
+	}
+	g.table = route.NewHTTPTable([]*route.Port{route.NewPort(gatewayAddr, false, []*route.Listener{l})})
+
+	pods := func(host string) map[string]int {
+		got := map[string]int{}
+		for range 6 {
+			resp, data := g.do("POST", host, "/v1/completions", "application/json", `{"model":"m"}`, "X-Session-Id", "alice")
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("%s: %d %s", host, resp.StatusCode, data)
+			}
+			got[resp.Header.Get("X-Capstan-Pod")]++
+		}
+		return got
+	}
+	if got := pods("sticky"); len(got) != 1 {
+		t.Errorf("one session through the session-affinity pool reached %v", got)
+	}
+	if got := pods("plain"); len(got) != 3 {
+		t.Errorf("one session through the round-robin pool reached %v", got)
+	}
+	if n := g.metric("capstan_router_requests_total", map[string]string{"model": "", "code": "200", "balancer": "session-affinity"}); n != 6 {
+		t.Errorf("%v requests counted under session-affinity, want 6", n)
 	}
 }

@@ -48,9 +48,10 @@ type Routes interface {
 
 // Options configures a Handler. Durations must be positive.
 type Options struct {
-	// Selector picks endpoints; Balancer names its policy for metrics.
-	Selector balance.Selector
-	Balancer balance.Policy
+	// Balancing is how requests are balanced, unless an InferencePool
+	// chooses one of Balancers (its capstan.dev/balancer annotation).
+	Balancing Balancing
+	Balancers map[balance.Policy]*Balancing
 	// MaxBodyBytes bounds a request body; larger ones get 413.
 	MaxBodyBytes int64
 	// MaxInFlightBodyBytes bounds the request body bytes held at once;
@@ -98,15 +99,6 @@ type Options struct {
 	// doing, for the answers of a model with no Ready endpoint, and whether
 	// the model is off: it has no replica and none is coming.
 	Replicas func(model string, namespaces []string) (what string, off bool)
-	// PrefixBytes is how much of the prompt prefix affinity hashes; 0 when
-	// the balancer does not use it.
-	PrefixBytes int
-	// PromptBlocks hashes the prompt (PrefixBytes of it) in blocks, for
-	// the cache-aware balancer, instead of as one prefix.
-	PromptBlocks bool
-	// SessionHeader carries the session id for session affinity; "" when
-	// the balancer does not use it.
-	SessionHeader string
 	// MaxIdleConnsPerEndpoint is how many idle keep-alive connections are
 	// kept to each endpoint.
 	MaxIdleConnsPerEndpoint int
@@ -126,12 +118,15 @@ type Options struct {
 
 // Handler serves the OpenAI API by forwarding to model servers.
 type Handler struct {
-	routes    Routes
-	opts      Options
-	upstreams *upstream.Pool
-	metrics   *metrics.Metrics
-	logger    klog.Logger
-	balancer  string
+	// maxPrefixBytes is the most of a prompt any of the policies hashes:
+	// what a Gateway request's body is decoded for before its route, and
+	// so its policy, is known.
+	maxPrefixBytes int
+	routes         Routes
+	opts           Options
+	upstreams      *upstream.Pool
+	metrics        *metrics.Metrics
+	logger         klog.Logger
 
 	// badStatus[code] is true for the OutlierStatuses.
 	badStatus [600]bool
@@ -147,6 +142,31 @@ var _ http.Handler = (*Handler)(nil)
 // request should not pin its buffer for ever.
 const maxPooledBody = 1 << 20
 
+// Balancing is a balancing policy as the proxy applies it: the Selector
+// that picks endpoints, and what of a request the Selector needs.
+type Balancing struct {
+	// Policy names it in metrics.
+	Policy   balance.Policy
+	Selector balance.Selector
+	// PrefixBytes is how much of the prompt the policy hashes; 0 when it
+	// does not. PromptBlocks hashes it in blocks, for the cache-aware
+	// policy, instead of as one prefix.
+	PrefixBytes  int
+	PromptBlocks bool
+	// SessionHeader carries the session id for session affinity; "" when
+	// the policy does not use it.
+	SessionHeader string
+}
+
+// balancing returns how a backend whose pool chose policy ("" for none) is
+// balanced.
+func (h *Handler) balancing(policy balance.Policy) *Balancing {
+	if b := h.opts.Balancers[policy]; b != nil {
+		return b
+	}
+	return &h.opts.Balancing
+}
+
 // New returns a Handler that routes with routes and records into m.
 func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *Handler {
 	h := &Handler{
@@ -158,8 +178,11 @@ func New(routes Routes, m *metrics.Metrics, logger klog.Logger, opts Options) *H
 			ConnectTimeout: opts.ConnectTimeout,
 			MaxIdlePerAddr: opts.MaxIdleConnsPerEndpoint,
 		}),
-		balancer: string(opts.Balancer),
-		budget:   bodyBudget{max: opts.MaxInFlightBodyBytes},
+		budget: bodyBudget{max: opts.MaxInFlightBodyBytes},
+	}
+	h.maxPrefixBytes = opts.Balancing.PrefixBytes
+	for _, b := range opts.Balancers {
+		h.maxPrefixBytes = max(h.maxPrefixBytes, b.PrefixBytes)
 	}
 	for _, code := range opts.OutlierStatuses {
 		if code >= 0 && code < len(h.badStatus) {
@@ -192,8 +215,9 @@ type exchange struct {
 	// idField is the X-Request-Id field's value, shared by the request
 	// sent upstream and the response (neither modifies it).
 	idField  []string
-	model    string // a known model, or "" (bounded metric labels)
-	asked    string // what the client asked for, for the log
+	model    string         // a known model, or "" (bounded metric labels)
+	balancer balance.Policy // the policy that balanced it, when not the default
+	asked    string         // what the client asked for, for the log
 	status   int
 	pod      string
 	endpoint string
@@ -259,7 +283,7 @@ func newExchange(w http.ResponseWriter, r *http.Request) exchange {
 // finish records the request in metrics and the access log.
 func (h *Handler) finish(r *http.Request, x *exchange) {
 	d := time.Since(x.start)
-	h.metrics.Request(x.model, x.status, h.balancer, d.Seconds())
+	h.metrics.Request(x.model, x.status, string(cmp.Or(x.balancer, h.opts.Balancing.Policy)), d.Seconds())
 	if x.viaGateway {
 		h.metrics.GatewayRequest(x.gateway, x.route, x.status)
 	}
@@ -353,7 +377,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 	}
 	defer h.putBody(buf)
 	body := buf.Bytes()
-	req, err := Decode(body, h.opts.PrefixBytes)
+	req, err := Decode(body, h.opts.Balancing.PrefixBytes)
 	x.asked = req.Model
 	if err != nil {
 		x.status = http.StatusBadRequest
@@ -376,8 +400,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 	// the model's in-flight count, which its requests free for the model's
 	// held ones.
 	x.model = cmp.Or(m.Base, m.Name)
-	br := h.balanceRequest(r, req.Prefix)
-	t := target{kind: "model", name: m.Name, model: x.model, pool: m.Pool,
+	bal := &h.opts.Balancing
+	br := h.balanceRequest(r, req.Prefix, bal)
+	t := target{kind: "model", name: m.Name, model: x.model, pool: m.Pool, balancing: bal,
 		path: r.URL.Path, rawPath: r.URL.RawPath, header: h.outboundHeader(r, x.idField)}
 	// A model without a Ready endpoint holds the request, unless it is off,
 	// and so does one with earlier requests still held, which go first. An
@@ -436,7 +461,7 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 		if m == nil || m.Pool.Len() == 0 || !m.Pool.Admit() {
 			return false
 		}
-		e := h.opts.Selector.Select(m.Pool, br)
+		e := t.balancing.Selector.Select(m.Pool, br)
 		if e == nil || !m.Pool.Acquire(e) {
 			m.Pool.Done()
 			return false
@@ -513,18 +538,19 @@ func holdOutcome(err error) string {
 	}
 }
 
-// balanceRequest is what the balancers know about a request: its prompt
-// prefix and session id, when the balancer uses them.
-func (h *Handler) balanceRequest(r *http.Request, prefix []byte) balance.Request {
+// balanceRequest is what b knows about a request: its prompt prefix (up to
+// b.PrefixBytes of it) and session id, when b uses them.
+func (h *Handler) balanceRequest(r *http.Request, prefix []byte, b *Balancing) balance.Request {
 	var br balance.Request
+	prefix = prefix[:min(len(prefix), b.PrefixBytes)]
 	switch {
-	case len(prefix) > 0 && h.opts.PromptBlocks:
+	case len(prefix) > 0 && b.PromptBlocks:
 		br.Blocks = balance.PromptBlocks(nil, prefix)
 	case len(prefix) > 0:
 		br.PrefixHash, br.HasPrefix = balance.HashKey(prefix), true
 	}
-	if h.opts.SessionHeader != "" {
-		if s := r.Header.Get(h.opts.SessionHeader); s != "" {
+	if b.SessionHeader != "" {
+		if s := r.Header.Get(b.SessionHeader); s != "" {
 			br.SessionHash, br.HasSession = balance.HashKeyString(s), true
 		}
 	}
@@ -539,6 +565,8 @@ type target struct {
 	// none.
 	kind, name, model string
 	pool              *balance.Pool
+	// balancing picks the pool's endpoints.
+	balancing *Balancing
 	// first, when set, is an endpoint of pool already acquired for the
 	// first attempt (by hold).
 	first *balance.Endpoint
@@ -651,7 +679,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, x *exchange, t
 					break
 				}
 				e, t.picked = t.picked[0], t.picked[1:]
-			} else if e = h.opts.Selector.Select(pool, br); e == nil {
+			} else if e = t.balancing.Selector.Select(pool, br); e == nil {
 				if why := pool.Why(br); why.Ejected > 0 && !br.IgnoreEjection {
 					// Every remaining endpoint is ejected: trust the
 					// EndpointSlice over our suspicion rather than fail

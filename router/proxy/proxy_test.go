@@ -63,6 +63,14 @@ func deadAddr(t testing.TB) string {
 	return addr
 }
 
+// prefixCache is the cache-aware policy with its defaults, as the router
+// runs it.
+func prefixCache() Balancing {
+	return Balancing{Policy: balance.PrefixCache, PrefixBytes: balance.MaxPromptBlocks * balance.PromptBlockBytes, PromptBlocks: true,
+		Selector: balance.NewPrefixCache(balance.DefaultCacheWeight, balance.DefaultQueueWeight, balance.DefaultKVCacheWeight,
+			balance.DefaultLoadFactor, balance.DefaultBlocksPerEndpoint)}
+}
+
 // inOrder is a Selector that prefers pods in a fixed order, so a test knows
 // which endpoint a request tries first.
 type inOrder []string
@@ -79,7 +87,7 @@ func (o inOrder) Select(p *balance.Pool, r *balance.Request) *balance.Endpoint {
 }
 
 func ordered(pods ...string) option {
-	return func(o *Options) { o.Selector = inOrder(pods) }
+	return func(o *Options) { o.Balancing.Selector = inOrder(pods) }
 }
 
 func ok(w http.ResponseWriter, r *http.Request) {
@@ -101,8 +109,7 @@ func newFixture(t testing.TB, model string, backends []backend, opts ...option) 
 	t.Helper()
 	logger, _ := ktesting.NewTestContext(t)
 	o := Options{
-		Selector:                balance.RoundRobinSelection{},
-		Balancer:                balance.RoundRobin,
+		Balancing:               Balancing{Policy: balance.RoundRobin, Selector: balance.RoundRobinSelection{}},
 		MaxBodyBytes:            1 << 10,
 		MaxAttempts:             3,
 		TryDuration:             time.Minute,
@@ -735,7 +742,7 @@ func TestAffinityHeadersReachTheSelector(t *testing.T) {
 	a, b, c := startBackend(t, "a", ok), startBackend(t, "b", ok), startBackend(t, "c", ok)
 	t.Run("session", func(t *testing.T) {
 		f := newFixture(t, "llama", []backend{a, b, c}, func(o *Options) {
-			o.Selector, o.Balancer, o.SessionHeader = balance.SessionAffinitySelection{}, balance.SessionAffinity, "X-Session-Id"
+			o.Balancing = Balancing{Policy: balance.SessionAffinity, Selector: balance.SessionAffinitySelection{}, SessionHeader: "X-Session-Id"}
 		})
 		for _, session := range []string{"alice", "bob", "carol", "dave"} {
 			first, _ := f.post("/v1/completions", completion, "X-Session-Id", session)
@@ -749,7 +756,7 @@ func TestAffinityHeadersReachTheSelector(t *testing.T) {
 	})
 	t.Run("prefix", func(t *testing.T) {
 		f := newFixture(t, "llama", []backend{a, b, c}, func(o *Options) {
-			o.Selector, o.Balancer, o.PrefixBytes = balance.PrefixAffinitySelection{LoadFactor: 1.25}, balance.PrefixAffinity, 32
+			o.Balancing = Balancing{Policy: balance.PrefixAffinity, Selector: balance.PrefixAffinitySelection{LoadFactor: 1.25}, PrefixBytes: 32}
 		})
 		pods := map[string]bool{}
 		for i := range 30 {
@@ -768,9 +775,7 @@ func TestAffinityHeadersReachTheSelector(t *testing.T) {
 	// alone and idle pods tie, so a group is scattered.
 	t.Run("prompt blocks", func(t *testing.T) {
 		f := newFixture(t, "llama", []backend{a, b, c}, func(o *Options) {
-			o.Selector = balance.NewPrefixCache(balance.DefaultCacheWeight, balance.DefaultQueueWeight, balance.DefaultKVCacheWeight,
-				balance.DefaultLoadFactor, balance.DefaultBlocksPerEndpoint)
-			o.Balancer, o.PrefixBytes, o.PromptBlocks = balance.PrefixCache, balance.MaxPromptBlocks*balance.PromptBlockBytes, true
+			o.Balancing = prefixCache()
 			o.MaxBodyBytes = 64 << 10
 		})
 		instructions := strings.Repeat("Answer briefly and cite the handbook. ", 100)

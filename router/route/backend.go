@@ -67,6 +67,9 @@ type BackendState struct {
 	// than the request failing.
 	EndpointPicker string
 	FailOpen       bool
+	// Balancer, for an InferencePool whose capstan.dev/balancer
+	// annotation names a policy, is that policy; "" for the router's.
+	Balancer balance.Policy
 }
 
 // Name is Key as a string, "<namespace>/<service>:<port>" or
@@ -186,6 +189,9 @@ func (b *Builder) buildBackend(st *backendState) {
 		}
 		eps, proto = pool.Endpoints, pool.Protocol
 		next.EndpointPicker, next.FailOpen = pool.EndpointPicker, pool.FailOpen
+		if p := balance.Policy(pool.Balancer); slices.Contains(balance.Policies, p) {
+			next.Balancer = p
+		}
 	case snap == nil:
 		next.Missing = fmt.Sprintf("Service %s not found", k.Service)
 	case snap.Problem != "":
@@ -219,7 +225,7 @@ func (b *Builder) buildBackend(st *backendState) {
 	}
 	slices.SortFunc(ready, func(a, b balance.Endpoint) int { return cmp.Compare(a.Address, b.Address) })
 	next.Pool = balance.NewPool(ready, balance.PoolOptions{MaxPerEndpoint: b.opts.MaxPerEndpoint, InFlight: &st.backend.inflight})
-	if b.opts.BuildRing {
+	if b.opts.BuildRing || balance.NeedsRing(next.Balancer) {
 		next.Pool.Ring()
 	}
 	st.backend.state.Store(next)

@@ -7,6 +7,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/capstan-dev/capstan/router/balance"
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/inferencepool"
@@ -231,6 +232,16 @@ func TestBackendsFollowTheirPool(t *testing.T) {
 	}
 	if msg := got.Load().Unavailable(k); msg != "backend InferencePool ns/llama has 0 ready of 2 endpoints: 1 not ready, 1 terminating" {
 		t.Errorf("Unavailable: %q", msg)
+	}
+	// A policy of its own, named by its annotation; a name that is no
+	// policy is the router's.
+	b.PoolChanged(key("llama"), &inferencepool.Pool{Key: key("llama"), Endpoints: eps, Balancer: "session-affinity"})
+	if st := got.Load(); st.Balancer != balance.SessionAffinity {
+		t.Errorf("pool choosing session-affinity: balancer %q", st.Balancer)
+	}
+	b.PoolChanged(key("llama"), &inferencepool.Pool{Key: key("llama"), Endpoints: eps, Balancer: "fastest"})
+	if st := got.Load(); st.Balancer != "" {
+		t.Errorf("pool choosing no policy: balancer %q", st.Balancer)
 	}
 	b.PoolChanged(key("llama"), nil)
 	if st := got.Load(); st.Missing != "InferencePool ns/llama not found" || reg.Len() != 0 {

@@ -40,7 +40,7 @@ func TestEchoBackendH2C(t *testing.T) {
 	s := newPodServer(pod, Options{}.withDefaults(), new(atomic.Int64), logger)
 	s.update(pod)
 	t.Cleanup(s.kill)
-	if want := []int32{int32(ports[0]), int32(ports[1])}; !slices.Equal(s.ports, want) {
+	if want := []int32{int32(min(ports[0], ports[1])), int32(max(ports[0], ports[1]))}; !slices.Equal(s.ports, want) {
 		t.Fatalf("echo ports %v, want %v", s.ports, want)
 	}
 	httpURL, h2cURL := fmt.Sprintf("http://127.0.0.1:%d/p", ports[0]), fmt.Sprintf("http://127.0.0.1:%d/p", ports[1])

@@ -43,7 +43,8 @@ func (c *podCounts) get() map[string]int {
 // TestInferencePool installs the Gateway API Inference Extension's
 // InferencePool CRD, and sends a Gateway's traffic to a pool of simulated
 // model servers: only the pool's Ready, non-terminating pods get requests,
-// at once after a pod loses readiness or is deleted; the pool's status has
+// at once after a pod loses readiness or is deleted; the pool's
+// capstan.dev/balancer annotation chooses its policy; the pool's status has
 // the Gateway as an accepted parent; a route to a missing pool says
 // BackendNotFound; and a FailClose pool whose endpoint picker Service has
 // no Ready endpoint gets 503s naming the picker.
@@ -122,6 +123,41 @@ spec:
 		}
 	}
 
+	// The pool chooses round-robin (capstan.dev/balancer) over the
+	// router's cache-aware default: one prompt sent nine times, which the
+	// default keeps on one pod, goes to each pod in turn.
+	annotation := `{"metadata":{"annotations":{"capstan.dev/balancer":"round-robin"}}}`
+	if _, err := pools.InferenceV1().InferencePools(ns).Patch(ctx, "llama", types.MergePatchType, []byte(annotation), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	err := testCluster.WaitFor(ctx, 10*time.Second, "the pool's Accepted message to name round-robin", func(ctx context.Context) (bool, error) {
+		pool, err := pools.InferenceV1().InferencePools(ns).Get(ctx, "llama", metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		for _, p := range pool.Status.Parents {
+			if c := findCondition(p.Conditions, "Accepted"); c != nil && strings.Contains(c.Message, "round-robin policy (capstan.dev/balancer)") {
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mark := counts.get()
+	for i := range 9 {
+		if res := send(ctx, "POST", addr, "llama.example.com", "/v1/completions", completion(0)); res.err != nil || res.status != http.StatusOK {
+			t.Fatalf("request %d: %d %v %s", i, res.status, res.err, res.body)
+		}
+	}
+	after := counts.get()
+	for i := range 3 {
+		if pod := fmt.Sprintf("llama-%d", i); after[pod]-mark[pod] != 3 {
+			t.Errorf("round-robin over three pods: %s got %d of 9 requests", pod, after[pod]-mark[pod])
+		}
+	}
+
 	// llama-0 loses readiness: it gets no request once the router has seen
 	// that, though it still answers.
 	patch := `{"metadata":{"annotations":{"sim.capstan.dev/unready":"true"}}}`
@@ -129,9 +165,9 @@ spec:
 		t.Fatal(err)
 	}
 	waitReady(2)
-	mark := counts.get()
+	mark = counts.get()
 	sendAll(30)
-	after := counts.get()
+	after = counts.get()
 	if after["llama-0"] != mark["llama-0"] {
 		t.Errorf("the not Ready pod llama-0 got %d requests", after["llama-0"]-mark["llama-0"])
 	}
