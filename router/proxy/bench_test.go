@@ -61,6 +61,10 @@ func BenchmarkGatewayForward(b *testing.B) {
 	g.fixture = newFixture(b, "unused", nil, func(o *Options) {
 		o.AccessLog = false
 		o.Balancing = Balancing{Policy: balance.LeastRequests, Selector: balance.LeastRequestsSelection{}}
+		// As the router runs with the Gateway API on: a pool may choose
+		// the cache-aware policy, so bodies are decoded for its prompt.
+		pc := prefixCache()
+		o.Balancers = map[balance.Policy]*Balancing{balance.PrefixCache: &pc}
 		o.Gateways = func() *route.HTTPTable { return g.table }
 	})
 	k := types.NamespacedName{Namespace: "ns", Name: "llama"}
