@@ -60,7 +60,8 @@ type Options struct {
 	OnRequest func(Arrival)
 }
 
-// Arrival is one API request reaching a simulated pod.
+// Arrival is one API request reaching a simulated pod; health checks,
+// metrics scrapes and GET /v1/models are not reported.
 type Arrival struct {
 	Pod    types.NamespacedName
 	IP     string

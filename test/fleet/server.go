@@ -174,7 +174,9 @@ func (s *podServer) observe(next http.Handler) http.Handler {
 		if id := r.Header.Get("X-Request-Id"); id != "" {
 			w.Header().Set("X-Request-Id", id)
 		}
-		if r.URL.Path != "/metrics" && r.URL.Path != "/health" {
+		// Probes, scrapes and model-list polls (the router's adapter
+		// discovery) are not the traffic tests count.
+		if r.URL.Path != "/metrics" && r.URL.Path != "/health" && !(r.Method == http.MethodGet && r.URL.Path == "/v1/models") {
 			s.served.Add(1)
 			if s.opts.OnRequest != nil {
 				s.opts.OnRequest(Arrival{Pod: s.key, IP: s.ip, Path: r.URL.Path, Header: r.Header.Clone(), At: time.Now()})
