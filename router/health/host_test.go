@@ -169,16 +169,16 @@ func TestRegistryForgets(t *testing.T) {
 	r := NewRegistry(EjectionPolicy{})
 	var forgotten []string
 	r.OnForget(func(a string) { forgotten = append(forgotten, a) })
-	r.Acquire("10.0.0.1:80")
-	r.Acquire("10.0.0.1:80")
-	r.Acquire("10.0.0.2:80")
-	r.Release("10.0.0.1:80")
+	r.Acquire("198.18.0.1:80")
+	r.Acquire("198.18.0.1:80")
+	r.Acquire("198.18.0.2:80")
+	r.Release("198.18.0.1:80")
 	if len(forgotten) != 0 {
 		t.Fatalf("forgot %v while a holder keeps it", forgotten)
 	}
-	r.Release("10.0.0.1:80")
-	r.Release("10.0.0.1:80") // one too many: nothing to forget
-	if len(forgotten) != 1 || forgotten[0] != "10.0.0.1:80" || r.Len() != 1 {
-		t.Fatalf("forgot %v with %d left, want [10.0.0.1:80] with 1", forgotten, r.Len())
+	r.Release("198.18.0.1:80")
+	r.Release("198.18.0.1:80") // one too many: nothing to forget
+	if len(forgotten) != 1 || forgotten[0] != "198.18.0.1:80" || r.Len() != 1 {
+		t.Fatalf("forgot %v with %d left, want [198.18.0.1:80] with 1", forgotten, r.Len())
 	}
 }
