@@ -99,7 +99,7 @@ func TestAnswersToEveryBodyMessage(t *testing.T) {
 		"more answers than body messages": {body: 2*bodyChunk + 1, extra: 3, wantErr: "protocol: more answers to the request body than the 3 messages"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			c := serve(t, &perMessagePicker{pick: "10.0.0.2:8000", extra: tc.extra})
+			c := serve(t, &perMessagePicker{pick: "198.18.0.2:8000", extra: tc.extra})
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			x, err := c.Pick(ctx, "ns/epp:9002", &Request{Method: "POST", Path: "/v1/completions", Authority: "a", Body: []byte(strings.Repeat("a", tc.body))})
@@ -107,10 +107,10 @@ func TestAnswersToEveryBodyMessage(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer x.Close()
-			if len(x.Endpoints) != 1 || x.Endpoints[0] != "10.0.0.2:8000" {
+			if len(x.Endpoints) != 1 || x.Endpoints[0] != "198.18.0.2:8000" {
 				t.Fatalf("picked %v", x.Endpoints)
 			}
-			m, err := x.Served("10.0.0.2:8000", 200, nil)
+			m, err := x.Served("198.18.0.2:8000", 200, nil)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("Served: %v, want %q", err, tc.wantErr)
@@ -120,7 +120,7 @@ func TestAnswersToEveryBodyMessage(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(m.Set) != 1 || m.Set[0].GetHeader().GetKey() != "x-served" || string(m.Set[0].GetHeader().GetRawValue()) != "10.0.0.2:8000" {
+			if len(m.Set) != 1 || m.Set[0].GetHeader().GetKey() != "x-served" || string(m.Set[0].GetHeader().GetRawValue()) != "198.18.0.2:8000" {
 				t.Errorf("the answer to the response headers: %v", m.Set)
 			}
 		})
@@ -134,9 +134,9 @@ func TestAnswersToEveryBodyMessage(t *testing.T) {
 func BenchmarkPick(b *testing.B) {
 	for _, size := range []int{1 << 10, 220 << 10} {
 		b.Run(fmt.Sprintf("body=%dKiB", size>>10), func(b *testing.B) {
-			c := serve(b, &perMessagePicker{pick: "10.0.0.2:8000"})
+			c := serve(b, &perMessagePicker{pick: "198.18.0.2:8000"})
 			req := &Request{Method: "POST", Path: "/v1/completions", Authority: "a", Body: []byte(strings.Repeat("a", size)),
-				Header: http.Header{"Content-Type": {"application/json"}, "X-Request-Id": {"0123456789abcdef"}}, Subset: []string{"10.0.0.1:8000", "10.0.0.2:8000"}}
+				Header: http.Header{"Content-Type": {"application/json"}, "X-Request-Id": {"0123456789abcdef"}}, Subset: []string{"198.18.0.1:8000", "198.18.0.2:8000"}}
 			b.SetBytes(int64(size))
 			b.ReportAllocs()
 			for b.Loop() {
@@ -144,7 +144,7 @@ func BenchmarkPick(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if _, err := x.Served("10.0.0.2:8000", 200, http.Header{"Content-Type": {"text/event-stream"}}); err != nil {
+				if _, err := x.Served("198.18.0.2:8000", 200, http.Header{"Content-Type": {"text/event-stream"}}); err != nil {
 					b.Fatal(err)
 				}
 				x.Close()
