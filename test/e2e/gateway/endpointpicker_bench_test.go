@@ -79,23 +79,7 @@ func TestEndpointPickerOverhead(t *testing.T) {
 	if _, err := testCluster.WaitForReadyPods(ctx, ns, "app=llama", pods, 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	apply(t, ctx, ns, httpGateway(ns, "inference")+`
----
-apiVersion: inference.networking.k8s.io/v1
-kind: InferencePool
-metadata: {name: llama-epp}
-spec:
-  selector: {matchLabels: {app: llama}}
-  targetPorts: [{number: 8000}]
-  endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailClose}
----
-apiVersion: inference.networking.k8s.io/v1
-kind: InferencePool
-metadata: {name: llama}
-spec:
-  selector: {matchLabels: {app: llama}}
-  targetPorts: [{number: 8000}]
-`+poolRoute("picker", "picker.example.com", "llama-epp")+poolRoute("builtin", "builtin.example.com", "llama"))
+	apply(t, ctx, ns, httpGateway(ns, "inference")+"\n"+llamaPool("llama-epp", "{name: epp, port: {number: 9002}, failureMode: FailClose}")+llamaPool("llama", "")+poolRoute("picker", "picker.example.com", "llama-epp")+poolRoute("builtin", "builtin.example.com", "llama"))
 	epp := startLWEPP(t, ctx, bin, ns, "llama-epp")
 	apply(t, ctx, ns, pickerService("registry.k8s.io/gateway-api-inference-extension/lwepp:v1.6.0", epp.grpcPort))
 	if _, err := testCluster.WaitForReadyPods(ctx, ns, "app=epp", 1, 30*time.Second); err != nil {

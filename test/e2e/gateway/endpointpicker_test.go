@@ -458,24 +458,7 @@ func TestEndpointPicker(t *testing.T) {
 // open.example.com to llama, "strict" sends strict.example.com to
 // llama-strict.
 func pickedPools(ns string) string {
-	return httpGateway(ns, "inference") + `
----
-apiVersion: inference.networking.k8s.io/v1
-kind: InferencePool
-metadata: {name: llama}
-spec:
-  selector: {matchLabels: {app: llama}}
-  targetPorts: [{number: 8000}]
-  endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailOpen}
----
-apiVersion: inference.networking.k8s.io/v1
-kind: InferencePool
-metadata: {name: llama-strict}
-spec:
-  selector: {matchLabels: {app: llama}}
-  targetPorts: [{number: 8000}]
-  endpointPickerRef: {name: epp, port: {number: 9002}, failureMode: FailClose}
-` + poolRoute("open", "open.example.com", "llama") + poolRoute("strict", "strict.example.com", "llama-strict")
+	return httpGateway(ns, "inference") + "\n" + llamaPool("llama", "{name: epp, port: {number: 9002}, failureMode: FailOpen}") + llamaPool("llama-strict", "{name: epp, port: {number: 9002}, failureMode: FailClose}") + poolRoute("open", "open.example.com", "llama") + poolRoute("strict", "strict.example.com", "llama-strict")
 }
 
 // pickerService is the picker Service epp, port 9002 (named grpc) to the

@@ -56,23 +56,7 @@ func TestInferencePool(t *testing.T) {
 	simulate(t, ctx, ns, counts.add)
 
 	modelPods(t, ctx, ns, 3)
-	apply(t, ctx, ns, httpGateway(ns, "inference")+`
----
-apiVersion: inference.networking.k8s.io/v1
-kind: InferencePool
-metadata: {name: llama}
-spec:
-  selector: {matchLabels: {app: llama}}
-  targetPorts: [{number: 8000}]
----
-apiVersion: inference.networking.k8s.io/v1
-kind: InferencePool
-metadata: {name: llama-picked}
-spec:
-  selector: {matchLabels: {app: llama}}
-  targetPorts: [{number: 8000}]
-  endpointPickerRef: {name: epp, port: {number: 9002}}
----
+	apply(t, ctx, ns, httpGateway(ns, "inference")+"\n"+llamaPool("llama", "")+llamaPool("llama-picked", "{name: epp, port: {number: 9002}}")+`---
 apiVersion: v1
 kind: Service
 metadata: {name: epp}
@@ -203,6 +187,24 @@ spec:
 	if after := counts.get(); after["llama-2"] != mark["llama-2"] {
 		t.Errorf("requests for a FailClose pool or a missing one reached a pod")
 	}
+}
+
+// llamaPool is an InferencePool, as a YAML document to append to others, of
+// the pods labelled app=llama, port 8000, with pickerRef (YAML) as its
+// endpointPickerRef unless it is "".
+func llamaPool(name, pickerRef string) string {
+	pool := fmt.Sprintf(`---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: %s}
+spec:
+  selector: {matchLabels: {app: llama}}
+  targetPorts: [{number: 8000}]
+`, name)
+	if pickerRef != "" {
+		pool += "  endpointPickerRef: " + pickerRef + "\n"
+	}
+	return pool
 }
 
 // poolRoute is an HTTPRoute, as a YAML document to append to others, that
