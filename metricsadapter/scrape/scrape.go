@@ -47,6 +47,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation/field"
@@ -100,6 +101,15 @@ type Observer interface {
 	Forget(key types.NamespacedName)
 }
 
+// PageObserver is an Observer that also reads families the catalogue does
+// not map (Options.Families), such as an info series whose labels carry
+// the data. For each good sample the scraper calls ObservePage, with the
+// page's parsed families, instead of Observe; it must not keep them.
+type PageObserver interface {
+	Observer
+	ObservePage(t Target, at time.Time, v *catalogue.Values, families map[string]*dto.MetricFamily)
+}
+
 // Options configure a Scraper. The zero value of each field means its
 // default.
 type Options struct {
@@ -142,6 +152,10 @@ type Options struct {
 	// Wants picks the catalogue metrics the observer needs; only their
 	// families are parsed. Default: every metric.
 	Wants func(catalogue.Metric) bool
+	// Families names, per engine, the samples parsed on every scrape
+	// besides the catalogue's, for an Observer that is a PageObserver
+	// (vllm:lora_requests_info). They count against the same bounds.
+	Families map[modelserver.Engine][]string
 	// Transport fetches the pages. Default: the scraper's own, which keeps
 	// one idle connection per target and no goroutine for it. A transport
 	// that decompresses on its own must be told not to (the scraper reads
@@ -219,6 +233,9 @@ func Validate(path *field.Path, o *Options) error {
 	}
 	if o.Observer == nil {
 		errs = append(errs, field.Required(path.Child("observer"), "a scraper without an observer scrapes for nobody"))
+	}
+	if _, ok := o.Observer.(PageObserver); len(o.Families) > 0 && !ok {
+		errs = append(errs, field.Invalid(path.Child("families"), o.Families, "only a PageObserver reads families of its own"))
 	}
 	if o.MaxPageBytes < 1 {
 		errs = append(errs, field.Invalid(path.Child("maxPageBytes"), o.MaxPageBytes, "must be at least 1"))
@@ -300,10 +317,14 @@ func New(opts Options) (*Scraper, error) {
 		wants = func(catalogue.Metric) bool { return true }
 	}
 	for _, e := range modelserver.Engines {
-		s.filters[e] = filters{
+		f := filters{
 			scalars: c.Filter(e, func(m catalogue.Metric) bool { return m.Kind != catalogue.Histogram && wants(m) }),
 			all:     c.Filter(e, wants),
 		}
+		for _, name := range opts.Families[e] {
+			f.scalars.Samples[name], f.all.Samples[name] = true, true
+		}
+		s.filters[e] = f
 	}
 	if opts.Registerer != nil {
 		m, err := newMetrics(s, opts.Registerer)
@@ -430,6 +451,8 @@ type worker struct {
 	gzip   *gzip.Reader
 	parser exposition.Parser
 	values *catalogue.Values
+	// families are the last page's, for a PageObserver.
+	families map[string]*dto.MetricFamily
 }
 
 // keepPageBytes is the largest page buffer a worker keeps between scrapes:
@@ -521,9 +544,14 @@ func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duratio
 	// observed for a key after Remove has forgotten it.
 	if s.targets[st.target.Key] == st {
 		st.sampledAt.Store(at.UnixNano())
-		s.opts.Observer.Observe(st.target, at, w.values)
+		if po, ok := s.opts.Observer.(PageObserver); ok {
+			po.ObservePage(st.target, at, w.values, w.families)
+		} else {
+			s.opts.Observer.Observe(st.target, at, w.values)
+		}
 	}
 	s.mu.RUnlock()
+	w.families = nil // not pinned until the next page
 	return max(0, s.opts.Interval-elapsed)
 }
 
@@ -626,6 +654,7 @@ func (w *worker) read(c *catalogue.Catalogue, engine modelserver.Engine, format 
 		return ParseError, err
 	}
 	c.Extract(engine, families, w.values)
+	w.families = families
 	for _, has := range w.values.Has {
 		if has {
 			return Success, nil

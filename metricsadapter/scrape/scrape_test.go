@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,6 +18,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -719,5 +722,64 @@ func TestOnlyPlainHTTPIsScraped(t *testing.T) {
 	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].scalars)
 	if result != NetworkError || err == nil || !strings.Contains(err.Error(), "plain HTTP") {
 		t.Errorf("scraping %s: %v, %v; want a network_error saying metrics are scraped over plain HTTP", target.URL, result, err)
+	}
+}
+
+// pageRecorder is a PageObserver that keeps the labels of the families it
+// was handed.
+type pageRecorder struct {
+	*recorder
+	mu     sync.Mutex
+	labels []string
+}
+
+func (p *pageRecorder) ObservePage(t Target, at time.Time, v *catalogue.Values, families map[string]*dto.MetricFamily) {
+	p.recorder.Observe(t, at, v)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.labels = p.labels[:0]
+	for name, f := range families {
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				p.labels = append(p.labels, name+"/"+l.GetName()+"="+l.GetValue())
+			}
+		}
+	}
+	sort.Strings(p.labels)
+}
+
+func (p *pageRecorder) seen() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.labels)
+}
+
+// A PageObserver is handed the families named in Options.Families besides
+// the catalogue's, and no others.
+func TestOptionsFamilies(t *testing.T) {
+	srv := newEngineServer(t, "vllm:num_requests_waiting 2\nvllm:lora_requests_info{running_lora_adapters=\"a,b\"} 1.7e9\nvllm:other_info{x=\"y\"} 1\n")
+	opts := fastOptions()
+	opts.Wants = func(m catalogue.Metric) bool { return m.Name == catalogue.RequestsWaiting }
+	opts.Families = map[modelserver.Engine][]string{modelserver.VLLM: {"vllm:lora_requests_info"}}
+	rec := &pageRecorder{recorder: newRecorder()}
+	opts.Observer = rec
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := srv.target("p", modelserver.VLLM)
+	s.Upsert(target)
+	run(t, s)
+	waitFor(t, 2*time.Second, "a sample", func() bool { return rec.count(target.Key) > 0 })
+	want := []string{"vllm:lora_requests_info/running_lora_adapters=a,b"}
+	if diff := cmp.Diff(want, rec.seen()); diff != "" {
+		t.Errorf("labels of the families handed over (-want +got):\n%s", diff)
+	}
+}
+
+func TestFamiliesNeedAPageObserver(t *testing.T) {
+	_, err := New(Options{Observer: newRecorder(), Families: map[modelserver.Engine][]string{modelserver.VLLM: {"vllm:lora_requests_info"}}})
+	if err == nil || !strings.Contains(err.Error(), "scrape.families: Invalid value") {
+		t.Fatalf("New: %v; want an error about scrape.families", err)
 	}
 }

@@ -7,6 +7,7 @@ package health
 
 import (
 	"math"
+	"slices"
 	"sync/atomic"
 	"time"
 )
@@ -44,6 +45,7 @@ type Host struct {
 	badAnswers atomic.Int32
 
 	load atomic.Pointer[EngineLoad]
+	lora atomic.Pointer[LoRAState]
 
 	address string
 	policy  *EjectionPolicy
@@ -206,3 +208,55 @@ func (h *Host) QueueAndKVCache() (waiting, kvCache float64) {
 
 // EngineLoad returns the host's latest fresh load, or nil when none is known.
 func (h *Host) EngineLoad() *EngineLoad { return h.load.Load() }
+
+// LoRAState is what a model server reports about its LoRA adapters (vLLM's
+// vllm:lora_requests_info): the adapters its running and waiting requests
+// use, and how many it can use at once. The LoRA-affinity pick prefers an
+// endpoint where a request's adapter is already active, then one with a
+// free slot, so that adapters are not swapped in and out of GPU slots.
+type LoRAState struct {
+	// Running and Waiting are the adapters of the engine's running and
+	// waiting requests.
+	Running, Waiting []string
+	// MaxLoRAs is how many adapters the engine's batch may use at once
+	// (vLLM's --max-loras), at least 1.
+	MaxLoRAs int
+	// active is how many distinct adapters Running and Waiting name.
+	active int
+}
+
+// NewLoRAState returns the state of an engine whose running and waiting
+// requests use those adapters, with maxLoRAs slots. The slices are kept.
+func NewLoRAState(running, waiting []string, maxLoRAs int) *LoRAState {
+	s := &LoRAState{Running: running, Waiting: waiting, MaxLoRAs: maxLoRAs}
+	for i, a := range running {
+		if !slices.Contains(running[:i], a) {
+			s.active++
+		}
+	}
+	for i, a := range waiting {
+		if !slices.Contains(running, a) && !slices.Contains(waiting[:i], a) {
+			s.active++
+		}
+	}
+	return s
+}
+
+// Active reports whether the engine's running or waiting requests use the
+// adapter.
+func (s *LoRAState) Active(adapter string) bool {
+	return slices.Contains(s.Running, adapter) || slices.Contains(s.Waiting, adapter)
+}
+
+// FreeSlot reports whether the engine uses fewer adapters than it has
+// slots, so that one more needs no other to be swapped out.
+func (s *LoRAState) FreeSlot() bool { return s.active < s.MaxLoRAs }
+
+// SetLoRA records the host's latest fresh LoRA state, or forgets it (nil)
+// when the engine reports none or its report is stale. The value must not be
+// changed afterwards.
+func (h *Host) SetLoRA(s *LoRAState) { h.lora.Store(s) }
+
+// LoRA returns the host's latest fresh LoRA state, or nil when none is
+// known.
+func (h *Host) LoRA() *LoRAState { return h.lora.Load() }
