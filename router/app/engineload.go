@@ -36,6 +36,7 @@ func newEngineLoadFeed(logger klog.Logger, pods []cache.SharedIndexInformer, o *
 		Catalogue:  c,
 		Observer:   observer,
 		Wants:      engineload.Wants,
+		Families:   engineload.Families,
 		Registerer: reg,
 		UserAgent:  userAgent,
 	})

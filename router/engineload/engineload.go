@@ -1,10 +1,11 @@
 // Package engineload feeds what the model servers report about their own
-// load (queue depth, KV-cache usage) into the router's hosts, for the
-// load-aware balancer. The scraping and the choice of pods to scrape are the
+// load (queue depth, KV-cache usage) and LoRA adapters (those in use, the
+// slots) into the router's hosts, for the load-aware, cache-aware and
+// LoRA-affinity picks. The scraping and the choice of pods to scrape are the
 // metrics adapter's (metricsadapter/scrape and metricsadapter/targets); an
-// Observer keeps each pod's latest sample of the three metrics the balancer
-// reads, and a Feeder copies the fresh ones into each Ready endpoint's
-// health.Host, where a pick reads them without locks or allocations.
+// Observer keeps each pod's latest sample of what the balancer reads, and
+// a Feeder copies the fresh ones into each Ready endpoint's health.Host,
+// where a pick reads them without locks or allocations.
 package engineload
 
 import (
@@ -15,6 +16,8 @@ import (
 
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
+
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/scrape"
@@ -32,7 +35,8 @@ func Wants(m catalogue.Metric) bool {
 	return false
 }
 
-// Observer is a scrape.Observer that keeps each pod's latest engine load.
+// Observer is a scrape.PageObserver that keeps each pod's latest engine
+// load and LoRA state; the scraper must be given Families.
 type Observer struct {
 	maxAge time.Duration
 	// Catalogue IDs of the metrics read, -1 when the catalogue lacks one.
@@ -43,11 +47,19 @@ type Observer struct {
 }
 
 type sample struct {
-	load health.EngineLoad
-	at   time.Time
+	Sample
+	at time.Time
 }
 
-var _ scrape.Observer = &Observer{}
+// Sample is what a pod's engine reported.
+type Sample struct {
+	Load health.EngineLoad
+	// LoRA is nil when the engine reports no LoRA state, or one over the
+	// bounds of ParseLoRAInfo.
+	LoRA *health.LoRAState
+}
+
+var _ scrape.PageObserver = &Observer{}
 
 // NewObserver returns an observer of scrapes mapped by c whose samples are
 // served until they are maxAge old.
@@ -68,9 +80,18 @@ func NewObserver(c *catalogue.Catalogue, maxAge time.Duration) *Observer {
 // Observe implements scrape.Observer. A value the engine does not report
 // (TGI has no KV-cache usage) counts as 0.
 func (o *Observer) Observe(t scrape.Target, at time.Time, v *catalogue.Values) {
-	s := sample{at: at, load: health.EngineLoad{
+	o.ObservePage(t, at, v, nil)
+}
+
+// ObservePage implements scrape.PageObserver.
+func (o *Observer) ObservePage(t scrape.Target, at time.Time, v *catalogue.Values, families map[string]*dto.MetricFamily) {
+	s := sample{at: at, Sample: Sample{Load: health.EngineLoad{
 		Waiting: scalar(v, o.waiting), Running: scalar(v, o.running), KVCacheUsage: scalar(v, o.kvCache),
-	}}
+	}}}
+	if f := families[LoRAInfo]; f != nil {
+		// A report over the bounds counts as none (see ParseLoRAInfo).
+		s.LoRA, _ = ParseLoRAInfo(f)
+	}
 	o.mu.Lock()
 	o.pods[t.Key] = s
 	o.mu.Unlock()
@@ -90,20 +111,21 @@ func (o *Observer) Forget(key types.NamespacedName) {
 	o.mu.Unlock()
 }
 
-// Latest returns the pod's latest load if it is younger than the maximum age.
-func (o *Observer) Latest(pod types.NamespacedName) (health.EngineLoad, bool) {
+// Latest returns the pod's latest sample if it is younger than the maximum
+// age.
+func (o *Observer) Latest(pod types.NamespacedName) (Sample, bool) {
 	o.mu.RLock()
 	s, ok := o.pods[pod]
 	o.mu.RUnlock()
 	if !ok || time.Since(s.at) > o.maxAge {
-		return health.EngineLoad{}, false
+		return Sample{}, false
 	}
-	return s.load, true
+	return s.Sample, true
 }
 
-// Source gives a pod's latest fresh load, or false when there is none.
+// Source gives a pod's latest fresh sample, or false when there is none.
 type Source interface {
-	Latest(pod types.NamespacedName) (health.EngineLoad, bool)
+	Latest(pod types.NamespacedName) (Sample, bool)
 }
 
 var _ Source = &Observer{}
@@ -123,23 +145,29 @@ func (f *Feeder) Run(ctx context.Context) {
 }
 
 // Sync makes one pass: every Ready endpoint's host gets its pod's latest
-// load, or none when the pod has no fresh sample.
+// load and LoRA state, or none when the pod has no fresh sample.
 func (f *Feeder) Sync() {
 	for _, m := range f.Table().Models() {
 		for _, e := range m.Pool.Endpoints() {
 			ns, name, ok := strings.Cut(e.Pod, "/")
 			if !ok {
 				e.Host.SetEngineLoad(nil)
+				e.Host.SetLoRA(nil)
 				continue
 			}
-			l, ok := f.Source.Latest(types.NamespacedName{Namespace: ns, Name: name})
+			s, ok := f.Source.Latest(types.NamespacedName{Namespace: ns, Name: name})
 			switch cur := e.Host.EngineLoad(); {
 			case !ok:
 				if cur != nil {
 					e.Host.SetEngineLoad(nil)
 				}
-			case cur == nil || *cur != l:
-				e.Host.SetEngineLoad(&l)
+			case cur == nil || *cur != s.Load:
+				e.Host.SetEngineLoad(&s.Load)
+			}
+			// A sample's LoRA state is made once per scrape and never
+			// changed, so an unchanged pointer is an unchanged state.
+			if e.Host.LoRA() != s.LoRA {
+				e.Host.SetLoRA(s.LoRA)
 			}
 		}
 	}

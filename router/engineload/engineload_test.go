@@ -13,9 +13,9 @@ import (
 	"github.com/capstan-dev/capstan/router/route"
 )
 
-type fakeSource map[string]health.EngineLoad
+type fakeSource map[string]Sample
 
-func (f fakeSource) Latest(pod types.NamespacedName) (health.EngineLoad, bool) {
+func (f fakeSource) Latest(pod types.NamespacedName) (Sample, bool) {
 	l, ok := f[pod.String()]
 	return l, ok
 }
@@ -28,15 +28,19 @@ func TestFeederCopiesFreshLoadsIntoHosts(t *testing.T) {
 		{Address: "198.18.0.2:8000", Pod: types.NamespacedName{Namespace: "ns", Name: "b"}, Ready: true},
 		{Address: "198.18.0.3:8000", Ready: true}, // no pod named: never a load
 	}})
-	src := fakeSource{"ns/a": {Waiting: 3, KVCacheUsage: 0.5}}
+	lora := health.NewLoRAState([]string{"x"}, nil, 2)
+	src := fakeSource{"ns/a": {Load: health.EngineLoad{Waiting: 3, KVCacheUsage: 0.5}, LoRA: lora}}
 	f := &Feeder{Source: src, Table: b.Table, Interval: time.Second}
 	f.Sync()
 	eps := b.Table().Lookup("m").Pool.Endpoints()
 	if l := eps[0].Host.EngineLoad(); l == nil || *l != (health.EngineLoad{Waiting: 3, KVCacheUsage: 0.5}) {
 		t.Errorf("pod a's load = %+v", l)
 	}
-	if eps[1].Host.EngineLoad() != nil || eps[2].Host.EngineLoad() != nil {
-		t.Error("a pod without a sample got a load")
+	if eps[0].Host.LoRA() != lora {
+		t.Errorf("pod a's LoRA state = %+v", eps[0].Host.LoRA())
+	}
+	if eps[1].Host.EngineLoad() != nil || eps[2].Host.EngineLoad() != nil || eps[1].Host.LoRA() != nil || eps[2].Host.LoRA() != nil {
+		t.Error("a pod without a sample got a load or a LoRA state")
 	}
 	first := eps[0].Host.EngineLoad()
 	f.Sync()
@@ -45,8 +49,8 @@ func TestFeederCopiesFreshLoadsIntoHosts(t *testing.T) {
 	}
 	delete(src, "ns/a") // the sample went stale
 	f.Sync()
-	if eps[0].Host.EngineLoad() != nil {
-		t.Error("a stale load was kept")
+	if eps[0].Host.EngineLoad() != nil || eps[0].Host.LoRA() != nil {
+		t.Error("a stale load or LoRA state was kept")
 	}
 }
 
@@ -70,7 +74,7 @@ func TestObserverServesFreshSamplesOnly(t *testing.T) {
 		t.Fatal("a pod never observed has a load")
 	}
 	o.Observe(target, time.Now(), v)
-	if l, ok := o.Latest(pod); !ok || l != (health.EngineLoad{Waiting: 4, Running: 2}) {
+	if l, ok := o.Latest(pod); !ok || l != (Sample{Load: health.EngineLoad{Waiting: 4, Running: 2}}) {
 		t.Errorf("Latest = %+v, %v; want waiting 4, running 2, KV cache 0", l, ok)
 	}
 	o.Observe(target, time.Now().Add(-2*time.Minute), v)
