@@ -179,6 +179,10 @@ type Request struct {
 	// HasSession.
 	SessionHash uint64
 	HasSession  bool
+	// Adapter names the LoRA adapter the request is for, "" for a base
+	// model: the load-aware and cache-aware policies prefer the endpoints
+	// where it is active (see preferAdapter).
+	Adapter string
 	// IgnoreEjection lets the request go to ejected endpoints: the last
 	// resort when every endpoint is ejected, since an ejection only
 	// suspects a pod that its EndpointSlice still calls Ready.

@@ -91,7 +91,9 @@ const (
 //     × KV-cache usage).
 //
 // A request without a prompt, or one no such endpoint can take, is placed
-// by load alone, as load-aware places it.
+// by load alone, as load-aware places it. A request for a LoRA adapter then
+// goes where the adapter is active instead, if such an endpoint is within
+// the load bound (see preferAdapter).
 //
 // Unlike the other policies it takes a lock (the index is shared by the
 // router's requests) and allocates when it records a pick.
@@ -111,6 +113,9 @@ func NewPrefixCache(cacheWeight, queueWeight, kvWeight, loadFactor float64, bloc
 func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 	least, fewest := lowestLoad(p, r, s.QueueWeight, s.KVCacheWeight)
 	if least == nil || len(r.Blocks) == 0 {
+		if r.Adapter != "" {
+			return preferAdapter(p, r, least, fewest, s.LoadFactor, s.QueueWeight, s.KVCacheWeight)
+		}
 		return least
 	}
 	var found [maxMatches]match
@@ -130,6 +135,9 @@ func (s *PrefixCacheSelection) Select(p *Pool, r *Request) *Endpoint {
 	}
 	if best == nil {
 		best = least
+	}
+	if r.Adapter != "" {
+		best = preferAdapter(p, r, best, fewest, s.LoadFactor, s.QueueWeight, s.KVCacheWeight)
 	}
 	s.index.record(best.Host, r.Blocks, time.Now())
 	return best

@@ -56,8 +56,8 @@ const DefaultLoadFactor = 1.25
 
 // Options configures the policies that take parameters.
 type Options struct {
-	// LoadFactor bounds prefix affinity: see DefaultLoadFactor. Must be
-	// above 1.
+	// LoadFactor bounds prefix affinity and LoRA adapter affinity: see
+	// DefaultLoadFactor. Must be above 1.
 	LoadFactor float64
 	// Weights of the load-aware score; see LoadAwareSelection.
 	QueueWeight, KVCacheWeight float64
@@ -79,7 +79,10 @@ func New(policy Policy, opts Options) (Selector, error) {
 	case Random:
 		return RandomSelection{}, nil
 	case LoadAware:
-		return LoadAwareSelection{QueueWeight: opts.QueueWeight, KVCacheWeight: opts.KVCacheWeight}, nil
+		if !(opts.LoadFactor > 1) {
+			return nil, fmt.Errorf("load factor %v must be above 1", opts.LoadFactor)
+		}
+		return LoadAwareSelection{QueueWeight: opts.QueueWeight, KVCacheWeight: opts.KVCacheWeight, LoadFactor: opts.LoadFactor}, nil
 	case PrefixAffinity:
 		if !(opts.LoadFactor > 1) {
 			return nil, fmt.Errorf("load factor %v must be above 1", opts.LoadFactor)
@@ -254,7 +257,9 @@ func firstAvailable(p *Pool, r *Request, start int) *Endpoint {
 // (health.Host.Load) and are 0 when there are none, e.g. for a pod scraped
 // for the first time. The router's own in-flight count reacts at once; the
 // engine's queue and KV cache see load from other router replicas and
-// clients, a scrape interval late. Ties are broken at random.
+// clients, a scrape interval late. Ties are broken at random. A request for
+// a LoRA adapter prefers endpoints where the adapter is active, bounded by
+// LoadFactor (see preferAdapter).
 type LoadAwareSelection struct {
 	// QueueWeight scales the engine's waiting requests. Default 1.
 	QueueWeight float64
@@ -262,6 +267,9 @@ type LoadAwareSelection struct {
 	// cache, which makes the engine queue or preempt new work, weighs as
 	// much as eight queued requests.
 	KVCacheWeight float64
+	// LoadFactor bounds LoRA adapter affinity, above 1
+	// (DefaultLoadFactor).
+	LoadFactor float64
 }
 
 // Default load-aware weights.
@@ -271,7 +279,10 @@ const (
 )
 
 func (s LoadAwareSelection) Select(p *Pool, r *Request) *Endpoint {
-	best, _ := lowestLoad(p, r, s.QueueWeight, s.KVCacheWeight)
+	best, fewest := lowestLoad(p, r, s.QueueWeight, s.KVCacheWeight)
+	if r.Adapter != "" {
+		return preferAdapter(p, r, best, fewest, s.LoadFactor, s.QueueWeight, s.KVCacheWeight)
+	}
 	return best
 }
 

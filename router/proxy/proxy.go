@@ -402,6 +402,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 	x.model = cmp.Or(m.Base, m.Name)
 	bal := &h.opts.Balancing
 	br := h.balanceRequest(r, req.Prefix, bal)
+	if m.Base != "" {
+		br.Adapter = m.Name // for LoRA affinity
+	}
 	t := target{kind: "model", name: m.Name, model: x.model, pool: m.Pool, balancing: bal,
 		path: r.URL.Path, rawPath: r.URL.RawPath, header: h.outboundHeader(r, x.idField)}
 	// A model without a Ready endpoint holds the request, unless it is off,
