@@ -95,6 +95,22 @@ func TestVLLMEngineModelAdapters(t *testing.T) {
 	}
 }
 
+// The simulator counts the adapters it loads into a slot on the metrics
+// page: with one slot, each request for another adapter than the last one's
+// is a load.
+func TestVLLMEngineModelCountsSlotLoads(t *testing.T) {
+	_, ts := testServer(t, testPod(modelserver.VLLM, vllmPod(map[string]string{MaxLoRAsAnnotation: "1"})), Options{})
+	for _, model := range []string{"sql", "sql", "llama", "chat", "sql"} {
+		if code, out := post(t, ts.URL, "/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":"select","max_tokens":2}`, model)); code != http.StatusOK {
+			t.Fatalf("a request for %s: %d %v", model, code, out)
+		}
+	}
+	m := scrape(t, ts.URL)[SimLoRASlotLoads].GetMetric()
+	if len(m) != 1 || m[0].GetCounter().GetValue() != 3 {
+		t.Errorf("%s = %v; want one series of 3 (sql, chat, sql again)", SimLoRASlotLoads, m)
+	}
+}
+
 // A client that goes away frees its sequence: the engine ends up idle.
 func TestVLLMEngineModelAbort(t *testing.T) {
 	s, ts := testServer(t, testPod(modelserver.VLLM, vllmPod(map[string]string{TimeScaleAnnotation: "1", OutputTokensAnnotation: "10000"})), Options{})

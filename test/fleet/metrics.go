@@ -127,9 +127,17 @@ func newVLLM(model string, legacy bool, st load, reg prometheus.Registerer) *vll
 	counterFunc("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", func(s paged.Stats) int64 { return s.PrefixHits })
 	if _, ok := st.(cacheStats); ok {
 		reg.MustRegister(loraInfo{model: model, stats: stats})
+		// Not vLLM's: the simulator's count of adapters brought into a
+		// GPU slot, the slot swaps that make bench-routing compares.
+		counterFunc(SimLoRASlotLoads, "Simulator only: LoRA adapters loaded into a GPU slot.", func(s paged.Stats) int64 { return s.LoRALoads })
 	}
 	return v
 }
+
+// SimLoRASlotLoads is the simulated vLLM engine's count of LoRA adapters
+// loaded into a GPU slot (paged.Stats.LoRALoads). The sim: prefix says that
+// no real engine exports it.
+const SimLoRASlotLoads = "sim:lora_slot_loads_total"
 
 // loraInfo is vLLM's vllm:lora_requests_info: one series whose labels name
 // the running and waiting adapters and the slots, valued with the time.

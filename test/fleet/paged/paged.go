@@ -146,6 +146,10 @@ type Stats struct {
 	// waiting sequences, sorted; MaxLoRAs the slots.
 	RunningAdapters, WaitingAdapters []string
 	MaxLoRAs                         int
+	// LoRALoads counts adapters brought into a slot (each costing a step
+	// LoRALoad): the slot swaps that LoRA affinity saves. vLLM exports no
+	// such counter.
+	LoRALoads int64
 }
 
 type block struct {
@@ -308,6 +312,7 @@ func (e *Engine) Step() (time.Duration, []Output) {
 			loads++
 		}
 	}
+	e.stats.LoRALoads += int64(loads)
 	var out []Output
 	for _, s := range scheduled {
 		computed += s.scheduled

@@ -224,6 +224,38 @@ func TestLoRASlots(t *testing.T) {
 	}
 }
 
+// Every adapter brought into a slot counts as a load, and only that: an
+// adapter already in a slot is used again for free, until another takes
+// its slot.
+func TestLoRALoadsCountSlotSwaps(t *testing.T) {
+	e := New(Config{MaxLoRAs: 2})
+	c := newClock(e)
+	run := func(adapters ...string) {
+		t.Helper()
+		for i, a := range adapters {
+			e.Add(Request{Prompt: tokens(100*i, 8), MaxTokens: 2, Adapter: a})
+		}
+		c.run(t, nil)
+	}
+	steps := []struct {
+		adapters []string
+		loads    int64 // in all, after the step
+	}{
+		{[]string{"sql", "", "sql"}, 1},     // sql into a free slot
+		{[]string{"chat"}, 2},               // chat into the other
+		{[]string{"sql", "chat", "sql"}, 2}, // both still in their slots
+		{[]string{"summary"}, 3},            // summary takes sql's slot, the least recently used
+		{[]string{"chat"}, 3},               // chat kept its slot
+		{[]string{"sql"}, 4},                // sql is back, in summary's slot
+	}
+	for i, st := range steps {
+		run(st.adapters...)
+		if got := e.Stats().LoRALoads; got != st.loads {
+			t.Fatalf("after requests %d (%v): %d loads, want %d", i, st.adapters, got, st.loads)
+		}
+	}
+}
+
 // Freed blocks stay cached until the space is needed; the least recently
 // freed go first.
 func TestEviction(t *testing.T) {
