@@ -140,7 +140,8 @@ cluster-down:
 ## bench-scheduler: capstan-scheduler's throughput with and without ModelSlots, and
 ## its Go benchmarks
 ## bench-routing: every balancer on the simulator's vLLM engine model, four workloads
-## (CAPSTAN_BENCH_ROUTING=quick for a short run; results in _output/bench/routing.md)
+## (CAPSTAN_BENCH_ROUTING=quick for a short run, =lora for its LoRA part alone; results in
+## _output/bench/routing.md and routing-lora.md)
 ## bench-picker: what asking an InferencePool's endpoint picker (lwepp) adds per
 ## request, against the router's own balancer (results in _output/bench/endpoint-picker.md)
 bench-router bench-adapter bench-scheduler bench-routing bench-picker: build

@@ -228,6 +228,8 @@ func ratios(workloads []benchWorkload, balancers []string, rates []float64, resu
 type benchWorkload struct {
 	name string
 	gen  func(run int) benchGen
+	// model picks the model a request names; nil for "bench".
+	model func(rng *rand.Rand) string
 }
 
 type benchGen interface {
@@ -360,6 +362,9 @@ type benchPoint struct {
 	sentPerSec              float64 // requests sent in the measured window
 	hitRate                 float64
 	preemptions, errors     int
+	// sent counts every request sent, warm-up included, and loraLoads
+	// the adapters the pods loaded into a slot meanwhile.
+	sent, loraLoads int
 }
 
 func (p benchPoint) String() string {
@@ -393,6 +398,7 @@ func measure(t *testing.T, ctx context.Context, routers, pods []string, w benchW
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024}, Timeout: 2 * time.Minute}
 	defer client.CloseIdleConnections()
 	var (
+		p               benchPoint
 		mu              sync.Mutex
 		ttfts, itls     []time.Duration
 		tokens, answers int
@@ -408,13 +414,18 @@ func measure(t *testing.T, ctx context.Context, routers, pods []string, w benchW
 		at += time.Duration(rng.ExpFloat64() / wallRate * float64(time.Second))
 		time.Sleep(time.Until(start.Add(at)))
 		msgs, done := gen.next(rng)
+		model := "bench"
+		if w.model != nil {
+			model = w.model(rng)
+		}
 		url := routers[int(rng.Uint64()%uint64(len(routers)))]
 		measured := inWindow(time.Now())
+		p.sent++
 		if measured {
 			sent++
 		}
 		wg.Go(func() {
-			s, err := chatStream(ctx, client, url, msgs, func(at time.Time) {
+			s, err := chatStream(ctx, client, url, model, msgs, func(at time.Time) {
 				if inWindow(at) {
 					mu.Lock()
 					tokens++
@@ -445,10 +456,10 @@ func measure(t *testing.T, ctx context.Context, routers, pods []string, w benchW
 	wg.Wait()
 	after := podCounters(ctx, t, pods)
 	span := to.Sub(from).Seconds()
-	p := benchPoint{ttft50: percentile(ttfts, 0.5) / benchTimeScale, ttft90: percentile(ttfts, 0.9) / benchTimeScale,
-		itl90: percentile(itls, 0.9) / benchTimeScale, errors: errs, preemptions: int(after.preemptions - before.preemptions),
-		tokensPerSec: benchTimeScale * float64(tokens) / span, reqPerSec: benchTimeScale * float64(answers) / span,
-		sentPerSec: benchTimeScale * float64(sent) / span}
+	p.ttft50, p.ttft90, p.itl90 = percentile(ttfts, 0.5)/benchTimeScale, percentile(ttfts, 0.9)/benchTimeScale, percentile(itls, 0.9)/benchTimeScale
+	p.errors, p.preemptions, p.loraLoads = errs, int(after.preemptions-before.preemptions), int(after.loraLoads-before.loraLoads)
+	p.tokensPerSec, p.reqPerSec = benchTimeScale*float64(tokens)/span, benchTimeScale*float64(answers)/span
+	p.sentPerSec = benchTimeScale * float64(sent) / span
 	if q := after.queries - before.queries; q > 0 {
 		p.hitRate = (after.hits - before.hits) / q
 	}
@@ -465,8 +476,8 @@ type stream struct {
 
 // chatStream sends one streamed chat completion, calling token with the
 // arrival time of each token.
-func chatStream(ctx context.Context, client *http.Client, url string, msgs []map[string]string, token func(time.Time)) (stream, error) {
-	body, _ := json.Marshal(map[string]any{"model": "bench", "messages": msgs, "stream": true, "max_tokens": benchMaxTokens})
+func chatStream(ctx context.Context, client *http.Client, url, model string, msgs []map[string]string, token func(time.Time)) (stream, error) {
+	body, _ := json.Marshal(map[string]any{"model": model, "messages": msgs, "stream": true, "max_tokens": benchMaxTokens})
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url+"/v1/chat/completions", strings.NewReader(string(body)))
 	req.Header.Set("Content-Type", "application/json")
 	start := time.Now()
@@ -527,9 +538,10 @@ func percentile(ds []time.Duration, q float64) time.Duration {
 	return s[min(len(s)-1, int(math.Ceil(q*float64(len(s))))-1)]
 }
 
-type counters struct{ hits, queries, preemptions float64 }
+type counters struct{ hits, queries, preemptions, loraLoads float64 }
 
-// podCounters sums the pods' prefix-cache and preemption counters.
+// podCounters sums the pods' prefix-cache, preemption and LoRA slot load
+// counters.
 func podCounters(ctx context.Context, t *testing.T, pods []string) counters {
 	t.Helper()
 	var c counters
@@ -555,6 +567,7 @@ func podCounters(ctx context.Context, t *testing.T, pods []string) counters {
 		c.hits += sum("vllm:prefix_cache_hits_total")
 		c.queries += sum("vllm:prefix_cache_queries_total")
 		c.preemptions += sum("vllm:num_preemptions_total")
+		c.loraLoads += sum(fleet.SimLoRASlotLoads)
 	}
 	return c
 }
