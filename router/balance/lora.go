@@ -32,12 +32,12 @@ const (
 	tierSwap          // every slot is taken by other adapters
 )
 
-func loraTier(h *health.Host, adapter string) int {
+func loraTier(h *health.Host, adapter uint64) int {
 	s := h.LoRA()
 	switch {
 	case s == nil:
 		return tierFree
-	case s.Active(adapter):
+	case s.ActiveKey(adapter):
 		return tierActive
 	case s.FreeSlot():
 		return tierFree
@@ -55,7 +55,8 @@ func preferAdapter(p *Pool, r *Request, pick *Endpoint, fewest int64, loadFactor
 	if pick == nil {
 		return nil
 	}
-	bestTier := loraTier(pick.Host, r.Adapter)
+	adapter := health.LoRAKey(r.Adapter)
+	bestTier := loraTier(pick.Host, adapter)
 	if bestTier == tierActive {
 		return pick
 	}
@@ -70,7 +71,7 @@ func preferAdapter(p *Pool, r *Request, pick *Endpoint, fewest int64, loadFactor
 		if n >= bound {
 			continue
 		}
-		tier := loraTier(h, r.Adapter)
+		tier := loraTier(h, adapter)
 		if tier > bestTier || best == nil && tier == bestTier {
 			continue
 		}

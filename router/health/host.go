@@ -6,6 +6,7 @@
 package health
 
 import (
+	"hash/maphash"
 	"math"
 	"slices"
 	"sync/atomic"
@@ -221,22 +222,27 @@ type LoRAState struct {
 	// MaxLoRAs is how many adapters the engine's batch may use at once
 	// (vLLM's --max-loras), at least 1.
 	MaxLoRAs int
-	// active is how many distinct adapters Running and Waiting name.
-	active int
+	// keys are the LoRAKeys of the distinct adapters of Running and
+	// Waiting: a pick compares those rather than names.
+	keys []uint64
 }
+
+// loraSeed is chosen once, when the process starts, so that no pod can
+// name adapters whose keys collide with another adapter's on purpose.
+var loraSeed = maphash.MakeSeed()
+
+// LoRAKey is an adapter's key, as LoRAState.ActiveKey takes it.
+func LoRAKey(adapter string) uint64 { return maphash.String(loraSeed, adapter) }
 
 // NewLoRAState returns the state of an engine whose running and waiting
 // requests use those adapters, with maxLoRAs slots. The slices are kept.
 func NewLoRAState(running, waiting []string, maxLoRAs int) *LoRAState {
 	s := &LoRAState{Running: running, Waiting: waiting, MaxLoRAs: maxLoRAs}
-	for i, a := range running {
-		if !slices.Contains(running[:i], a) {
-			s.active++
-		}
-	}
-	for i, a := range waiting {
-		if !slices.Contains(running, a) && !slices.Contains(waiting[:i], a) {
-			s.active++
+	for _, names := range [][]string{running, waiting} {
+		for _, a := range names {
+			if k := LoRAKey(a); !slices.Contains(s.keys, k) {
+				s.keys = append(s.keys, k)
+			}
 		}
 	}
 	return s
@@ -244,13 +250,14 @@ func NewLoRAState(running, waiting []string, maxLoRAs int) *LoRAState {
 
 // Active reports whether the engine's running or waiting requests use the
 // adapter.
-func (s *LoRAState) Active(adapter string) bool {
-	return slices.Contains(s.Running, adapter) || slices.Contains(s.Waiting, adapter)
-}
+func (s *LoRAState) Active(adapter string) bool { return s.ActiveKey(LoRAKey(adapter)) }
+
+// ActiveKey is Active for an adapter's LoRAKey.
+func (s *LoRAState) ActiveKey(key uint64) bool { return slices.Contains(s.keys, key) }
 
 // FreeSlot reports whether the engine uses fewer adapters than it has
 // slots, so that one more needs no other to be swapped out.
-func (s *LoRAState) FreeSlot() bool { return s.active < s.MaxLoRAs }
+func (s *LoRAState) FreeSlot() bool { return len(s.keys) < s.MaxLoRAs }
 
 // SetLoRA records the host's latest fresh LoRA state, or forgets it (nil)
 // when the engine reports none or its report is stale. The value must not be
