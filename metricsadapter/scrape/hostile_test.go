@@ -231,7 +231,7 @@ func TestMillionSeriesPageIsRefusedInBoundedMemory(t *testing.T) {
 	runtime.GC()
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all)
+	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all, nil)
 	runtime.ReadMemStats(&after)
 	if result != TooLarge {
 		t.Fatalf("result %v (%v), want %v", result, err, TooLarge)
@@ -315,7 +315,7 @@ func TestSeriesAndBucketFloodsAreRefusedInBoundedMemory(t *testing.T) {
 			runtime.GC()
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
-			_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all)
+			_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all, nil)
 			runtime.ReadMemStats(&after)
 			if result != tc.want {
 				t.Errorf("result %v (%v), want %v", result, err, tc.want)

@@ -154,7 +154,9 @@ type Options struct {
 	Wants func(catalogue.Metric) bool
 	// Families names, per engine, the samples parsed on every scrape
 	// besides the catalogue's, for an Observer that is a PageObserver
-	// (vllm:lora_requests_info). They count against the same bounds.
+	// (vllm:lora_requests_info). They count against the same bounds; a
+	// page whose families of these are over MaxSeriesPerFamily is read
+	// without them.
 	Families map[modelserver.Engine][]string
 	// Transport fetches the pages. Default: the scraper's own, which keeps
 	// one idle connection per target and no goroutine for it. A transport
@@ -272,6 +274,11 @@ type Scraper struct {
 type filters struct {
 	scalars *exposition.Filter // the gauges and counters
 	all     *exposition.Filter // and the histograms
+	// bareScalars and bareAll are the same without Options.Families (nil
+	// when the engine has none): a page whose families of the observer's
+	// own are over a bound is read again without them, so that a family
+	// the catalogue does not need cannot cost the observer every sample.
+	bareScalars, bareAll *exposition.Filter
 }
 
 // state is one target's scraping state. Its target never changes: a target
@@ -316,10 +323,11 @@ func New(opts Options) (*Scraper, error) {
 	if wants == nil {
 		wants = func(catalogue.Metric) bool { return true }
 	}
+	scalars := func(m catalogue.Metric) bool { return m.Kind != catalogue.Histogram && wants(m) }
 	for _, e := range modelserver.Engines {
-		f := filters{
-			scalars: c.Filter(e, func(m catalogue.Metric) bool { return m.Kind != catalogue.Histogram && wants(m) }),
-			all:     c.Filter(e, wants),
+		f := filters{scalars: c.Filter(e, scalars), all: c.Filter(e, wants)}
+		if len(opts.Families[e]) > 0 {
+			f.bareScalars, f.bareAll = c.Filter(e, scalars), c.Filter(e, wants)
 		}
 		for _, name := range opts.Families[e] {
 			f.scalars.Samples[name], f.all.Samples[name] = true, true
@@ -500,11 +508,11 @@ func (s *Scraper) work(ctx context.Context, queue workqueue.TypedDelayingInterfa
 func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duration {
 	start := time.Now()
 	f := s.filters[st.target.Engine]
-	filter, skipped := f.scalars, true
+	filter, bare, skipped := f.scalars, f.bareScalars, true
 	if start.Sub(time.Unix(0, st.histogramsAt.Load())) >= s.opts.HistogramInterval {
-		filter, skipped = f.all, false
+		filter, bare, skipped = f.all, f.bareAll, false
 	}
-	at, result, err := s.fetch(ctx, w, st, filter)
+	at, result, err := s.fetch(ctx, w, st, filter, bare)
 	if w.body.Cap() > keepPageBytes {
 		w.body = bytes.Buffer{}
 	}
@@ -595,7 +603,7 @@ func (r Result) String() string { return resultNames[r] }
 // cluster network in microseconds, and compressing it every second costs the
 // engine and the scraper more CPU than it saves (a gzip-encoded page is read
 // all the same).
-func (s *Scraper) fetch(ctx context.Context, w *worker, st *state, filter *exposition.Filter) (time.Time, Result, error) {
+func (s *Scraper) fetch(ctx context.Context, w *worker, st *state, filter, bare *exposition.Filter) (time.Time, Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
 	if st.req == nil {
@@ -636,7 +644,11 @@ func (s *Scraper) fetch(ctx context.Context, w *worker, st *state, filter *expos
 		return time.Time{}, TooLarge, fmt.Errorf("page larger than %d bytes", s.opts.MaxPageBytes)
 	}
 	at := time.Now()
-	if result, err := w.read(s.opts.Catalogue, st.target.Engine, format, w.body.Bytes(), filter); result != Success {
+	result, err := w.read(s.opts.Catalogue, st.target.Engine, format, w.body.Bytes(), filter)
+	if result == TooManySeries && bare != nil {
+		result, err = w.read(s.opts.Catalogue, st.target.Engine, format, w.body.Bytes(), bare)
+	}
+	if result != Success {
 		return time.Time{}, result, err
 	}
 	return at, Success, nil

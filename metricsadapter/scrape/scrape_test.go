@@ -3,6 +3,7 @@ package scrape
 import (
 	"compress/gzip"
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -719,7 +720,7 @@ func TestOnlyPlainHTTPIsScraped(t *testing.T) {
 	w := &worker{values: s.opts.Catalogue.NewValues()}
 	target := Target{Key: key("p"), URL: "https://127.0.0.1:1/metrics", Engine: modelserver.VLLM}
 	st := &state{target: target, req: s.request(target)}
-	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].scalars)
+	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].scalars, nil)
 	if result != NetworkError || err == nil || !strings.Contains(err.Error(), "plain HTTP") {
 		t.Errorf("scraping %s: %v, %v; want a network_error saying metrics are scraped over plain HTTP", target.URL, result, err)
 	}
@@ -782,4 +783,39 @@ func TestFamiliesNeedAPageObserver(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "scrape.families: Invalid value") {
 		t.Fatalf("New: %v; want an error about scrape.families", err)
 	}
+}
+
+// A page whose family of the observer's own has more series than
+// MaxSeriesPerFamily (vLLM keeps a lora_requests_info series for every
+// state it ever reported) is read without it: the catalogue's values are
+// still observed.
+func TestFamilyOverTheBoundIsLeftOut(t *testing.T) {
+	var page strings.Builder
+	page.WriteString("vllm:num_requests_waiting 3\n")
+	for i := range 5 {
+		fmt.Fprintf(&page, "vllm:lora_requests_info{running_lora_adapters=\"a%d\"} %d\n", i, i)
+	}
+	srv := newEngineServer(t, page.String())
+	opts := fastOptions()
+	opts.MaxSeriesPerFamily = 4
+	opts.Families = map[modelserver.Engine][]string{modelserver.VLLM: {"vllm:lora_requests_info"}}
+	rec := &pageRecorder{recorder: newRecorder()}
+	opts.Observer = rec
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := srv.target("p", modelserver.VLLM)
+	s.Upsert(target)
+	run(t, s)
+	waitFor(t, 2*time.Second, "a sample", func() bool { return rec.count(target.Key) > 0 })
+	if got, _ := rec.sample(target.Key); !got.hasWaiting || got.waiting != 3 {
+		t.Errorf("observed %+v; want requests_waiting 3", got)
+	}
+	if labels := rec.seen(); len(labels) != 0 {
+		t.Errorf("handed the family over its bound: %v", labels)
+	}
+	// Within the bound, it is handed over.
+	srv.set(func(e *engineServer) { e.page = strings.Join(strings.SplitAfter(page.String(), "\n")[:5], "") })
+	waitFor(t, 2*time.Second, "the family", func() bool { return len(rec.seen()) == 4 })
 }

@@ -92,38 +92,6 @@ func TestParseLoRAInfoRefusesHostileReports(t *testing.T) {
 	}
 }
 
-func TestLoRAStateSlots(t *testing.T) {
-	cases := map[string]struct {
-		state    *health.LoRAState
-		active   []string
-		inactive []string
-		free     bool
-	}{
-		"idle":                          {health.NewLoRAState(nil, nil, 1), nil, []string{"a"}, true},
-		"one of two slots":              {health.NewLoRAState([]string{"a"}, nil, 2), []string{"a"}, []string{"b"}, true},
-		"full with running and waiting": {health.NewLoRAState([]string{"a"}, []string{"b"}, 2), []string{"a", "b"}, []string{"c"}, false},
-		"duplicates count once":         {health.NewLoRAState([]string{"a", "a"}, []string{"a"}, 2), []string{"a"}, []string{"b"}, true},
-		"more in use than slots":        {health.NewLoRAState([]string{"a"}, []string{"b", "c"}, 1), []string{"a", "b", "c"}, nil, false},
-	}
-	for name, tc := range cases {
-		t.Run(name, func(t *testing.T) {
-			for _, a := range tc.active {
-				if !tc.state.Active(a) {
-					t.Errorf("Active(%q) = false", a)
-				}
-			}
-			for _, a := range tc.inactive {
-				if tc.state.Active(a) {
-					t.Errorf("Active(%q) = true", a)
-				}
-			}
-			if got := tc.state.FreeSlot(); got != tc.free {
-				t.Errorf("FreeSlot() = %v, want %v", got, tc.free)
-			}
-		})
-	}
-}
-
 // The observer keeps the LoRA state of a page that has one, and none of a
 // page whose report is refused.
 func TestObserverKeepsLoRAState(t *testing.T) {

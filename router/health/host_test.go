@@ -182,3 +182,37 @@ func TestRegistryForgets(t *testing.T) {
 		t.Fatalf("forgot %v with %d left, want [198.18.0.1:80] with 1", forgotten, r.Len())
 	}
 }
+
+// A LoRA state says which adapters are active and whether a slot is free,
+// counting each adapter once.
+func TestLoRAStateSlots(t *testing.T) {
+	cases := map[string]struct {
+		state    *LoRAState
+		active   []string
+		inactive []string
+		free     bool
+	}{
+		"idle":                          {NewLoRAState(nil, nil, 1), nil, []string{"a"}, true},
+		"one of two slots":              {NewLoRAState([]string{"a"}, nil, 2), []string{"a"}, []string{"b"}, true},
+		"full with running and waiting": {NewLoRAState([]string{"a"}, []string{"b"}, 2), []string{"a", "b"}, []string{"c"}, false},
+		"duplicates count once":         {NewLoRAState([]string{"a", "a"}, []string{"a"}, 2), []string{"a"}, []string{"b"}, true},
+		"more in use than slots":        {NewLoRAState([]string{"a"}, []string{"b", "c"}, 1), []string{"a", "b", "c"}, nil, false},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			for _, a := range tc.active {
+				if !tc.state.Active(a) {
+					t.Errorf("Active(%q) = false", a)
+				}
+			}
+			for _, a := range tc.inactive {
+				if tc.state.Active(a) {
+					t.Errorf("Active(%q) = true", a)
+				}
+			}
+			if got := tc.state.FreeSlot(); got != tc.free {
+				t.Errorf("FreeSlot() = %v, want %v", got, tc.free)
+			}
+		})
+	}
+}
