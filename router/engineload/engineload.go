@@ -14,10 +14,10 @@ import (
 	"sync"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
-
-	dto "github.com/prometheus/client_model/go"
+	"k8s.io/klog/v2"
 
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/scrape"
@@ -44,6 +44,8 @@ type Observer struct {
 
 	mu   sync.RWMutex
 	pods map[types.NamespacedName]sample
+
+	logger klog.Logger
 }
 
 type sample struct {
@@ -73,7 +75,8 @@ func NewObserver(c *catalogue.Catalogue, maxAge time.Duration) *Observer {
 	return &Observer{
 		maxAge:  maxAge,
 		waiting: id(catalogue.RequestsWaiting), running: id(catalogue.RequestsRunning), kvCache: id(catalogue.KVCacheUsage),
-		pods: map[types.NamespacedName]sample{},
+		pods:   map[types.NamespacedName]sample{},
+		logger: klog.Background().WithValues("component", "engineload"),
 	}
 }
 
@@ -89,8 +92,12 @@ func (o *Observer) ObservePage(t scrape.Target, at time.Time, v *catalogue.Value
 		Waiting: scalar(v, o.waiting), Running: scalar(v, o.running), KVCacheUsage: scalar(v, o.kvCache),
 	}}}
 	if f := families[LoRAInfo]; f != nil {
-		// A report over the bounds counts as none (see ParseLoRAInfo).
-		s.LoRA, _ = ParseLoRAInfo(f)
+		var err error
+		if s.LoRA, err = ParseLoRAInfo(f); err != nil {
+			// Counts as no report: the endpoint is neither preferred
+			// nor passed over for an adapter.
+			o.logger.V(4).Info("Ignoring the pod's LoRA report", "pod", t.Key, "err", err)
+		}
 	}
 	o.mu.Lock()
 	o.pods[t.Key] = s
