@@ -307,9 +307,14 @@ func (e *Engine) Step() (time.Duration, []Output) {
 	}
 
 	var loads, computed, context int
-	for a := range batchAdapters {
-		if e.loadAdapter(a) {
-			loads++
+	// Adapters take their slots in the order of the batch, so that which
+	// one is least recently used does not depend on map order.
+	for _, s := range scheduled {
+		if a := s.req.Adapter; batchAdapters[a] {
+			batchAdapters[a] = false
+			if e.loadAdapter(a) {
+				loads++
+			}
 		}
 	}
 	e.stats.LoRALoads += int64(loads)
