@@ -64,7 +64,7 @@ type Router struct {
 	loras  *lora.Poller
 	loader *loader.Loader
 	// leader is nil when the router needs no leader (Options.elects).
-	leader *leader.Elector
+	leader  *leader.Elector
 	handler *proxy.Handler
 	// server serves the API and nothing else; admin serves health,
 	// metrics and profiles on an address of their own.
