@@ -195,3 +195,70 @@ func TestDeclaredLoRAAdaptersThroughARollingUpdate(t *testing.T) {
 	}
 	t.Logf("%d adapter requests through the rollout", len(all))
 }
+
+// With leader election (the manifests' default), only the replica holding
+// the Lease loads adapters; when it stops, the other takes the Lease and
+// loads the adapter onto a pod that arrives after.
+func TestDeclaredLoRAAdaptersLoadedByTheLeader(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	ns := namespace(t, ctx, "lora-leader")
+	var seen arrivals
+	simulate(t, ctx, ns, seen.add)
+	pods := deploy(t, ctx, cluster.ModelServer{Namespace: ns, Name: "llama", Model: "llama", Replicas: 2, Env: runtimeLoRA})
+	routers := []*router{
+		startRouter(t, ctx, "router-lora-leader-0", "--namespaces="+ns, "--lora-poll-interval=500ms"),
+		startRouter(t, ctx, "router-lora-leader-1", "--namespaces="+ns, "--lora-poll-interval=500ms"),
+	}
+	// A router of an earlier test that was killed holds the Lease until it
+	// expires (15 s).
+	var leader, follower *router
+	err := testCluster.WaitFor(ctx, 30*time.Second, "one of the two routers to lead", func(context.Context) (bool, error) {
+		for i, r := range routers {
+			if r.metric(t, "capstan_router_leader", nil) == 1 {
+				leader, follower = r, routers[1-i]
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if follower.metric(t, "capstan_router_leader", nil) != 0 {
+		t.Fatal("both routers lead")
+	}
+	declare(t, ctx, ns, "llama", "- {name: support, source: /adapters/support}")
+	for _, r := range routers {
+		r.waitLoadedOn(t, ctx, ns, "support", pods[0].Name, pods[1].Name)
+	}
+	if n := leader.metric(t, "capstan_router_lora_adapter_calls_total", map[string]string{"operation": "load"}); n < 2 {
+		t.Errorf("the leader made %v loads, want at least 2", n)
+	}
+	if n := follower.metric(t, "capstan_router_lora_adapter_calls_total", nil); n != 0 {
+		t.Errorf("the follower made %v adapter calls", n)
+	}
+
+	leader.proc.Stop(15 * time.Second)
+	err = testCluster.WaitFor(ctx, 20*time.Second, "the other router to take the Lease", func(context.Context) (bool, error) {
+		return follower.metric(t, "capstan_router_leader", nil) == 1, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	patch := `{"spec":{"replicas":3}}`
+	if _, err := testCluster.Client.AppsV1().Deployments(ns).Patch(ctx, "llama", types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	all, err := testCluster.WaitForReadyPods(ctx, ns, "app=llama", 3, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, p := range all {
+		names = append(names, p.Name)
+	}
+	follower.waitLoadedOn(t, ctx, ns, "support", names...)
+	if n := follower.metric(t, "capstan_router_lora_adapter_calls_total", map[string]string{"operation": "load", "result": "success"}); n != 1 {
+		t.Errorf("the new leader made %v successful loads, want 1 (the new pod)", n)
+	}
+}
