@@ -184,8 +184,11 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		}
 	}
 	if o.LoRAPollInterval > 0 {
+		listErrors := prometheus.NewCounter(prometheus.CounterOpts{Namespace: "capstan_router", Subsystem: "lora", Name: "model_list_errors_total",
+			Help: "Ready model endpoints' model lists (GET /v1/models) that could not be had or read: the endpoint keeps its last list for 3 passes."})
+		reg.MustRegister(listErrors)
 		r.loras = lora.New(lora.Options{Interval: o.LoRAPollInterval, Timeout: o.LoRAPollInterval / 2,
-			Endpoints: func() []string { return routes.Table().Addresses() }, Reporter: routes, UserAgent: userAgent})
+			Endpoints: func() []string { return routes.Table().Addresses() }, Reporter: routes, UserAgent: userAgent, Errors: listErrors})
 		r.loader = loader.New(loader.Options{Interval: o.LoRAPollInterval, Timeout: o.LoRALoadTimeout, Table: routes.Table,
 			Engines: engines{r.loras, lora.NewClient(o.LoRALoadTimeout, 3*o.LoRAPollInterval, nil, userAgent)},
 			Leading: r.leader.Leading, Recorder: events, Backoff: flowcontrol.NewBackOff(loraBackoffBase, loraBackoffMax)}, reg)

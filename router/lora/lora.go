@@ -22,6 +22,7 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
@@ -56,6 +57,8 @@ type Options struct {
 	// model.
 	Endpoints func() []string
 	Reporter  Reporter
+	// Errors, when set, counts the model lists that could not be had.
+	Errors prometheus.Counter
 	// Transport, when set, replaces the default one (tests).
 	Transport http.RoundTripper
 	UserAgent string
@@ -121,6 +124,9 @@ func (p *Poller) Sync(ctx context.Context) {
 			if err != nil {
 				if ctx.Err() == nil {
 					logger.V(4).Info("Reading the loaded LoRA adapters", "endpoint", addr, "err", err)
+				}
+				if p.opts.Errors != nil {
+					p.opts.Errors.Inc()
 				}
 				p.failed(addr)
 				return nil
