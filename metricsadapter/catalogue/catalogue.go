@@ -37,6 +37,14 @@ const (
 	KVCacheUsage    = "kv_cache_usage"
 )
 
+// Names of the built-in Adapters metrics, read from vLLM's
+// vllm:lora_requests_info: per LoRA adapter, the pods on which it has running
+// (waiting) requests. vLLM reports which adapters have requests, not how many.
+const (
+	LoRAAdapterRunningPods = "lora_adapter_running_pods"
+	LoRAAdapterWaitingPods = "lora_adapter_waiting_pods"
+)
+
 // Kind says how a metric is read from an engine and served.
 type Kind string
 
@@ -49,6 +57,21 @@ const (
 	// Histogram serves quantiles of the observations made within the window,
 	// from the difference of the histogram's buckets, as <name>_p50 and so on.
 	Histogram Kind = "histogram"
+	// Adapters reads the names of the adapters a label of a series lists,
+	// comma separated, from the series with the largest value, as vLLM
+	// reports its LoRA adapters: it sets a series per combination of
+	// adapters to the time it saw it, and never removes one, so the newest
+	// is the current one. Served per adapter (see the provider).
+	Adapters Kind = "adapters"
+)
+
+// Bounds of what an Adapters metric reads from one page, which a pod
+// serves: a label listing more adapters, or a name longer, gives the pod no
+// value for the metric. vLLM lists the adapters with requests, a handful;
+// its adapter names are model names.
+const (
+	MaxAdapters          = 128
+	MaxAdapterNameLength = 128
 )
 
 // Aggregation combines the series of a page that match a source, such as one
@@ -118,6 +141,9 @@ type Source struct {
 	DivideBy *Series `json:"divideBy,omitempty"`
 	// Aggregation overrides the metric's for this source.
 	Aggregation Aggregation `json:"aggregation,omitempty"`
+	// AdaptersLabel (Adapters metrics only, and required there) is the
+	// label whose value lists the adapters, comma separated.
+	AdaptersLabel string `json:"adaptersLabel,omitempty"`
 }
 
 // RawGauge is an engine gauge served under its own name.
@@ -245,7 +271,7 @@ var (
 	nameRE       = regexp.MustCompile(`^[a-z][a-z0-9_]*$`)
 	rawNameRE    = regexp.MustCompile(`^[a-zA-Z_][a-zA-Z0-9_]*$`)
 	sanitizeRE   = regexp.MustCompile(`[^a-zA-Z0-9_]`)
-	kinds        = sets.New(Gauge, Rate, Histogram)
+	kinds        = sets.New(Gauge, Rate, Histogram, Adapters)
 	aggregations = sets.New(Sum, Avg, Max, Min)
 )
 
@@ -275,7 +301,7 @@ func Validate(path *field.Path, f *File, complete bool) error {
 		seen.Insert(m.Name)
 		switch {
 		case m.Kind == "" && complete:
-			errs = append(errs, field.Required(p.Child("kind"), "one of gauge, rate, histogram"))
+			errs = append(errs, field.Required(p.Child("kind"), "one of gauge, rate, histogram, adapters"))
 		case m.Kind != "" && !kinds.Has(m.Kind):
 			errs = append(errs, field.NotSupported(p.Child("kind"), m.Kind, sets.List(kinds)))
 		}
@@ -333,6 +359,8 @@ func validateAggregation(p *field.Path, kind Kind, agg Aggregation) field.ErrorL
 		return field.ErrorList{field.NotSupported(p, agg, sets.List(aggregations))}
 	case kind == Histogram && agg != Sum || kind == Rate && agg != Sum && agg != Max:
 		return field.ErrorList{field.Invalid(p, agg, "histograms are summed over series; rates are summed or take the largest")}
+	case kind == Adapters:
+		return field.ErrorList{field.Forbidden(p, "adapters are read from the newest series, not aggregated")}
 	}
 	return nil
 }
@@ -354,6 +382,17 @@ func validateSource(p *field.Path, kind Kind, s Source) field.ErrorList {
 	}
 	if s.Minus != nil && s.DivideBy != nil {
 		errs = append(errs, field.Forbidden(p.Child("divideBy"), "a source has minus or divideBy, not both"))
+	}
+	switch {
+	case kind == Adapters && s.AdaptersLabel == "":
+		errs = append(errs, field.Required(p.Child("adaptersLabel"), "the label that lists the adapters"))
+	case kind == Adapters && !model.LegacyValidation.IsValidLabelName(s.AdaptersLabel):
+		errs = append(errs, field.Invalid(p.Child("adaptersLabel"), s.AdaptersLabel, "not a valid Prometheus label name"))
+	case kind != Adapters && kind != "" && s.AdaptersLabel != "":
+		errs = append(errs, field.Forbidden(p.Child("adaptersLabel"), "only adapters metrics list adapters"))
+	}
+	if kind == Adapters && s.Scale != nil {
+		errs = append(errs, field.Forbidden(p.Child("scale"), "adapters metrics have no values to scale"))
 	}
 	return errs
 }

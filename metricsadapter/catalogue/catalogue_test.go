@@ -258,19 +258,25 @@ raw:
 
 func TestInvalidCataloguesAreRejected(t *testing.T) {
 	cases := map[string]struct{ yaml, errMatch string }{
-		"unknown field":      {"metrics:\n- name: x\n  kind: gauge\n  sourcez: []\n", `unknown field "sourcez"`},
-		"bad name":           {"metrics:\n- name: Requests-Waiting\n  kind: gauge\n  engines: {vllm: [{series: a}]}\n", "override.metrics[0].name"},
-		"unknown kind":       {"metrics:\n- name: x\n  kind: summary\n  engines: {vllm: [{series: a}]}\n", `override.metrics[0].kind: Unsupported value: "summary"`},
-		"new metric no kind": {"metrics:\n- name: x\n  engines: {vllm: [{series: a}]}\n", "catalogue.metrics[10].kind: Required value"},
-		"unknown engine":     {"metrics:\n- name: x\n  kind: gauge\n  engines: {llamacpp: [{series: a}]}\n", `override.metrics[0].engines[llamacpp]: Unsupported value: "llamacpp"`},
-		"bad series":         {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: \"a b\"}]}\n", "override.metrics[0].engines[vllm][0].series: Invalid value"},
-		"zero scale":         {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: a, scale: 0}]}\n", "scale: Invalid value: 0"},
-		"quantile of one":    {"metrics:\n- name: x\n  kind: histogram\n  quantiles: [1]\n  engines: {vllm: [{series: a}]}\n", "quantiles[0]: Invalid value: 1"},
-		"rate minus":         {"metrics:\n- name: x\n  kind: rate\n  engines: {vllm: [{series: a, minus: {series: b}}]}\n", "minus: Forbidden"},
-		"histogram max":      {"metrics:\n- name: x\n  kind: histogram\n  aggregation: max\n  engines: {vllm: [{series: a}]}\n", "aggregation: Invalid value"},
-		"average clash":      {"metrics:\n- name: requests_running_avg\n  kind: gauge\n  engines: {vllm: [{series: a}]}\n", "average variant"},
-		"raw name clash":     {"raw:\n  vllm:\n  - {series: x, name: time_to_first_token_seconds}\n", "taken by a histogram"},
-		"duplicate served":   {"metrics:\n- name: x_p50\n  kind: gauge\n  engines: {vllm: [{series: a}]}\n- name: x\n  kind: histogram\n  quantiles: [0.5]\n  engines: {vllm: [{series: b}]}\n", "two metrics are served as x_p50"},
+		"unknown field":                {"metrics:\n- name: x\n  kind: gauge\n  sourcez: []\n", `unknown field "sourcez"`},
+		"bad name":                     {"metrics:\n- name: Requests-Waiting\n  kind: gauge\n  engines: {vllm: [{series: a}]}\n", "override.metrics[0].name"},
+		"unknown kind":                 {"metrics:\n- name: x\n  kind: summary\n  engines: {vllm: [{series: a}]}\n", `override.metrics[0].kind: Unsupported value: "summary"`},
+		"new metric no kind":           {"metrics:\n- name: x\n  engines: {vllm: [{series: a}]}\n", "catalogue.metrics[12].kind: Required value"},
+		"unknown engine":               {"metrics:\n- name: x\n  kind: gauge\n  engines: {llamacpp: [{series: a}]}\n", `override.metrics[0].engines[llamacpp]: Unsupported value: "llamacpp"`},
+		"bad series":                   {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: \"a b\"}]}\n", "override.metrics[0].engines[vllm][0].series: Invalid value"},
+		"zero scale":                   {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: a, scale: 0}]}\n", "scale: Invalid value: 0"},
+		"quantile of one":              {"metrics:\n- name: x\n  kind: histogram\n  quantiles: [1]\n  engines: {vllm: [{series: a}]}\n", "quantiles[0]: Invalid value: 1"},
+		"rate minus":                   {"metrics:\n- name: x\n  kind: rate\n  engines: {vllm: [{series: a, minus: {series: b}}]}\n", "minus: Forbidden"},
+		"histogram max":                {"metrics:\n- name: x\n  kind: histogram\n  aggregation: max\n  engines: {vllm: [{series: a}]}\n", "aggregation: Invalid value"},
+		"average clash":                {"metrics:\n- name: requests_running_avg\n  kind: gauge\n  engines: {vllm: [{series: a}]}\n", "average variant"},
+		"raw name clash":               {"raw:\n  vllm:\n  - {series: x, name: time_to_first_token_seconds}\n", "taken by a histogram"},
+		"adapters without their label": {"metrics:\n- name: x\n  kind: adapters\n  engines: {vllm: [{series: a}]}\n", "engines[vllm][0].adaptersLabel: Required value"},
+		"adapters label invalid":       {"metrics:\n- name: x\n  kind: adapters\n  engines: {vllm: [{series: a, adaptersLabel: \"a-b\"}]}\n", "adaptersLabel: Invalid value"},
+		"adapters label on a gauge":    {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: a, adaptersLabel: b}]}\n", "adaptersLabel: Forbidden"},
+		"adapters aggregated":          {"metrics:\n- name: x\n  kind: adapters\n  aggregation: sum\n  engines: {vllm: [{series: a, adaptersLabel: b}]}\n", "aggregation: Forbidden"},
+		"adapters scaled":              {"metrics:\n- name: x\n  kind: adapters\n  engines: {vllm: [{series: a, adaptersLabel: b, scale: 2}]}\n", "scale: Forbidden"},
+		"adapters minus":               {"metrics:\n- name: x\n  kind: adapters\n  engines: {vllm: [{series: a, adaptersLabel: b, minus: {series: c}}]}\n", "minus: Forbidden"},
+		"duplicate served":             {"metrics:\n- name: x_p50\n  kind: gauge\n  engines: {vllm: [{series: a}]}\n- name: x\n  kind: histogram\n  quantiles: [0.5]\n  engines: {vllm: [{series: b}]}\n", "two metrics are served as x_p50"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -25,6 +25,10 @@ type Values struct {
 	Scalar []float64
 	// Hist is a histogram metric's cumulative buckets.
 	Hist []HistogramValue
+	// Adapters is an Adapters metric's adapter names: distinct, none
+	// empty, in the order the page lists them. They share memory with the
+	// parsed page.
+	Adapters [][]string
 }
 
 // HistogramValue is a classic Prometheus histogram: cumulative counts per
@@ -39,7 +43,7 @@ type HistogramValue struct {
 // NewValues returns Values sized for the catalogue.
 func (c *Catalogue) NewValues() *Values {
 	n := len(c.metrics)
-	return &Values{Has: make([]bool, n), Scalar: make([]float64, n), Hist: make([]HistogramValue, n)}
+	return &Values{Has: make([]bool, n), Scalar: make([]float64, n), Hist: make([]HistogramValue, n), Adapters: make([][]string, n)}
 }
 
 // step reads one metric for one engine.
@@ -54,6 +58,7 @@ type source struct {
 	agg             Aggregation
 	scale           float64
 	minus, divideBy *selector
+	adaptersLabel   string
 }
 
 // selector finds series on a page. A name ending in _sum or _count also
@@ -77,7 +82,7 @@ const (
 func compileSources(sources []Source, agg Aggregation) []source {
 	out := make([]source, 0, len(sources))
 	for _, s := range sources {
-		cs := source{sel: compileSelector(s.Series), agg: agg, scale: 1}
+		cs := source{sel: compileSelector(s.Series), agg: agg, scale: 1, adaptersLabel: s.AdaptersLabel}
 		if s.Aggregation != "" {
 			cs.agg = s.Aggregation
 		}
@@ -146,6 +151,8 @@ func (c *Catalogue) Extract(engine modelserver.Engine, families map[string]*dto.
 		switch st.kind {
 		case Histogram:
 			v.Has[st.metric] = extractHistogram(st.sources, families, &v.Hist[st.metric])
+		case Adapters:
+			v.Adapters[st.metric], v.Has[st.metric] = extractAdapters(st.sources, families, v.Adapters[st.metric][:0])
 		default:
 			v.Scalar[st.metric], v.Has[st.metric] = extractScalar(st.sources, families)
 		}
@@ -215,6 +222,52 @@ func (sel *selector) aggregate(families map[string]*dto.MetricFamily, agg Aggreg
 		acc /= float64(n)
 	}
 	return acc, true
+}
+
+// extractAdapters reads the adapters the first source present lists, from
+// its newest series (the largest value; the first of equals), into names.
+// More than MaxAdapters names, or one longer than MaxAdapterNameLength, give
+// no value.
+func extractAdapters(sources []source, families map[string]*dto.MetricFamily, names []string) ([]string, bool) {
+	for _, s := range sources {
+		fam := families[s.sel.name]
+		if fam == nil {
+			continue
+		}
+		var newest *dto.Metric
+		var at float64
+		for _, m := range fam.Metric {
+			if !matches(m, s.sel.labels) {
+				continue
+			}
+			if x, ok := scalar(fam.GetType(), fieldValue, m); ok && (newest == nil || x > at) {
+				newest, at = m, x
+			}
+		}
+		if newest == nil {
+			continue
+		}
+		i := slices.IndexFunc(newest.Label, func(l *dto.LabelPair) bool { return l.GetName() == s.adaptersLabel })
+		if i < 0 {
+			continue
+		}
+		// Repeats count against the bound, which keeps the work on a
+		// hostile label linear in its length.
+		listed := 0
+		for name := range strings.SplitSeq(newest.Label[i].GetValue(), ",") {
+			if name = strings.TrimSpace(name); name == "" {
+				continue
+			}
+			if listed++; listed > MaxAdapters || len(name) > MaxAdapterNameLength {
+				return names[:0], false
+			}
+			if !slices.Contains(names, name) {
+				names = append(names, name)
+			}
+		}
+		return names, true
+	}
+	return names, false
 }
 
 func scalar(t dto.MetricType, field valueField, m *dto.Metric) (float64, bool) {

@@ -11,6 +11,12 @@
 // divides that sum by how many pods had one. Quantiles of an object pool the
 // histogram increases of its pods, so <name>_p90 of a Deployment is the 90th
 // percentile of all its requests, and has no _avg variant.
+//
+// An Adapters metric (catalogue.Adapters: lora_adapter_waiting_pods, ...) is
+// per LoRA adapter: the number of pods whose engine lists the adapter. A
+// metric label selector on AdapterLabel picks the adapter; without one, or
+// with several adapters selected, the value is the largest over them, the
+// hottest adapter's.
 package provider
 
 import (
@@ -26,6 +32,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/types"
 	appslisters "k8s.io/client-go/listers/apps/v1"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -75,6 +82,10 @@ type Config struct {
 // flight. It has a value while the model has no pod, so an HPA can scale
 // the model from zero on it.
 const RequestsDemand = "requests_demand"
+
+// AdapterLabel is the metric label that selects the adapter of an Adapters
+// metric: adapter=support-bot-v3, or adapter in (a,b) for the larger of two.
+const AdapterLabel = "adapter"
 
 // Demand gives a model's requests_demand, summed over the router replicas
 // with a fresh value, and the time of the oldest of them; false when none
@@ -126,13 +137,37 @@ type query struct {
 	avg    bool
 	// demand is set for RequestsDemand, which is not the pods'.
 	demand bool
+	// adapters is set for an Adapters metric, whose value is the largest
+	// over the selected adapters (every adapter when selected is nil);
+	// selector echoes the selection in answers.
+	adapters bool
+	selected []string
+	selector *metav1.LabelSelector
 }
 
 func (p *Provider) resolve(info cmprovider.CustomMetricInfo, metricSelector labels.Selector) (query, error) {
-	q := query{gr: info.GroupResource, metric: info.Metric}
-	if metricSelector != nil && !metricSelector.Empty() {
-		return q, apierrors.NewBadRequest(fmt.Sprintf("metric label selectors are not supported (got %q): Capstan's metrics have no labels", metricSelector))
+	q, err := p.resolveMetric(info)
+	if err != nil || metricSelector == nil || metricSelector.Empty() {
+		return q, err
 	}
+	if !q.adapters {
+		return q, apierrors.NewBadRequest(fmt.Sprintf("metric label selectors are not supported for %s (got %q): it has no labels; only the per-adapter metrics take one (%s=<name>)", q.metric, metricSelector, AdapterLabel))
+	}
+	reqs, _ := metricSelector.Requirements()
+	if len(reqs) != 1 || reqs[0].Key() != AdapterLabel ||
+		reqs[0].Operator() != selection.Equals && reqs[0].Operator() != selection.DoubleEquals && reqs[0].Operator() != selection.In {
+		return q, apierrors.NewBadRequest(fmt.Sprintf("metric label selector %q is not supported for %s: select adapters with %s=<name> or %s in (<name>,...)", metricSelector, q.metric, AdapterLabel, AdapterLabel))
+	}
+	q.selected = reqs[0].ValuesUnsorted()
+	if q.selector, err = metav1.ParseToLabelSelector(metricSelector.String()); err != nil {
+		return q, apierrors.NewBadRequest(fmt.Sprintf("metric label selector %q: %v", metricSelector, err))
+	}
+	return q, nil
+}
+
+// resolveMetric resolves the resource and the metric name.
+func (p *Provider) resolveMetric(info cmprovider.CustomMetricInfo) (query, error) {
+	q := query{gr: info.GroupResource, metric: info.Metric}
 	if p.Mapper != nil {
 		if n, _, err := info.Normalized(p.Mapper); err == nil {
 			q.gr = n.GroupResource
@@ -147,15 +182,16 @@ func (p *Provider) resolve(info cmprovider.CustomMetricInfo, metricSelector labe
 	}
 	if s, ok := p.Catalogue.Lookup(info.Metric); ok {
 		q.served = s
-		return q, nil
-	}
-	if base, ok := strings.CutSuffix(info.Metric, catalogue.AvgSuffix); ok && q.gr != Pods {
+	} else if base, ok := strings.CutSuffix(info.Metric, catalogue.AvgSuffix); ok && q.gr != Pods {
 		if s, ok := p.Catalogue.Lookup(base); ok && s.Quantile == 0 {
 			q.served, q.avg = s, true
-			return q, nil
 		}
 	}
-	return q, cmprovider.NewMetricNotFoundError(q.gr, info.Metric)
+	if q.served.Name == "" {
+		return q, cmprovider.NewMetricNotFoundError(q.gr, info.Metric)
+	}
+	q.adapters = p.Catalogue.Metrics()[q.served.Metric].Kind == catalogue.Adapters
+	return q, nil
 }
 
 // GetMetricByName implements provider.CustomMetricsProvider.
@@ -175,7 +211,7 @@ func (p *Provider) GetMetricByName(ctx context.Context, name types.NamespacedNam
 		}
 		v, ok = p.demand(model, now)
 	case q.gr == Pods:
-		v, ok = p.Store.PodValue(name, q.served, now)
+		v, ok = p.podValue(name, q, now)
 	default:
 		selector, err := p.selectorOf(q.gr, name)
 		if err != nil {
@@ -210,7 +246,7 @@ func (p *Provider) GetMetricBySelector(ctx context.Context, namespace string, se
 		}
 		out.Items = make([]custom_metrics.MetricValue, 0, len(pods))
 		for _, pod := range pods {
-			if v, ok := p.Store.PodValue(types.NamespacedName{Namespace: namespace, Name: pod.Name}, q.served, now); ok {
+			if v, ok := p.podValue(types.NamespacedName{Namespace: namespace, Name: pod.Name}, q, now); ok {
 				add(pod.Name, v)
 			}
 		}
@@ -251,7 +287,13 @@ func (p *Provider) aggregate(namespace string, selector labels.Selector, q query
 	for i, pod := range pods {
 		keys[i] = types.NamespacedName{Namespace: namespace, Name: pod.Name}
 	}
-	v, n := p.Store.Aggregate(keys, q.served, now)
+	var v store.Value
+	var n int
+	if q.adapters {
+		v, n = q.adapterValue(p.Store.AdapterPods(keys, q.served.Metric, now))
+	} else {
+		v, n = p.Store.Aggregate(keys, q.served, now)
+	}
 	if n == 0 {
 		return store.Value{}, false
 	}
@@ -259,6 +301,29 @@ func (p *Provider) aggregate(namespace string, selector labels.Selector, q query
 		v.Value /= float64(n)
 	}
 	return v, true
+}
+
+func (p *Provider) podValue(key types.NamespacedName, q query, now time.Time) (store.Value, bool) {
+	if !q.adapters {
+		return p.Store.PodValue(key, q.served, now)
+	}
+	v, n := q.adapterValue(p.Store.AdapterPods([]types.NamespacedName{key}, q.served.Metric, now))
+	return v, n > 0
+}
+
+// adapterValue is the most pods any selected adapter is listed on (0 for an
+// adapter no pod lists), and how many pods report the metric.
+func (q query) adapterValue(ap store.AdapterPods) (store.Value, int) {
+	most := 0
+	if q.selected == nil {
+		for _, n := range ap.Pods {
+			most = max(most, n)
+		}
+	}
+	for _, a := range q.selected {
+		most = max(most, ap.Pods[a])
+	}
+	return store.Value{Value: float64(most), Time: ap.Time}, ap.Reporting
 }
 
 // selectorOf returns the pod selector of a Deployment, StatefulSet or
@@ -379,7 +444,7 @@ func metricValue(q query, name types.NamespacedName, v store.Value) custom_metri
 		DescribedObject: custom_metrics.ObjectReference{
 			APIVersion: gvk.GroupVersion().String(), Kind: gvk.Kind, Namespace: name.Namespace, Name: name.Name,
 		},
-		Metric:    custom_metrics.MetricIdentifier{Name: q.metric},
+		Metric:    custom_metrics.MetricIdentifier{Name: q.metric, Selector: q.selector},
 		Timestamp: metav1.NewTime(v.Time),
 		Value:     Quantity(v.Value),
 	}

@@ -3,6 +3,8 @@ package scrape
 import (
 	"math"
 	"os"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
@@ -27,6 +29,7 @@ func FuzzRead(f *testing.F) {
 	}
 	f.Add([]byte("# TYPE vllm:e2e_request_latency_seconds histogram\nvllm:e2e_request_latency_seconds_bucket{le=\"2\"} 5\nvllm:e2e_request_latency_seconds_bucket{le=\"1\"} 9\n"))
 	f.Add([]byte("vllm:num_requests_waiting NaN\nvllm:num_requests_running +Inf\n# EOF\n"))
+	f.Add([]byte("vllm:lora_requests_info{running_lora_adapters=\" a,,a ,b\",waiting_lora_adapters=\"\\\"\"} 2\nvllm:lora_requests_info{running_lora_adapters=\"c\"} 1\n"))
 	c := catalogue.Builtin()
 	f.Fuzz(func(t *testing.T, page []byte) {
 		// Without limits, and with limits low enough to be reached.
@@ -50,11 +53,23 @@ func FuzzRead(f *testing.F) {
 
 // checkValues fails unless every extracted value is usable: finite gauges
 // and counters, histograms with ascending bounds ending at +Inf and counts
-// that never fall.
+// that never fall, adapter lists within their bounds, without empty,
+// untrimmed or repeated names.
 func checkValues(t *testing.T, c *catalogue.Catalogue, v *catalogue.Values, format exposition.Format, engine modelserver.Engine) {
 	t.Helper()
 	for id, m := range c.Metrics() {
 		if !v.Has[id] {
+			continue
+		}
+		if m.Kind == catalogue.Adapters {
+			names := v.Adapters[id]
+			bad := len(names) > catalogue.MaxAdapters
+			for i, a := range names {
+				bad = bad || a == "" || a != strings.TrimSpace(a) || len(a) > catalogue.MaxAdapterNameLength || slices.Contains(names[:i], a)
+			}
+			if bad {
+				t.Fatalf("%s %s: %s lists %q", format, engine, m.Name, names)
+			}
 			continue
 		}
 		if m.Kind != catalogue.Histogram {

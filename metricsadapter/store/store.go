@@ -1,7 +1,8 @@
 // Package store keeps each pod's recent samples, as the scraper delivers
 // them, and answers what the metrics API serves: a gauge's last value, a
 // counter's per-second rate over a window and a histogram's quantiles over a
-// window, for one pod or pooled over several.
+// window, for one pod or pooled over several; and, for an Adapters metric
+// (vLLM's LoRA adapters), how many pods list each adapter.
 //
 // Only samples younger than MaxAge are served, each with its real timestamp
 // and the real span of its window. Counters and histograms are kept
@@ -16,6 +17,7 @@ import (
 	"encoding/binary"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -102,9 +104,11 @@ func New(opts Options) (*Store, error) {
 type pod struct {
 	mu sync.Mutex
 
-	// gauges and has hold the latest sample's gauge values by metric ID.
-	gauges []float64
-	has    []bool
+	// gauges and has hold the latest sample's gauge values by metric ID,
+	// adapters its Adapters metrics' names.
+	gauges   []float64
+	adapters [][]string
+	has      []bool
 
 	// Cumulative series (counters and histograms), laid out in one vector
 	// by layout.
@@ -162,7 +166,7 @@ func (s *Store) Observe(t scrape.Target, at time.Time, v *catalogue.Values) {
 		s.mu.Lock()
 		if p = s.pods[t.Key]; p == nil {
 			n := len(s.cat.Metrics())
-			p = &pod{gauges: make([]float64, n), has: make([]bool, n)}
+			p = &pod{gauges: make([]float64, n), adapters: make([][]string, n), has: make([]bool, n)}
 			s.pods[t.Key] = p
 		}
 		s.mu.Unlock()
@@ -189,9 +193,19 @@ func (s *Store) Len() int {
 func (s *Store) record(p *pod, at time.Time, v *catalogue.Values) {
 	metrics := s.cat.Metrics()
 	for id, m := range metrics {
-		p.has[id] = v.Has[id] && m.Kind == catalogue.Gauge
-		if p.has[id] {
+		p.has[id] = v.Has[id] && (m.Kind == catalogue.Gauge || m.Kind == catalogue.Adapters)
+		switch {
+		case !p.has[id]:
+			continue
+		case m.Kind == catalogue.Gauge:
 			p.gauges[id] = v.Scalar[id]
+		case !slices.Equal(p.adapters[id], v.Adapters[id]):
+			// Copied, so that the pod does not keep the page's labels;
+			// a set that did not change costs nothing.
+			p.adapters[id] = p.adapters[id][:0]
+			for _, a := range v.Adapters[id] {
+				p.adapters[id] = append(p.adapters[id], strings.Clone(a))
+			}
 		}
 	}
 	// A pod silent for longer than MaxAge starts a new history: a rate
@@ -384,6 +398,8 @@ func (s *Store) podValue(key types.NamespacedName, name catalogue.ServedName, no
 	}
 	m := s.cat.Metrics()[name.Metric]
 	switch m.Kind {
+	case catalogue.Adapters:
+		return Value{}, false // per adapter: see AdapterPods
 	case catalogue.Gauge:
 		if !p.has[name.Metric] {
 			return Value{}, false
@@ -516,6 +532,43 @@ func (s *Store) Aggregate(keys []types.NamespacedName, name catalogue.ServedName
 	}
 	out.Value = q
 	return out, n
+}
+
+// AdapterPods is what an Adapters metric says about a set of pods.
+type AdapterPods struct {
+	// Pods counts, by adapter, the pods whose latest sample lists it.
+	Pods map[string]int
+	// Reporting is how many pods have a fresh sample of the metric; an
+	// adapter listed by none of them has 0 pods.
+	Reporting int
+	// Time is the time of the oldest sample used.
+	Time time.Time
+}
+
+// AdapterPods counts, for an Adapters metric, the pods among keys with a
+// fresh sample that list each adapter.
+func (s *Store) AdapterPods(keys []types.NamespacedName, id int, now time.Time) AdapterPods {
+	out := AdapterPods{Pods: map[string]int{}}
+	for _, k := range keys {
+		s.mu.RLock()
+		p := s.pods[k]
+		s.mu.RUnlock()
+		if p == nil {
+			continue
+		}
+		p.mu.Lock()
+		if now.Sub(p.cur.t) <= s.maxAge && p.has[id] {
+			for _, a := range p.adapters[id] {
+				out.Pods[a]++
+			}
+			if out.Reporting == 0 || p.cur.t.Before(out.Time) {
+				out.Time = p.cur.t
+			}
+			out.Reporting++
+		}
+		p.mu.Unlock()
+	}
+	return out
 }
 
 // Quantile estimates the q-quantile of the observations counted in a

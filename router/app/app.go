@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/util/flowcontrol"
 	"k8s.io/klog/v2"
 	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 	inferenceclient "sigs.k8s.io/gateway-api-inference-extension/client-go/clientset/versioned"
@@ -34,6 +35,8 @@ import (
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/hold"
 	"github.com/capstan-dev/capstan/router/inferencepool"
+	"github.com/capstan-dev/capstan/router/leader"
+	"github.com/capstan-dev/capstan/router/loader"
 	"github.com/capstan-dev/capstan/router/lora"
 	"github.com/capstan-dev/capstan/router/metrics"
 	"github.com/capstan-dev/capstan/router/picker"
@@ -57,15 +60,18 @@ type Router struct {
 	listeners *server.Listeners
 	// engineLoad is nil unless the balancer is load-aware.
 	engineLoad *engineLoadFeed
-	// loras is nil when adapter routing is off.
-	loras   *lora.Poller
+	// loras and loader are nil when adapters are off.
+	loras  *lora.Poller
+	loader *loader.Loader
+	// leader is nil when the router needs no leader (Options.elects).
+	leader  *leader.Elector
 	handler *proxy.Handler
 	// server serves the API and nothing else; admin serves health,
 	// metrics and profiles on an address of their own.
 	server   *server.Server
 	admin    *http.Server
 	draining atomic.Bool
-	events   *claimEvents
+	events   *serviceEvents
 	// pods are the informers of the model-server pods and their workloads.
 	pods *replicas.Pods
 	// pools follows InferencePools; nil without the Gateway API or when
@@ -92,7 +98,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 	if err != nil {
 		return nil, err
 	}
-	events := newClaimEvents(client)
+	events := newServiceEvents(client)
 	hosts := health.NewRegistry(health.EjectionPolicy{Base: o.EjectionBase, Max: o.EjectionMax})
 	var holds *hold.Queues
 	var modelChanged func(string)
@@ -107,7 +113,7 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		MaxPerEndpoint: o.MaxRequestsPerEndpoint,
 		MaxPerModel:    o.MaxRequestsPerModel,
 		BuildRing:      balance.NeedsRing(o.Balancer),
-		Claims:         events,
+		Recorder:       events,
 		ModelChanged:   modelChanged,
 	})
 	// Every Service snapshot goes to the routing table and, with the
@@ -121,6 +127,11 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if o.elects() {
+		if r.leader, err = leader.New(client, o.LeaderElection, reg); err != nil {
+			return nil, err
+		}
+	}
 	var held func(string) int
 	if holds != nil {
 		held = holds.Len
@@ -173,8 +184,14 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		}
 	}
 	if o.LoRAPollInterval > 0 {
+		listErrors := prometheus.NewCounter(prometheus.CounterOpts{Namespace: "capstan_router", Subsystem: "lora", Name: "model_list_errors_total",
+			Help: "Ready model endpoints' model lists (GET /v1/models) that could not be had or read: the endpoint keeps its last list for 3 passes."})
+		reg.MustRegister(listErrors)
 		r.loras = lora.New(lora.Options{Interval: o.LoRAPollInterval, Timeout: o.LoRAPollInterval / 2,
-			Endpoints: func() []string { return routes.Table().Addresses() }, Reporter: routes, UserAgent: userAgent})
+			Endpoints: func() []string { return routes.Table().Addresses() }, Reporter: routes, UserAgent: userAgent, Errors: listErrors})
+		r.loader = loader.New(loader.Options{Interval: o.LoRAPollInterval, Timeout: o.LoRALoadTimeout, Table: routes.Table,
+			Engines: engines{r.loras, lora.NewClient(o.LoRALoadTimeout, 3*o.LoRAPollInterval, nil, userAgent)},
+			Leading: r.leader.Leading, Recorder: events, Backoff: flowcontrol.NewBackOff(loraBackoffBase, loraBackoffMax)}, reg)
 	}
 	r.server = o.newServer()
 	r.server.Handler, r.server.Logger = r.handler, logger.WithName("server")
@@ -185,6 +202,20 @@ func New(ctx context.Context, o *Options) (*Router, error) {
 		ErrorLog:          klog.NewStandardLogger("WARNING"),
 	}
 	return r, nil
+}
+
+// A declared adapter's load that failed on an endpoint is tried again
+// after loraBackoffBase, doubling up to loraBackoffMax.
+const (
+	loraBackoffBase = 2 * time.Second
+	loraBackoffMax  = 5 * time.Minute
+)
+
+// engines are what the adapter loader calls: the poller's reports of what
+// each engine lists, and the engines' load and unload API.
+type engines struct {
+	*lora.Poller
+	*lora.Client
 }
 
 // newGateway builds the Gateway API controller and the listeners it opens,
@@ -215,7 +246,7 @@ func (r *Router) newGateway(cfg *rest.Config, client kubernetes.Interface, route
 		Namespaces:       o.Namespaces,
 		SecretNamespaces: o.GatewaySecretNamespaces,
 		Addresses:        o.gatewayAddresses(),
-		LeaderElection:   o.LeaderElection,
+		Leader:           r.leader,
 		BindRetry:        5 * time.Second,
 	}
 	served, err := inferencePoolsServed(client)
@@ -309,8 +340,12 @@ func (r *Router) Run(ctx context.Context) error {
 	if r.engineLoad != nil {
 		g.Go(func() error { return r.engineLoad.Run(klog.NewContext(gctx, logger.WithName("engine-load"))) })
 	}
+	if r.leader != nil {
+		g.Go(func() error { r.leader.Run(klog.NewContext(gctx, logger.WithName("leader"))); return nil })
+	}
 	if r.loras != nil {
 		g.Go(func() error { r.loras.Run(klog.NewContext(gctx, logger.WithName("lora"))); return nil })
+		g.Go(func() error { r.loader.Run(klog.NewContext(gctx, logger.WithName("lora-loader"))); return nil })
 	}
 	g.Go(func() error { r.handler.Run(gctx); return nil })
 	g.Go(func() error {

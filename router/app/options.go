@@ -124,9 +124,13 @@ type Options struct {
 	ScrapeInterval, ScrapeTimeout time.Duration
 	// LoRAPollInterval is how often every Ready model endpoint is asked
 	// which LoRA adapters it has loaded (GET /v1/models), so that
-	// requests naming an adapter go to the endpoints that have it; 0
-	// turns adapter routing off. Default 5s.
+	// requests naming an adapter go to the endpoints that have it, and
+	// how often the leader loads the adapters models' Services declare;
+	// 0 turns adapters off. Default 5s.
 	LoRAPollInterval time.Duration
+	// LoRALoadTimeout bounds one engine's answer to loading or unloading
+	// an adapter. Default 1m.
+	LoRALoadTimeout time.Duration
 	// MaxIdleConnsPerEndpoint is the keep-alive pool per endpoint.
 	// Default 256.
 	MaxIdleConnsPerEndpoint int
@@ -177,8 +181,9 @@ type Options struct {
 	// GatewayControllerName selects the GatewayClasses to serve. Default
 	// capstan.dev/gateway-controller.
 	GatewayControllerName string
-	// LeaderElection elects the replica that writes Gateway API status.
-	// Default on, a Lease capstan-router in capstan-system, 15s/10s/2s.
+	// LeaderElection elects the replica that writes Gateway API status
+	// and loads declared LoRA adapters. Default on, a Lease capstan-router
+	// in capstan-system, 15s/10s/2s.
 	LeaderElection componentbaseconfig.LeaderElectionConfiguration
 }
 
@@ -219,6 +224,7 @@ func NewOptions() *Options {
 		ScrapeInterval:               time.Second,
 		ScrapeTimeout:                500 * time.Millisecond,
 		LoRAPollInterval:             5 * time.Second,
+		LoRALoadTimeout:              time.Minute,
 		MaxIdleConnsPerEndpoint:      256,
 		ShutdownDelay:                5 * time.Second,
 		ShutdownTimeout:              60 * time.Second,
@@ -298,7 +304,8 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.ScrapeInterval, "scrape-interval", o.ScrapeInterval, "How often the load-aware balancer scrapes each Ready pod's metrics.")
 	fs.DurationVar(&o.ScrapeTimeout, "scrape-timeout", o.ScrapeTimeout, "Time allowed for one metrics scrape.")
 	fs.DurationVar(&o.LoRAPollInterval, "lora-poll-interval", o.LoRAPollInterval,
-		"How often every Ready model endpoint is asked which LoRA adapters it has loaded (GET /v1/models), so that a request naming an adapter goes to the endpoints that have it; each answer gets half of it. 0 turns adapter routing off.")
+		"How often every Ready model endpoint is asked which LoRA adapters it has loaded (GET /v1/models), so that a request naming an adapter goes to the endpoints that have it (each answer gets half of it), and how often the leader loads the adapters that models' Services declare (capstan.dev/lora-adapters). 0 turns adapters off.")
+	fs.DurationVar(&o.LoRALoadTimeout, "lora-load-timeout", o.LoRALoadTimeout, "Time an engine has to answer a call loading or unloading a LoRA adapter.")
 	fs.IntVar(&o.MaxIdleConnsPerEndpoint, "max-idle-conns-per-endpoint", o.MaxIdleConnsPerEndpoint, "Idle keep-alive connections kept to each endpoint.")
 	fs.DurationVar(&o.ShutdownDelay, "shutdown-delay", o.ShutdownDelay, "On SIGTERM, keep serving this long while /readyz fails, so the router leaves its Service's endpoints before it stops accepting connections.")
 	fs.DurationVar(&o.ShutdownTimeout, "shutdown-timeout", o.ShutdownTimeout, "Then wait at most this long for in-flight requests (streams included) to finish.")
@@ -366,6 +373,9 @@ func (o *Options) Validate() error {
 	}
 	if o.LoRAPollInterval < 0 {
 		errs = append(errs, field.Invalid(field.NewPath("lora-poll-interval"), o.LoRAPollInterval.String(), "must not be negative"))
+	}
+	if o.LoRALoadTimeout <= 0 {
+		errs = append(errs, field.Invalid(field.NewPath("lora-load-timeout"), o.LoRALoadTimeout.String(), "must be positive"))
 	}
 	if o.EjectionBase < 0 {
 		errs = append(errs, field.Invalid(field.NewPath("ejection-base"), o.EjectionBase.String(), "must not be negative"))
@@ -499,7 +509,7 @@ func (o *Options) validateGateway() field.ErrorList {
 	if domain, path, ok := strings.Cut(o.GatewayControllerName, "/"); !ok || path == "" || len(validation.IsDNS1123Subdomain(domain)) > 0 {
 		errs = append(errs, field.Invalid(field.NewPath("gateway-controller-name"), o.GatewayControllerName, "must be DOMAIN/PATH, e.g. "+gateway.DefaultControllerName))
 	}
-	if le := o.LeaderElection; o.GatewayEnabled() && le.LeaderElect {
+	if le := o.LeaderElection; o.elects() && le.LeaderElect {
 		if le.LeaseDuration.Duration <= 0 || le.RenewDeadline.Duration <= 0 || le.RetryPeriod.Duration <= 0 {
 			errs = append(errs, field.Invalid(field.NewPath("leader-elect-lease-duration"), le.LeaseDuration.Duration.String(),
 				"--leader-elect-lease-duration, --leader-elect-renew-deadline and --leader-elect-retry-period must be positive"))
@@ -524,6 +534,10 @@ func sortedKeys(m map[string]time.Duration) []string {
 	slices.Sort(keys)
 	return keys
 }
+
+// elects reports whether the router needs a leader: to write Gateway API
+// status, or to load declared LoRA adapters.
+func (o *Options) elects() bool { return o.GatewayEnabled() || o.LoRAPollInterval > 0 }
 
 // newServer returns an HTTP/1.1 server with the options' limits and
 // timeouts, for the API and every cleartext Gateway address.

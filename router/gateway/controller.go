@@ -17,7 +17,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -33,15 +32,11 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
-	"k8s.io/apimachinery/pkg/util/uuid"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/leaderelection"
-	"k8s.io/client-go/tools/leaderelection/resourcelock"
 	"k8s.io/client-go/util/workqueue"
-	componentbaseconfig "k8s.io/component-base/config"
 	"k8s.io/klog/v2"
 	inferencev1 "sigs.k8s.io/gateway-api-inference-extension/api/v1"
 	inferenceclient "sigs.k8s.io/gateway-api-inference-extension/client-go/clientset/versioned"
@@ -51,6 +46,7 @@ import (
 
 	"github.com/capstan-dev/capstan/router/controller"
 	"github.com/capstan-dev/capstan/router/discovery"
+	"github.com/capstan-dev/capstan/router/leader"
 	"github.com/capstan-dev/capstan/router/route"
 )
 
@@ -72,9 +68,8 @@ type Options struct {
 	SecretNamespaces []string
 	// Addresses says where Gateways are served.
 	Addresses Addresses
-	// LeaderElection elects the one replica that writes status. With
-	// LeaderElect false this replica always writes.
-	LeaderElection componentbaseconfig.LeaderElectionConfiguration
+	// Leader elects the one replica that writes status.
+	Leader *leader.Elector
 	// BindRetry is how soon a listen address that could not be bound is
 	// tried again.
 	BindRetry time.Duration
@@ -138,8 +133,6 @@ type Controller struct {
 	queue workqueue.TypedRateLimitingInterface[string]
 	table atomic.Pointer[route.HTTPTable]
 	ready atomic.Bool
-	// leader is set while this replica holds the Lease.
-	leader atomic.Bool
 
 	mu sync.Mutex
 	// ports remembers each Service's port numbers, to resync only when a
@@ -221,6 +214,12 @@ func New(kube kubernetes.Interface, gw gatewayclient.Interface, services Service
 		c.secretInfs = append(c.secretInfs, add(sf.Core().V1().Secrets().Informer()))
 		c.informers.Add(sf)
 	}
+	// A new leader checks every status at once.
+	c.opts.Leader.Subscribe(func(leading bool) {
+		if leading {
+			c.enqueue()
+		}
+	})
 	return c
 }
 
@@ -258,8 +257,8 @@ func (c *Controller) ServiceChanged(key types.NamespacedName, svc *discovery.Ser
 }
 
 // Run starts the informers, waits for them and for discovery, publishes the
-// first table, and then follows changes until ctx ends. It campaigns for
-// leadership alongside.
+// first table, and then follows changes until ctx ends, writing status
+// while Options.Leader leads.
 func (c *Controller) Run(ctx context.Context) error {
 	defer utilruntime.HandleCrashWithContext(ctx)
 	defer c.queue.ShutDown()
@@ -274,28 +273,6 @@ func (c *Controller) Run(ctx context.Context) error {
 		return c.servicesSynced(), nil
 	}); err != nil {
 		return fmt.Errorf("waiting for Service discovery: %w", err)
-	}
-	if c.opts.LeaderElection.LeaderElect {
-		elector, err := c.elector()
-		if err != nil {
-			return err
-		}
-		campaignDone := make(chan struct{})
-		go func() {
-			defer close(campaignDone)
-			c.campaign(ctx, elector)
-		}()
-		// On the way out, give the elector a moment to release the Lease,
-		// so another replica takes over at once instead of after the
-		// lease duration.
-		defer func() {
-			select {
-			case <-campaignDone:
-			case <-time.After(c.opts.LeaderElection.RenewDeadline.Duration):
-			}
-		}()
-	} else {
-		c.setLeader(true)
 	}
 	// The first pass publishes the table before the router calls itself
 	// ready (a failed status write is retried later; the table stands).
@@ -328,7 +305,7 @@ func (c *Controller) sync(ctx context.Context) error {
 		c.queue.AddAfter(syncKey, c.opts.BindRetry)
 	}
 	c.metrics.syncSeconds.Observe(time.Since(start).Seconds())
-	if !c.leader.Load() {
+	if !c.opts.Leader.Leading() {
 		return nil
 	}
 	return c.writeStatus(ctx, t, func(addr string) error { return bindErrs[addr] })
@@ -510,60 +487,10 @@ func (c *Controller) recordWrite(ctx context.Context, kind, name string, err err
 	return fmt.Errorf("updating the status of %s %s: %w", kind, name, err)
 }
 
-// elector builds the leader elector of the status writer.
-func (c *Controller) elector() (*leaderelection.LeaderElector, error) {
-	le := c.opts.LeaderElection
-	host, err := os.Hostname()
-	if err != nil {
-		return nil, fmt.Errorf("leader election identity: %w", err)
-	}
-	lock, err := resourcelock.New(le.ResourceLock, le.ResourceNamespace, le.ResourceName,
-		c.kube.CoreV1(), c.kube.CoordinationV1(), resourcelock.ResourceLockConfig{Identity: host + "_" + string(uuid.NewUUID())})
-	if err != nil {
-		return nil, fmt.Errorf("leader election lock: %w", err)
-	}
-	return leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
-		Lock:            lock,
-		LeaseDuration:   le.LeaseDuration.Duration,
-		RenewDeadline:   le.RenewDeadline.Duration,
-		RetryPeriod:     le.RetryPeriod.Duration,
-		ReleaseOnCancel: true,
-		Name:            "capstan-router-gateway-status",
-		Callbacks: leaderelection.LeaderCallbacks{
-			OnStartedLeading: func(context.Context) { c.setLeader(true) },
-			OnStoppedLeading: func() { c.setLeader(false) },
-		},
-	})
-}
-
-// campaign holds or seeks leadership until ctx ends; losing the Lease only
-// stops status writes, never routing.
-func (c *Controller) campaign(ctx context.Context, le *leaderelection.LeaderElector) {
-	logger := klog.FromContext(ctx)
-	for ctx.Err() == nil {
-		le.Run(ctx)
-		if ctx.Err() == nil {
-			logger.Info("Lost the status-writer Lease; campaigning again")
-		}
-	}
-}
-
-func (c *Controller) setLeader(leader bool) {
-	c.leader.Store(leader)
-	v := 0.0
-	if leader {
-		v = 1
-		// A new leader checks every status at once.
-		c.enqueue()
-	}
-	c.metrics.leader.Set(v)
-}
-
 // metrics are the controller's Prometheus metrics.
 type metrics struct {
 	statusUpdates *prometheus.CounterVec
 	syncSeconds   prometheus.Histogram
-	leader        prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -577,13 +504,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "Time to translate the Gateway API objects into a routing table and bind its addresses.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 		}),
-		leader: prometheus.NewGauge(prometheus.GaugeOpts{
-			Namespace: "capstan_router", Subsystem: "gateway", Name: "status_leader",
-			Help: "1 while this replica holds the Lease and writes Gateway API status.",
-		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.statusUpdates, m.syncSeconds, m.leader)
+		reg.MustRegister(m.statusUpdates, m.syncSeconds)
 	}
 	return m
 }

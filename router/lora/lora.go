@@ -15,8 +15,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -24,6 +22,7 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
@@ -58,6 +57,8 @@ type Options struct {
 	// model.
 	Endpoints func() []string
 	Reporter  Reporter
+	// Errors, when set, counts the model lists that could not be had.
+	Errors prometheus.Counter
 	// Transport, when set, replaces the default one (tests).
 	Transport http.RoundTripper
 	UserAgent string
@@ -66,7 +67,7 @@ type Options struct {
 // Poller asks endpoints for their adapters.
 type Poller struct {
 	opts   Options
-	client *http.Client
+	client *Client
 
 	mu    sync.Mutex
 	known map[string]*report
@@ -79,20 +80,30 @@ type report struct {
 
 // New returns a Poller.
 func New(opts Options) *Poller {
-	t := opts.Transport
-	if t == nil {
-		t = &http.Transport{
-			DialContext:            (&net.Dialer{Timeout: opts.Timeout}).DialContext,
-			MaxIdleConnsPerHost:    1,
-			IdleConnTimeout:        3 * opts.Interval,
-			MaxResponseHeaderBytes: 64 << 10,
-			DisableCompression:     true,
-			ResponseHeaderTimeout:  opts.Timeout,
-		}
+	return &Poller{opts: opts, client: NewClient(opts.Timeout, 3*opts.Interval, opts.Transport, opts.UserAgent), known: map[string]*report{}}
+}
+
+// Loaded returns the adapters addr last reported; false when it has no
+// report.
+func (p *Poller) Loaded(addr string) ([]string, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	r := p.known[addr]
+	if r == nil {
+		return nil, false
 	}
-	return &Poller{opts: opts, client: &http.Client{Transport: t, Timeout: opts.Timeout,
-		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
-		known: map[string]*report{}}
+	return r.adapters, true
+}
+
+// Refresh asks addr for its adapters now, as after loading or unloading
+// one, and reports a change.
+func (p *Poller) Refresh(ctx context.Context, addr string) error {
+	adapters, err := p.client.Adapters(ctx, addr)
+	if err != nil {
+		return err
+	}
+	p.update(addr, adapters)
+	return nil
 }
 
 // Run polls every Interval until ctx ends.
@@ -109,10 +120,13 @@ func (p *Poller) Sync(ctx context.Context) {
 	g.SetLimit(parallel)
 	for _, addr := range addrs {
 		g.Go(func() error {
-			adapters, err := p.fetch(ctx, addr)
+			adapters, err := p.client.Adapters(ctx, addr)
 			if err != nil {
 				if ctx.Err() == nil {
 					logger.V(4).Info("Reading the loaded LoRA adapters", "endpoint", addr, "err", err)
+				}
+				if p.opts.Errors != nil {
+					p.opts.Errors.Inc()
 				}
 				p.failed(addr)
 				return nil
@@ -173,38 +187,6 @@ type modelList struct {
 		ID     string  `json:"id"`
 		Parent *string `json:"parent"`
 	} `json:"data"`
-}
-
-// fetch returns the adapters addr lists, sorted. An engine that has no
-// model list (404) has no adapters.
-func (p *Poller) fetch(ctx context.Context, addr string) ([]string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/v1/models", nil)
-	if err != nil {
-		return nil, err
-	}
-	req.Header.Set("Accept", "application/json")
-	if p.opts.UserAgent != "" {
-		req.Header.Set("User-Agent", p.opts.UserAgent)
-	}
-	resp, err := p.client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	switch {
-	case resp.StatusCode == http.StatusNotFound:
-		return nil, nil
-	case resp.StatusCode != http.StatusOK:
-		return nil, fmt.Errorf("GET /v1/models answered %s", resp.Status)
-	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxBodyBytes+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(body) > MaxBodyBytes {
-		return nil, fmt.Errorf("GET /v1/models answered more than %d bytes", MaxBodyBytes)
-	}
-	return Parse(body)
 }
 
 // Parse returns the adapters of a model list, sorted and without

@@ -12,6 +12,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func TestParse(t *testing.T) {
@@ -178,7 +181,8 @@ func TestPollerBoundsHostileEngines(t *testing.T) {
 	defer endless.Close()
 	r := &reports{}
 	const timeout = 300 * time.Millisecond
-	p := New(Options{Interval: time.Second, Timeout: timeout, Reporter: r,
+	errs := prometheus.NewCounter(prometheus.CounterOpts{Name: "errors"})
+	p := New(Options{Interval: time.Second, Timeout: timeout, Reporter: r, Errors: errs,
 		Endpoints: func() []string { return []string{hang.Listener.Addr().String(), endless.Listener.Addr().String()} }})
 	start := time.Now()
 	p.Sync(context.Background())
@@ -187,5 +191,8 @@ func TestPollerBoundsHostileEngines(t *testing.T) {
 	}
 	if got := r.take(); len(got) != 0 {
 		t.Errorf("reported %v", got)
+	}
+	if n := testutil.ToFloat64(errs); n != 2 {
+		t.Errorf("%v errors counted, want 2", n)
 	}
 }

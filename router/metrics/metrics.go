@@ -211,7 +211,7 @@ var (
 		"Requests this router has in flight to each model.",
 		[]string{"model"}, nil)
 	heldDesc = prometheus.NewDesc(namespace+"_model_held_requests",
-		"Requests this router holds for each model while it has no ready endpoint with room.",
+		"Requests this router holds for each model, or one of its declared LoRA adapters, while it has no ready endpoint with room.",
 		[]string{"model"}, nil)
 	demandDesc = prometheus.NewDesc(namespace+"_model_demand",
 		"Requests of each model this router holds or has in flight: what the metrics adapter serves as requests_demand, summed over router replicas.",
@@ -239,7 +239,12 @@ func (c *tableCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(modelInflightDesc, prometheus.GaugeValue, float64(m.Pool.InFlight()), m.Name)
 		held := 0
 		if c.held != nil {
+			// Requests held for the model's declared adapters are its
+			// demand too: they wait for its pods.
 			held = c.held(m.Name)
+			for _, a := range m.Adapters {
+				held += c.held(a.Name)
+			}
 		}
 		ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(held), m.Name)
 		ch <- prometheus.MustNewConstMetric(demandDesc, prometheus.GaugeValue, float64(held)+float64(m.Pool.InFlight()), m.Name)

@@ -408,14 +408,16 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, x *exchange) {
 	t := target{kind: "model", name: m.Name, model: x.model, pool: m.Pool, balancing: bal,
 		path: r.URL.Path, rawPath: r.URL.RawPath, header: h.outboundHeader(r, x.idField)}
 	// A model without a Ready endpoint holds the request, unless it is off,
-	// and so does one with earlier requests still held, which go first. An
-	// adapter is never held: it is known only while endpoints report it.
+	// and so does one with earlier requests still held, which go first;
+	// the same for an adapter its model declares, which is loaded on no
+	// Ready endpoint while it is being loaded. Other adapters are never
+	// held: they are known only while endpoints report them.
 	var why string
 	off := false
 	if m.Pool.Len() == 0 {
 		why, off = h.unavailable(m)
 	}
-	if hs := h.opts.Holds; hs != nil && !off && m.Base == "" && (m.Pool.Len() == 0 || hs.Holding() && hs.Len(m.Name) > 0) {
+	if hs := h.opts.Holds; hs != nil && !off && (m.Base == "" || m.Declared) && (m.Pool.Len() == 0 || hs.Holding() && hs.Len(m.Name) > 0) {
 		if !h.hold(w, r, x, &t, &br) {
 			return
 		}
@@ -441,25 +443,28 @@ func (h *Handler) modelOverloaded(w http.ResponseWriter, x *exchange, m *route.M
 }
 
 // done ends a request admitted to t's pool and lets the next held request
-// of the model try.
+// of the model, and of the adapter it was for, try.
 func (h *Handler) done(t *target) {
 	t.pool.Done()
 	if h.opts.Holds != nil && t.model != "" {
 		h.opts.Holds.Kick(t.model)
+		if t.name != t.model {
+			h.opts.Holds.Kick(t.name)
+		}
 	}
 }
 
-// hold waits, behind the model's earlier held requests, until the model
-// has an endpoint with room, and admits the request to its pool with that
-// endpoint taken as t.first. Otherwise it answers the client (queue full,
-// hold timeout, a client gone) and returns false.
+// hold waits, behind the earlier held requests of the model (or adapter,
+// t.name), until it has an endpoint with room, and admits the request to
+// its pool with that endpoint taken as t.first. Otherwise it answers the
+// client (queue full, hold timeout, a client gone) and returns false.
 func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *target, br *balance.Request) bool {
 	ctx, cancel := context.WithTimeout(r.Context(), h.opts.HoldTimeout)
 	defer cancel()
 	start := time.Now()
 	var last *route.Model
-	err := h.opts.Holds.Wait(ctx, t.model, func() bool {
-		m := h.routes.Table().Lookup(t.model)
+	err := h.opts.Holds.Wait(ctx, t.name, func() bool {
+		m := h.routes.Table().Lookup(t.name)
 		last = m
 		if m == nil || m.Pool.Len() == 0 || !m.Pool.Admit() {
 			return false
@@ -490,7 +495,7 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 	case errors.Is(err, hold.ErrFull):
 		x.status = http.StatusTooManyRequests
 		writeError(w, x.status, rateLimit, codeHoldQueueFull, fmt.Sprintf(
-			"model %s has no ready endpoint and already %d requests waiting for one in this router", t.model, h.opts.Holds.Len(t.model)), h.opts.RetryAfter)
+			"model %s has no ready endpoint and already %d requests waiting for one in this router", t.name, h.opts.Holds.Len(t.name)), h.opts.RetryAfter)
 	case r.Context().Err() != nil:
 		x.status, x.err = statusClientClosed, context.Cause(r.Context())
 	default:
@@ -498,9 +503,9 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 		var why string
 		switch {
 		case last == nil:
-			why = fmt.Sprintf("model %s is no longer served", t.model)
+			why = fmt.Sprintf("model %s is no longer served", t.name)
 		case last.Pool.Len() > 0:
-			why = fmt.Sprintf("model %s: all %d ready endpoints stayed busy", t.model, last.Pool.Len())
+			why = fmt.Sprintf("model %s: all %d ready endpoints stayed busy", t.name, last.Pool.Len())
 		default:
 			why, _ = h.unavailable(last)
 		}

@@ -29,10 +29,13 @@ func (c RefusedClaim) Reason(model string) string {
 		model, c.Owner, c.Service.Namespace, ShareAnnotation)
 }
 
-// ClaimRecorder is told about every Service whose claim on a model became
-// refused. It is called with the Builder's lock held and must not block.
-type ClaimRecorder interface {
+// Recorder is told what a Service's owners should see: every Service whose
+// claim on a model became refused, and every new error in a Service's
+// declaration of LoRA adapters. It is called with the Builder's lock held
+// and must not block.
+type Recorder interface {
 	ClaimRefused(model string, claim RefusedClaim)
+	AdaptersInvalid(svc types.NamespacedName, uid types.UID, err error)
 }
 
 // claimOrder puts the first claim first: the oldest Service, then by

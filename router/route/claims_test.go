@@ -17,6 +17,10 @@ func (l *claimLog) ClaimRefused(model string, c RefusedClaim) {
 	*l = append(*l, model+" "+c.Service.String()+" owner="+c.Owner)
 }
 
+func (l *claimLog) AdaptersInvalid(svc types.NamespacedName, _ types.UID, err error) {
+	*l = append(*l, svc.String()+": "+err.Error())
+}
+
 func claim(ns, name, model string, created time.Time, shareWith string, eps ...discovery.Endpoint) *discovery.Service {
 	s := &discovery.Service{Key: types.NamespacedName{Namespace: ns, Name: name}, Labels: map[string]string{"capstan.dev/model": model},
 		Port: "http", Endpoints: eps, Created: created}
@@ -31,7 +35,7 @@ func claim(ns, name, model string, created time.Time, shareWith string, eps ...d
 // and every refusal is recorded once.
 func TestModelNameBelongsToTheFirstClaim(t *testing.T) {
 	var log claimLog
-	b := NewBuilder(health.NewRegistry(health.EjectionPolicy{}), Options{Claims: &log})
+	b := NewBuilder(health.NewRegistry(health.EjectionPolicy{}), Options{Recorder: &log})
 	t0 := time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC)
 	change := func(s *discovery.Service) { b.ServiceChanged(s.Key, s) }
 	owner := claim("team-a", "llama", "llama", t0, "", ready("198.18.0.1:8000", "a"))

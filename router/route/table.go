@@ -24,6 +24,7 @@ import (
 	"github.com/capstan-dev/capstan/router/discovery"
 	"github.com/capstan-dev/capstan/router/health"
 	"github.com/capstan-dev/capstan/router/inferencepool"
+	"github.com/capstan-dev/capstan/router/lora"
 )
 
 // Model is an immutable view of one model: its routable pool and why the
@@ -51,6 +52,12 @@ type Model struct {
 	Total, Ready, NotReady, Terminating int
 	// Problems say why some Service has no endpoints at all (no port).
 	Problems []string
+	// Adapters, for a model, are the LoRA adapters its pooled Services
+	// declare (lora.Annotation), sorted by name.
+	Adapters []DeclaredAdapter
+	// Declared, for an adapter, is whether its base model declares it: a
+	// request for it may wait while it is being loaded.
+	Declared bool
 }
 
 // Unavailable explains why the model has no Ready endpoint, for a 503.
@@ -117,11 +124,13 @@ type Options struct {
 	// BuildRing builds each pool's consistent-hash ring as the pool is made,
 	// for the affinity balancers.
 	BuildRing bool
-	// Claims, when set, is told about refused claims.
-	Claims ClaimRecorder
+	// Recorder, when set, is told about refused claims and invalid
+	// adapter declarations.
+	Recorder Recorder
 	// ModelChanged, when set, is called with the name of every model
-	// whose entry a published table rebuilt, after publishing it. It is
-	// called with the Builder's lock held and must not block.
+	// whose entry a published table rebuilt, and of every adapter whose
+	// entry may have changed, after publishing it. It is called with the
+	// Builder's lock held and must not block.
 	ModelChanged func(model string)
 }
 
@@ -151,7 +160,11 @@ type Builder struct {
 type serviceState struct {
 	svc   *discovery.Service
 	model string
-	hosts []*health.Host // parallel to svc.Endpoints
+	// adapters are the ones the Service declares, or adaptersErr says why
+	// its declaration was not taken.
+	adapters    []lora.Adapter
+	adaptersErr error
+	hosts       []*health.Host // parallel to svc.Endpoints
 	// refused is whether the Service's claim on its model was refused in
 	// the last build, so that a refusal is recorded once.
 	refused bool
@@ -194,6 +207,7 @@ func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Servic
 		if model := modelserver.Model(svc.Labels); model != "" {
 			st := &serviceState{svc: svc, model: model, hosts: make([]*health.Host, len(svc.Endpoints)),
 				refused: hadOld && old.model == model && old.refused}
+			b.declare(st, old)
 			for i, e := range svc.Endpoints {
 				st.hosts[i] = b.hosts.Acquire(e.Address)
 			}
@@ -235,6 +249,11 @@ func (b *Builder) ServiceChanged(key types.NamespacedName, svc *discovery.Servic
 	if b.opts.ModelChanged != nil {
 		for name := range affected {
 			b.opts.ModelChanged(name)
+			if m := next.models[name]; m != nil {
+				for _, a := range m.Adapters {
+					b.opts.ModelChanged(a.Name)
+				}
+			}
 		}
 	}
 }
@@ -277,8 +296,8 @@ func (b *Builder) buildModel(name string) *Model {
 	for _, st := range refused {
 		c := RefusedClaim{Service: st.svc.Key, UID: st.svc.UID, Owner: m.Owner}
 		m.Refused = append(m.Refused, c)
-		if !st.refused && b.opts.Claims != nil {
-			b.opts.Claims.ClaimRefused(name, c)
+		if !st.refused && b.opts.Recorder != nil {
+			b.opts.Recorder.ClaimRefused(name, c)
 		}
 	}
 	for _, st := range claims {
@@ -287,6 +306,7 @@ func (b *Builder) buildModel(name string) *Model {
 	slices.SortFunc(m.Refused, func(a, b RefusedClaim) int { return cmp.Compare(a.Service.String(), b.Service.String()) })
 	slices.SortFunc(m.Services, func(a, b types.NamespacedName) int { return cmp.Compare(a.String(), b.String()) })
 	slices.Sort(m.Problems)
+	m.Adapters = declaredAdapters(pooled)
 	var eps []balance.Endpoint
 	for _, s := range byAddr {
 		m.Total++
@@ -322,6 +342,7 @@ func (b *Builder) buildModel(name string) *Model {
 func (b *Builder) AdaptersChanged(address string, adapters []string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	changed := append(b.loaded[address], adapters...)
 	if len(adapters) == 0 {
 		delete(b.loaded, address)
 	} else {
@@ -331,40 +352,58 @@ func (b *Builder) AdaptersChanged(address string, adapters []string) {
 	next := &Table{models: current.models, sorted: current.sorted}
 	b.addAdapters(next)
 	b.table.Store(next)
+	if b.opts.ModelChanged != nil {
+		for _, name := range changed {
+			b.opts.ModelChanged(name)
+		}
+	}
 }
 
 // addAdapters gives t an entry for every adapter that a Ready endpoint of
 // a model reports, whose pool is exactly the endpoints of that model that
-// report it, sharing the model's hosts and its in-flight count and limit.
-// An adapter reported by endpoints of two models is served by neither (a
-// name tenants' pods report must not send one tenant's request to
-// another's model); one named like a model is that model.
+// report it, sharing the model's hosts and its in-flight count and limit,
+// and one with an empty pool for every adapter a model declares that none
+// of its Ready endpoints reports yet. An adapter reported by endpoints of
+// two models, or declared by two, is served by neither (a name tenants'
+// pods report must not send one tenant's request to another's model); one
+// named like a model is that model.
 func (b *Builder) addAdapters(t *Table) {
 	t.adapters, t.sortedAdapters = map[string]*Model{}, nil
-	if len(b.loaded) == 0 {
-		return
-	}
 	type found struct {
-		base   *Model
-		eps    []balance.Endpoint
-		others []string // other models whose endpoints report it
+		base     *Model
+		eps      []balance.Endpoint
+		others   []string // other models whose endpoints report or declare it
+		declared bool
 	}
 	byName := map[string]*found{}
+	add := func(name string, m *Model) *found {
+		f := byName[name]
+		if f == nil {
+			f = &found{base: m}
+			byName[name] = f
+		}
+		if f.base != m {
+			if !slices.Contains(f.others, m.Name) {
+				f.others = append(f.others, m.Name)
+			}
+			return nil
+		}
+		return f
+	}
 	for _, m := range t.sorted {
+		for _, a := range m.Adapters {
+			if f := add(a.Name, m); f != nil {
+				f.declared = true
+			}
+		}
+		if len(b.loaded) == 0 {
+			continue
+		}
 		for _, e := range m.Pool.Endpoints() {
 			for _, name := range b.loaded[e.Address] {
-				f := byName[name]
-				if f == nil {
-					f = &found{base: m}
-					byName[name] = f
+				if f := add(name, m); f != nil {
+					f.eps = append(f.eps, e)
 				}
-				if f.base != m {
-					if !slices.Contains(f.others, m.Name) {
-						f.others = append(f.others, m.Name)
-					}
-					continue
-				}
-				f.eps = append(f.eps, e)
 			}
 		}
 	}
@@ -373,12 +412,17 @@ func (b *Builder) addAdapters(t *Table) {
 			continue
 		}
 		base := f.base
-		a := &Model{Name: name, Base: base.Name, Owner: base.Owner, SharedWith: base.SharedWith, Services: base.Services}
+		a := &Model{Name: name, Base: base.Name, Owner: base.Owner, SharedWith: base.SharedWith, Services: base.Services, Declared: f.declared}
 		eps := f.eps
-		if len(f.others) > 0 {
+		switch {
+		case len(f.others) > 0:
 			eps = nil
-			a.Problems = []string{fmt.Sprintf("LoRA adapter %s is loaded on endpoints of models %s and %s, so neither serves it",
+			a.Declared = false
+			a.Problems = []string{fmt.Sprintf("LoRA adapter %s is loaded on or declared by more than one model (%s and %s), so none serves it",
 				name, base.Name, strings.Join(f.others, ", "))}
+		case len(eps) == 0:
+			a.Problems = []string{fmt.Sprintf("LoRA adapter %s of model %s is declared, but none of the model's %d ready endpoints reports it loaded yet",
+				name, base.Name, base.Pool.Len())}
 		}
 		a.Ready, a.Total = len(eps), len(eps)
 		a.Pool = balance.NewPool(eps, balance.PoolOptions{MaxPerEndpoint: b.opts.MaxPerEndpoint, MaxInFlight: b.opts.MaxPerModel,

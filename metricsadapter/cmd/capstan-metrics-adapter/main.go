@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	genericapiserver "k8s.io/apiserver/pkg/server"
 	"k8s.io/apiserver/pkg/server/healthz"
 	coreinformers "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/kubernetes"
@@ -151,6 +152,14 @@ func (a *adapter) run(ctx context.Context) error {
 	}))
 	if err := cmmetrics.RegisterMetrics(legacyregistry.Register); err != nil {
 		return err
+	}
+	cfg, err := a.Config()
+	if err != nil {
+		return err
+	}
+	chain := cfg.GenericConfig.BuildHandlerChainFunc
+	cfg.GenericConfig.BuildHandlerChainFunc = func(h http.Handler, c *genericapiserver.Config) http.Handler {
+		return chain(provider.MetricSelectorFilter(h), c)
 	}
 	srv, err := a.Server()
 	if err != nil {

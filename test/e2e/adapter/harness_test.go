@@ -221,9 +221,15 @@ func (a *running) metrics(ctx context.Context) (string, error) {
 // time to first token they stay running or waiting in the simulated engine.
 func load(ctx context.Context, t *testing.T, ip, modelName string, n int) *sync.WaitGroup {
 	t.Helper()
+	return loadBody(ctx, t, ip, fmt.Sprintf(`{"model":%q,"prompt":"tell me a long story about autoscaling","max_tokens":4}`, modelName), n)
+}
+
+// loadBody keeps n completion requests with this body in flight to a pod
+// until ctx ends.
+func loadBody(ctx context.Context, t *testing.T, ip, body string, n int) *sync.WaitGroup {
+	t.Helper()
 	var wg sync.WaitGroup
 	client := &http.Client{}
-	body := fmt.Sprintf(`{"model":%q,"prompt":"tell me a long story about autoscaling","max_tokens":4}`, modelName)
 	for range n {
 		wg.Go(func() {
 			req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+ip+":8000/v1/completions", strings.NewReader(body))

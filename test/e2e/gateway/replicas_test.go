@@ -188,10 +188,10 @@ spec:
 
 	// Exactly one replica writes.
 	leader, follower := a, b
-	if b.metricValue(t, "capstan_router_gateway_status_leader", nil) == 1 {
+	if b.metricValue(t, "capstan_router_leader", nil) == 1 {
 		leader, follower = b, a
 	}
-	if l, f := leader.metricValue(t, "capstan_router_gateway_status_leader", nil), follower.metricValue(t, "capstan_router_gateway_status_leader", nil); l != 1 || f != 0 {
+	if l, f := leader.metricValue(t, "capstan_router_leader", nil), follower.metricValue(t, "capstan_router_leader", nil); l != 1 || f != 0 {
 		t.Fatalf("status_leader: %s=%v, %s=%v; want exactly one leader", leader.name, l, follower.name, f)
 	}
 	updated := map[string]string{"result": "updated"}
@@ -222,7 +222,7 @@ spec:
 	// shutdown) and writes the next change.
 	leader.proc.Stop(10 * time.Second)
 	err := testCluster.WaitFor(ctx, 20*time.Second, follower.name+" to take over status writes", func(context.Context) (bool, error) {
-		return follower.metricValue(t, "capstan_router_gateway_status_leader", nil) == 1, nil
+		return follower.metricValue(t, "capstan_router_leader", nil) == 1, nil
 	})
 	if err != nil {
 		t.Fatal(err)
