@@ -507,6 +507,7 @@ func (s *Scraper) work(ctx context.Context, queue workqueue.TypedDelayingInterfa
 // is due next.
 func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duration {
 	start := time.Now()
+	defer func() { w.families = nil }() // not pinned until the next page
 	f := s.filters[st.target.Engine]
 	filter, bare, skipped := f.scalars, f.bareScalars, true
 	if start.Sub(time.Unix(0, st.histogramsAt.Load())) >= s.opts.HistogramInterval {
@@ -559,7 +560,6 @@ func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duratio
 		}
 	}
 	s.mu.RUnlock()
-	w.families = nil // not pinned until the next page
 	return max(0, s.opts.Interval-elapsed)
 }
 
