@@ -177,8 +177,9 @@ func (f *fixture) histogramCount(name string, labels map[string]string) uint64 {
 	return 0
 }
 
-// A model that is switched off (no replica, none coming) is answered 503 at
-// once with the reason, not held; one whose replica is coming is held.
+// A model that is switched off (no replica, none coming), or an adapter it
+// declares, is answered 503 at once with the reason, not held; one whose
+// replica is coming is held.
 func TestSwitchedOffModelIsNotHeld(t *testing.T) {
 	var on atomic.Bool
 	replicas := func(o *Options) {
@@ -196,6 +197,13 @@ func TestSwitchedOffModelIsNotHeld(t *testing.T) {
 	}
 	if n := f.histogramCount("capstan_router_hold_duration_seconds", map[string]string{"model": "llama", "outcome": "timeout"}); n != 0 {
 		t.Errorf("%d holds counted for a switched-off model", n)
+	}
+	// So is a request for an adapter the switched-off model declares.
+	f.declare("llama", "- {name: sql, source: /adapters/sql}", nil)
+	r = f.send(t.Context(), `{"model":"sql","prompt":"x"}`)
+	if r.status != http.StatusServiceUnavailable || !strings.Contains(r.body, "LoRA adapter sql of model llama is declared") ||
+		!strings.Contains(r.body, "switched off") || strings.Contains(r.body, "held") {
+		t.Errorf("an adapter of a switched-off model: %d %s, want 503 naming both, not held", r.status, r.body)
 	}
 	on.Store(true)
 	results := f.sendAll(t.Context(), 1)

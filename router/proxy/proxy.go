@@ -518,6 +518,14 @@ func (h *Handler) hold(w http.ResponseWriter, r *http.Request, x *exchange, t *t
 // unavailable says why m has no ready endpoint: its endpoints and, when the
 // router watches them, its pods; off as Options.Replicas says.
 func (h *Handler) unavailable(m *route.Model) (why string, off bool) {
+	if m.Declared {
+		// A declared adapter waits for its model's pods: what they are
+		// doing, and whether the model is off, is the model's.
+		if base := h.routes.Table().Lookup(m.Base); base != nil && base.Base == "" && base.Pool.Len() == 0 {
+			why, off = h.unavailable(base)
+			return m.Unavailable() + "; " + why, off
+		}
+	}
 	if r, off := h.replicas(m); r != "" {
 		return m.Unavailable() + "; " + r, off
 	}
