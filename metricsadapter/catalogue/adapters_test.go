@@ -1,6 +1,7 @@
 package catalogue_test
 
 import (
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -14,18 +15,11 @@ import (
 )
 
 // adapters parses a vLLM page through the catalogue's filter, as the
-// scraper does, and returns the adapters each Adapters metric lists, by
-// name; a metric without a value is absent.
+// scraper does, with its default limits, and returns the adapters each
+// Adapters metric lists, by name; a metric without a value is absent.
 func adapters(t *testing.T, page string) map[string][]string {
 	t.Helper()
-	c := catalogue.Builtin()
-	var p exposition.Parser
-	families, err := p.Parse(exposition.Text, []byte(page), c.Filter(modelserver.VLLM, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := c.NewValues()
-	c.Extract(modelserver.VLLM, families, v)
+	c, v := extractLoRA(t, page)
 	out := map[string][]string{}
 	for id, m := range c.Metrics() {
 		if m.Kind == catalogue.Adapters && v.Has[id] {
@@ -33,6 +27,19 @@ func adapters(t *testing.T, page string) map[string][]string {
 		}
 	}
 	return out
+}
+
+func extractLoRA(t *testing.T, page string) (*catalogue.Catalogue, *catalogue.Values) {
+	t.Helper()
+	c := catalogue.Builtin()
+	p := exposition.Parser{Limits: exposition.Limits{MaxSeriesPerFamily: 4096, MaxBucketsPerHistogram: 200}}
+	families, err := p.Parse(exposition.Text, []byte(page), c.Filter(modelserver.VLLM, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := c.NewValues()
+	c.Extract(modelserver.VLLM, families, v)
+	return c, v
 }
 
 // loraInfo is a page with one vllm:lora_requests_info series per line of
@@ -123,6 +130,86 @@ func TestHostileLoRARequestsInfo(t *testing.T) {
 				t.Errorf("(-want +got):\n%s", diff)
 			}
 		})
+	}
+}
+
+// max_lora is read from the newest series as a number, or not at all.
+func TestLoRAMaxAdapters(t *testing.T) {
+	cases := map[string]struct {
+		page string
+		want float64 // -1 for no value
+	}{
+		"the simulator's page":  {loraInfo(`max_lora="2",running_lora_adapters="a",waiting_lora_adapters=""} 1.7e9`), 2},
+		"of the newest series":  {loraInfo(`max_lora="2"} 1`, `max_lora="8"} 3`, `max_lora="4"} 2`), 8},
+		"spaces around":         {loraInfo(`max_lora=" 3 "} 1`), 3},
+		"a fraction is read":    {loraInfo(`max_lora="2.5"} 1`), 2.5}, // consumers judge what makes sense
+		"no max_lora":           {loraInfo(`running_lora_adapters="a"} 1`), -1},
+		"the newest lacks it":   {loraInfo(`max_lora="2"} 1`, `running_lora_adapters="a"} 2`), -1},
+		"not a number":          {loraInfo(`max_lora="two"} 1`), -1},
+		"hexadecimal":           {loraInfo(`max_lora="0x10"} 1`), -1},
+		"infinite":              {loraInfo(`max_lora="+Inf"} 1`), -1},
+		"not a number, NaN":     {loraInfo(`max_lora="NaN"} 1`), -1},
+		"no lora_requests_info": {"vllm:num_requests_waiting 3\n", -1},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			c, v := extractLoRA(t, tc.page)
+			id, _ := c.ID(catalogue.LoRAMaxAdapters)
+			got := -1.0
+			if v.Has[id] {
+				got = v.Scalar[id]
+			}
+			if got != tc.want {
+				t.Errorf("lora_max_adapters = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// vLLM never removes a series of lora_requests_info, so a long-lived pod's
+// page may hold more than the scraper's 4096 series per family: only the
+// newest is parsed, and the page is read.
+func TestTwentyThousandLoRARequestsInfoSeries(t *testing.T) {
+	series := make([]string, 20_000)
+	for i := range series {
+		series[i] = fmt.Sprintf(`max_lora="%d",running_lora_adapters="a%d",waiting_lora_adapters=""} %d`, i%4+1, i, 1_700_000_000+i)
+	}
+	series[7_000] = `max_lora="16",running_lora_adapters="now",waiting_lora_adapters="then"} 1800000000`
+	c, v := extractLoRA(t, loraInfo(series...)+"vllm:num_requests_waiting 3\n")
+	want := map[string]any{
+		catalogue.LoRAAdapterRunningPods: []string{"now"}, catalogue.LoRAAdapterWaitingPods: []string{"then"},
+		catalogue.LoRAMaxAdapters: 16.0, catalogue.RequestsWaiting: 3.0,
+	}
+	got := map[string]any{}
+	for name := range want {
+		id, _ := c.ID(name)
+		switch {
+		case !v.Has[id]:
+		case c.Metrics()[id].Kind == catalogue.Adapters:
+			got[name] = v.Adapters[id]
+		default:
+			got[name] = v.Scalar[id]
+		}
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+}
+
+// The family is parsed whole only when something reads it whole.
+func TestFilterNewest(t *testing.T) {
+	c, err := catalogue.Load([]byte("metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: vllm:lora_requests_info}]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		c      *catalogue.Catalogue
+		newest bool
+	}{{catalogue.Builtin(), true}, {c, false}} {
+		f := tc.c.Filter(modelserver.VLLM, nil)
+		if f.Newest["vllm:lora_requests_info"] != tc.newest || f.Samples["vllm:lora_requests_info"] == tc.newest {
+			t.Errorf("filter %+v: want lora_requests_info newest-only %v", f, tc.newest)
+		}
 	}
 }
 

@@ -37,12 +37,14 @@ const (
 	KVCacheUsage    = "kv_cache_usage"
 )
 
-// Names of the built-in Adapters metrics, read from vLLM's
-// vllm:lora_requests_info: per LoRA adapter, the pods on which it has running
-// (waiting) requests. vLLM reports which adapters have requests, not how many.
+// Names of the built-in metrics read from vLLM's vllm:lora_requests_info:
+// the Adapters metrics, per LoRA adapter the pods on which it has running
+// (waiting) requests (vLLM reports which adapters have requests, not how
+// many), and the gauge of the adapters a batch can use at once (max_lora).
 const (
 	LoRAAdapterRunningPods = "lora_adapter_running_pods"
 	LoRAAdapterWaitingPods = "lora_adapter_waiting_pods"
+	LoRAMaxAdapters        = "lora_max_adapters"
 )
 
 // Kind says how a metric is read from an engine and served.
@@ -144,6 +146,11 @@ type Source struct {
 	// AdaptersLabel (Adapters metrics only, and required there) is the
 	// label whose value lists the adapters, comma separated.
 	AdaptersLabel string `json:"adaptersLabel,omitempty"`
+	// ValueLabel (gauges only) reads the value from this label of the
+	// newest series (the largest value) instead, as a number: an info
+	// series carries its data in labels, as Adapters metrics read them.
+	// Such a source is not aggregated and combines no other series.
+	ValueLabel string `json:"valueLabel,omitempty"`
 }
 
 // RawGauge is an engine gauge served under its own name.
@@ -390,6 +397,15 @@ func validateSource(p *field.Path, kind Kind, s Source) field.ErrorList {
 		errs = append(errs, field.Invalid(p.Child("adaptersLabel"), s.AdaptersLabel, "not a valid Prometheus label name"))
 	case kind != Adapters && kind != "" && s.AdaptersLabel != "":
 		errs = append(errs, field.Forbidden(p.Child("adaptersLabel"), "only adapters metrics list adapters"))
+	}
+	switch {
+	case s.ValueLabel == "":
+	case kind != Gauge && kind != "":
+		errs = append(errs, field.Forbidden(p.Child("valueLabel"), "only gauges read a value from a label"))
+	case !model.LegacyValidation.IsValidLabelName(s.ValueLabel):
+		errs = append(errs, field.Invalid(p.Child("valueLabel"), s.ValueLabel, "not a valid Prometheus label name"))
+	case s.Aggregation != "" || s.Minus != nil || s.DivideBy != nil:
+		errs = append(errs, field.Forbidden(p.Child("valueLabel"), "a value read from the newest series is not aggregated or combined"))
 	}
 	if kind == Adapters && s.Scale != nil {
 		errs = append(errs, field.Forbidden(p.Child("scale"), "adapters metrics have no values to scale"))

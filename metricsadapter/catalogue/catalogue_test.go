@@ -261,7 +261,7 @@ func TestInvalidCataloguesAreRejected(t *testing.T) {
 		"unknown field":                {"metrics:\n- name: x\n  kind: gauge\n  sourcez: []\n", `unknown field "sourcez"`},
 		"bad name":                     {"metrics:\n- name: Requests-Waiting\n  kind: gauge\n  engines: {vllm: [{series: a}]}\n", "override.metrics[0].name"},
 		"unknown kind":                 {"metrics:\n- name: x\n  kind: summary\n  engines: {vllm: [{series: a}]}\n", `override.metrics[0].kind: Unsupported value: "summary"`},
-		"new metric no kind":           {"metrics:\n- name: x\n  engines: {vllm: [{series: a}]}\n", "catalogue.metrics[12].kind: Required value"},
+		"new metric no kind":           {"metrics:\n- name: x\n  engines: {vllm: [{series: a}]}\n", "catalogue.metrics[13].kind: Required value"},
 		"unknown engine":               {"metrics:\n- name: x\n  kind: gauge\n  engines: {llamacpp: [{series: a}]}\n", `override.metrics[0].engines[llamacpp]: Unsupported value: "llamacpp"`},
 		"bad series":                   {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: \"a b\"}]}\n", "override.metrics[0].engines[vllm][0].series: Invalid value"},
 		"zero scale":                   {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: a, scale: 0}]}\n", "scale: Invalid value: 0"},
@@ -276,6 +276,10 @@ func TestInvalidCataloguesAreRejected(t *testing.T) {
 		"adapters aggregated":          {"metrics:\n- name: x\n  kind: adapters\n  aggregation: sum\n  engines: {vllm: [{series: a, adaptersLabel: b}]}\n", "aggregation: Forbidden"},
 		"adapters scaled":              {"metrics:\n- name: x\n  kind: adapters\n  engines: {vllm: [{series: a, adaptersLabel: b, scale: 2}]}\n", "scale: Forbidden"},
 		"adapters minus":               {"metrics:\n- name: x\n  kind: adapters\n  engines: {vllm: [{series: a, adaptersLabel: b, minus: {series: c}}]}\n", "minus: Forbidden"},
+		"value label invalid":          {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: a, valueLabel: \"a-b\"}]}\n", "valueLabel: Invalid value"},
+		"value label on a rate":        {"metrics:\n- name: x\n  kind: rate\n  engines: {vllm: [{series: a, valueLabel: b}]}\n", "valueLabel: Forbidden"},
+		"value label aggregated":       {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: a, valueLabel: b, aggregation: max}]}\n", "valueLabel: Forbidden"},
+		"value label divided":          {"metrics:\n- name: x\n  kind: gauge\n  engines: {vllm: [{series: a, valueLabel: b, divideBy: {series: c}}]}\n", "valueLabel: Forbidden"},
 		"duplicate served":             {"metrics:\n- name: x_p50\n  kind: gauge\n  engines: {vllm: [{series: a}]}\n- name: x\n  kind: histogram\n  quantiles: [0.5]\n  engines: {vllm: [{series: b}]}\n", "two metrics are served as x_p50"},
 	}
 	for name, tc := range cases {

@@ -3,6 +3,7 @@ package catalogue
 import (
 	"math"
 	"slices"
+	"strconv"
 	"strings"
 
 	dto "github.com/prometheus/client_model/go"
@@ -59,6 +60,7 @@ type source struct {
 	scale           float64
 	minus, divideBy *selector
 	adaptersLabel   string
+	valueLabel      string
 }
 
 // selector finds series on a page. A name ending in _sum or _count also
@@ -82,7 +84,7 @@ const (
 func compileSources(sources []Source, agg Aggregation) []source {
 	out := make([]source, 0, len(sources))
 	for _, s := range sources {
-		cs := source{sel: compileSelector(s.Series), agg: agg, scale: 1, adaptersLabel: s.AdaptersLabel}
+		cs := source{sel: compileSelector(s.Series), agg: agg, scale: 1, adaptersLabel: s.AdaptersLabel, valueLabel: s.ValueLabel}
 		if s.Aggregation != "" {
 			cs.agg = s.Aggregation
 		}
@@ -119,24 +121,36 @@ func compileSelector(s Series) selector {
 // Filter returns the exposition filter that keeps what the engine's sources
 // of the metrics include accepts read (every metric when include is nil):
 // pages are filtered with it before parsing, which skips the many families
-// nothing reads.
+// nothing reads. A family read only for its newest series (by Adapters
+// metrics and ValueLabel sources that select no labels) is one of the
+// filter's Newest: only that series is parsed.
 func (c *Catalogue) Filter(engine modelserver.Engine, include func(Metric) bool) *exposition.Filter {
-	f := &exposition.Filter{Samples: map[string]bool{}, Histograms: map[string]bool{}}
+	f := &exposition.Filter{Samples: map[string]bool{}, Histograms: map[string]bool{}, Newest: map[string]bool{}}
 	for _, m := range c.metrics {
 		if include != nil && !include(m) {
 			continue
 		}
 		for _, s := range m.Engines[engine] {
-			if m.Kind == Histogram {
+			switch {
+			case m.Kind == Histogram:
 				f.Histograms[s.Series.Series] = true
 				continue
+			case (m.Kind == Adapters || s.ValueLabel != "") && len(s.Labels) == 0:
+				f.Newest[s.Series.Series] = true
+			default:
+				f.Samples[s.Series.Series] = true
 			}
-			f.Samples[s.Series.Series] = true
 			for _, ref := range []*Series{s.Minus, s.DivideBy} {
 				if ref != nil {
 					f.Samples[ref.Series] = true
 				}
 			}
+		}
+	}
+	// A family another source reads whole is parsed whole.
+	for name := range f.Newest {
+		if f.Samples[name] {
+			delete(f.Newest, name)
 		}
 	}
 	return f
@@ -161,6 +175,12 @@ func (c *Catalogue) Extract(engine modelserver.Engine, families map[string]*dto.
 
 func extractScalar(sources []source, families map[string]*dto.MetricFamily) (float64, bool) {
 	for _, s := range sources {
+		if s.valueLabel != "" {
+			if val, ok := s.sel.newestLabelValue(families, s.valueLabel); ok {
+				return val * s.scale, true
+			}
+			continue
+		}
 		val, ok := s.sel.aggregate(families, s.agg)
 		if !ok {
 			continue
@@ -224,37 +244,65 @@ func (sel *selector) aggregate(families map[string]*dto.MetricFamily, agg Aggreg
 	return acc, true
 }
 
+// newest returns the matching series with the largest finite value (the
+// first of equals), or nil.
+func (sel *selector) newest(families map[string]*dto.MetricFamily) *dto.Metric {
+	fam := families[sel.name]
+	if fam == nil {
+		return nil
+	}
+	var newest *dto.Metric
+	var at float64
+	for _, m := range fam.Metric {
+		if !matches(m, sel.labels) {
+			continue
+		}
+		if x, ok := scalar(fam.GetType(), fieldValue, m); ok && (newest == nil || x > at) {
+			newest, at = m, x
+		}
+	}
+	return newest
+}
+
+// newestLabel returns the value of a label of the newest series.
+func (sel *selector) newestLabel(families map[string]*dto.MetricFamily, label string) (string, bool) {
+	newest := sel.newest(families)
+	if newest == nil {
+		return "", false
+	}
+	i := slices.IndexFunc(newest.Label, func(l *dto.LabelPair) bool { return l.GetName() == label })
+	if i < 0 {
+		return "", false
+	}
+	return newest.Label[i].GetValue(), true
+}
+
+// newestLabelValue reads a label of the newest series as a finite number.
+func (sel *selector) newestLabelValue(families map[string]*dto.MetricFamily, label string) (float64, bool) {
+	s, ok := sel.newestLabel(families, label)
+	if !ok {
+		return 0, false
+	}
+	x, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
+	if err != nil || math.IsNaN(x) || math.IsInf(x, 0) {
+		return 0, false
+	}
+	return x, true
+}
+
 // extractAdapters reads the adapters the first source present lists, from
-// its newest series (the largest value; the first of equals), into names.
-// More than MaxAdapters names, or one longer than MaxAdapterNameLength, give
-// no value.
+// its newest series, into names. More than MaxAdapters names, or one longer
+// than MaxAdapterNameLength, give no value.
 func extractAdapters(sources []source, families map[string]*dto.MetricFamily, names []string) ([]string, bool) {
 	for _, s := range sources {
-		fam := families[s.sel.name]
-		if fam == nil {
-			continue
-		}
-		var newest *dto.Metric
-		var at float64
-		for _, m := range fam.Metric {
-			if !matches(m, s.sel.labels) {
-				continue
-			}
-			if x, ok := scalar(fam.GetType(), fieldValue, m); ok && (newest == nil || x > at) {
-				newest, at = m, x
-			}
-		}
-		if newest == nil {
-			continue
-		}
-		i := slices.IndexFunc(newest.Label, func(l *dto.LabelPair) bool { return l.GetName() == s.adaptersLabel })
-		if i < 0 {
+		list, ok := s.sel.newestLabel(families, s.adaptersLabel)
+		if !ok {
 			continue
 		}
 		// Repeats count against the bound, which keeps the work on a
 		// hostile label linear in its length.
 		listed := 0
-		for name := range strings.SplitSeq(newest.Label[i].GetValue(), ",") {
+		for name := range strings.SplitSeq(list, ",") {
 			if name = strings.TrimSpace(name); name == "" {
 				continue
 			}

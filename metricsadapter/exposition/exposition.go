@@ -10,7 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"math"
 	"mime"
+	"strconv"
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -63,9 +65,10 @@ type Parser struct {
 	// than the lines up to it.
 	Limits Limits
 
-	buf   bytes.Buffer
-	text  *expfmt.TextParser // reused: each one allocates a read buffer
-	count counter
+	buf    bytes.Buffer
+	text   *expfmt.TextParser // reused: each one allocates a read buffer
+	count  counter
+	newest newest
 }
 
 // Limits bound the series of a page. Zero means no limit.
@@ -101,6 +104,15 @@ type Filter struct {
 	// Histograms are histogram families to keep whole: their TYPE line and
 	// their _bucket, _sum and _count samples.
 	Histograms map[string]bool
+	// Newest are the samples of which only the line with the largest
+	// finite value is kept (the first of equals): an info series whose
+	// labels carry the data and whose value is when they were current,
+	// such as vllm:lora_requests_info, of which vLLM keeps a series for
+	// every state it ever reported. However many lines such a sample has,
+	// it costs one line of memory and counts as one series against
+	// Limits. A line whose value does not parse is kept, for expfmt to
+	// refuse the page.
+	Newest map[string]bool
 }
 
 // Parse parses a page in the given format into metric families keyed by
@@ -132,7 +144,9 @@ func (p *Parser) Parse(format Format, page []byte, filter *Filter) (map[string]*
 			count.reset(p.Limits)
 		}
 		p.buf.Reset()
-		if err := reduce(page, format == OpenMetrics, filter, count, &p.buf); err != nil {
+		err := reduce(page, format == OpenMetrics, filter, count, &p.newest, &p.buf)
+		p.newest.reset() // its lines are the caller's page
+		if err != nil {
 			return nil, err
 		}
 		page = p.buf.Bytes()
@@ -167,9 +181,9 @@ var (
 
 // reduce copies the lines of page that the text parser should see to out:
 // for OpenMetrics, reduced to the text format; with a filter, only the lines
-// it keeps.
+// it keeps, the newest line of each of its Newest samples last.
 // With a counter, every line kept is counted against its limits first.
-func reduce(page []byte, openMetrics bool, filter *Filter, count *counter, out *bytes.Buffer) error {
+func reduce(page []byte, openMetrics bool, filter *Filter, count *counter, newest *newest, out *bytes.Buffer) error {
 	if filter == nil {
 		// Most of the page is kept; with a filter, little is.
 		out.Grow(len(page))
@@ -204,6 +218,9 @@ func reduce(page []byte, openMetrics bool, filter *Filter, count *counter, out *
 			}
 		case len(line) > 0:
 			name := sampleName(line)
+			if filter != nil && filter.Newest[string(name)] && newest.offer(name, line) {
+				continue
+			}
 			if filter != nil && !filter.keeps(name) {
 				continue
 			}
@@ -224,13 +241,69 @@ func reduce(page []byte, openMetrics bool, filter *Filter, count *counter, out *
 		// a complete one.
 		return fmt.Errorf("OpenMetrics page does not end with %q", eofLine)
 	}
+	// Without a TYPE line (a filter drops those of all but histograms),
+	// expfmt takes a family's samples wherever they are on the page.
+	for _, n := range newest.lines {
+		if count != nil {
+			if err := count.sample(n.name, n.line[len(n.name):]); err != nil {
+				return err
+			}
+		}
+		line := n.line
+		if openMetrics {
+			line = line[:sampleEnd(line)]
+		}
+		out.Write(line)
+		out.WriteByte('\n')
+	}
 	return nil
+}
+
+// newest holds the newest line of each Newest sample of a page, as reduce
+// reads it: slices of the page, so it must be reset before the page goes.
+type newest struct {
+	lines []newestLine
+}
+
+type newestLine struct {
+	name, line []byte
+	value      float64
+}
+
+// offer considers a line of a Newest sample, and reports whether it was
+// taken care of: kept as the newest so far, or passed over for one at least
+// as new or for a value that is not finite. A line whose value does not
+// parse is not.
+func (n *newest) offer(name, line []byte) bool {
+	v, ok := sampleValue(line)
+	if !ok {
+		return false
+	}
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return true
+	}
+	for i := range n.lines {
+		if bytes.Equal(n.lines[i].name, name) {
+			if v > n.lines[i].value {
+				n.lines[i].line, n.lines[i].value = line, v
+			}
+			return true
+		}
+	}
+	// As many entries as the filter has Newest names, at most.
+	n.lines = append(n.lines, newestLine{name: name, line: line, value: v})
+	return true
+}
+
+func (n *newest) reset() {
+	clear(n.lines)
+	n.lines = n.lines[:0]
 }
 
 // keeps reports whether the filter keeps a sample of this name. The map
 // lookups with string(name) do not allocate.
 func (f *Filter) keeps(name []byte) bool {
-	if f.Samples[string(name)] {
+	if f.Samples[string(name)] || f.Newest[string(name)] {
 		return true
 	}
 	for _, suffix := range suffixes {
@@ -258,6 +331,19 @@ func containsBytes(list [][]byte, b []byte) bool {
 		}
 	}
 	return false
+}
+
+// sampleValue parses the value of a sample line as expfmt does, which
+// refuses hexadecimal floats and underscores that strconv would take.
+func sampleValue(line []byte) (float64, bool) {
+	end := sampleEnd(line)
+	start := bytes.LastIndexAny(line[:end], " \t") + 1
+	token := line[start:end]
+	if start == 0 || len(token) == 0 || bytes.ContainsAny(token, "pP_") {
+		return 0, false
+	}
+	v, err := strconv.ParseFloat(string(token), 64)
+	return v, err == nil
 }
 
 // sampleEnd returns where a sample line's value ends: after the metric name,

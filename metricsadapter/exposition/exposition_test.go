@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
+	"slices"
 	"strings"
 	"testing"
 
@@ -77,7 +79,7 @@ mystery 3
 requests_total{code="200",note="say \"hi\" # {x}"} 10
 `
 	var out bytes.Buffer
-	if err := reduce([]byte(page), true, nil, nil, &out); err != nil {
+	if err := reduce([]byte(page), true, nil, nil, new(newest), &out); err != nil {
 		t.Fatal(err)
 	}
 	if diff := cmp.Diff(want, out.String()); diff != "" {
@@ -162,21 +164,28 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add([]byte("a{b=\"c # {d}\"} 1 # {e=\"f\"} 2 3\n# EOF\n"))
 	f.Add([]byte("a{b=\"\\\"\"} 1\n# EOF"))
+	f.Add([]byte("n{x=\"a\"} 2\nn{x=\"b\"} NaN\nn{x=\"c\"} 3 17\nn 0x1p4\n"))
 	filter := &Filter{Samples: map[string]bool{"vllm:num_requests_waiting": true, "a": true},
-		Histograms: map[string]bool{"vllm:time_to_first_token_seconds": true}}
+		Histograms: map[string]bool{"vllm:time_to_first_token_seconds": true},
+		Newest:     map[string]bool{"n": true, "vllm:lora_requests_info": true}}
 	f.Fuzz(func(t *testing.T, page []byte) {
 		for _, p := range []*Parser{{}, {Limits: Limits{MaxSeriesPerFamily: 4, MaxBucketsPerHistogram: 8}}} {
 			for _, format := range []Format{Text, OpenMetrics} {
 				_, _ = p.Parse(format, page, nil)
-				_, _ = p.Parse(format, page, filter)
+				families, err := p.Parse(format, page, filter)
+				for name := range filter.Newest {
+					if n := len(families[name].GetMetric()); err == nil && n > 1 {
+						t.Fatalf("%s: %d series of %s, a Newest sample", format, n, name)
+					}
+				}
 			}
 		}
 		var once, twice bytes.Buffer
-		if reduce(page, true, nil, nil, &once) != nil {
+		if reduce(page, true, nil, nil, new(newest), &once) != nil {
 			return
 		}
 		again := append(bytes.Clone(once.Bytes()), eofLine...)
-		if err := reduce(again, true, nil, nil, &twice); err != nil {
+		if err := reduce(again, true, nil, nil, new(newest), &twice); err != nil {
 			t.Fatalf("a reduced page did not reduce again: %v", err)
 		}
 		if !bytes.Equal(once.Bytes(), twice.Bytes()) {
@@ -351,5 +360,92 @@ func TestParserDropsLargeBuffers(t *testing.T) {
 	}
 	if _, err := p.Parse(OpenMetrics, []byte("a 1\n# EOF\n"), nil); err != nil {
 		t.Errorf("parsing again: %v", err)
+	}
+}
+
+// Of a Newest sample only the line with the largest finite value is parsed,
+// so a family of which an engine keeps every state it ever reported parses
+// in memory that does not grow with its series, and counts as one series.
+func TestNewestKeepsOneLine(t *testing.T) {
+	filter := &Filter{Samples: map[string]bool{"g": true}, Newest: map[string]bool{"info": true}}
+	p := Parser{Limits: Limits{MaxSeriesPerFamily: 2}}
+	cases := map[string]struct {
+		format Format
+		page   string
+		want   string // the label of the info series parsed, "" for none
+	}{
+		"the largest value":              {Text, "# TYPE info gauge\ninfo{s=\"a\"} 3\ng 1\ninfo{s=\"b\"} 9\ninfo{s=\"c\"} 5\n", "b"},
+		"the first of equals":            {Text, "info{s=\"a\"} 9\ninfo{s=\"b\"} 9\n", "a"},
+		"not a value that is not finite": {Text, "info{s=\"a\"} 1\ninfo{s=\"b\"} NaN\ninfo{s=\"c\"} +Inf\n", "a"},
+		"none finite":                    {Text, "info{s=\"a\"} NaN\ng 1\n", ""},
+		"not the timestamp":              {Text, "info{s=\"a\"} 2 9000\ninfo{s=\"b\"} 3 1000\n", "b"},
+		"labels with spaces and braces":  {Text, "info{s=\"a 99\"} 2\ninfo{s=\"} 98\"} 1\n", "a 99"},
+		"OpenMetrics":                    {OpenMetrics, "# TYPE info gauge\ninfo{s=\"a\"} 2 1.7e9\ninfo{s=\"b\"} 3 1.6e9 # {t=\"x\"} 1\n# EOF\n", "b"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			families, err := p.Parse(tc.format, []byte(tc.page), filter)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, m := range families["info"].GetMetric() {
+				got = append(got, m.GetLabel()[0].GetValue())
+			}
+			if want := []string{tc.want}; tc.want != "" && !slices.Equal(got, want) || tc.want == "" && got != nil {
+				t.Errorf("info series %q, want %q", got, tc.want)
+			}
+		})
+	}
+	// A value that does not parse is left for expfmt to refuse.
+	if _, err := p.Parse(Text, []byte("info{s=\"a\"} 1\ninfo{s=\"b\"} one\n"), filter); err == nil {
+		t.Error("a page with an unparseable value parsed")
+	}
+	if _, err := p.Parse(Text, []byte("info{s=\"a\"} 1\ninfo{s=\"b\"} 0x1p4\n"), filter); err == nil {
+		t.Error("a page with a hexadecimal value parsed")
+	}
+}
+
+func infoPage(series int) []byte {
+	var b bytes.Buffer
+	b.WriteString("# TYPE vllm:lora_requests_info gauge\n")
+	for i := range series {
+		fmt.Fprintf(&b, "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"a%d\",waiting_lora_adapters=\"\"} %d\n", i, 1_700_000_000+i)
+	}
+	b.WriteString("vllm:num_requests_waiting 2\n")
+	return b.Bytes()
+}
+
+func TestNewestOfTwentyThousandSeries(t *testing.T) {
+	filter := &Filter{Samples: map[string]bool{"vllm:num_requests_waiting": true}, Newest: map[string]bool{"vllm:lora_requests_info": true}}
+	p := Parser{Limits: Limits{MaxSeriesPerFamily: 4096, MaxBucketsPerHistogram: 200}}
+	large := infoPage(20_000)
+	families, err := p.Parse(Text, large, filter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := families["vllm:lora_requests_info"].GetMetric()
+	if len(ms) != 1 || ms[0].GetLabel()[1].GetValue() != "a19999" {
+		t.Fatalf("parsed %v; want the newest series alone, running a19999", ms)
+	}
+	// What parsing allocates does not grow with the family's series: the
+	// 2 MB page costs what a page over keepBytes costs (shrink), a few
+	// KiB, where parsing every series would cost several MiB.
+	allocated := func(page []byte) uint64 {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		for range 10 {
+			if _, err := p.Parse(Text, page, filter); err != nil {
+				t.Fatal(err)
+			}
+		}
+		runtime.ReadMemStats(&after)
+		return (after.TotalAlloc - before.TotalAlloc) / 10
+	}
+	if got := allocated(large); got > 64<<10 {
+		t.Errorf("parsing 20,000 series allocates %d bytes", got)
+	}
+	if p.newest.lines[:cap(p.newest.lines)][0].line != nil {
+		t.Error("the parser keeps a line of the last page")
 	}
 }
