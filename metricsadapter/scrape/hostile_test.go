@@ -15,11 +15,13 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
 	"github.com/capstan-dev/capstan/test/rawhttp"
 )
@@ -231,7 +233,7 @@ func TestMillionSeriesPageIsRefusedInBoundedMemory(t *testing.T) {
 	runtime.GC()
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all, nil)
+	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all)
 	runtime.ReadMemStats(&after)
 	if result != TooLarge {
 		t.Fatalf("result %v (%v), want %v", result, err, TooLarge)
@@ -267,8 +269,19 @@ func servePage(t *testing.T, body []byte) *rawEngine {
 
 // A page within MaxPageBytes whose series exceed a cap fails the scrape with
 // the cap's reason, having cost memory bounded by the cap, not by the page:
-// the lines over it never reach expfmt.
+// the lines over it never reach expfmt. A family read only for its newest
+// series (vLLM's lora_requests_info, which grows by a series per state it
+// ever reported) is no flood: the page is read, at the cost of one series.
 func TestSeriesAndBucketFloodsAreRefusedInBoundedMemory(t *testing.T) {
+	loraInfo := func() []byte {
+		// 20,000 series of lora_requests_info: 2.0 MB.
+		var b bytes.Buffer
+		b.WriteString(vllmPage + "# TYPE vllm:lora_requests_info gauge\n")
+		for i := range 20_000 {
+			fmt.Fprintf(&b, "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"a%05d\",waiting_lora_adapters=\"\"} %d\n", i, 1_700_000_000+i)
+		}
+		return b.Bytes()
+	}
 	series := func() []byte {
 		// 50,000 tiny series of one gauge: 2.3 MB.
 		var b bytes.Buffer
@@ -296,6 +309,7 @@ func TestSeriesAndBucketFloodsAreRefusedInBoundedMemory(t *testing.T) {
 	}{
 		{"50,000 series", series(), TooManySeries},
 		{"10,000 buckets", buckets(), TooManyBuckets},
+		{"20,000 lora_requests_info series", loraInfo(), Success},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := servePage(t, tc.page)
@@ -315,10 +329,14 @@ func TestSeriesAndBucketFloodsAreRefusedInBoundedMemory(t *testing.T) {
 			runtime.GC()
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
-			_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all, nil)
+			_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].all)
 			runtime.ReadMemStats(&after)
 			if result != tc.want {
 				t.Errorf("result %v (%v), want %v", result, err, tc.want)
+			}
+			if id, _ := s.opts.Catalogue.ID(catalogue.LoRAAdapterRunningPods); tc.want == Success &&
+				(!w.values.Has[id] || !slices.Equal(w.values.Adapters[id], []string{"a19999"})) {
+				t.Errorf("running adapters %v, want the newest series' [a19999]", w.values.Adapters[id])
 			}
 			t.Logf("%v: %v", result, err)
 			// Parsing the whole page would take tens of MB.

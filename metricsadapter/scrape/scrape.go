@@ -21,8 +21,10 @@
 // catalogue metrics the observer wants are parsed (with expfmt): every gauge
 // and counter on each scrape, the histograms, which are most of a page,
 // every HistogramInterval. A page is bounded in bytes (MaxPageBytes), in
-// series per family (MaxSeriesPerFamily) and in buckets per histogram
-// (MaxBucketsPerHistogram), counted before anything of it is parsed. A
+// series per family (MaxSeriesPerFamily; a family read only for its newest
+// series, such as vllm:lora_requests_info, is cut down to it first) and in
+// buckets per histogram (MaxBucketsPerHistogram), counted before anything
+// of it is parsed. A
 // failing target (refused, timed out, an HTTP error, a page over a bound,
 // that does not parse or holds none of its engine's metrics) is
 // retried with exponential backoff and jitter; the observer sees nothing of
@@ -47,7 +49,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/validation/field"
@@ -101,15 +102,6 @@ type Observer interface {
 	Forget(key types.NamespacedName)
 }
 
-// PageObserver is an Observer that also reads families the catalogue does
-// not map (Options.Families), such as an info series whose labels carry
-// the data. For each good sample the scraper calls ObservePage, with the
-// page's parsed families, instead of Observe; it must not keep them.
-type PageObserver interface {
-	Observer
-	ObservePage(t Target, at time.Time, v *catalogue.Values, families map[string]*dto.MetricFamily)
-}
-
 // Options configure a Scraper. The zero value of each field means its
 // default.
 type Options struct {
@@ -135,7 +127,9 @@ type Options struct {
 	MaxPageBytes int64
 	// MaxSeriesPerFamily caps the series of one family among those parsed
 	// (see exposition.Limits); a page over it fails the scrape as
-	// TooManySeries before the family is built. Default 4096: an honest
+	// TooManySeries before the family is built. A family the catalogue
+	// reads only for its newest series is one series, whatever the page
+	// holds of it. Default 4096: an honest
 	// engine's families have one series per model (and version, engine
 	// core, finish reason), a few hundred at most even for vLLM running
 	// data-parallel or a Triton with a large model repository.
@@ -152,12 +146,6 @@ type Options struct {
 	// Wants picks the catalogue metrics the observer needs; only their
 	// families are parsed. Default: every metric.
 	Wants func(catalogue.Metric) bool
-	// Families names, per engine, the samples parsed on every scrape
-	// besides the catalogue's, for an Observer that is a PageObserver
-	// (vllm:lora_requests_info). They count against the same bounds; a
-	// page whose families of these are over MaxSeriesPerFamily is read
-	// without them.
-	Families map[modelserver.Engine][]string
 	// Transport fetches the pages. Default: the scraper's own, which keeps
 	// one idle connection per target and no goroutine for it. A transport
 	// that decompresses on its own must be told not to (the scraper reads
@@ -236,9 +224,6 @@ func Validate(path *field.Path, o *Options) error {
 	if o.Observer == nil {
 		errs = append(errs, field.Required(path.Child("observer"), "a scraper without an observer scrapes for nobody"))
 	}
-	if _, ok := o.Observer.(PageObserver); len(o.Families) > 0 && !ok {
-		errs = append(errs, field.Invalid(path.Child("families"), o.Families, "only a PageObserver reads families of its own"))
-	}
 	if o.MaxPageBytes < 1 {
 		errs = append(errs, field.Invalid(path.Child("maxPageBytes"), o.MaxPageBytes, "must be at least 1"))
 	}
@@ -274,11 +259,6 @@ type Scraper struct {
 type filters struct {
 	scalars *exposition.Filter // the gauges and counters
 	all     *exposition.Filter // and the histograms
-	// bareScalars and bareAll are the same without Options.Families (nil
-	// when the engine has none): a page whose families of the observer's
-	// own are over a bound is read again without them, so that a family
-	// the catalogue does not need cannot cost the observer every sample.
-	bareScalars, bareAll *exposition.Filter
 }
 
 // state is one target's scraping state. Its target never changes: a target
@@ -325,14 +305,7 @@ func New(opts Options) (*Scraper, error) {
 	}
 	scalars := func(m catalogue.Metric) bool { return m.Kind != catalogue.Histogram && wants(m) }
 	for _, e := range modelserver.Engines {
-		f := filters{scalars: c.Filter(e, scalars), all: c.Filter(e, wants)}
-		if len(opts.Families[e]) > 0 {
-			f.bareScalars, f.bareAll = c.Filter(e, scalars), c.Filter(e, wants)
-		}
-		for _, name := range opts.Families[e] {
-			f.scalars.Samples[name], f.all.Samples[name] = true, true
-		}
-		s.filters[e] = f
+		s.filters[e] = filters{scalars: c.Filter(e, scalars), all: c.Filter(e, wants)}
 	}
 	if opts.Registerer != nil {
 		m, err := newMetrics(s, opts.Registerer)
@@ -459,8 +432,6 @@ type worker struct {
 	gzip   *gzip.Reader
 	parser exposition.Parser
 	values *catalogue.Values
-	// families are the last page's, for a PageObserver.
-	families map[string]*dto.MetricFamily
 }
 
 // keepPageBytes is the largest page buffer a worker keeps between scrapes:
@@ -507,13 +478,12 @@ func (s *Scraper) work(ctx context.Context, queue workqueue.TypedDelayingInterfa
 // is due next.
 func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duration {
 	start := time.Now()
-	defer func() { w.families = nil }() // not pinned until the next page
 	f := s.filters[st.target.Engine]
-	filter, bare, skipped := f.scalars, f.bareScalars, true
+	filter, skipped := f.scalars, true
 	if start.Sub(time.Unix(0, st.histogramsAt.Load())) >= s.opts.HistogramInterval {
-		filter, bare, skipped = f.all, f.bareAll, false
+		filter, skipped = f.all, false
 	}
-	at, result, err := s.fetch(ctx, w, st, filter, bare)
+	at, result, err := s.fetch(ctx, w, st, filter)
 	if w.body.Cap() > keepPageBytes {
 		w.body = bytes.Buffer{}
 	}
@@ -553,11 +523,7 @@ func (s *Scraper) scrape(ctx context.Context, w *worker, st *state) time.Duratio
 	// observed for a key after Remove has forgotten it.
 	if s.targets[st.target.Key] == st {
 		st.sampledAt.Store(at.UnixNano())
-		if po, ok := s.opts.Observer.(PageObserver); ok {
-			po.ObservePage(st.target, at, w.values, w.families)
-		} else {
-			s.opts.Observer.Observe(st.target, at, w.values)
-		}
+		s.opts.Observer.Observe(st.target, at, w.values)
 	}
 	s.mu.RUnlock()
 	return max(0, s.opts.Interval-elapsed)
@@ -603,7 +569,7 @@ func (r Result) String() string { return resultNames[r] }
 // cluster network in microseconds, and compressing it every second costs the
 // engine and the scraper more CPU than it saves (a gzip-encoded page is read
 // all the same).
-func (s *Scraper) fetch(ctx context.Context, w *worker, st *state, filter, bare *exposition.Filter) (time.Time, Result, error) {
+func (s *Scraper) fetch(ctx context.Context, w *worker, st *state, filter *exposition.Filter) (time.Time, Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
 	defer cancel()
 	if st.req == nil {
@@ -644,11 +610,7 @@ func (s *Scraper) fetch(ctx context.Context, w *worker, st *state, filter, bare 
 		return time.Time{}, TooLarge, fmt.Errorf("page larger than %d bytes", s.opts.MaxPageBytes)
 	}
 	at := time.Now()
-	result, err := w.read(s.opts.Catalogue, st.target.Engine, format, w.body.Bytes(), filter)
-	if result == TooManySeries && bare != nil {
-		result, err = w.read(s.opts.Catalogue, st.target.Engine, format, w.body.Bytes(), bare)
-	}
-	if result != Success {
+	if result, err := w.read(s.opts.Catalogue, st.target.Engine, format, w.body.Bytes(), filter); result != Success {
 		return time.Time{}, result, err
 	}
 	return at, Success, nil
@@ -666,7 +628,6 @@ func (w *worker) read(c *catalogue.Catalogue, engine modelserver.Engine, format 
 		return ParseError, err
 	}
 	c.Extract(engine, families, w.values)
-	w.families = families
 	for _, has := range w.values.Has {
 		if has {
 			return Success, nil

@@ -3,13 +3,10 @@ package scrape
 import (
 	"compress/gzip"
 	"context"
-	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,7 +16,6 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -720,104 +716,8 @@ func TestOnlyPlainHTTPIsScraped(t *testing.T) {
 	w := &worker{values: s.opts.Catalogue.NewValues()}
 	target := Target{Key: key("p"), URL: "https://127.0.0.1:1/metrics", Engine: modelserver.VLLM}
 	st := &state{target: target, req: s.request(target)}
-	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].scalars, nil)
+	_, result, err := s.fetch(context.Background(), w, st, s.filters[modelserver.VLLM].scalars)
 	if result != NetworkError || err == nil || !strings.Contains(err.Error(), "plain HTTP") {
 		t.Errorf("scraping %s: %v, %v; want a network_error saying metrics are scraped over plain HTTP", target.URL, result, err)
 	}
-}
-
-// pageRecorder is a PageObserver that keeps the labels of the families it
-// was handed.
-type pageRecorder struct {
-	*recorder
-	mu     sync.Mutex
-	labels []string
-}
-
-func (p *pageRecorder) ObservePage(t Target, at time.Time, v *catalogue.Values, families map[string]*dto.MetricFamily) {
-	p.recorder.Observe(t, at, v)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.labels = p.labels[:0]
-	for name, f := range families {
-		for _, m := range f.GetMetric() {
-			for _, l := range m.GetLabel() {
-				p.labels = append(p.labels, name+"/"+l.GetName()+"="+l.GetValue())
-			}
-		}
-	}
-	sort.Strings(p.labels)
-}
-
-func (p *pageRecorder) seen() []string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return slices.Clone(p.labels)
-}
-
-// A PageObserver is handed the families named in Options.Families besides
-// the catalogue's, and no others.
-func TestOptionsFamilies(t *testing.T) {
-	srv := newEngineServer(t, "vllm:num_requests_waiting 2\nvllm:lora_requests_info{running_lora_adapters=\"a,b\"} 1.7e9\nvllm:other_info{x=\"y\"} 1\n")
-	opts := fastOptions()
-	opts.Wants = func(m catalogue.Metric) bool { return m.Name == catalogue.RequestsWaiting }
-	opts.Families = map[modelserver.Engine][]string{modelserver.VLLM: {"vllm:lora_requests_info"}}
-	rec := &pageRecorder{recorder: newRecorder()}
-	opts.Observer = rec
-	s, err := New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	target := srv.target("p", modelserver.VLLM)
-	s.Upsert(target)
-	run(t, s)
-	waitFor(t, 2*time.Second, "a sample", func() bool { return rec.count(target.Key) > 0 })
-	want := []string{"vllm:lora_requests_info/running_lora_adapters=a,b"}
-	if diff := cmp.Diff(want, rec.seen()); diff != "" {
-		t.Errorf("labels of the families handed over (-want +got):\n%s", diff)
-	}
-}
-
-func TestFamiliesNeedAPageObserver(t *testing.T) {
-	_, err := New(Options{Observer: newRecorder(), Families: map[modelserver.Engine][]string{modelserver.VLLM: {"vllm:lora_requests_info"}}})
-	if err == nil || !strings.Contains(err.Error(), "scrape.families: Invalid value") {
-		t.Fatalf("New: %v; want an error about scrape.families", err)
-	}
-}
-
-// A page whose family of the observer's own has more series than
-// MaxSeriesPerFamily (vLLM keeps a lora_requests_info series for every
-// state it ever reported) is read without it: the catalogue's values are
-// still observed.
-func TestFamilyOverTheBoundIsLeftOut(t *testing.T) {
-	var page strings.Builder
-	page.WriteString("vllm:num_requests_waiting 3\n")
-	for i := range 5 {
-		fmt.Fprintf(&page, "vllm:lora_requests_info{running_lora_adapters=\"a%d\"} %d\n", i, i)
-	}
-	srv := newEngineServer(t, page.String())
-	opts := fastOptions()
-	opts.MaxSeriesPerFamily = 4
-	// (The catalogue's own adapters metrics read the family too.)
-	opts.Wants = func(m catalogue.Metric) bool { return m.Name == catalogue.RequestsWaiting }
-	opts.Families = map[modelserver.Engine][]string{modelserver.VLLM: {"vllm:lora_requests_info"}}
-	rec := &pageRecorder{recorder: newRecorder()}
-	opts.Observer = rec
-	s, err := New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	target := srv.target("p", modelserver.VLLM)
-	s.Upsert(target)
-	run(t, s)
-	waitFor(t, 2*time.Second, "a sample", func() bool { return rec.count(target.Key) > 0 })
-	if got, _ := rec.sample(target.Key); !got.hasWaiting || got.waiting != 3 {
-		t.Errorf("observed %+v; want requests_waiting 3", got)
-	}
-	if labels := rec.seen(); len(labels) != 0 {
-		t.Errorf("handed the family over its bound: %v", labels)
-	}
-	// Within the bound, it is handed over.
-	srv.set(func(e *engineServer) { e.page = strings.Join(strings.SplitAfter(page.String(), "\n")[:5], "") })
-	waitFor(t, 2*time.Second, "the family", func() bool { return len(rec.seen()) == 4 })
 }

@@ -36,7 +36,6 @@ func newEngineLoadFeed(logger klog.Logger, pods []cache.SharedIndexInformer, o *
 		Catalogue:  c,
 		Observer:   observer,
 		Wants:      engineload.Wants,
-		Families:   engineload.Families,
 		Registerer: reg,
 		UserAgent:  userAgent,
 	})

@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
@@ -26,21 +25,23 @@ import (
 )
 
 // Wants is the scraper's Options.Wants for an Observer: the catalogue
-// metrics behind health.EngineLoad, and no others.
+// metrics behind health.EngineLoad and health.LoRAState, and no others.
 func Wants(m catalogue.Metric) bool {
 	switch m.Name {
-	case catalogue.RequestsWaiting, catalogue.RequestsRunning, catalogue.KVCacheUsage:
+	case catalogue.RequestsWaiting, catalogue.RequestsRunning, catalogue.KVCacheUsage,
+		catalogue.LoRAAdapterRunningPods, catalogue.LoRAAdapterWaitingPods, catalogue.LoRAMaxAdapters:
 		return true
 	}
 	return false
 }
 
-// Observer is a scrape.PageObserver that keeps each pod's latest engine
-// load and LoRA state; the scraper must be given Families.
+// Observer is a scrape.Observer that keeps each pod's latest engine load
+// and LoRA state; the scraper must want what Wants does.
 type Observer struct {
 	maxAge time.Duration
 	// Catalogue IDs of the metrics read, -1 when the catalogue lacks one.
 	waiting, running, kvCache int
+	lora                      loraIDs
 
 	mu   sync.RWMutex
 	pods map[types.NamespacedName]sample
@@ -56,12 +57,12 @@ type sample struct {
 // Sample is what a pod's engine reported.
 type Sample struct {
 	Load health.EngineLoad
-	// LoRA is nil when the engine reports no LoRA state, or one over the
-	// bounds of ParseLoRAInfo.
+	// LoRA is nil when the engine reports no LoRA state, or one that is
+	// incomplete or over the bounds (see MaxLoRASlots).
 	LoRA *health.LoRAState
 }
 
-var _ scrape.PageObserver = &Observer{}
+var _ scrape.Observer = &Observer{}
 
 // NewObserver returns an observer of scrapes mapped by c whose samples are
 // served until they are maxAge old.
@@ -75,6 +76,7 @@ func NewObserver(c *catalogue.Catalogue, maxAge time.Duration) *Observer {
 	return &Observer{
 		maxAge:  maxAge,
 		waiting: id(catalogue.RequestsWaiting), running: id(catalogue.RequestsRunning), kvCache: id(catalogue.KVCacheUsage),
+		lora:   loraIDs{running: id(catalogue.LoRAAdapterRunningPods), waiting: id(catalogue.LoRAAdapterWaitingPods), slots: id(catalogue.LoRAMaxAdapters)},
 		pods:   map[types.NamespacedName]sample{},
 		logger: klog.Background().WithValues("component", "engineload"),
 	}
@@ -83,21 +85,14 @@ func NewObserver(c *catalogue.Catalogue, maxAge time.Duration) *Observer {
 // Observe implements scrape.Observer. A value the engine does not report
 // (TGI has no KV-cache usage) counts as 0.
 func (o *Observer) Observe(t scrape.Target, at time.Time, v *catalogue.Values) {
-	o.ObservePage(t, at, v, nil)
-}
-
-// ObservePage implements scrape.PageObserver.
-func (o *Observer) ObservePage(t scrape.Target, at time.Time, v *catalogue.Values, families map[string]*dto.MetricFamily) {
 	s := sample{at: at, Sample: Sample{Load: health.EngineLoad{
 		Waiting: scalar(v, o.waiting), Running: scalar(v, o.running), KVCacheUsage: scalar(v, o.kvCache),
 	}}}
-	if f := families[LoRAInfo]; f != nil {
-		var err error
-		if s.LoRA, err = ParseLoRAInfo(f); err != nil {
-			// Counts as no report: the endpoint is neither preferred
-			// nor passed over for an adapter.
-			o.logger.V(4).Info("Ignoring the pod's LoRA report", "pod", t.Key, "err", err)
-		}
+	var err error
+	if s.LoRA, err = o.lora.state(v); err != nil {
+		// Counts as no report: the endpoint is neither preferred nor
+		// passed over for an adapter.
+		o.logger.V(4).Info("Ignoring the pod's LoRA report", "pod", t.Key, "err", err)
 	}
 	o.mu.Lock()
 	o.pods[t.Key] = s

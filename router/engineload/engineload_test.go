@@ -4,6 +4,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
@@ -95,7 +97,9 @@ func TestWantsTheBalancersMetricsOnly(t *testing.T) {
 			wanted = append(wanted, m.Name)
 		}
 	}
-	if len(wanted) != 3 {
-		t.Errorf("Wants picks %v; want requests_waiting, requests_running and kv_cache_usage", wanted)
+	want := []string{catalogue.RequestsRunning, catalogue.RequestsWaiting, catalogue.KVCacheUsage,
+		catalogue.LoRAAdapterRunningPods, catalogue.LoRAAdapterWaitingPods, catalogue.LoRAMaxAdapters}
+	if !cmp.Equal(want, wanted, cmpopts.SortSlices(func(a, b string) bool { return a < b })) {
+		t.Errorf("Wants picks %v; want %v", wanted, want)
 	}
 }

@@ -3,108 +3,44 @@ package engineload
 import (
 	"fmt"
 	"math"
-	"strconv"
-	"strings"
+	"slices"
 
-	dto "github.com/prometheus/client_model/go"
-
-	"github.com/capstan-dev/capstan/metricsadapter/modelserver"
+	"github.com/capstan-dev/capstan/metricsadapter/catalogue"
 	"github.com/capstan-dev/capstan/router/health"
 )
 
-// LoRAInfo is vLLM's info series of the adapters its requests use: its
-// labels name the running and waiting requests' adapters (comma-separated)
-// and the adapter slots (max_lora); its value is when they were current.
-const LoRAInfo = "vllm:lora_requests_info"
+// MaxLoRASlots bounds the adapter slots (vLLM's max_lora) a pod may report;
+// the adapter lists are bounded by the catalogue (catalogue.MaxAdapters and
+// catalogue.MaxAdapterNameLength). A report over a bound is dropped whole:
+// the pod's endpoint is then treated as one that reports no adapters,
+// neither preferred nor passed over.
+const MaxLoRASlots = 1 << 16
 
-// Families is the scraper's Options.Families for an Observer.
-var Families = map[modelserver.Engine][]string{modelserver.VLLM: {LoRAInfo}}
-
-// Bounds of a LoRA report, which is a pod's own to write. A report over
-// one is dropped whole: the pod's endpoint is then treated as one that
-// reports no adapters, neither preferred nor passed over.
-const (
-	// MaxLoRANames bounds the adapters of one list; as many as the router
-	// takes from an endpoint's /v1/models.
-	MaxLoRANames = 256
-	// MaxLoRANameBytes bounds an adapter's name.
-	MaxLoRANameBytes = 256
-	// MaxLoRASlots bounds max_lora.
-	MaxLoRASlots = 1 << 16
-)
-
-// ParseLoRAInfo reads the engine's LoRA state from its LoRAInfo family.
-// vLLM keeps a series for every combination of labels it ever reported,
-// each valued with the time it was last current, so the series with the
-// largest value is the state now.
-func ParseLoRAInfo(f *dto.MetricFamily) (*health.LoRAState, error) {
-	var latest *dto.Metric
-	newest := math.Inf(-1)
-	for _, m := range f.GetMetric() {
-		v, ok := value(m)
-		if ok && v > newest {
-			latest, newest = m, v
-		}
-	}
-	if latest == nil {
-		return nil, fmt.Errorf("%s has no series with a finite value", LoRAInfo)
-	}
-	var (
-		running, waiting []string
-		slots            = -1
-		err              error
-	)
-	for _, l := range latest.GetLabel() {
-		switch l.GetName() {
-		case "running_lora_adapters":
-			running, err = loraNames(l.GetValue())
-		case "waiting_lora_adapters":
-			waiting, err = loraNames(l.GetValue())
-		case "max_lora":
-			slots, err = strconv.Atoi(l.GetValue())
-			if err == nil && (slots < 1 || slots > MaxLoRASlots) {
-				err = fmt.Errorf("max_lora %d is not between 1 and %d", slots, MaxLoRASlots)
-			}
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", LoRAInfo, err)
-		}
-	}
-	if slots < 0 {
-		return nil, fmt.Errorf("%s has no max_lora label", LoRAInfo)
-	}
-	return health.NewLoRAState(running, waiting, slots), nil
+// loraIDs are the catalogue IDs of the metrics a LoRA state is made of, -1
+// when the catalogue lacks one.
+type loraIDs struct {
+	running, waiting, slots int
 }
 
-func value(m *dto.Metric) (float64, bool) {
-	var v float64
+// state returns the LoRA state a page's values report, nil (and why) when
+// they report none: the catalogue reads vLLM's vllm:lora_requests_info, of
+// which it parses only the newest series, the state now. A report needs
+// both lists and the slots, each within its bounds.
+func (ids loraIDs) state(v *catalogue.Values) (*health.LoRAState, error) {
+	has := func(id int) bool { return id >= 0 && v.Has[id] }
 	switch {
-	case m.Gauge != nil:
-		v = m.Gauge.GetValue()
-	case m.Untyped != nil:
-		v = m.Untyped.GetValue()
-	default:
-		return 0, false
+	case !has(ids.running) && !has(ids.waiting) && !has(ids.slots):
+		return nil, nil // LoRA is off, or not an engine that reports it
+	case !has(ids.slots):
+		return nil, fmt.Errorf("no %s (max_lora)", catalogue.LoRAMaxAdapters)
+	case !has(ids.running) || !has(ids.waiting):
+		return nil, fmt.Errorf("an adapter list is missing or over the bounds (%d names of %d bytes)",
+			catalogue.MaxAdapters, catalogue.MaxAdapterNameLength)
 	}
-	return v, !math.IsNaN(v) && !math.IsInf(v, 0)
-}
-
-// loraNames splits a comma-separated list of adapter names, reading no
-// further than its bounds allow.
-func loraNames(list string) ([]string, error) {
-	var names []string
-	for list != "" {
-		if len(names) == MaxLoRANames {
-			return nil, fmt.Errorf("more than %d adapters in a list", MaxLoRANames)
-		}
-		name, rest, _ := strings.Cut(list, ",")
-		if len(name) > MaxLoRANameBytes {
-			return nil, fmt.Errorf("an adapter name of more than %d bytes", MaxLoRANameBytes)
-		}
-		if name != "" {
-			names = append(names, name)
-		}
-		list = rest
+	slots := v.Scalar[ids.slots]
+	if slots != math.Trunc(slots) || slots < 1 || slots > MaxLoRASlots {
+		return nil, fmt.Errorf("max_lora %v is not a whole number between 1 and %d", slots, MaxLoRASlots)
 	}
-	return names, nil
+	// v is reused for the next page.
+	return health.NewLoRAState(slices.Clone(v.Adapters[ids.running]), slices.Clone(v.Adapters[ids.waiting]), int(slots)), nil
 }
