@@ -1,6 +1,8 @@
 package scrape
 
 import (
+	"bytes"
+	"fmt"
 	"math"
 	"os"
 	"slices"
@@ -95,6 +97,26 @@ func BenchmarkRead(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	// A long-lived vLLM with LoRA adapters: a lora_requests_info series
+	// for each of the 20,000 states it has reported.
+	b.Run("with 20,000 lora_requests_info series, what the catalogue reads, with limits", func(b *testing.B) {
+		var lora bytes.Buffer
+		lora.Write(page)
+		for i := range 20_000 {
+			fmt.Fprintf(&lora, "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"a%05d\",waiting_lora_adapters=\"\"} %d\n", i, 1_700_000_000+i)
+		}
+		c := catalogue.Builtin()
+		w := &worker{values: c.NewValues()}
+		w.parser.Limits = exposition.Limits{MaxSeriesPerFamily: 4096, MaxBucketsPerHistogram: 200}
+		filter := c.Filter(modelserver.VLLM, nil)
+		b.SetBytes(int64(lora.Len()))
+		b.ReportAllocs()
+		for b.Loop() {
+			if r, err := w.read(c, modelserver.VLLM, exposition.Text, lora.Bytes(), filter); r != Success {
+				b.Fatal(err)
+			}
+		}
+	})
 	c := catalogue.Builtin()
 	for name, filter := range map[string]*exposition.Filter{
 		"whole page":               nil,
