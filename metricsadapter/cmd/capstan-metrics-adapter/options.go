@@ -66,7 +66,7 @@ func (o *options) addFlags(fs *pflag.FlagSet) {
 		"Longest wait before retrying a pod whose scrapes fail; the wait doubles from --scrape-interval, with jitter.")
 	fs.Int64Var(&o.MaxPageBytes, "scrape-max-page-bytes", o.MaxPageBytes, "Largest metrics page accepted, after decompression.")
 	fs.IntVar(&o.MaxSeries, "scrape-max-series-per-family", o.MaxSeries,
-		"Most series a metric family the adapter reads may have on a page; a page with more fails its scrape (too_many_series).")
+		"Most series a metric family the adapter reads may have on a page; a page with more fails its scrape (too_many_series). A family read only for its newest series (vllm:lora_requests_info) counts as one.")
 	fs.IntVar(&o.MaxBuckets, "scrape-max-buckets-per-histogram", o.MaxBuckets,
 		"Most buckets a histogram series the adapter reads may have; a page with more fails its scrape (too_many_buckets).")
 	fs.DurationVar(&o.MaxAge, "max-age", o.MaxAge,
