@@ -61,6 +61,10 @@ func TestValidate(t *testing.T) {
 			o.GatewayAddress = "203.0.113.1"
 			o.LeaderElection.RenewDeadline = o.LeaderElection.LeaseDuration
 		}, "leader-elect-renew-deadline: Invalid value: \"15s\": must be shorter than --leader-elect-lease-duration"},
+		// Without the Gateway API the leader loads declared adapters.
+		"renew deadline, adapters": {func(o *Options) { o.LeaderElection.RenewDeadline = o.LeaderElection.LeaseDuration },
+			"leader-elect-renew-deadline: Invalid value: \"15s\": must be shorter than --leader-elect-lease-duration"},
+		"load timeout": {func(o *Options) { o.LoRALoadTimeout = 0 }, `lora-load-timeout: Invalid value: "0s": must be positive`},
 	} {
 		t.Run(name, func(t *testing.T) {
 			o := NewOptions()
