@@ -35,6 +35,26 @@ import (
 // the test log.
 const reportEnv = "CAPSTAN_CONFORMANCE_REPORT"
 
+// implementation is what both conformance suites' reports say Capstan is.
+var implementation = confv1.Implementation{
+	Organization: "capstan-dev",
+	Project:      "capstan",
+	URL:          "https://github.com/capstan-dev/capstan",
+	Version:      "v0.1.0",
+	Contact:      []string{"https://github.com/capstan-dev/capstan/issues"},
+}
+
+// outcome is a finished conformance test's result, as the reports name it.
+func outcome(t *testing.T) string {
+	switch {
+	case t.Failed():
+		return "FAIL"
+	case t.Skipped():
+		return "SKIP"
+	}
+	return "PASS"
+}
+
 // TestConformance runs the Gateway API conformance suite's tests for the
 // features the router declares (its GatewayClass reports the same list)
 // against GatewayClass capstan, with the fleet simulator as the suite's
@@ -92,26 +112,14 @@ func TestConformance(t *testing.T) {
 			// one outside it.
 			UsableNetworkAddresses:   []gatewayv1.GatewaySpecAddress{{Type: ptrTo(gatewayv1.IPAddressType), Value: "198.18.254.200"}},
 			UnusableNetworkAddresses: []gatewayv1.GatewaySpecAddress{{Type: ptrTo(gatewayv1.IPAddressType), Value: "203.0.113.200"}},
-			Implementation: confv1.Implementation{
-				Organization: "capstan-dev",
-				Project:      "capstan",
-				URL:          "https://github.com/capstan-dev/capstan",
-				Version:      "v0.1.0",
-				Contact:      []string{"https://github.com/capstan-dev/capstan/issues"},
-			},
+			Implementation:           implementation,
 		},
 		Client:     cl,
 		Clientset:  testCluster.Client,
 		RestConfig: testCluster.RESTConfig,
 		ManifestFS: []fs.FS{&conformance.Manifests},
 		Hook: func(t *testing.T, test suite.ConformanceTest, _ *suite.ConformanceTestSuite) {
-			res := "PASS"
-			switch {
-			case t.Failed():
-				res = "FAIL"
-			case t.Skipped():
-				res = "SKIP"
-			}
+			res := outcome(t)
 			mu.Lock()
 			results[test.ShortName] = res
 			mu.Unlock()

@@ -28,7 +28,6 @@ import (
 	inferenceconfig "sigs.k8s.io/gateway-api-inference-extension/conformance/utils/config"
 	"sigs.k8s.io/gateway-api-inference-extension/version"
 	gatewayv1 "sigs.k8s.io/gateway-api/apis/v1"
-	confv1 "sigs.k8s.io/gateway-api/conformance/apis/v1"
 	"sigs.k8s.io/gateway-api/conformance/utils/suite"
 
 	"github.com/capstan-dev/capstan/test/fleet"
@@ -131,13 +130,7 @@ func TestInferenceConformance(t *testing.T) {
 			SupportedFeatures:    inference.GatewayLayerProfile.CoreFeatures.UnsortedList(),
 			TimeoutConfig:        timeouts,
 			ConformanceProfiles:  []suite.ConformanceProfileName{inference.GatewayLayerProfileName},
-			Implementation: confv1.Implementation{
-				Organization: "capstan-dev",
-				Project:      "capstan",
-				URL:          "https://github.com/capstan-dev/capstan",
-				Version:      "v0.1.0",
-				Contact:      []string{"https://github.com/capstan-dev/capstan/issues"},
-			},
+			Implementation:       implementation,
 		},
 		Client:        cl,
 		ClientOptions: clientOptions,
@@ -146,13 +139,7 @@ func TestInferenceConformance(t *testing.T) {
 		BaseManifests: "resources/base.yaml",
 		ManifestFS:    []fs.FS{&inference.Manifests},
 		Hook: func(t *testing.T, test suite.ConformanceTest, s *suite.ConformanceTestSuite) {
-			res := "PASS"
-			switch {
-			case t.Failed():
-				res = "FAIL"
-			case t.Skipped():
-				res = "SKIP"
-			}
+			res := outcome(t)
 			mu.Lock()
 			results[test.ShortName] = res
 			ran = s
