@@ -342,7 +342,7 @@ func (b *Builder) buildModel(name string) *Model {
 func (b *Builder) AdaptersChanged(address string, adapters []string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	changed := append(b.loaded[address], adapters...)
+	changed := slices.Concat(b.loaded[address], adapters)
 	if len(adapters) == 0 {
 		delete(b.loaded, address)
 	} else {
